@@ -1,0 +1,1 @@
+"""Data preparation: DeepMine / SdSV / TdSV manifests and the synthetic corpus."""

@@ -1,0 +1,450 @@
+"""Turn a DeepMine / SdSV / TdSV "task1" folder into SpeechBrain CSV manifests and labelled trials.
+
+Writes to ``save_folder`` (DESIGN.md section 3):
+
+    train.csv              utterances of the training speakers (dev speakers held out)
+    dev_enrol.csv          enrollment models of the held-out speakers (3 utterances each)
+    dev_enrol_utts.csv     the utterances those models are made of
+    dev_test.csv           the held-out test utterances
+    dev_trials.csv         every dev model against every dev test utterance, labelled TC/TW/IC/IW
+    eval_enrol.csv, eval_enrol_utts.csv, eval_test.csv, eval_trials.csv
+                           the official lists (labels only where a key file is present)
+    rejected.csv           with ``skip_bad``: each excluded file or line and why
+    prep_options.json      the options the manifests were made with (to skip a redo)
+
+Utterance manifests have the columns ``ID,duration,wav,spk_id,phrase_id,phrase,language``, with
+``wav`` written as ``$data_root/wav/...`` (pass ``replacements={"data_root": data_folder}`` to
+``DynamicItemDataset.from_csv``). Models are ``model_id,phrase_id,spk_id,enrol_ids`` (ids joined by
+a space); trials are ``model_id,test_id,label,condition``.
+
+Everything is validated before anything is written: each referenced wav must exist, be readable,
+mono, 16 kHz and not empty; each id in the enrollment and trial lists must be known; no id may be
+repeated. One error names every problem (file and line); nothing partial is written.
+
+Usage::
+
+    python data_prep/deepmine_prepare.py --data_folder /data/TdSV2024/task1 --save_folder prep
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_prep.layout import (
+    ENROLLMENT_LISTS,
+    KEY_LISTS,
+    PHRASES,
+    SAMPLE_RATE,
+    TRIAL_LISTS,
+    ListLine,
+    condition_of,
+    find_list,
+    phrase_language,
+    read_list,
+    wav_path,
+)
+
+UTT_FIELDS = ["ID", "duration", "wav", "spk_id", "phrase_id", "phrase", "language"]
+MODEL_FIELDS = ["model_id", "phrase_id", "spk_id", "enrol_ids"]
+TRIAL_FIELDS = ["model_id", "test_id", "label", "condition"]
+MAX_REPORTED = 50  # problems listed in one error message (all go to rejected.csv with skip_bad)
+
+
+class DataPrepError(ValueError):
+    """The corpus folder has problems; the message lists each with its file and line."""
+
+
+@dataclass
+class Utt:
+    """One utterance: id, where it is, and what we know about it."""
+
+    file_id: str
+    subdir: str
+    where: str  # the docs line that names it
+    spk_id: str = ""
+    phrase_id: str = ""
+    duration: float = 0.0
+
+
+@dataclass
+class Problems:
+    """Problems found while reading the corpus: ``(item, where, reason)`` triples."""
+
+    items: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def add(self, item: str, where: str, reason: str) -> None:
+        """Record one problem."""
+        self.items.append((item, where, reason))
+
+    def message(self) -> str:
+        """A readable summary naming up to ``MAX_REPORTED`` problems."""
+        lines = [
+            f"  {where}: {item}: {reason}" for item, where, reason in self.items[:MAX_REPORTED]
+        ]
+        if len(self.items) > MAX_REPORTED:
+            lines.append(f"  ... and {len(self.items) - MAX_REPORTED} more")
+        return (
+            f"{len(self.items)} problem(s) in the corpus; nothing was written. Fix them, or run "
+            "with --skip_bad to exclude them (listed in rejected.csv):\n" + "\n".join(lines)
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the docs lists
+# --------------------------------------------------------------------------------------------
+def _expect_fields(line: ListLine, count: int, problems: Problems, at_least=False) -> bool:
+    """Check the number of fields of a list line; record a problem if it is wrong."""
+    ok = len(line.fields) >= count if at_least else len(line.fields) == count
+    if not ok:
+        problems.add(" ".join(line.fields), line.where, f"expected {count} fields")
+    return ok
+
+
+def _first_occurrence(key: str, seen: dict[str, str], line: ListLine, problems: Problems) -> bool:
+    """False (and a problem) if ``key`` was already defined on an earlier line."""
+    if key in seen:
+        problems.add(key, line.where, f"duplicate id (first at {seen[key]})")
+        return False
+    seen[key] = line.where
+    return True
+
+
+def read_train_labels(path: Path, include_free_text: bool, problems: Problems) -> list[Utt]:
+    """Training utterances with speaker and phrase; free text kept only if asked."""
+    utts, seen = [], {}
+    for line in read_list(path):
+        if not _expect_fields(line, 3, problems) or not _first_occurrence(
+            line.fields[0], seen, line, problems
+        ):
+            continue
+        file_id, spk_id, phrase_id = line.fields
+        if phrase_id in PHRASES or include_free_text:
+            utts.append(Utt(file_id, "train", line.where, spk_id, phrase_id))
+    return utts
+
+
+def read_enrollment(path: Path, problems: Problems):
+    """Models ``{model_id: (phrase_id, [enrollment file ids], where)}`` and their utterances."""
+    models, utts, seen_models = {}, {}, {}
+    for line in read_list(path):
+        if not _expect_fields(line, 3, problems, at_least=True) or not _first_occurrence(
+            line.fields[0], seen_models, line, problems
+        ):
+            continue
+        model_id, phrase_id, *enrol_ids = line.fields
+        models[model_id] = (phrase_id, enrol_ids, line.where)
+        for file_id in enrol_ids:
+            utts.setdefault(file_id, Utt(file_id, "enrollment", line.where, "", phrase_id))
+    return models, utts
+
+
+def read_trials(path: Path, models: dict, problems: Problems):
+    """Trials ``[(model_id, test_id, where)]`` and the test utterances they name."""
+    trials, utts, seen = [], {}, {}
+    for line in read_list(path):
+        if not _expect_fields(line, 2, problems, at_least=True):
+            continue
+        model_id, test_id = line.fields[:2]
+        if model_id not in models:
+            problems.add(model_id, line.where, "unknown model id (not in the enrollment list)")
+            continue
+        if not _first_occurrence(f"{model_id} {test_id}", seen, line, problems):
+            continue
+        trials.append((model_id, test_id, line.where))
+        utts.setdefault(test_id, Utt(test_id, "evaluation", line.where))
+    return trials, utts
+
+
+def read_key(path: Path, trials: list, problems: Problems) -> dict[tuple[str, str], str]:
+    """Trial conditions from a key file (``model test [target|nontarget] TC|TW|IC|IW``)."""
+    known = {(m, t) for m, t, _ in trials}
+    key, seen = {}, {}
+    for line in read_list(path):
+        if not _expect_fields(line, 3, problems, at_least=True):
+            continue
+        pair, condition = tuple(line.fields[:2]), line.fields[-1]
+        if condition not in ("TC", "TW", "IC", "IW"):
+            problems.add(" ".join(line.fields), line.where, "trial type must be TC, TW, IC or IW")
+        elif pair not in known:
+            problems.add(" ".join(pair), line.where, "key names a trial that is not in the trials")
+        elif _first_occurrence(" ".join(pair), seen, line, problems):
+            key[pair] = condition
+    for model_id, test_id, where in trials:
+        if (model_id, test_id) not in key:
+            problems.add(f"{model_id} {test_id}", where, f"trial has no entry in {path}")
+    return key
+
+
+# --------------------------------------------------------------------------------------------
+# Audio validation
+# --------------------------------------------------------------------------------------------
+def audio_problem(path: Path) -> tuple[float, str | None]:
+    """``(duration, None)`` for a usable wav, else ``(0, reason)``. Reads the header only."""
+    if not path.is_file():
+        return 0.0, "missing file"
+    try:
+        info = sf.info(str(path))
+    except (RuntimeError, sf.LibsndfileError) as error:
+        return 0.0, f"unreadable audio ({str(error).strip()})"
+    if info.samplerate != SAMPLE_RATE:
+        return 0.0, f"sample rate {info.samplerate} Hz, expected {SAMPLE_RATE}"
+    if info.channels != 1:
+        return 0.0, f"{info.channels} channels, expected mono"
+    if info.frames == 0:
+        return 0.0, "empty audio (0 samples)"
+    return info.frames / info.samplerate, None
+
+
+def check_audio(root: Path, utts: list[Utt], problems: Problems, jobs: int) -> set[str]:
+    """Fill in durations in parallel; return the ids of unusable files (each also a problem)."""
+    paths = [wav_path(root, u.subdir, u.file_id) for u in utts]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # libsndfile releases the GIL
+        results = list(pool.map(audio_problem, paths, chunksize=64))
+    bad = set()
+    for utt, path, (duration, reason) in zip(utts, paths, results, strict=True):
+        utt.duration = duration
+        if reason:
+            problems.add(str(path), utt.where, reason)
+            bad.add(utt.file_id)
+    return bad
+
+
+# --------------------------------------------------------------------------------------------
+# Dev split and trials
+# --------------------------------------------------------------------------------------------
+def split_dev(train: list[Utt], dev_speakers: int, seed: int):
+    """Hold out whole speakers: returns (train utts, dev models, dev enrol utts, dev test utts).
+
+    Each held-out (speaker, pass-phrase) with at least 4 utterances gives one model of 3 random
+    enrollment utterances; all other utterances of held-out speakers are test utterances.
+    """
+    speakers = sorted({u.spk_id for u in train})
+    if dev_speakers >= len(speakers):
+        raise DataPrepError(
+            f"dev_speakers={dev_speakers} but the training list has only {len(speakers)} speakers"
+        )
+    rng = np.random.default_rng(seed)
+    held_out = set(rng.choice(speakers, dev_speakers, replace=False).tolist())
+    groups = defaultdict(list)
+    for utt in train:
+        if utt.spk_id in held_out:
+            groups[(utt.spk_id, utt.phrase_id)].append(utt)
+    models, enrol, test = [], [], []
+    for (spk_id, phrase_id), utts in sorted(groups.items()):
+        order = [utts[i] for i in rng.permutation(len(utts))]
+        if phrase_id in PHRASES and len(order) >= 4:
+            model_id = f"dev_{spk_id}_{phrase_id}"
+            models.append((model_id, phrase_id, spk_id, [u.file_id for u in order[:3]]))
+            enrol += order[:3]
+            order = order[3:]
+        test += order
+    return [u for u in train if u.spk_id not in held_out], models, enrol, test
+
+
+def dev_trials(models, test: list[Utt]) -> list[tuple[str, str, int, str]]:
+    """Every dev model against every dev test utterance of a pass-phrase, labelled."""
+    trials = []
+    tests = [u for u in test if u.phrase_id in PHRASES]
+    for model_id, phrase_id, spk_id, _ in models:
+        for utt in tests:
+            condition = condition_of(utt.spk_id == spk_id, utt.phrase_id == phrase_id)
+            trials.append((model_id, utt.file_id, int(condition == "TC"), condition))
+    return trials
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+def _utt_rows(utts: list[Utt]) -> list[list]:
+    """Manifest rows for utterances (speaker/phrase blank where unknown, as for eval data)."""
+    rows = []
+    for u in utts:
+        relative = wav_path(Path("$data_root"), u.subdir, u.file_id).as_posix()
+        language = phrase_language(u.phrase_id) if u.phrase_id else ""
+        rows.append(
+            [
+                u.file_id,
+                f"{u.duration:.3f}",
+                relative,
+                u.spk_id,
+                u.phrase_id,
+                PHRASES.get(u.phrase_id, ""),
+                language,
+            ]
+        )
+    return rows
+
+
+def _write_all(save_folder: Path, tables: dict[str, tuple[list[str], list[list]]]) -> None:
+    """Write every CSV under a temporary name, then rename them all: never a partial set."""
+    save_folder.mkdir(parents=True, exist_ok=True)
+    temporary = []
+    for name, (header, rows) in tables.items():
+        tmp = save_folder / f".{name}.tmp"
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(rows)
+        temporary.append((tmp, save_folder / name))
+    for tmp, final in temporary:
+        os.replace(tmp, final)
+
+
+def _options_fingerprint(data_folder: Path, docs_files: list[Path], options: dict) -> dict:
+    """Options plus the size and time of each docs list, to know when a redo is needed."""
+    stamp = {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in docs_files}
+    return {"data_folder": str(data_folder.resolve()), "docs": stamp, **options}
+
+
+def prepare_deepmine(
+    data_folder,
+    save_folder,
+    dev_speakers: int = 20,
+    seed: int = 1234,
+    include_free_text: bool = False,
+    skip_bad: bool = False,
+    key_file=None,
+    jobs: int = 16,
+) -> dict[str, Path]:
+    """Validate the corpus in ``data_folder`` and write the manifests to ``save_folder``.
+
+    Returns the paths of the written CSVs by name (``train``, ``dev_trials``, ...). Raises
+    ``DataPrepError`` naming each problem, unless ``skip_bad`` (then they go to rejected.csv).
+    Does nothing if the manifests exist and were made from the same lists with the same options.
+    """
+    data_folder, save_folder = Path(data_folder), Path(save_folder)
+    docs = data_folder / "docs"
+    train_list = docs / "train_labels.txt"
+    if not train_list.is_file():
+        raise DataPrepError(f"{train_list} not found: is {data_folder} a DeepMine task1 folder?")
+    enrol_list, trial_list = find_list(docs, ENROLLMENT_LISTS), find_list(docs, TRIAL_LISTS)
+    key_list = Path(key_file) if key_file else find_list(docs, KEY_LISTS)
+    docs_files = [p for p in (train_list, enrol_list, trial_list, key_list) if p]
+    options = dict(
+        dev_speakers=dev_speakers, seed=seed, include_free_text=include_free_text, skip_bad=skip_bad
+    )
+    fingerprint = _options_fingerprint(data_folder, docs_files, options)
+    marker = save_folder / "prep_options.json"
+    if marker.is_file() and json.loads(marker.read_text()) == fingerprint:
+        print(
+            f"Manifests in {save_folder} are up to date (same lists, options): skipping data prep."
+        )
+        return {p.stem: p for p in save_folder.glob("*.csv")}
+
+    problems = Problems()
+    train = read_train_labels(train_list, include_free_text, problems)
+    models, enrol_utts, trials, test_utts, key = {}, {}, [], {}, {}
+    if enrol_list and trial_list:
+        models, enrol_utts = read_enrollment(enrol_list, problems)
+        trials, test_utts = read_trials(trial_list, models, problems)
+        if key_list:
+            key = read_key(key_list, trials, problems)
+    bad = check_audio(
+        data_folder, train + list(enrol_utts.values()) + list(test_utts.values()), problems, jobs
+    )
+    if problems.items and not skip_bad:
+        raise DataPrepError(problems.message())
+
+    train = [u for u in train if u.file_id not in bad]
+    train, dev_models, dev_enrol, dev_test = split_dev(train, dev_speakers, seed)
+    tables = {
+        "train.csv": (UTT_FIELDS, _utt_rows(train)),
+        "dev_enrol.csv": (MODEL_FIELDS, [[m, p, s, " ".join(ids)] for m, p, s, ids in dev_models]),
+        "dev_enrol_utts.csv": (UTT_FIELDS, _utt_rows(dev_enrol)),
+        "dev_test.csv": (UTT_FIELDS, _utt_rows(dev_test)),
+        "dev_trials.csv": (TRIAL_FIELDS, [list(t) for t in dev_trials(dev_models, dev_test)]),
+    }
+    if models:
+        tables.update(_eval_tables(models, enrol_utts, trials, test_utts, key, bad, problems))
+    if skip_bad:
+        tables["rejected.csv"] = (["item", "where", "reason"], [list(p) for p in problems.items])
+    _write_all(save_folder, tables)
+    marker.write_text(json.dumps(fingerprint, indent=1))
+    _print_summary(save_folder, tables, problems)
+    return {Path(name).stem: save_folder / name for name in tables}
+
+
+def _eval_tables(models, enrol_utts, trials, test_utts, key, bad, problems):
+    """The official enrollment models and trials, minus what bad files make unusable."""
+    usable_models = {}
+    for model_id, (phrase_id, enrol_ids, where) in models.items():
+        good = [f for f in enrol_ids if f not in bad]
+        if good:
+            usable_models[model_id] = (phrase_id, good)
+        else:
+            problems.add(
+                model_id,
+                where,
+                "enrollment model has no usable audio: model and its trials dropped",
+            )
+    kept = [(m, t) for m, t, _ in trials if m in usable_models and t not in bad]
+    used_enrol = {f for _, ids in usable_models.values() for f in ids}
+    used_test = {t for _, t in kept}
+    trial_rows = []
+    for model_id, test_id in kept:
+        condition = key.get((model_id, test_id), "")
+        label = int(condition == "TC") if condition else ""
+        trial_rows.append([model_id, test_id, label, condition])
+    return {
+        "eval_enrol.csv": (
+            MODEL_FIELDS,
+            [[m, p, "", " ".join(ids)] for m, (p, ids) in usable_models.items()],
+        ),
+        "eval_enrol_utts.csv": (
+            UTT_FIELDS,
+            _utt_rows([u for f, u in enrol_utts.items() if f in used_enrol]),
+        ),
+        "eval_test.csv": (
+            UTT_FIELDS,
+            _utt_rows([u for f, u in test_utts.items() if f in used_test]),
+        ),
+        "eval_trials.csv": (TRIAL_FIELDS, trial_rows),
+    }
+
+
+def _print_summary(save_folder: Path, tables: dict, problems: Problems) -> None:
+    """One line per written table, and the number of rejected items."""
+    counts = ", ".join(f"{name[:-4]}: {len(rows)}" for name, (_, rows) in tables.items())
+    print(f"Wrote manifests to {save_folder} ({counts})")
+    if problems.items:
+        print(f"Excluded {len(problems.items)} bad files/lines: see {save_folder / 'rejected.csv'}")
+
+
+def main(argv=None) -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_folder", required=True, help="the task1 folder (docs/ and wav/)")
+    parser.add_argument("--save_folder", required=True, help="where the CSV manifests go")
+    parser.add_argument("--dev_speakers", type=int, default=20, help="training speakers held out")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument(
+        "--include_free_text", action="store_true", help="keep free-text utterances"
+    )
+    parser.add_argument(
+        "--skip_bad", action="store_true", help="exclude bad files, list them in rejected.csv"
+    )
+    parser.add_argument("--key_file", help="trial key (default: docs/trials_key.txt if present)")
+    parser.add_argument("--jobs", type=int, default=16, help="threads reading wav headers")
+    args = parser.parse_args(argv)
+    try:
+        prepare_deepmine(**vars(args))
+    except DataPrepError as error:
+        sys.exit(f"deepmine_prepare: {error}")
+
+
+if __name__ == "__main__":
+    main()

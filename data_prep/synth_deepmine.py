@@ -1,0 +1,462 @@
+"""Write a synthetic corpus in exactly the DeepMine / SdSV "task1" layout.
+
+The ten DeepMine pass-phrases are spoken by seeded synthetic speakers with libespeak-ng (shipped by
+the ``espeakng-loader`` wheel, called through ``ctypes``: no root, no apt, no network), then
+coloured, noised and reverberated so that speaker verification on it is not trivial.
+
+A *speaker* is a fixed identity: espeak-ng voice variant (two speakers may share one), base pitch,
+pitch range, speaking rate, a vocal-tract scale (resampling shifts all formants) and a channel EQ.
+An *utterance* varies around its speaker: pitch/rate jitter, leading/trailing silence, additive
+white/pink/babble noise at a random SNR, optional reverberation and a random gain.
+
+Usage::
+
+    python data_prep/synth_deepmine.py --out data/synth_deepmine --speakers 40 --eval_speakers 20
+
+The output is byte-identical for a given seed and size, whatever ``--jobs`` is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import multiprocessing
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from scipy import signal
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_prep.layout import PHRASES, SAMPLE_RATE, condition_of, phrase_language, wav_path
+
+ESPEAK_RATE, ESPEAK_PITCH, ESPEAK_RANGE = 1, 3, 4  # espeak_PARAMETER enum values
+ESPEAK_SYNCHRONOUS = 2  # AUDIO_OUTPUT_SYNCHRONOUS
+ESPEAK_POS_CHARACTER, ESPEAK_CHARS_UTF8 = 1, 1
+
+# Variants of espeak-ng's "!v" folder that sound like a human talker (robots and effects left out).
+VOICE_VARIANTS = (
+    "m1 m2 m3 m4 m5 m6 m7 m8 f1 f2 f3 f4 f5 klatt klatt2 klatt3 klatt4 klatt6 adam andy "
+    "annie anika antonio aunty belinda benjamin boris caleb david ed edward edward2 gene "
+    "grandma grandpa gustave ian iven iven2 iven3 iven4 john linda max michel miguel mike2 "
+    "norbert pablo paul pedro quincy rob robert sandro shelby steph steph2 steph3 travis victor zac"
+).split()
+LANGUAGE_VOICE = {"persian": "fa", "english": "en"}
+
+
+@dataclass(frozen=True)
+class Speaker:
+    """A seeded synthetic identity."""
+
+    variant: str
+    pitch: int  # espeak-ng base pitch, 0-100
+    pitch_range: int  # espeak-ng pitch range, 0-100
+    rate: int  # words per minute
+    tract_scale: float  # >1 shortens the vocal tract (formants up), <1 lengthens it
+    eq: tuple[tuple[float, float, float], ...]  # (centre Hz, gain dB, Q) peaking filters
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One file to write: where it goes, who says what, and the seed of its variation."""
+
+    file_id: str
+    subdir: str  # train | enrollment | evaluation
+    speaker: int
+    phrase_id: str
+    seed: tuple[int, ...]
+
+
+def draw_speaker(rng: np.random.Generator) -> Speaker:
+    """Draw one speaker identity."""
+    eq = tuple(
+        (float(rng.uniform(250, 5000)), float(rng.uniform(-8, 8)), float(rng.uniform(0.7, 2.5)))
+        for _ in range(2)
+    )
+    return Speaker(
+        variant=str(rng.choice(VOICE_VARIANTS)),
+        pitch=int(rng.integers(15, 86)),
+        pitch_range=int(rng.integers(20, 91)),
+        rate=int(rng.integers(120, 221)),
+        tract_scale=float(rng.uniform(0.85, 1.15)),
+        eq=eq,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# espeak-ng through ctypes. espeak-ng keeps synthesis state (and a random generator) across calls,
+# so two syntheses of the same text in one process differ, and it seeds that generator at start-up
+# from the clock; from a fresh start with a fixed seed, the same sequence of calls gives the same
+# bytes. We initialize it once in the parent (which never synthesizes) and
+# synthesize fixed chunks of utterances, each in a freshly forked child: the output is the same
+# bytes whatever the number of jobs.
+# --------------------------------------------------------------------------------------------
+_ESPEAK = {}
+
+
+def _init_espeak() -> None:
+    """Load and initialize libespeak-ng in this (parent) process; children inherit it by fork."""
+    if _ESPEAK:
+        return
+    import espeakng_loader
+
+    lib = ctypes.CDLL(espeakng_loader.get_library_path())
+    data = espeakng_loader.get_data_path().encode()
+    sample_rate = lib.espeak_Initialize(ESPEAK_SYNCHRONOUS, 0, data, 0)
+    if sample_rate <= 0:
+        raise RuntimeError(f"espeak_Initialize failed ({sample_rate}) with data at {data!r}")
+    chunks: list[np.ndarray] = []
+    callback_type = ctypes.CFUNCTYPE(
+        ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+    )
+
+    def on_samples(wav, count, _events):
+        if count > 0:
+            chunks.append(np.ctypeslib.as_array(wav, shape=(count,)).copy())
+        return 0
+
+    callback = callback_type(on_samples)
+    lib.espeak_SetSynthCallback(callback)
+    _ESPEAK.update(lib=lib, rate=sample_rate, chunks=chunks, callback=callback)
+
+
+def _reseed_espeak(seed: int) -> None:
+    """Fix espeak-ng's internal random generator (breath and aspiration noise)."""
+    _ESPEAK["lib"].espeak_ng_SetRandSeed(ctypes.c_long(seed))
+
+
+def espeak(
+    text: str, voice: str, rate: int, pitch: int, pitch_range: int
+) -> tuple[np.ndarray, int]:
+    """Synthesize ``text``; returns float32 samples in [-1, 1] and espeak-ng's sample rate."""
+    lib, chunks = _ESPEAK["lib"], _ESPEAK["chunks"]
+    chunks.clear()
+    if lib.espeak_SetVoiceByName(voice.encode()) != 0:
+        raise RuntimeError(f"espeak-ng has no voice {voice!r}")
+    for parameter, value in (
+        (ESPEAK_RATE, rate),
+        (ESPEAK_PITCH, pitch),
+        (ESPEAK_RANGE, pitch_range),
+    ):
+        lib.espeak_SetParameter(parameter, int(value), 0)
+    data = text.encode("utf-8")
+    lib.espeak_Synth(data, len(data) + 1, 0, ESPEAK_POS_CHARACTER, 0, ESPEAK_CHARS_UTF8, None, None)
+    samples = np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
+    return samples.astype(np.float32) / 32768.0, _ESPEAK["rate"]
+
+
+# --------------------------------------------------------------------------------------------
+# Signal processing of one utterance.
+# --------------------------------------------------------------------------------------------
+def resample(wav: np.ndarray, source_rate: float) -> np.ndarray:
+    """Resample to 16 kHz. A non-integer ``source_rate`` is how the vocal-tract scale is applied."""
+    length = round(len(wav) * SAMPLE_RATE / source_rate)
+    return signal.resample(wav, length).astype(np.float32)
+
+
+def apply_eq(wav: np.ndarray, eq) -> np.ndarray:
+    """Channel colouring: a cascade of peaking biquads (RBJ cookbook)."""
+    for centre, gain_db, q in eq:
+        amp, w0 = 10 ** (gain_db / 40), 2 * np.pi * centre / SAMPLE_RATE
+        alpha = np.sin(w0) / (2 * q)
+        b = [1 + alpha * amp, -2 * np.cos(w0), 1 - alpha * amp]
+        a = [1 + alpha / amp, -2 * np.cos(w0), 1 - alpha / amp]
+        wav = signal.lfilter(b, a, wav)
+    return wav.astype(np.float32)
+
+
+def pink_noise(rng: np.random.Generator, length: int) -> np.ndarray:
+    """1/f noise by spectral shaping of white noise."""
+    spectrum = np.fft.rfft(rng.standard_normal(length))
+    spectrum /= np.sqrt(np.maximum(np.arange(len(spectrum)), 1))
+    return np.fft.irfft(spectrum, length)
+
+
+def make_noise(rng: np.random.Generator, length: int, babble: np.ndarray) -> np.ndarray:
+    """White, pink or babble noise (a random stretch of the babble bank), unit power."""
+    kind = rng.choice(["white", "pink", "babble"])
+    if kind == "white":
+        noise = rng.standard_normal(length)
+    elif kind == "pink":
+        noise = pink_noise(rng, length)
+    else:
+        start = int(rng.integers(0, len(babble) - length)) if len(babble) > length else 0
+        noise = np.resize(babble[start:], length)
+    return noise / (np.sqrt(np.mean(noise**2)) + 1e-9)
+
+
+def reverberate(rng: np.random.Generator, wav: np.ndarray) -> np.ndarray:
+    """Convolve with an exponentially decaying noise impulse response (RT60 0.15-0.6 s)."""
+    rt60 = rng.uniform(0.15, 0.6)
+    t = np.arange(int(rt60 * SAMPLE_RATE)) / SAMPLE_RATE
+    rir = rng.standard_normal(len(t)) * np.exp(-6.9 * t / rt60) * 0.3
+    rir[0] = 1.0
+    return signal.fftconvolve(wav, rir)[: len(wav)]
+
+
+def render(utt: Utterance, speaker: Speaker, babble: np.ndarray) -> np.ndarray:
+    """The 16 kHz float waveform of one utterance."""
+    rng = np.random.default_rng(utt.seed)
+    voice = f"{LANGUAGE_VOICE[phrase_language(utt.phrase_id)]}+{speaker.variant}"
+    speech, rate = espeak(
+        PHRASES[utt.phrase_id],
+        voice,
+        rate=int(speaker.rate * rng.uniform(0.92, 1.08)),
+        pitch=int(np.clip(speaker.pitch + rng.integers(-4, 5), 0, 100)),
+        pitch_range=int(np.clip(speaker.pitch_range + rng.integers(-8, 9), 0, 100)),
+    )
+    speech = apply_eq(resample(speech, rate * speaker.tract_scale), speaker.eq)
+    speech_power = np.mean(speech**2) + 1e-12
+    lead, tail = (int(rng.uniform(0.1, 0.6) * SAMPLE_RATE) for _ in range(2))
+    wav = np.concatenate([np.zeros(lead), speech, np.zeros(tail)])
+    if rng.random() < 0.3:
+        wav = reverberate(rng, wav)
+    snr_db = rng.uniform(5, 30)
+    wav = wav + make_noise(rng, len(wav), babble) * np.sqrt(speech_power / 10 ** (snr_db / 10))
+    peak = 10 ** (-rng.uniform(1, 12) / 20)
+    return (wav * peak / (np.max(np.abs(wav)) + 1e-9)).astype(np.float32)
+
+
+def babble_bank(seed: int, talkers: int = 6) -> np.ndarray:
+    """Several talkers (not corpus speakers) saying all phrases, overlapped: the babble noise."""
+    rng = np.random.default_rng([seed, 99])
+    _reseed_espeak(seed)
+    tracks = []
+    for _ in range(talkers):
+        speaker = draw_speaker(rng)
+        parts = []
+        for phrase_id in rng.permutation(sorted(PHRASES)):
+            voice = f"{LANGUAGE_VOICE[phrase_language(phrase_id)]}+{speaker.variant}"
+            speech, rate = espeak(
+                PHRASES[phrase_id], voice, speaker.rate, speaker.pitch, speaker.pitch_range
+            )
+            parts.append(resample(speech, rate * speaker.tract_scale))
+        tracks.append(np.concatenate(parts))
+    length = min(len(t) for t in tracks)
+    return np.sum([t[:length] for t in tracks], axis=0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Work in forked children (see the espeak note above).
+# --------------------------------------------------------------------------------------------
+_SHARED = {}
+
+
+CHUNK = 32  # utterances per forked child; part of what fixes the output bytes, not a tuning knob
+
+
+def _write_chunk(chunk: list[Utterance]) -> float:
+    """Render and write a chunk of utterances in a fresh child; returns their total duration."""
+    total = 0.0
+    _reseed_espeak(int(np.random.default_rng(chunk[0].seed).integers(2**31)))
+    for utt in chunk:
+        wav = render(utt, _SHARED["speakers"][utt.speaker], _SHARED["babble"])
+        sf.write(
+            wav_path(_SHARED["out"], utt.subdir, utt.file_id), wav, SAMPLE_RATE, subtype="PCM_16"
+        )
+        total += len(wav) / SAMPLE_RATE
+    return total
+
+
+def _fork_map(function, items, jobs: int) -> list:
+    """Map in children forked from this process, one fresh child per item, in order."""
+    context = multiprocessing.get_context("fork")
+    with context.Pool(jobs, maxtasksperchild=1) as pool:
+        return pool.map(function, items, chunksize=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Corpus plan: who says what, file ids, enrollment models and trials.
+# --------------------------------------------------------------------------------------------
+@dataclass
+class CorpusPlan:
+    """Everything about the corpus except the audio."""
+
+    train: list[Utterance]
+    enrollment: list[Utterance]
+    evaluation: list[Utterance]
+    models: list[tuple[str, str, list[str]]]  # (model id, phrase id, enrollment file ids)
+    trials: list[tuple[str, str, str]]  # (model id, evaluation file id, condition)
+    train_speaker_ids: list[str]
+
+
+def _numbered(prefix: str, count: int, rng: np.random.Generator, width: int = 6) -> list[str]:
+    """``count`` ids in a random order, so that file ids reveal neither speaker nor phrase."""
+    return [f"{prefix}_{i + 1:0{width}d}" for i in rng.permutation(count)]
+
+
+def plan_corpus(
+    seed: int,
+    speakers: int,
+    eval_speakers: int,
+    reps: int,
+    trials_per_model: dict[str, int],
+) -> CorpusPlan:
+    """Decide every file, model and trial of the corpus from the seed."""
+    if reps < 4:
+        raise ValueError("--reps must be at least 4 (3 enrollment + at least 1 test utterance)")
+    rng = np.random.default_rng([seed, 0])
+    phrases = sorted(PHRASES)
+    # Training speakers: all phrases, reps times.
+    train_pairs = [(s, p) for s in range(speakers) for p in phrases for _ in range(reps)]
+    train_ids = _numbered("trn", len(train_pairs), rng)
+    train = [
+        Utterance(fid, "train", s, p, (seed, 1, i))
+        for i, (fid, (s, p)) in enumerate(zip(train_ids, train_pairs, strict=True))
+    ]
+    # Evaluation speakers (distinct identities): 3 enrollment + reps-3 test utterances per phrase.
+    eval_spk = list(range(speakers, speakers + eval_speakers))
+    enrol_pairs = [(s, p) for s in eval_spk for p in phrases for _ in range(3)]
+    test_pairs = [(s, p) for s in eval_spk for p in phrases for _ in range(reps - 3)]
+    enrol_ids = _numbered("enr", len(enrol_pairs), rng)
+    test_ids = _numbered("evl", len(test_pairs), rng)
+    enrollment = [
+        Utterance(fid, "enrollment", s, p, (seed, 2, i))
+        for i, (fid, (s, p)) in enumerate(zip(enrol_ids, enrol_pairs, strict=True))
+    ]
+    evaluation = [
+        Utterance(fid, "evaluation", s, p, (seed, 3, i))
+        for i, (fid, (s, p)) in enumerate(zip(test_ids, test_pairs, strict=True))
+    ]
+    model_keys = [(s, p) for s in eval_spk for p in phrases]
+    model_ids = [f"model_{i:05d}" for i in range(len(model_keys))]
+    models = [
+        (mid, p, [u.file_id for u in enrollment[3 * k : 3 * k + 3]])
+        for k, (mid, (s, p)) in enumerate(zip(model_ids, model_keys, strict=True))
+    ]
+    trials = _draw_trials(rng, model_ids, model_keys, evaluation, trials_per_model)
+    train_speaker_ids = [f"spk_{i + 1:06d}" for i in range(speakers)]
+    return CorpusPlan(train, enrollment, evaluation, models, trials, train_speaker_ids)
+
+
+def _draw_trials(rng, model_ids, model_keys, evaluation, trials_per_model):
+    """All TC trials of each model, and a seeded sample of each non-target condition."""
+    trials = []
+    for mid, (spk, phrase) in zip(model_ids, model_keys, strict=True):
+        by_condition = {c: [] for c in ("TC", "TW", "IC", "IW")}
+        for utt in evaluation:
+            condition = condition_of(utt.speaker == spk, utt.phrase_id == phrase)
+            by_condition[condition].append(utt.file_id)
+        chosen = list(by_condition["TC"])
+        for condition in ("TW", "IC", "IW"):
+            pool = by_condition[condition]
+            count = min(trials_per_model[condition], len(pool))
+            chosen += [pool[i] for i in rng.choice(len(pool), count, replace=False)]
+        labels = {fid: c for c, fids in by_condition.items() for fid in fids}
+        trials += [(mid, fid, labels[fid]) for fid in rng.permutation(chosen)]
+    return trials
+
+
+def _write_docs(out: Path, plan: CorpusPlan) -> None:
+    """The docs/ lists of the layout, plus the trial key that real data keeps secret."""
+    docs = out / "docs"
+    docs.mkdir(parents=True, exist_ok=True)
+    train_lines = ["train-file-id speaker-id phrase-id"] + [
+        f"{u.file_id} {plan.train_speaker_ids[u.speaker]} {u.phrase_id}"
+        for u in sorted(plan.train, key=lambda u: u.file_id)
+    ]
+    model_lines = ["model-id phrase-id enroll-file-id1 enroll-file-id2 enroll-file-id3"] + [
+        f"{mid} {p} {' '.join(fids)}" for mid, p, fids in plan.models
+    ]
+    trial_lines = ["model-id evaluation-file-id"] + [f"{m} {t}" for m, t, _ in plan.trials]
+    key_lines = ["model-id evaluation-file-id target-type trial-type"] + [
+        f"{m} {t} {'target' if c == 'TC' else 'nontarget'} {c}" for m, t, c in plan.trials
+    ]
+    for name, lines in (
+        ("train_labels.txt", train_lines),
+        ("model_enrollment.txt", model_lines),
+        ("trials.txt", trial_lines),
+        ("trials_key.txt", key_lines),
+    ):
+        (docs / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _clear_previous_corpus(out: Path) -> None:
+    """Empty the wav folders of an earlier (other-sized or unfinished) synthetic corpus.
+
+    Refuses to touch a folder that holds audio this script did not write (e.g. real data).
+    """
+    owner_mark = out / ".written_by_synth_deepmine"
+    if not owner_mark.exists() and any((out / "wav").glob("*/*.wav")):
+        raise FileExistsError(f"{out} holds audio that synth_deepmine.py did not write")
+    out.mkdir(parents=True, exist_ok=True)
+    owner_mark.touch()
+    (out / "synth_options.json").unlink(missing_ok=True)
+    for subdir in ("train", "enrollment", "evaluation"):
+        folder = out / "wav" / subdir
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("*.wav"):
+            old.unlink()
+
+
+def synthesize_corpus(
+    out,
+    speakers: int = 40,
+    eval_speakers: int = 20,
+    reps: int = 6,
+    seed: int = 1234,
+    jobs: int = 2,
+    trials_per_model: dict[str, int] | None = None,
+) -> Path:
+    """Write the synthetic corpus to ``out`` and return its path.
+
+    Skips the work when ``out`` already holds a complete corpus made with the same options.
+    """
+    out = Path(out)
+    trials_per_model = trials_per_model or {"TW": 3, "IC": 6, "IW": 3}
+    options = dict(
+        speakers=speakers,
+        eval_speakers=eval_speakers,
+        reps=reps,
+        seed=seed,
+        trials_per_model=trials_per_model,
+    )
+    done_marker = out / "synth_options.json"
+    if done_marker.is_file() and json.loads(done_marker.read_text()) == options:
+        print(f"Synthetic corpus already in {out} (same options): skipping generation.")
+        return out
+    plan = plan_corpus(seed, speakers, eval_speakers, reps, trials_per_model)
+    _clear_previous_corpus(out)
+
+    _init_espeak()
+    rng = np.random.default_rng([seed, 4])
+    _SHARED.update(
+        out=out,
+        speakers=[draw_speaker(rng) for _ in range(speakers + eval_speakers)],
+        babble=_fork_map(babble_bank, [seed], 1)[0],
+    )
+    utterances = plan.train + plan.enrollment + plan.evaluation
+    chunks = [utterances[i : i + CHUNK] for i in range(0, len(utterances), CHUNK)]
+    durations = _fork_map(_write_chunk, chunks, jobs)
+    _write_docs(out, plan)
+    speaker_table = {i: asdict(s) for i, s in enumerate(_SHARED["speakers"])}
+    (out / "synth_speakers.json").write_text(json.dumps(speaker_table, indent=1))
+    done_marker.write_text(json.dumps(options))
+    print(
+        f"Wrote {len(utterances)} utterances ({sum(durations) / 3600:.2f} h) of "
+        f"{speakers}+{eval_speakers} speakers, {len(plan.models)} models and "
+        f"{len(plan.trials)} trials to {out}"
+    )
+    return out
+
+
+def main(argv=None) -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="corpus folder to write")
+    parser.add_argument("--speakers", type=int, default=40, help="training speakers")
+    parser.add_argument("--eval_speakers", type=int, default=20, help="evaluation speakers")
+    parser.add_argument("--reps", type=int, default=6, help="repetitions of each phrase")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--jobs", type=int, default=multiprocessing.cpu_count())
+    args = parser.parse_args(argv)
+    synthesize_corpus(args.out, args.speakers, args.eval_speakers, args.reps, args.seed, args.jobs)
+
+
+if __name__ == "__main__":
+    main()

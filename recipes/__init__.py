@@ -1,0 +1,1 @@
+"""The training and verification recipes and the helper modules they share."""

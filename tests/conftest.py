@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny synthetic corpus and a hand-made miniature of the real layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from data_prep.synth_deepmine import synthesize_corpus
+
+TINY = dict(speakers=6, eval_speakers=3, reps=4, seed=7)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """A small synthetic corpus (6 train + 3 eval speakers, 4 repetitions), made once per run."""
+    return synthesize_corpus(tmp_path_factory.mktemp("synth") / "corpus", jobs=2, **TINY)
+
+
+def write_wav(path: Path, seconds=0.5, rate=16000, channels=1, seed=0) -> None:
+    """A short noise wav (content does not matter to the parser)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    samples = np.random.default_rng(seed).uniform(-0.1, 0.1, (int(seconds * rate), channels))
+    sf.write(path, samples.squeeze(), rate, subtype="PCM_16")
+
+
+def make_miniature(root: Path, style: str = "sdsv") -> Path:
+    """A hand-made corpus in the real layout: 4 speakers x 2 phrases x 4 reps, 2 models.
+
+    ``style`` "sdsv" names the lists model_enrollment.txt / trials.txt (SdSV 2020-21);
+    "tdsv" names them dev_model_enrollment.txt / dev_trials.txt (TdSV 2024), with no key.
+    """
+    docs = root / "docs"
+    docs.mkdir(parents=True)
+    lines, n = ["train-file-id speaker-id phrase-id"], 0
+    for spk in range(1, 5):
+        for phrase in ("01", "06"):
+            for _ in range(4):
+                n += 1
+                lines.append(f"trn_{n:06d} spk_{spk:06d} {phrase}")
+                write_wav(root / "wav" / "train" / f"trn_{n:06d}.wav", seed=n)
+    lines.append("trn_000099 spk_000001 FT")  # free text: excluded by default
+    write_wav(root / "wav" / "train" / "trn_000099.wav")
+    (docs / "train_labels.txt").write_text("\n".join(lines) + "\n")
+    for i in range(1, 7):
+        write_wav(root / "wav" / "enrollment" / f"enr_{i:06d}.wav", seed=100 + i)
+    for i in range(1, 4):
+        write_wav(root / "wav" / "evaluation" / f"evl_{i:06d}.wav", seed=200 + i)
+    prefix = "dev_" if style == "tdsv" else ""
+    (docs / f"{prefix}model_enrollment.txt").write_text(
+        "model-id phrase-id enroll-file-id1 enroll-file-id2 enroll-file-id3\n"
+        "model_00000 01 enr_000001 enr_000002 enr_000003\n"
+        "model_00001 06 enr_000004 enr_000005 enr_000006\n"
+    )
+    trials = ["model_00000 evl_000001", "model_00000 evl_000002", "model_00001 evl_000003"]
+    (docs / f"{prefix}trials.txt").write_text(
+        "model-id evaluation-file-id\n" + "\n".join(trials) + "\n"
+    )
+    if style == "sdsv":
+        (docs / "trials_key.txt").write_text(
+            "model-id evaluation-file-id target-type trial-type\n"
+            "model_00000 evl_000001 target TC\n"
+            "model_00000 evl_000002 nontarget IC\n"
+            "model_00001 evl_000003 nontarget TW\n"
+        )
+    return root

@@ -1,0 +1,246 @@
+"""The DeepMine preparer: manifests, the dev split, trial labels, and each kind of bad input."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from data_prep.deepmine_prepare import DataPrepError, prepare_deepmine
+from data_prep.layout import PHRASES, read_list
+from tests.conftest import TINY, make_miniature, write_wav
+
+UTT_COLUMNS = ["ID", "duration", "wav", "spk_id", "phrase_id", "phrase", "language"]
+
+
+def _csv(folder, name):
+    return pd.read_csv(folder / name, dtype=str, keep_default_na=False)
+
+
+def test_manifests_of_the_synthetic_corpus(tiny_corpus, tmp_path):
+    out = prepare_deepmine(tiny_corpus, tmp_path / "prep", dev_speakers=2, jobs=4)
+    train, dev_test = _csv(tmp_path / "prep", "train.csv"), _csv(tmp_path / "prep", "dev_test.csv")
+    dev_enrol_utts = _csv(tmp_path / "prep", "dev_enrol_utts.csv")
+    assert list(train.columns) == UTT_COLUMNS
+    assert train.wav.str.startswith("$data_root/wav/train/trn_").all()
+    assert (train.duration.astype(float) > 0.5).all()
+    assert set(train.language) == {"persian", "english"}
+    assert (train.phrase == train.phrase_id.map(PHRASES)).all()
+    # Speaker-disjoint dev split; nothing lost, nothing counted twice.
+    dev_speakers = set(dev_test.spk_id) | set(dev_enrol_utts.spk_id)
+    assert len(dev_speakers) == 2 and dev_speakers.isdisjoint(set(train.spk_id))
+    all_ids = list(train.ID) + list(dev_test.ID) + list(dev_enrol_utts.ID)
+    assert len(all_ids) == len(set(all_ids)) == TINY["speakers"] * len(PHRASES) * TINY["reps"]
+    # Models: 3 enrollment utterances of one speaker saying the model's phrase.
+    models = _csv(tmp_path / "prep", "dev_enrol.csv")
+    assert list(models.columns) == ["model_id", "phrase_id", "spk_id", "enrol_ids"]
+    assert len(models) == 2 * len(PHRASES)
+    utt = dev_enrol_utts.set_index("ID")
+    for model in models.itertuples():
+        ids = model.enrol_ids.split(" ")
+        assert len(ids) == 3
+        assert set(utt.loc[ids, "spk_id"]) == {model.spk_id}
+        assert set(utt.loc[ids, "phrase_id"]) == {model.phrase_id}
+    _check_dev_trial_labels(tmp_path / "prep", models, dev_test)
+    assert set(out) >= {"train", "dev_trials", "eval_trials"}
+
+
+def _check_dev_trial_labels(folder, models, dev_test):
+    """Every label is right against the speaker and phrase of both sides."""
+    trials = _csv(folder, "dev_trials.csv")
+    assert list(trials.columns) == ["model_id", "test_id", "label", "condition"]
+    side_m = models.set_index("model_id").loc[trials.model_id]
+    side_t = dev_test.set_index("ID").loc[trials.test_id]
+    same_spk = side_m.spk_id.to_numpy() == side_t.spk_id.to_numpy()
+    same_phr = side_m.phrase_id.to_numpy() == side_t.phrase_id.to_numpy()
+    expected = np.where(same_spk, "T", "I").astype(object) + np.where(same_phr, "C", "W")
+    assert (trials.condition.to_numpy() == expected).all()
+    assert (trials.label == (trials.condition == "TC").astype(int).astype(str)).all()
+    assert set(trials.condition) == {"TC", "TW", "IC", "IW"}
+    assert len(trials) == len(models) * len(dev_test)
+
+
+def test_eval_manifests_follow_the_official_lists_and_key(tiny_corpus, tmp_path):
+    prepare_deepmine(tiny_corpus, tmp_path / "prep", dev_speakers=2)
+    trials = _csv(tmp_path / "prep", "eval_trials.csv")
+    key = [line.fields for line in read_list(tiny_corpus / "docs" / "trials_key.txt")]
+    assert [list(r) for r in trials[["model_id", "test_id", "condition"]].values] == [
+        [k[0], k[1], k[3]] for k in key
+    ]
+    tests = _csv(tmp_path / "prep", "eval_test.csv")
+    assert set(tests.ID) == set(trials.test_id)
+    assert tests.wav.str.startswith("$data_root/wav/evaluation/").all()
+    enrol = _csv(tmp_path / "prep", "eval_enrol.csv")
+    assert len(enrol) == TINY["eval_speakers"] * len(PHRASES)
+
+
+@pytest.mark.parametrize("style", ["sdsv", "tdsv"])
+def test_real_layout_parser_in_both_naming_styles(tmp_path, style):
+    root = make_miniature(tmp_path / "corpus", style)
+    prepare_deepmine(root, tmp_path / "prep", dev_speakers=1)
+    train = _csv(tmp_path / "prep", "train.csv")
+    assert len(train) == 3 * 2 * 4 and "FT" not in set(train.phrase_id)
+    assert len(_csv(tmp_path / "prep", "dev_enrol.csv")) == 2
+    trials = _csv(tmp_path / "prep", "eval_trials.csv")
+    assert list(trials.test_id) == ["evl_000001", "evl_000002", "evl_000003"]
+    if style == "sdsv":
+        assert list(trials.condition) == ["TC", "IC", "TW"] and list(trials.label) == [
+            "1",
+            "0",
+            "0",
+        ]
+    else:  # no key file: labels unknown, left blank
+        assert set(trials.condition) == {""} and set(trials.label) == {""}
+    enrol_utts = _csv(tmp_path / "prep", "eval_enrol_utts.csv")
+    assert list(enrol_utts.phrase_id) == ["01"] * 3 + ["06"] * 3
+
+
+def test_free_text_kept_only_when_asked(tmp_path):
+    root = make_miniature(tmp_path / "corpus")
+    prepare_deepmine(root, tmp_path / "prep", dev_speakers=1, include_free_text=True)
+    train, dev = _csv(tmp_path / "prep", "train.csv"), _csv(tmp_path / "prep", "dev_test.csv")
+    assert "FT" in set(train.phrase_id) | set(dev.phrase_id)
+    assert "FT" not in set(_csv(tmp_path / "prep", "dev_enrol.csv").phrase_id)
+
+
+def _break_missing(root):
+    (root / "wav/train/trn_000003.wav").unlink()
+    return "trn_000003.wav", "missing file", "train_labels.txt:4"
+
+
+def _break_empty(root):
+    sf.write(root / "wav/train/trn_000004.wav", np.zeros(0), 16000)
+    return "trn_000004.wav", "empty audio", "train_labels.txt:5"
+
+
+def _break_rate(root):
+    write_wav(root / "wav/enrollment/enr_000002.wav", rate=8000)
+    return "enr_000002.wav", "sample rate 8000 Hz", "model_enrollment.txt:2"
+
+
+def _break_stereo(root):
+    write_wav(root / "wav/evaluation/evl_000003.wav", channels=2)
+    return "evl_000003.wav", "2 channels", "trials.txt:4"
+
+
+def _break_header(root):
+    (root / "wav/train/trn_000005.wav").write_bytes(b"RIFF\x00\x00garbage" * 10)
+    return "trn_000005.wav", "unreadable audio", "train_labels.txt:6"
+
+
+def _break_unknown_model(root):
+    with open(root / "docs/trials.txt", "a") as handle:
+        handle.write("model_00042 evl_000001\n")
+    return "model_00042", "unknown model id", "trials.txt:5"
+
+
+def _break_duplicate(root):
+    with open(root / "docs/train_labels.txt", "a") as handle:
+        handle.write("trn_000002 spk_000003 06\n")
+    return "trn_000002", "duplicate id (first at", "train_labels.txt:35"
+
+
+BREAKAGES = [
+    _break_missing,
+    _break_empty,
+    _break_rate,
+    _break_stereo,
+    _break_header,
+    _break_unknown_model,
+    _break_duplicate,
+]
+
+
+@pytest.mark.parametrize("breakage", BREAKAGES, ids=lambda f: f.__name__[7:])
+def test_bad_input_names_the_culprit_and_writes_nothing(tmp_path, breakage):
+    root = make_miniature(tmp_path / "corpus")
+    culprit, reason, where = breakage(root)
+    with pytest.raises(DataPrepError) as error:
+        prepare_deepmine(root, tmp_path / "prep", dev_speakers=1)
+    message = str(error.value)
+    assert culprit in message and reason in message and where in message, message
+    assert not list((tmp_path / "prep").glob("*")) if (tmp_path / "prep").exists() else True
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    root = make_miniature(tmp_path / "corpus")
+    culprits = [breakage(root)[0] for breakage in BREAKAGES]
+    with pytest.raises(DataPrepError) as error:
+        prepare_deepmine(root, tmp_path / "prep", dev_speakers=1)
+    assert all(c in str(error.value) for c in culprits)
+    assert str(error.value).startswith(f"{len(BREAKAGES)} problem(s)")
+
+
+def test_key_must_cover_every_trial(tmp_path):
+    root = make_miniature(tmp_path / "corpus")
+    key = root / "docs/trials_key.txt"
+    key.write_text("\n".join(key.read_text().splitlines()[:-1]) + "\n")
+    with pytest.raises(DataPrepError, match=r"model_00001 evl_000003: trial has no entry"):
+        prepare_deepmine(root, tmp_path / "prep", dev_speakers=1)
+
+
+def test_skip_bad_excludes_and_lists_them(tmp_path):
+    root = make_miniature(tmp_path / "corpus")
+    _break_missing(root)
+    _break_stereo(root)
+    for i in (4, 5, 6):  # model_00001 loses all its enrollment audio
+        (root / f"wav/enrollment/enr_{i:06d}.wav").unlink()
+    prepare_deepmine(root, tmp_path / "prep", dev_speakers=1, skip_bad=True)
+    rejected = _csv(tmp_path / "prep", "rejected.csv")
+    assert len(rejected) == 6
+    assert any(item == "model_00001" for item in rejected["item"])
+    ids = set(_csv(tmp_path / "prep", "train.csv").ID) | set(
+        _csv(tmp_path / "prep", "dev_test.csv").ID
+    )
+    ids |= set(_csv(tmp_path / "prep", "dev_enrol_utts.csv").ID)
+    assert "trn_000003" not in ids and len(ids) == 4 * 2 * 4 - 1
+    trials = _csv(tmp_path / "prep", "eval_trials.csv")
+    assert list(trials.test_id) == ["evl_000001", "evl_000002"]
+
+
+def test_skips_work_when_up_to_date_and_redoes_on_change(tmp_path, capsys):
+    root = make_miniature(tmp_path / "corpus")
+    prepare_deepmine(root, tmp_path / "prep", dev_speakers=1)
+    capsys.readouterr()
+    prepare_deepmine(root, tmp_path / "prep", dev_speakers=1)
+    assert "skipping data prep" in capsys.readouterr().out
+    prepare_deepmine(root, tmp_path / "prep", dev_speakers=2)
+    assert "Wrote manifests" in capsys.readouterr().out
+    assert len(_csv(tmp_path / "prep", "dev_enrol.csv")) == 4
+
+
+def test_dev_speakers_must_leave_training_speakers(tmp_path):
+    root = make_miniature(tmp_path / "corpus")
+    with pytest.raises(DataPrepError, match="only 4 speakers"):
+        prepare_deepmine(root, tmp_path / "prep", dev_speakers=4)
+
+
+def test_cli_reports_problems_and_exits_nonzero(tmp_path):
+    root = make_miniature(tmp_path / "corpus")
+    _break_missing(root)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "data_prep/deepmine_prepare.py",
+            "--data_folder",
+            str(root),
+            "--save_folder",
+            str(tmp_path / "prep"),
+            "--dev_speakers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0 and "trn_000003.wav: missing file" in result.stderr
+
+
+def test_not_a_corpus_folder(tmp_path):
+    with pytest.raises(DataPrepError, match=r"train_labels\.txt not found"):
+        prepare_deepmine(tmp_path, tmp_path / "prep")
+    shutil.rmtree(tmp_path / "prep", ignore_errors=True)
