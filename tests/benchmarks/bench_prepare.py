@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from data_prep.deepmine_prepare import prepare_deepmine  # noqa: E402
-from data_prep.synth_deepmine import synthesize_corpus  # noqa: E402
+from data_prep.deepmine_prepare import prepare_deepmine
+from data_prep.synth_deepmine import synthesize_corpus
 
 
 def build_corpus(root: Path, files: int) -> Path:
