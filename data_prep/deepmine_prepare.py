@@ -9,6 +9,9 @@ Writes to ``save_folder`` (DESIGN.md section 3):
     dev_trials.csv         every dev model against every dev test utterance, labelled TC/TW/IC/IW
     eval_enrol.csv, eval_enrol_utts.csv, eval_test.csv, eval_trials.csv
                            the official lists (labels only where a key file is present)
+    train_noise.csv        the training utterances in SpeechBrain's extended CSV format
+                           (ID,duration,wav,wav_format,wav_opts), for ``AddNoise``: babble
+                           made of other training speakers
     rejected.csv           with ``skip_bad``: each excluded file or line and why
     prep_options.json      the options the manifests were made with (to skip a redo)
 
@@ -61,6 +64,8 @@ from data_prep.layout import (
 UTT_FIELDS = ["ID", "duration", "wav", "spk_id", "phrase_id", "phrase", "language"]
 MODEL_FIELDS = ["model_id", "phrase_id", "spk_id", "enrol_ids"]
 TRIAL_FIELDS = ["model_id", "test_id", "label", "condition"]
+NOISE_FIELDS = ["ID", "duration", "wav", "wav_format", "wav_opts"]
+PREP_VERSION = 2  # bump when the manifests change, so existing ones are redone
 MAX_REPORTED = 50  # problems listed in one error message (all go to rejected.csv with skip_bad)
 
 
@@ -307,7 +312,12 @@ def _write_all(save_folder: Path, tables: dict[str, tuple[list[str], list[list]]
 def _options_fingerprint(data_folder: Path, docs_files: list[Path], options: dict) -> dict:
     """Options plus the size and time of each docs list, to know when a redo is needed."""
     stamp = {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in docs_files}
-    return {"data_folder": str(data_folder.resolve()), "docs": stamp, **options}
+    return {
+        "version": PREP_VERSION,
+        "data_folder": str(data_folder.resolve()),
+        "docs": stamp,
+        **options,
+    }
 
 
 def prepare_deepmine(
@@ -363,6 +373,7 @@ def prepare_deepmine(
     train, dev_models, dev_enrol, dev_test = split_dev(train, dev_speakers, seed)
     tables = {
         "train.csv": (UTT_FIELDS, _utt_rows(train)),
+        "train_noise.csv": (NOISE_FIELDS, [[*row[:3], "wav", ""] for row in _utt_rows(train)]),
         "dev_enrol.csv": (MODEL_FIELDS, [[m, p, s, " ".join(ids)] for m, p, s, ids in dev_models]),
         "dev_enrol_utts.csv": (UTT_FIELDS, _utt_rows(dev_enrol)),
         "dev_test.csv": (UTT_FIELDS, _utt_rows(dev_test)),

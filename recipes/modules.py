@@ -1,0 +1,244 @@
+"""Model pieces the YAML wires together, where SpeechBrain has no ready block.
+
+- ``WavLMEncoder``: SpeechBrain's HF ``WavLM`` wrapper plus a learnable softmax-weighted sum of
+  all hidden layers, LayerDrop switched off (it returns fewer hidden states on random steps, which
+  breaks a layer-weighted sum) and optional gradient checkpointing.
+- ``XVectorHead``: projector + TDNN stack + statistics pooling + embedding, laid out exactly like
+  the head of ``transformers.WavLMForXVector`` so that weights can be exchanged with it.
+- ``MarginSoftmax``: SpeechBrain's ``LogSoftmaxWrapper`` around ``AngularMargin`` (AM-Softmax) or
+  ``AdditiveAngularMargin`` (AAM), with a fixed, learnable or AdaCos-style adaptive scale and an
+  optional margin warm-up.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from speechbrain.integrations.huggingface.wavlm import WavLM
+from speechbrain.nnet.losses import AdditiveAngularMargin, AngularMargin, LogSoftmaxWrapper
+from torch import nn
+
+
+class WavLMEncoder(WavLM):
+    """WavLM (any HF id or local directory) returning a learnable weighted sum of its layers.
+
+    Arguments:
+    ---------
+    source : str
+        Hugging Face model id or local directory (with ``preprocessor_config.json``).
+    save_path : str
+        Cache directory for downloaded weights.
+    freeze_feature_extractor : bool
+        Freeze the CNN feature encoder (right for pretrained weights only).
+    gradient_checkpointing : bool
+        Recompute transformer activations in the backward pass (less memory, ~30 % more time).
+    layer_weighting : bool
+        Weighted sum of all hidden states (True) or the last layer only (False).
+
+    """
+
+    def __init__(
+        self,
+        source,
+        save_path,
+        freeze_feature_extractor=True,
+        gradient_checkpointing=False,
+        layer_weighting=True,
+        **kwargs,
+    ):
+        super().__init__(
+            source,
+            save_path,
+            freeze_feature_extractor=freeze_feature_extractor,
+            output_all_hiddens=layer_weighting,
+            **kwargs,
+        )
+        self.model.config.layerdrop = 0.0
+        if gradient_checkpointing:
+            # Non-reentrant checkpointing works with DDP and with frozen inputs.
+            self.model.gradient_checkpointing_enable({"use_reentrant": False})
+        num_states = self.model.config.num_hidden_layers + 1
+        self.layer_logits = nn.Parameter(torch.zeros(num_states)) if layer_weighting else None
+        self.output_size = self.model.config.hidden_size
+
+    def forward(self, wav, wav_lens=None):
+        """Encode a batch of waveforms ``[B, T]`` into frame features ``[B, T', H]``."""
+        hidden = super().forward(wav, wav_lens)
+        if self.layer_logits is None:
+            return hidden
+        weights = F.softmax(self.layer_logits, dim=0).to(hidden.dtype)
+        return torch.einsum("l,lbth->bth", weights, hidden)
+
+    def layer_weights(self) -> list[float]:
+        """The current softmax layer weights (for logging)."""
+        if self.layer_logits is None:
+            return []
+        return F.softmax(self.layer_logits.detach().float(), dim=0).tolist()
+
+
+def masked_mean_std(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Mean and (unbiased) std over the valid frames of ``x`` ``[B, T, C]`` -> ``[B, 2C]``.
+
+    ``lengths`` are frame counts. Vectorized, and deterministic: SpeechBrain's
+    ``StatisticsPooling`` loops over utterances and adds random noise to the mean even at eval.
+    """
+    mask = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]).to(x.dtype)
+    count = mask.sum(dim=1, keepdim=True)
+    mean = (x * mask[..., None]).sum(dim=1) / count
+    var = (((x - mean[:, None]) ** 2) * mask[..., None]).sum(dim=1) / (count - 1).clamp(min=1)
+    return torch.cat([mean, var.clamp(min=1e-8).sqrt()], dim=-1)
+
+
+class XVectorHead(nn.Module):
+    """x-vector head with the layout of ``transformers.WavLMForXVector``.
+
+    projector (Linear) -> TDNN layers (dilated Conv1d + ReLU, no padding) -> mean+std pooling over
+    valid frames -> embedding (Linear). Returns ``[B, 1, embedding_dim]`` like SpeechBrain's
+    embedding models.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        tdnn_channels=(512, 512, 512, 512, 1500),
+        kernel_sizes=(5, 3, 3, 1, 1),
+        dilations=(1, 2, 3, 1, 1),
+        embedding_dim: int = 512,
+    ):
+        super().__init__()
+        self.projector = nn.Linear(input_size, tdnn_channels[0])
+        in_channels = [tdnn_channels[0], *tdnn_channels[:-1]]
+        self.tdnn = nn.ModuleList(
+            nn.Conv1d(i, o, k, dilation=d)
+            for i, o, k, d in zip(in_channels, tdnn_channels, kernel_sizes, dilations, strict=True)
+        )
+        self.context = sum((k - 1) * d for k, d in zip(kernel_sizes, dilations, strict=True))
+        self.embedding = nn.Linear(2 * tdnn_channels[-1], embedding_dim)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` ``[B, T, F]`` with relative ``lengths`` ``[B]`` -> embeddings ``[B, 1, D]``."""
+        frames = x.shape[1]
+        valid = (
+            torch.full((x.shape[0],), frames, device=x.device)
+            if lengths is None
+            else torch.round(lengths * frames).long()
+        )
+        if frames <= self.context:  # shorter than the TDNN context: pad so one frame remains
+            x = F.pad(x, (0, 0, 0, self.context + 1 - frames))
+        h = self.projector(x).transpose(1, 2)
+        for layer in self.tdnn:
+            h = F.relu(layer(h))
+        out_lengths = (valid - self.context).clamp(min=2, max=h.shape[2])
+        return self.embedding(masked_mean_std(h.transpose(1, 2), out_lengths)).unsqueeze(1)
+
+
+class MarginSoftmax(nn.Module):
+    """AM-Softmax or AAM-Softmax loss on cosine logits, with scale modes and margin warm-up.
+
+    Arguments:
+    ---------
+    margin_type : str
+        "am" (AM-Softmax, cos(theta) - m) or "aam" (additive angular margin, cos(theta + m)).
+    margin, scale : float
+        Final margin and (initial) scale.
+    scale_mode : str
+        "fixed", "learnable" (a trained log-scale) or "adaptive" (AdaCos rule, updated per batch).
+    n_classes : int
+        Needed by the adaptive scale (its initial value is sqrt(2) * log(C - 1)).
+    margin_warmup_epochs : float
+        Ramp the margin linearly from 0 over this many epochs (0: no warm-up).
+
+    """
+
+    def __init__(
+        self,
+        margin_type="am",
+        margin=0.2,
+        scale=30.0,
+        scale_mode="fixed",
+        n_classes=None,
+        margin_warmup_epochs=0.0,
+        easy_margin=False,
+    ):
+        super().__init__()
+        if margin_type not in ("am", "aam") or scale_mode not in ("fixed", "learnable", "adaptive"):
+            raise ValueError(f"unknown margin_type {margin_type!r} or scale_mode {scale_mode!r}")
+        if margin_type == "am":
+            self.margin_fn = AngularMargin(margin, scale)
+        else:
+            self.margin_fn = AdditiveAngularMargin(margin, scale, easy_margin)
+        self.loss = LogSoftmaxWrapper(self.margin_fn)
+        self.final_margin, self.scale_mode = margin, scale_mode
+        self.margin_warmup_epochs = margin_warmup_epochs
+        # Buffers are saved in checkpoints, so a resumed run continues the same schedule.
+        self.register_buffer("progress", torch.zeros(()))
+        if scale_mode == "learnable":
+            self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
+        if scale_mode == "adaptive":
+            if not n_classes or n_classes < 2:
+                raise ValueError("scale_mode 'adaptive' needs n_classes >= 2")
+            self.register_buffer(
+                "adaptive_scale", torch.tensor(math.sqrt(2) * math.log(n_classes - 1))
+            )
+        self._apply_margin(self.current_margin())
+
+    def set_progress(self, epochs: float) -> None:
+        """Tell the loss how far training is (in epochs, fractional) for the margin warm-up."""
+        self.progress.fill_(epochs)
+        self._apply_margin(self.current_margin())
+
+    def current_margin(self) -> float:
+        """The margin in force now."""
+        if self.margin_warmup_epochs <= 0:
+            return self.final_margin
+        return self.final_margin * min(1.0, float(self.progress) / self.margin_warmup_epochs)
+
+    def current_scale(self) -> float:
+        """The scale in force now."""
+        if self.scale_mode == "learnable":
+            return float(self.log_scale.exp())
+        if self.scale_mode == "adaptive":
+            return float(self.adaptive_scale)
+        return float(self.margin_fn.scale)
+
+    def _apply_margin(self, margin: float) -> None:
+        """Set the margin, with AdditiveAngularMargin's derived constants."""
+        self.margin_fn.margin = margin
+        if isinstance(self.margin_fn, AdditiveAngularMargin):
+            self.margin_fn.cos_m, self.margin_fn.sin_m = math.cos(margin), math.sin(margin)
+            self.margin_fn.th = math.cos(math.pi - margin)
+            self.margin_fn.mm = math.sin(math.pi - margin) * margin
+
+    @torch.no_grad()
+    def _update_adaptive_scale(self, cosine: torch.Tensor, targets: torch.Tensor) -> None:
+        """AdaCos (Zhang et al., 2019): s = log(B_avg) / cos(min(pi/4, median target angle))."""
+        one_hot = F.one_hot(targets, cosine.shape[1]).bool()
+        b_avg = torch.where(one_hot, 0.0, torch.exp(self.adaptive_scale * cosine)).sum(1).mean()
+        theta = torch.acos(cosine[one_hot].clamp(-1 + 1e-7, 1 - 1e-7))
+        theta_med = torch.clamp(theta.median(), max=math.pi / 4)
+        self.adaptive_scale.copy_(torch.log(b_avg.clamp(min=1e-12)) / torch.cos(theta_med))
+
+    def forward(self, cosine: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Loss for cosine logits ``[B, 1, C]`` and class targets ``[B, 1]``."""
+        cosine = cosine.float()
+        if self.scale_mode == "adaptive" and self.training:
+            self._update_adaptive_scale(cosine.squeeze(1), targets.squeeze(1).long())
+        if self.scale_mode == "learnable":
+            self.margin_fn.scale = self.log_scale.exp()
+        elif self.scale_mode == "adaptive":
+            self.margin_fn.scale = self.adaptive_scale
+        return self.loss(cosine, targets)
+
+
+def build_choice(options: dict, choice: str):
+    """Build ``options[choice]`` (a ``!name:`` constructor): how the YAML selects a variant."""
+    if choice not in options:
+        raise ValueError(f"unknown choice {choice!r}; expected one of {sorted(options)}")
+    return options[choice]()
+
+
+def switched(*pairs) -> list:
+    """The modules of ``[module, on]`` pairs whose switch is on: per-augmentation YAML switches."""
+    return [module for module, on in pairs if on]

@@ -1,0 +1,98 @@
+"""Build a small randomly initialized WavLM as a local Hugging Face directory.
+
+No model hub is needed: the demo and the tests use this instead of ``microsoft/wavlm-base-plus``.
+The directory holds ``config.json``, the weights and the ``preprocessor_config.json`` that
+SpeechBrain's wrapper reads. ``wavlm_base_plus_config()`` gives the architecture of WavLM Base+
+(for benchmarks with random weights).
+
+    python recipes/tiny_wavlm.py --out results/tiny_wavlm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMModel
+
+TINY = dict(
+    hidden_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=256,
+    conv_dim=(64, 64, 64, 64, 64, 64, 64),
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=4,
+    num_buckets=32,
+    max_bucket_distance=200,
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    activation_dropout=0.0,
+    feat_proj_dropout=0.0,
+    layerdrop=0.0,
+    mask_time_prob=0.0,
+)
+
+
+def wavlm_base_plus_config() -> WavLMConfig:
+    """The architecture of ``microsoft/wavlm-base-plus`` (WavLMConfig's defaults are Base)."""
+    return WavLMConfig(feat_extract_norm="group", do_stable_layer_norm=False, layerdrop=0.0)
+
+
+def save_wavlm(out, config: WavLMConfig, seed: int = 0) -> str:
+    """Save a randomly initialized WavLM with ``config`` to ``out`` (atomically); return the path.
+
+    Does nothing if ``out`` already holds a model with the same config, so concurrent processes
+    (several DDP ranks) and repeated runs are safe.
+    """
+    out = Path(out)
+    wanted = {**config.to_diff_dict(), "init_seed": seed}
+    stamp = out / "build.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+        return str(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    torch.manual_seed(seed)
+    WavLMModel(config).save_pretrained(tmp)
+    Wav2Vec2FeatureExtractor(
+        feature_size=1,
+        sampling_rate=16000,
+        padding_value=0.0,
+        do_normalize=True,
+        return_attention_mask=True,
+    ).save_pretrained(tmp)
+    (tmp / "build.json").write_text(json.dumps(wanted))
+    if out.exists():
+        shutil.rmtree(out, ignore_errors=True)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process got there first with the same model
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
+
+
+def build_tiny_wavlm(out, seed: int = 0, **overrides) -> str:
+    """Save the tiny demo WavLM (``TINY``, with ``overrides``) to ``out``; return the path."""
+    return save_wavlm(out, WavLMConfig(**{**TINY, **overrides}), seed)
+
+
+def main() -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--base_plus", action="store_true", help="WavLM Base+ size, random weights")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.base_plus:
+        print(save_wavlm(args.out, wavlm_base_plus_config(), args.seed))
+    else:
+        print(build_tiny_wavlm(args.out, args.seed))
+
+
+if __name__ == "__main__":
+    main()

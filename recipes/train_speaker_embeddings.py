@@ -1,0 +1,340 @@
+#!/usr/bin/env python3
+"""Fine-tune WavLM for text-dependent speaker verification (DeepMine / SdSV / TdSV task 1).
+
+WavLM -> weighted sum of its layers -> x-vector (or ECAPA-TDNN) head -> cosine classifier ->
+AM-Softmax / AAM-Softmax, trained on random crops; validated each epoch by the trial-based EER of
+a speaker-disjoint dev split, keeping the best checkpoint by EER. Everything is wired in the YAML.
+
+    python recipes/train_speaker_embeddings.py hparams/synthetic_demo.yaml            # CPU demo
+    python recipes/train_speaker_embeddings.py hparams/wavlm_td.yaml --data_folder /data/task1
+    torchrun --nproc_per_node=4 recipes/train_speaker_embeddings.py hparams/wavlm_td.yaml ...
+
+Rerunning the same command after an interruption resumes from the last checkpoint; a run that
+already finished only re-evaluates.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import pandas as pd
+import speechbrain as sb
+import torch
+from hyperpyyaml import load_hyperpyyaml
+from speechbrain.dataio.dataio import read_audio
+from speechbrain.dataio.dataset import DynamicItemDataset
+from speechbrain.dataio.encoder import CategoricalEncoder
+from speechbrain.utils.distributed import run_on_main
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_prep.deepmine_prepare import prepare_deepmine
+from data_prep.synth_deepmine import synthesize_corpus
+from recipes.sampling import PhraseBatchSampler
+from recipes.scoring import EmbeddingTable, metrics_by_condition, score_trials
+from recipes.verification_report import write_report
+
+
+class SpeakerBrain(sb.core.Brain):
+    """Trains the embedding model; embeds utterances and scores trials at validation and test."""
+
+    def compute_forward(self, batch, stage):
+        """Waveforms -> embeddings ``[B, 1, D]`` (+ class logits when training)."""
+        batch = batch.to(self.device)
+        wavs, lens = batch.sig
+        if stage == sb.Stage.TRAIN and self.hparams.augment:
+            wavs, lens = self.hparams.wav_augment(wavs, lens)
+        if stage == sb.Stage.TRAIN and self.wavlm_frozen():
+            with torch.no_grad():
+                feats = self.modules.wavlm(wavs, lens)
+        else:
+            feats = self.modules.wavlm(wavs, lens)
+        embeddings = self.modules.embedding_model(feats, lens)
+        if stage != sb.Stage.TRAIN:
+            return embeddings
+        logits = {"class": self.modules.classifier(embeddings)}
+        if "phrase_classifier" in self.modules:
+            logits["phrase"] = self.modules.phrase_classifier(embeddings)
+        return embeddings, logits
+
+    def compute_objectives(self, predictions, batch, stage):
+        """Margin softmax loss when training; otherwise keep the embeddings for scoring."""
+        if stage != sb.Stage.TRAIN:
+            vectors = predictions.squeeze(1).float().cpu().numpy()
+            self.embeddings.update(zip(batch.id, vectors, strict=True))
+            return torch.zeros((), device=self.device)
+        _, logits = predictions
+        targets = self._targets(batch.class_encoded.data)
+        loss = self.modules.loss(logits["class"], targets)
+        if "phrase" in logits:
+            phrase_targets = self._targets(batch.phrase_encoded.data)
+            phrase_loss = self.modules.phrase_loss(logits["phrase"], phrase_targets)
+            loss = loss + self.hparams.phrase_loss_weight * phrase_loss
+        return loss
+
+    def _targets(self, targets):
+        """Targets repeated like the batch when augmentation adds copies of it."""
+        if self.hparams.augment:
+            return self.hparams.wav_augment.replicate_labels(targets)
+        return targets
+
+    def wavlm_frozen(self) -> bool:
+        """True during the head-only warm-up epochs."""
+        return self.hparams.epoch_counter.current <= self.hparams.freeze_wavlm_epochs
+
+    def init_optimizers(self):
+        """Two optimizers: WavLM at a small learning rate, everything else at a large one."""
+        wavlm_params = [p for p in self.modules.wavlm.model.parameters() if p.requires_grad]
+        wavlm_ids = {id(p) for p in wavlm_params}
+        head_params = [
+            p for p in self.modules.parameters() if p.requires_grad and id(p) not in wavlm_ids
+        ]
+        self.optimizers_dict = {
+            "wavlm": self.hparams.wavlm_opt_class(wavlm_params),
+            "head": self.hparams.head_opt_class(head_params),
+        }
+        self.optimizer = self.optimizers_dict["head"]  # for SpeechBrain code that expects one
+        if self.checkpointer is not None:
+            for name, optimizer in self.optimizers_dict.items():
+                self.checkpointer.add_recoverable(f"{name}_optimizer", optimizer)
+
+    def freeze_optimizers(self, optimizers):
+        """Leave WavLM's optimizer out while WavLM is frozen."""
+        if self.wavlm_frozen():
+            return {k: v for k, v in optimizers.items() if k != "wavlm"}
+        return optimizers
+
+    def on_fit_batch_start(self, batch, should_step):
+        """Tell the loss how far training is (margin warm-up)."""
+        progress = self.hparams.epoch_counter.current - 1 + self.step / self.steps_per_epoch
+        self.modules.loss.set_progress(progress)
+
+    def on_fit_batch_end(self, batch, outputs, loss, should_step):
+        """Advance each learning-rate schedule after its optimizer stepped."""
+        if should_step:
+            for name, optimizer in self.freeze_optimizers(self.optimizers_dict).items():
+                self.hparams.lr_schedulers[name](optimizer)
+
+    def on_stage_start(self, stage, epoch=None):
+        """Start collecting embeddings for validation and test."""
+        self.embeddings = {}
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        """Log training loss; score the dev trials; keep the best checkpoint by EER."""
+        if stage == sb.Stage.TRAIN:
+            self.train_stats = {"loss": stage_loss}
+            return
+        table = EmbeddingTable.from_dict(self.embeddings)
+        models, trials, split = self.trial_set
+        scores = score_trials(table, models, trials)
+        metrics = metrics_by_condition(scores, trials["condition"])
+        pooled = metrics["pooled"]
+        stats = {"EER": round(pooled["eer"], 3), "minDCF": round(pooled["min_dcf"], 4)}
+        if stage == sb.Stage.VALID:
+            self.hparams.train_logger.log_stats(
+                stats_meta=self._progress_stats(epoch),
+                train_stats=self.train_stats,
+                valid_stats=stats,
+            )
+            self.checkpointer.save_and_keep_only(
+                meta=stats, min_keys=["EER"], num_to_keep=self.hparams.ckpt_num_to_keep
+            )
+        else:
+            self.hparams.train_logger.log_stats({f"best checkpoint, {split}": ""}, test_stats=stats)
+            if sb.utils.distributed.if_main_process():
+                write_report(self.hparams.output_folder, split, trials, scores, metrics, models)
+
+    def _progress_stats(self, epoch) -> dict:
+        """What the log says about the schedule at the end of an epoch."""
+        stats = {"epoch": epoch, "wavlm_frozen": self.wavlm_frozen()}
+        for name, optimizer in self.optimizers_dict.items():
+            stats[f"lr_{name}"] = optimizer.param_groups[0]["lr"]
+        stats["margin"] = round(self.modules.loss.current_margin(), 4)
+        stats["scale"] = round(self.modules.loss.current_scale(), 3)
+        return stats
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+def _utterances(csv_paths, data_folder) -> DynamicItemDataset:
+    """One dataset over the utterance manifests ``csv_paths``."""
+    data = {}
+    for path in csv_paths:
+        data.update(
+            sb.dataio.dataio.load_data_csv(path, replacements={"data_root": str(data_folder)})
+        )
+    return DynamicItemDataset(data)
+
+
+def dataio_prep(hparams):
+    """Datasets, label encoders and trial lists; returns what ``main`` needs to train and score."""
+    prep, rate = Path(hparams["prep_folder"]), hparams["sample_rate"]
+    crop = int(hparams["crop_seconds"] * rate)
+    max_eval = int(hparams["max_eval_seconds"] * rate)
+
+    @sb.utils.data_pipeline.takes("wav", "duration")
+    @sb.utils.data_pipeline.provides("sig")
+    def train_audio(wav, duration):
+        """A random crop of ``crop_seconds`` (read from disk without loading the rest)."""
+        frames = int(float(duration) * rate)
+        start = random.randint(0, max(0, frames - crop))
+        return read_audio({"file": wav, "start": start, "stop": start + crop})
+
+    @sb.utils.data_pipeline.takes("wav")
+    @sb.utils.data_pipeline.provides("sig")
+    def eval_audio(wav):
+        """The whole utterance, capped at ``max_eval_seconds`` to bound memory."""
+        return read_audio({"file": wav, "start": 0, "stop": max_eval})
+
+    target_type = hparams["target_type"]
+    if target_type not in ("speaker", "speaker_phrase", "speaker+phrase"):
+        raise ValueError(
+            f"target_type must be speaker, speaker_phrase or speaker+phrase: {target_type}"
+        )
+
+    @sb.utils.data_pipeline.takes("spk_id", "phrase_id")
+    @sb.utils.data_pipeline.provides("class_label", "phrase_label")
+    def labels(spk_id, phrase_id):
+        """The training class (speaker, or speaker x phrase) and the phrase."""
+        yield f"{spk_id}_{phrase_id}" if target_type == "speaker_phrase" else spk_id
+        yield phrase_id
+
+    train = _utterances([prep / "train.csv"], hparams["data_folder"])
+    train.add_dynamic_item(train_audio)
+    train.add_dynamic_item(labels)
+    class_encoder = CategoricalEncoder()
+    phrase_encoder = CategoricalEncoder()
+    run_on_main(
+        _fit_encoders,
+        args=[train, class_encoder, phrase_encoder, Path(hparams["save_folder"])],
+    )
+    class_encoder.load(Path(hparams["save_folder"]) / "class_encoder.txt")
+    phrase_encoder.load(Path(hparams["save_folder"]) / "phrase_encoder.txt")
+    train.add_dynamic_item(
+        class_encoder.encode_label_torch, takes="class_label", provides="class_encoded"
+    )
+    train.add_dynamic_item(
+        phrase_encoder.encode_label_torch, takes="phrase_label", provides="phrase_encoded"
+    )
+    train.set_output_keys(["id", "sig", "class_encoded", "phrase_encoded", "phrase_id"])
+
+    splits = {}
+    for split in ("dev", "eval"):
+        trials_csv = prep / f"{split}_trials.csv"
+        if not trials_csv.is_file():
+            continue
+        trials = pd.read_csv(trials_csv, dtype=str, keep_default_na=False)
+        utts = _utterances(
+            [prep / f"{split}_enrol_utts.csv", prep / f"{split}_test.csv"], hparams["data_folder"]
+        )
+        utts.add_dynamic_item(eval_audio)
+        utts.set_output_keys(["id", "sig"])
+        models = pd.read_csv(prep / f"{split}_enrol.csv", dtype=str, keep_default_na=False)
+        splits[split] = (utts.filtered_sorted(sort_key="duration", reverse=True), models, trials)
+    return train, splits, class_encoder, phrase_encoder
+
+
+def _fit_encoders(train, class_encoder, phrase_encoder, save_folder: Path) -> None:
+    """Create (or load) the label encoders on the main process."""
+    class_encoder.load_or_create(
+        save_folder / "class_encoder.txt", from_didatasets=[train], output_key="class_label"
+    )
+    phrase_encoder.load_or_create(
+        save_folder / "phrase_encoder.txt", from_didatasets=[train], output_key="phrase_label"
+    )
+
+
+def train_loader_options(hparams, train) -> dict:
+    """Dataloader options for the configured batch sampler (random, phrase or dynamic)."""
+    options = dict(hparams["train_dataloader_options"])
+    kind = hparams["batch_sampler"]
+    if kind == "phrase":  # every batch holds one pass-phrase (the seed's "phrase-level batching")
+        phrase_ids = [train.data[i]["phrase_id"] for i in train.data_ids]
+        sampler = PhraseBatchSampler(phrase_ids, options.pop("batch_size"), seed=hparams["seed"])
+        options.pop("shuffle", None)
+        options["batch_sampler"] = sampler
+    elif kind == "dynamic":
+        options.pop("batch_size")
+        options.pop("shuffle", None)
+        options["batch_sampler"] = hparams["dynamic_batch_sampler"](train)
+    elif kind != "random":
+        raise ValueError(f"batch_sampler must be random, phrase or dynamic, not {kind!r}")
+    return options
+
+
+def build_brain(hparams, run_opts, n_classes: int, n_phrases: int) -> SpeakerBrain:
+    """Complete the modules whose size depends on the data, and create the Brain."""
+    modules = dict(hparams["modules"])
+    modules["classifier"] = hparams["classifier"](out_neurons=n_classes)
+    modules["loss"] = hparams["loss"](n_classes=n_classes)
+    if hparams["target_type"] == "speaker+phrase":
+        modules["phrase_classifier"] = hparams["phrase_classifier"](out_neurons=n_phrases)
+        modules["phrase_loss"] = hparams["phrase_loss"](n_classes=n_phrases)
+    checkpointer = hparams["checkpointer"]
+    for name in ("classifier", "loss", "phrase_classifier", "phrase_loss"):
+        if name in modules:
+            checkpointer.add_recoverable(name, modules[name])
+    return SpeakerBrain(
+        modules=modules, hparams=hparams, run_opts=run_opts, checkpointer=checkpointer
+    )
+
+
+def prepare_data(hparams) -> None:
+    """Synthesize the demo corpus if configured, then write the manifests (main process only)."""
+    if hparams.get("synthetic_corpus"):
+        run_on_main(
+            synthesize_corpus, kwargs={"out": hparams["data_folder"], **hparams["synthetic_corpus"]}
+        )
+    run_on_main(
+        prepare_deepmine,
+        kwargs={
+            "data_folder": hparams["data_folder"],
+            "save_folder": hparams["prep_folder"],
+            "dev_speakers": hparams["dev_speakers"],
+            "seed": hparams["seed"],
+            "include_free_text": hparams["include_free_text"],
+            "skip_bad": hparams["skip_bad"],
+        },
+    )
+
+
+def main(argv) -> None:
+    """Prepare data, train, then evaluate the best checkpoint on the dev (and eval) trials."""
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    with open(hparams_file, encoding="utf-8") as handle:
+        hparams = load_hyperpyyaml(handle, overrides)
+    sb.utils.distributed.ddp_init_group(run_opts)
+    sb.create_experiment_directory(
+        experiment_directory=hparams["output_folder"],
+        hyperparams_to_save=hparams_file,
+        overrides=overrides,
+    )
+    prepare_data(hparams)
+    train, splits, class_encoder, phrase_encoder = dataio_prep(hparams)
+    brain = build_brain(hparams, run_opts, len(class_encoder), len(phrase_encoder))
+
+    train_loader = brain.make_dataloader(
+        train, stage=sb.Stage.TRAIN, **train_loader_options(hparams, train)
+    )
+    brain.steps_per_epoch = max(1, len(train_loader))
+    dev_set, dev_models, dev_trials = splits["dev"]
+    brain.trial_set = (dev_models, dev_trials, "dev")
+    brain.fit(
+        brain.hparams.epoch_counter,
+        train_loader,
+        dev_set,
+        valid_loader_kwargs=hparams["eval_dataloader_options"],
+    )
+    for split, (utts, models, trials) in splits.items():
+        if (trials["condition"] != "").all():  # eval trials are scored only when labelled
+            brain.trial_set = (models, trials, split)
+            brain.evaluate(
+                utts, min_key="EER", test_loader_kwargs=hparams["eval_dataloader_options"]
+            )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
