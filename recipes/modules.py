@@ -94,9 +94,9 @@ def masked_mean_std(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 class XVectorHead(nn.Module):
     """x-vector head with the layout of ``transformers.WavLMForXVector``.
 
-    projector (Linear) -> TDNN layers (dilated Conv1d + ReLU, no padding) -> mean+std pooling over
-    valid frames -> embedding (Linear). Returns ``[B, 1, embedding_dim]`` like SpeechBrain's
-    embedding models.
+    projector (Linear) -> TDNN layers (dilated Conv1d + ReLU [+ BatchNorm], no padding) ->
+    mean+std pooling over valid frames -> embedding (Linear). Returns ``[B, 1, embedding_dim]``
+    like SpeechBrain's embedding models.
     """
 
     def __init__(
@@ -106,6 +106,7 @@ class XVectorHead(nn.Module):
         kernel_sizes=(5, 3, 3, 1, 1),
         dilations=(1, 2, 3, 1, 1),
         embedding_dim: int = 512,
+        batch_norm: bool = True,
     ):
         super().__init__()
         self.projector = nn.Linear(input_size, tdnn_channels[0])
@@ -113,6 +114,12 @@ class XVectorHead(nn.Module):
         self.tdnn = nn.ModuleList(
             nn.Conv1d(i, o, k, dilation=d)
             for i, o, k, d in zip(in_channels, tdnn_channels, kernel_sizes, dilations, strict=True)
+        )
+        # BatchNorm after each TDNN layer, as in SpeechBrain's TDNN blocks: without it a head
+        # trained from scratch learns several times slower (measured in the closing note).
+        # In eval mode it is an affine map per channel, which an export folds into HF's layout.
+        self.norms = nn.ModuleList(
+            nn.BatchNorm1d(o) if batch_norm else nn.Identity() for o in tdnn_channels
         )
         self.context = sum((k - 1) * d for k, d in zip(kernel_sizes, dilations, strict=True))
         self.embedding = nn.Linear(2 * tdnn_channels[-1], embedding_dim)
@@ -128,8 +135,8 @@ class XVectorHead(nn.Module):
         if frames <= self.context:  # shorter than the TDNN context: pad so one frame remains
             x = F.pad(x, (0, 0, 0, self.context + 1 - frames))
         h = self.projector(x).transpose(1, 2)
-        for layer in self.tdnn:
-            h = F.relu(layer(h))
+        for layer, norm in zip(self.tdnn, self.norms, strict=True):
+            h = norm(F.relu(layer(h)))
         out_lengths = (valid - self.context).clamp(min=2, max=h.shape[2])
         return self.embedding(masked_mean_std(h.transpose(1, 2), out_lengths)).unsqueeze(1)
 

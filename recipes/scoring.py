@@ -6,6 +6,7 @@ Shared by the training recipe (validation on the dev trials) and ``verify_speake
 - A trial's score is the cosine between its model and its test embedding. All trials are scored
   at once: a matrix product over the unique models and tests when the trial list is dense (dev
   trials are all pairs), else one row-wise product per trial in chunks; never a Python loop.
+- Optional s-norm / AS-norm against a cohort of training speakers.
 - The official result pools TC (the only targets) against all non-targets (TW, IC, IW); the pairs
   TC-vs-IC, TC-vs-TW and TC-vs-IW show which kind of impostor hurts.
 """
@@ -99,13 +100,38 @@ def cosine_trial_scores(
     return scores
 
 
-def score_trials(table: EmbeddingTable, models: pd.DataFrame, trials: pd.DataFrame) -> np.ndarray:
-    """Scores of ``trials`` (model_id, test_id) from utterance embeddings and model definitions."""
+def score_trials(
+    table: EmbeddingTable,
+    models: pd.DataFrame,
+    trials: pd.DataFrame,
+    cohort: np.ndarray | None = None,
+    score_norm: str = "none",
+    top_k: int = 200,
+) -> np.ndarray:
+    """Scores of ``trials`` (model_id, test_id) from utterance embeddings and model definitions.
+
+    With ``score_norm`` "s-norm" or "as-norm", ``cohort`` (one embedding per training speaker)
+    normalizes them.
+    """
     unknown = sorted(set(trials["model_id"]) - set(models["model_id"]))
     if unknown:
         raise KeyError(f"{len(unknown)} trial model id(s) are not enrollment models: {unknown[:5]}")
     model_table = enrollment_models(table, models)
-    return cosine_trial_scores(model_table, table, trials["model_id"], trials["test_id"])
+    scores = cosine_trial_scores(model_table, table, trials["model_id"], trials["test_id"])
+    if score_norm == "none":
+        return scores
+    if cohort is None:
+        raise ValueError(f"score_norm {score_norm!r} needs a cohort of training speakers")
+    return normalize_trial_scores(
+        scores,
+        model_table.matrix,
+        table.matrix,
+        model_table.rows(trials["model_id"], "model"),
+        table.rows(trials["test_id"], "test"),
+        cohort,
+        score_norm,
+        top_k,
+    )
 
 
 def metrics_by_condition(scores, conditions) -> dict:
@@ -118,3 +144,40 @@ def metrics_by_condition(scores, conditions) -> dict:
         if labels.any() and (~labels).any():
             results[name] = verification_metrics(scores[keep], labels)
     return results
+
+
+# ------------------------------------------------------------------------------------------------
+# Score normalization with a cohort of training speakers: s-norm and adaptive s-norm (AS-norm), as
+# in SpeechBrain's verification_ecapa.yaml. Each side of a trial (model, test) is scored against
+# the cohort; the trial score is standardized with the mean and std of those cohort scores (all
+# of them for s-norm, the top-k closest for AS-norm) and the two standardized scores averaged.
+# The challenge forbids using other trials' data, so the cohort holds training speakers only.
+# ------------------------------------------------------------------------------------------------
+
+
+def cohort_statistics(vectors: np.ndarray, cohort: np.ndarray, top_k: int | None):
+    """Mean and std of each row's cosine scores against the cohort (its top-k when given)."""
+    scores = l2_normalize(vectors) @ l2_normalize(cohort).T
+    if top_k is not None and top_k < scores.shape[1]:
+        scores = -np.partition(-scores, top_k - 1, axis=1)[:, :top_k]
+    return scores.mean(axis=1), np.maximum(scores.std(axis=1), 1e-6)
+
+
+METHODS = ("none", "s-norm", "as-norm")
+
+
+def normalize_trial_scores(scores, models, tests, model_rows, test_rows, cohort, method, top_k):
+    """Normalize trial scores; cohort statistics are computed once per model and per test.
+
+    ``models`` / ``tests`` hold one embedding per row; trial i pairs ``models[model_rows[i]]``
+    with ``tests[test_rows[i]]``.
+    """
+    if method not in METHODS[1:]:
+        raise ValueError(f"score_norm must be one of {METHODS}, not {method!r}")
+    k = top_k if method == "as-norm" else None
+    model_mean, model_std = cohort_statistics(models, cohort, k)
+    test_mean, test_std = cohort_statistics(tests, cohort, k)
+    return 0.5 * (
+        (scores - model_mean[model_rows]) / model_std[model_rows]
+        + (scores - test_mean[test_rows]) / test_std[test_rows]
+    )

@@ -27,6 +27,7 @@ from speechbrain.dataio.dataio import read_audio
 from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.dataio.encoder import CategoricalEncoder
 from speechbrain.utils.distributed import run_on_main
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,7 +35,7 @@ from data_prep.deepmine_prepare import prepare_deepmine
 from data_prep.synth_deepmine import synthesize_corpus
 from recipes.sampling import PhraseBatchSampler
 from recipes.scoring import EmbeddingTable, metrics_by_condition, score_trials
-from recipes.verification_report import write_report
+from recipes.verification import run_verification
 
 
 class SpeakerBrain(sb.core.Brain):
@@ -126,25 +127,43 @@ class SpeakerBrain(sb.core.Brain):
         if stage == sb.Stage.TRAIN:
             self.train_stats = {"loss": stage_loss}
             return
-        table = EmbeddingTable.from_dict(self.embeddings)
-        models, trials, split = self.trial_set
-        scores = score_trials(table, models, trials)
-        metrics = metrics_by_condition(scores, trials["condition"])
-        pooled = metrics["pooled"]
-        stats = {"EER": round(pooled["eer"], 3), "minDCF": round(pooled["min_dcf"], 4)}
-        if stage == sb.Stage.VALID:
-            self.hparams.train_logger.log_stats(
-                stats_meta=self._progress_stats(epoch),
-                train_stats=self.train_stats,
-                valid_stats=stats,
-            )
-            self.checkpointer.save_and_keep_only(
-                meta=stats, min_keys=["EER"], num_to_keep=self.hparams.ckpt_num_to_keep
-            )
-        else:
-            self.hparams.train_logger.log_stats({f"best checkpoint, {split}": ""}, test_stats=stats)
-            if sb.utils.distributed.if_main_process():
-                write_report(self.hparams.output_folder, split, trials, scores, metrics, models)
+        stats = self._dev_metrics()
+        meta = self._progress_stats(epoch)
+        self.hparams.train_logger.log_stats(
+            stats_meta=meta, train_stats=self.train_stats, valid_stats=stats
+        )
+        if self.hparams.use_tensorboard and sb.utils.distributed.if_main_process():
+            self.tensorboard.log_stats(meta, self.train_stats, stats)
+        self.checkpointer.save_and_keep_only(
+            meta=stats, min_keys=["EER"], num_to_keep=self.hparams.ckpt_num_to_keep
+        )
+
+    def _dev_metrics(self) -> dict:
+        """Pooled EER / minDCF of the dev trials from this epoch's embeddings."""
+        models, trials = self.dev_trials
+        if self.debug:  # --debug embeds only a few batches: score the trials they cover
+            done = set(self.embeddings)
+            models = models[models["enrol_ids"].str.split().map(done.issuperset)]
+            trials = trials[
+                trials["model_id"].isin(models["model_id"]) & trials["test_id"].isin(done)
+            ]
+        if trials.empty:
+            return {"EER": 100.0, "minDCF": 1.0}
+        scores = score_trials(EmbeddingTable.from_dict(self.embeddings), models, trials)
+        pooled = metrics_by_condition(scores, trials["condition"]).get("pooled")
+        if pooled is None:
+            return {"EER": 100.0, "minDCF": 1.0}
+        return {"EER": round(pooled["eer"], 3), "minDCF": round(pooled["min_dcf"], 4)}
+
+    @torch.no_grad()
+    def embed(self, dataset, loader_kwargs) -> EmbeddingTable:
+        """Embed every utterance of ``dataset`` (eval mode, eval precision, batched)."""
+        loader = self.make_dataloader(dataset, stage=sb.Stage.TEST, **loader_kwargs)
+        self.on_stage_start(sb.Stage.TEST)
+        self.modules.eval()
+        for batch in tqdm(loader, desc="embedding", disable=self.noprogressbar):
+            self.evaluate_batch(batch, sb.Stage.TEST)
+        return EmbeddingTable.from_dict(self.embeddings)
 
     def _progress_stats(self, epoch) -> dict:
         """What the log says about the schedule at the end of an epoch."""
@@ -205,14 +224,12 @@ def dataio_prep(hparams):
     train = _utterances([prep / "train.csv"], hparams["data_folder"])
     train.add_dynamic_item(train_audio)
     train.add_dynamic_item(labels)
-    class_encoder = CategoricalEncoder()
-    phrase_encoder = CategoricalEncoder()
-    run_on_main(
-        _fit_encoders,
-        args=[train, class_encoder, phrase_encoder, Path(hparams["save_folder"])],
-    )
-    class_encoder.load(Path(hparams["save_folder"]) / "class_encoder.txt")
-    phrase_encoder.load(Path(hparams["save_folder"]) / "phrase_encoder.txt")
+    class_encoder, phrase_encoder = CategoricalEncoder(), CategoricalEncoder()
+    for encoder, name in ((class_encoder, "class"), (phrase_encoder, "phrase")):
+        # DDP-safe: the main process creates the file, the others wait and load it.
+        path = Path(hparams["save_folder"]) / f"{name}_encoder.txt"
+        encoder.load_or_create(path, from_didatasets=[train], output_key=f"{name}_label")
+        encoder.ignore_len()  # the classifiers are sized from the encoders themselves
     train.add_dynamic_item(
         class_encoder.encode_label_torch, takes="class_label", provides="class_encoded"
     )
@@ -221,30 +238,34 @@ def dataio_prep(hparams):
     )
     train.set_output_keys(["id", "sig", "class_encoded", "phrase_encoded", "phrase_id"])
 
-    splits = {}
-    for split in ("dev", "eval"):
-        trials_csv = prep / f"{split}_trials.csv"
-        if not trials_csv.is_file():
-            continue
-        trials = pd.read_csv(trials_csv, dtype=str, keep_default_na=False)
-        utts = _utterances(
-            [prep / f"{split}_enrol_utts.csv", prep / f"{split}_test.csv"], hparams["data_folder"]
-        )
+    def eval_utterances(csv_paths) -> DynamicItemDataset:
+        """Whole utterances, longest first (less padding per batch)."""
+        utts = _utterances(csv_paths, hparams["data_folder"])
         utts.add_dynamic_item(eval_audio)
         utts.set_output_keys(["id", "sig"])
-        models = pd.read_csv(prep / f"{split}_enrol.csv", dtype=str, keep_default_na=False)
-        splits[split] = (utts.filtered_sorted(sort_key="duration", reverse=True), models, trials)
-    return train, splits, class_encoder, phrase_encoder
+        return utts.filtered_sorted(sort_key="duration", reverse=True)
+
+    splits = {}
+    for split in ("dev", "eval"):
+        if (prep / f"{split}_trials.csv").is_file():
+            splits[split] = (
+                eval_utterances([prep / f"{split}_enrol_utts.csv", prep / f"{split}_test.csv"]),
+                pd.read_csv(prep / f"{split}_enrol.csv", dtype=str, keep_default_na=False),
+                pd.read_csv(prep / f"{split}_trials.csv", dtype=str, keep_default_na=False),
+            )
+    cohort = _cohort_utterances(prep / "train.csv", hparams["cohort_utts_per_speaker"])
+    cohort_set = (eval_utterances([cohort]), pd.read_csv(cohort, index_col="ID")["spk_id"])
+    return train, splits, cohort_set, class_encoder, phrase_encoder
 
 
-def _fit_encoders(train, class_encoder, phrase_encoder, save_folder: Path) -> None:
-    """Create (or load) the label encoders on the main process."""
-    class_encoder.load_or_create(
-        save_folder / "class_encoder.txt", from_didatasets=[train], output_key="class_label"
-    )
-    phrase_encoder.load_or_create(
-        save_folder / "phrase_encoder.txt", from_didatasets=[train], output_key="phrase_label"
-    )
+def _cohort_utterances(train_csv: Path, per_speaker: int) -> Path:
+    """A manifest of the first ``per_speaker`` training utterances of each speaker (by id)."""
+    table = pd.read_csv(train_csv, dtype=str, keep_default_na=False).sort_values("ID")
+    path = train_csv.with_name("cohort.csv")
+    if sb.utils.distributed.if_main_process():
+        table.groupby("spk_id").head(per_speaker).to_csv(path, index=False)
+    sb.utils.distributed.ddp_barrier()
+    return path
 
 
 def train_loader_options(hparams, train) -> dict:
@@ -277,9 +298,12 @@ def build_brain(hparams, run_opts, n_classes: int, n_phrases: int) -> SpeakerBra
     for name in ("classifier", "loss", "phrase_classifier", "phrase_loss"):
         if name in modules:
             checkpointer.add_recoverable(name, modules[name])
-    return SpeakerBrain(
+    brain = SpeakerBrain(
         modules=modules, hparams=hparams, run_opts=run_opts, checkpointer=checkpointer
     )
+    if hparams["use_tensorboard"] and sb.utils.distributed.if_main_process():
+        brain.tensorboard = hparams["tensorboard_logger"]()
+    return brain
 
 
 def prepare_data(hparams) -> None:
@@ -313,27 +337,20 @@ def main(argv) -> None:
         overrides=overrides,
     )
     prepare_data(hparams)
-    train, splits, class_encoder, phrase_encoder = dataio_prep(hparams)
+    train, splits, cohort_set, class_encoder, phrase_encoder = dataio_prep(hparams)
     brain = build_brain(hparams, run_opts, len(class_encoder), len(phrase_encoder))
-
     train_loader = brain.make_dataloader(
         train, stage=sb.Stage.TRAIN, **train_loader_options(hparams, train)
     )
     brain.steps_per_epoch = max(1, len(train_loader))
-    dev_set, dev_models, dev_trials = splits["dev"]
-    brain.trial_set = (dev_models, dev_trials, "dev")
+    dev_set, *brain.dev_trials = splits["dev"]
     brain.fit(
         brain.hparams.epoch_counter,
         train_loader,
         dev_set,
         valid_loader_kwargs=hparams["eval_dataloader_options"],
     )
-    for split, (utts, models, trials) in splits.items():
-        if (trials["condition"] != "").all():  # eval trials are scored only when labelled
-            brain.trial_set = (models, trials, split)
-            brain.evaluate(
-                utts, min_key="EER", test_loader_kwargs=hparams["eval_dataloader_options"]
-            )
+    run_verification(brain, hparams, splits, cohort_set)
 
 
 if __name__ == "__main__":

@@ -79,3 +79,26 @@ def test_save_and_load_round_trip(tmp_path):
     table.save(tmp_path / "emb")
     again = EmbeddingTable.load(tmp_path / "emb")
     assert again.ids == table.ids and np.array_equal(again.matrix, table.matrix)
+
+
+def test_s_norm_and_as_norm_standardize_each_side():
+    from recipes.scoring import cohort_statistics, normalize_trial_scores
+
+    rng = np.random.default_rng(0)
+    cohort = rng.normal(size=(30, 4))
+    models, tests = rng.normal(size=(3, 4)), rng.normal(size=(5, 4))
+    m_rows, t_rows = np.array([0, 1, 2, 0]), np.array([4, 3, 2, 0])
+    raw = np.array([0.3, -0.1, 0.5, 0.9])
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    for method, k in (("s-norm", None), ("as-norm", 7)):
+        out = normalize_trial_scores(raw, models, tests, m_rows, t_rows, cohort, method, 7)
+        for i, (m, t) in enumerate(zip(m_rows, t_rows, strict=True)):
+            ms = np.sort(unit(models[m : m + 1]) @ unit(cohort).T)[0][::-1]
+            ts = np.sort(unit(tests[t : t + 1]) @ unit(cohort).T)[0][::-1]
+            ms, ts = (ms[:k], ts[:k]) if k else (ms, ts)
+            expected = 0.5 * ((raw[i] - ms.mean()) / ms.std() + (raw[i] - ts.mean()) / ts.std())
+            assert out[i] == pytest.approx(expected)
+    mean, std = cohort_statistics(models, cohort, None)
+    assert mean.shape == std.shape == (3,)
+    with pytest.raises(ValueError, match="score_norm"):
+        normalize_trial_scores(raw, models, tests, m_rows, t_rows, cohort, "z-norm", 7)

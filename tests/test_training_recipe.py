@@ -1,0 +1,231 @@
+"""The training recipe: variants, real-data YAML, and a short run that learns and resumes.
+
+Every YAML variant builds and backpropagates; a short run learns, checkpoints, resumes and
+re-evaluates; the real-data YAML loads with a local WavLM.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hyperpyyaml import load_hyperpyyaml
+from speechbrain.dataio.batch import PaddedBatch
+
+from data_prep.layout import read_list
+from recipes.metrics import eer
+from recipes.tiny_wavlm import build_tiny_wavlm
+from recipes.train_speaker_embeddings import build_brain
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_HEAD = {"emb_dim": 64}  # the YAML's head widths stay; a smaller embedding keeps it quick
+
+
+def load_yaml(name: str, overrides: dict):
+    with open(ROOT / "hparams" / name, encoding="utf-8") as handle:
+        return load_hyperpyyaml(handle, overrides)
+
+
+def fake_batch(n=4, seconds=1.0):
+    examples = [
+        {
+            "id": f"u{i}",
+            "sig": torch.randn(int(16000 * seconds * (1 - 0.2 * (i % 2)))),
+            "class_encoded": torch.tensor([i % 3]),
+            "phrase_encoded": torch.tensor([i % 2]),
+        }
+        for i in range(n)
+    ]
+    return PaddedBatch(examples)
+
+
+@pytest.fixture(scope="module")
+def tiny_wavlm_dir(tmp_path_factory):
+    return build_tiny_wavlm(tmp_path_factory.mktemp("wavlm") / "tiny")
+
+
+@pytest.mark.parametrize(
+    ("head_type", "margin_type", "scale_mode", "target_type"),
+    [
+        ("xvector", "am", "fixed", "speaker"),
+        ("xvector", "aam", "adaptive", "speaker_phrase"),
+        ("ecapa", "am", "learnable", "speaker+phrase"),
+        ("ecapa", "aam", "fixed", "speaker"),
+        ("xvector", "am", "learnable", "speaker+phrase"),
+    ],
+)
+def test_every_variant_builds_and_backpropagates(
+    tmp_path, tiny_wavlm_dir, head_type, margin_type, scale_mode, target_type
+):
+    hparams = load_yaml(
+        "synthetic_demo.yaml",
+        {
+            "output_folder": str(tmp_path),
+            "wavlm_source": tiny_wavlm_dir,
+            "head_type": head_type,
+            "margin_type": margin_type,
+            "scale_mode": scale_mode,
+            "target_type": target_type,
+            "noise_csv": None,
+            **SMALL_HEAD,
+        },
+    )
+    brain = build_brain(hparams, {"device": "cpu"}, n_classes=3, n_phrases=2)
+    brain.hparams.epoch_counter.current = 1
+    brain.modules.train()
+    batch = fake_batch()
+    predictions = brain.compute_forward(batch, brain_stage("TRAIN"))
+    loss = brain.compute_objectives(predictions, batch, brain_stage("TRAIN"))
+    loss.backward()
+    assert torch.isfinite(loss)
+    head = brain.modules.embedding_model
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+    wavlm_grads = [p.grad for p in brain.modules.wavlm.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in wavlm_grads)
+    assert ("phrase_classifier" in brain.modules) == (target_type == "speaker+phrase")
+    embeddings = brain.compute_forward(batch, brain_stage("VALID"))
+    assert embeddings.shape == (4, 1, 64)
+
+
+def brain_stage(name):
+    import speechbrain as sb
+
+    return getattr(sb.Stage, name)
+
+
+def test_real_yaml_loads_with_a_local_wavlm(tmp_path, tiny_wavlm_dir):
+    hparams = load_yaml(
+        "wavlm_td.yaml",
+        {
+            "data_folder": str(tmp_path / "data"),
+            "output_folder": str(tmp_path / "out"),
+            "wavlm_source": tiny_wavlm_dir,
+            "wavlm_hidden_size": 96,
+        },
+    )
+    wavlm = hparams["wavlm"]
+    assert wavlm.model.config.layerdrop == 0.0 and not wavlm.freeze
+    frozen = [p.requires_grad for p in wavlm.model.feature_extractor.parameters()]
+    assert not any(frozen)  # the real config freezes the CNN encoder
+    features = wavlm(torch.randn(2, 16000), torch.tensor([1.0, 0.7]))
+    embeddings = hparams["embedding_model"](features, torch.tensor([1.0, 0.7]))
+    assert embeddings.shape == (2, 1, hparams["emb_dim"])
+    assert hparams["number_of_epochs"] >= 10 and hparams["precision"] == "fp16"
+
+
+def run_script(script, out, corpus, *extra):
+    command = [
+        sys.executable,
+        str(ROOT / "recipes" / script),
+        str(ROOT / "hparams" / "synthetic_demo.yaml"),
+        "--output_folder", str(out),
+        "--data_folder", str(corpus),
+        "--synthetic_corpus", "null",
+        "--dev_speakers", "2",
+        "--crop_seconds", "1.0",
+        "--batch_size", "8",
+        "--margin_warmup_epochs", "0",
+        "--warmup_steps", "5",
+        "--total_steps", "100",
+        "--noise_csv", "null",
+        "--emb_dim", "64",
+        "--cohort_utts_per_speaker", "2",
+        "--noprogressbar",
+        *extra,
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result.stdout + result.stderr
+
+
+def epoch_losses(log: Path) -> list[float]:
+    return [float(x) for x in re.findall(r"train loss: ([0-9.e+-]+)", log.read_text())]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_corpus):
+    """A 3-epoch run of the recipe on the tiny corpus: (experiment folder, its output)."""
+    out = tmp_path_factory.mktemp("recipe") / "exp"
+    return out, run_script(
+        "train_speaker_embeddings.py", out, tiny_corpus, "--number_of_epochs", "3"
+    )
+
+
+@pytest.mark.slow
+def test_short_run_learns_checkpoints_and_reports(trained):
+    out, output = trained
+    losses = epoch_losses(out / "train_log.txt")
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    checkpoints = list((out / "save").glob("CKPT*"))
+    assert checkpoints and all((c / "CKPT.yaml").is_file() for c in checkpoints)
+    assert "Going into epoch 1" in output
+    report = json.loads((out / "verification_dev.json").read_text())
+    assert set(report["conditions"]) == {"pooled", "TC-vs-IC", "TC-vs-TW", "TC-vs-IW"}
+    assert set(report["by_language"]) == {"persian", "english"} and len(report["by_phrase"]) == 10
+    for split in ("dev", "eval"):  # the synthetic eval trials have a key, so both are scored
+        assert (out / f"det_{split}.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_verify_script_outputs_agree_with_each_other(trained, tiny_corpus):
+    out, _ = trained
+    run_script(
+        "verify_speakers.py", out, tiny_corpus, "--score_norm", "as-norm", "--cohort_top_k", "2"
+    )
+    lines = (out / "scores_eval.txt").read_text().splitlines()
+    trials = [line.fields for line in read_list(tiny_corpus / "docs" / "trials.txt")]
+    assert [line.split()[:2] for line in lines] == [list(t) for t in trials]
+    answer = (out / "answer.txt").read_text().split()
+    assert len(answer) == len(trials)
+    assert [float(a) for a in answer] == pytest.approx(
+        [float(x.split()[2]) for x in lines], abs=1e-6
+    )
+    # The JSON metrics are those of the score file.
+    labels = np.array([x.split()[3] == "1" for x in lines])
+    scores = np.array([float(x.split()[2]) for x in lines])
+    report = json.loads((out / "verification_eval.json").read_text())
+    assert report["conditions"]["pooled"]["eer"] == pytest.approx(
+        100 * eer(scores[labels], scores[~labels])[0]
+    )
+    # Embeddings are cached per checkpoint: rescoring needs no model.
+    assert list((out / "embeddings").glob("*/eval.npy")) and list(
+        (out / "embeddings").glob("*/cohort.npy")
+    )
+
+
+@pytest.mark.slow
+def test_rerun_resumes_and_finished_run_only_reevaluates(trained, tiny_corpus):
+    out, _ = trained
+    resumed = run_script("train_speaker_embeddings.py", out, tiny_corpus, "--number_of_epochs", "4")
+    assert "Going into epoch 1" not in resumed and "Going into epoch 4" in resumed
+    assert len(epoch_losses(out / "train_log.txt")) == 4
+    finished = run_script(
+        "train_speaker_embeddings.py", out, tiny_corpus, "--number_of_epochs", "4"
+    )
+    assert "Going into epoch" not in finished and "pooled" in finished
+
+
+def test_verify_without_a_checkpoint_says_so(tmp_path, tiny_corpus):
+    command = [
+        sys.executable, str(ROOT / "recipes" / "verify_speakers.py"),
+        str(ROOT / "hparams" / "synthetic_demo.yaml"), "--output_folder", str(tmp_path / "exp"),
+        "--data_folder", str(tiny_corpus), "--synthetic_corpus", "null", "--dev_speakers", "2",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode != 0 and "no checkpoint with a dev EER" in result.stderr
+
+
+@pytest.mark.slow
+def test_bf16_on_cpu_runs(tmp_path, tiny_corpus):
+    output = run_script(
+        "train_speaker_embeddings.py", tmp_path / "exp", tiny_corpus,
+        "--precision", "bf16", "--eval_precision", "bf16",
+        "--number_of_epochs", "1",
+    )  # fmt: skip
+    assert "Using training precision: `--precision=bf16`" in output
