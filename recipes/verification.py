@@ -90,6 +90,7 @@ def run_verification(brain, hparams, splits: dict, cohort_set=None) -> dict:
         labelled = (trials["condition"] != "").all()
         metrics = metrics_by_condition(scores, trials["condition"]) if labelled else {}
         if sb.utils.distributed.if_main_process():
-            write_report(hparams["output_folder"], split, trials, scores, metrics, models)
+            name = split if norm == "none" else f"{split}_{norm}"  # runs do not overwrite
+            write_report(hparams["output_folder"], name, trials, scores, metrics, models)
         results[split] = metrics
     return results

@@ -8,6 +8,9 @@ Outputs in the experiment folder (DESIGN.md section 5):
   points, and a score histogram per condition;
 - ``answer.txt`` for the eval split: one score per line in the order of ``trials.txt``, the
   challenge's submission format.
+
+With score normalization the split name carries it (``scores_eval_as-norm.txt``,
+``answer_as-norm.txt``, ...), so runs with different settings do not overwrite each other.
 """
 
 from __future__ import annotations
@@ -55,8 +58,8 @@ def write_report(output_folder, split, trials, scores, metrics, models=None) -> 
         report["by_phrase"] = breakdown(scores, trials, phrase)
         report["by_language"] = breakdown(scores, trials, phrase.map(phrase_language))
     (folder / f"verification_{split}.json").write_text(json.dumps(report, indent=2))
-    if split == "eval":
-        np.savetxt(folder / "answer.txt", scores, fmt="%.6f")
+    if split.startswith("eval"):  # answer.txt, or answer_<norm>.txt
+        np.savetxt(folder / f"{split.replace('eval', 'answer', 1)}.txt", scores, fmt="%.6f")
     if metrics:
         plot_det(
             folder / f"det_{split}.png", split, scores, trials["condition"].to_numpy(), metrics
@@ -66,16 +69,23 @@ def write_report(output_folder, split, trials, scores, metrics, models=None) -> 
 
 
 def plot_det(path, split, scores, conditions, metrics) -> None:
-    """DET curves per condition pair (EER and minDCF points marked) and score histograms."""
-    figure, axes = plt.subplots(1, 2, figsize=(12, 5.5))
-    det, hist = axes
+    """DET curves per condition pair with the EER and minDCF points, and score histograms.
+
+    Each histogram panel shows the target (TC) scores against one pair's non-target scores.
+    """
+    figure = plt.figure(figsize=(14, 6))
+    grid = figure.add_gridspec(2, 4)
+    det = figure.add_subplot(grid[:, :2])
     clip = 1e-4
+    panels = iter([grid[0, 2], grid[0, 3], grid[1, 2], grid[1, 3]])
+    bins = np.linspace(scores.min(), scores.max(), 50)
     for name, impostors in CONDITION_PAIRS.items():
         if name not in metrics:
             continue
         keep = (conditions == "TC") | np.isin(conditions, impostors)
         labels = conditions[keep] == "TC"
-        points = operating_points(scores[keep][labels], scores[keep][~labels])
+        targets, nontargets = scores[keep][labels], scores[keep][~labels]
+        points = operating_points(targets, nontargets)
         x = norm.ppf(np.clip(points.p_fa, clip, 1 - clip))
         y = norm.ppf(np.clip(points.p_miss, clip, 1 - clip))
         m = metrics[name]
@@ -83,32 +93,23 @@ def plot_det(path, split, scores, conditions, metrics) -> None:
         eer_point = norm.ppf(np.clip(m["eer"] / 100, clip, 1 - clip))
         det.plot(eer_point, eer_point, "o", color=line.get_color())
         at = np.searchsorted(points.thresholds, m["min_dcf_threshold"])
-        det.plot(x[at], y[at], "s", color=line.get_color(), fillstyle="none")
-    ticks = np.array([0.001, 0.01, 0.05, 0.2, 0.5, 0.8])
-    for set_ticks, set_labels in (
-        (det.set_xticks, det.set_xticklabels),
-        (det.set_yticks, det.set_yticklabels),
-    ):
-        set_ticks(norm.ppf(ticks))
-        set_labels([f"{100 * t:g}" for t in ticks])
+        det.plot(x[at], y[at], "s", color=line.get_color(), fillstyle="none", markersize=8)
+        panel = figure.add_subplot(next(panels))
+        panel.hist(targets, bins, histtype="step", density=True, label="TC")
+        panel.hist(nontargets, bins, histtype="step", density=True, label="+".join(impostors))
+        panel.axvline(m["eer_threshold"], color="grey", linestyle=":", linewidth=0.8)
+        panel.set_title(name, fontsize=9)
+        panel.legend(fontsize=7)
+        panel.tick_params(labelsize=7)
+    ticks = np.array([0.001, 0.01, 0.05, 0.2, 0.5, 0.8, 0.95])
+    det.set_xticks(norm.ppf(ticks), [f"{100 * t:g}" for t in ticks])
+    det.set_yticks(norm.ppf(ticks), [f"{100 * t:g}" for t in ticks])
     det.plot([-4, 4], [-4, 4], ":", color="grey", linewidth=0.8)
-    det.set(xlim=(-3.3, 1), ylim=(-3.3, 1), xlabel="false alarm rate (%)", ylabel="miss rate (%)")
-    det.set_title(f"DET, {split} (o: EER, square: minDCF)")
-    det.legend(fontsize=8, loc="upper right")
-    bins = np.linspace(scores.min(), scores.max(), 60)
-    for condition in ("TC", "TW", "IC", "IW"):
-        if (conditions == condition).any():
-            hist.hist(
-                scores[conditions == condition],
-                bins,
-                histtype="step",
-                density=True,
-                label=condition,
-            )
-    hist.set(xlabel="score", ylabel="density", title="scores by trial condition")
-    hist.legend()
+    det.set(xlim=(-3.3, 1.8), ylim=(-3.3, 1.8), xlabel="false alarm rate (%)")
+    det.set(ylabel="miss rate (%)", title=f"DET, {split} (o: EER, square: minDCF)")
+    det.legend(fontsize=8, loc="lower left")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
 
 

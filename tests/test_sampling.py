@@ -1,0 +1,54 @@
+"""Batch samplers: phrase-level batching and the configured sampler options."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+from speechbrain.dataio.dataset import DynamicItemDataset
+from speechbrain.dataio.sampler import DynamicBatchSampler
+
+from recipes.sampling import PhraseBatchSampler
+from recipes.train_speaker_embeddings import train_loader_options
+
+PHRASES = ["01"] * 7 + ["06"] * 5 + ["09"] * 10
+
+
+def test_phrase_batches_hold_one_phrase_and_cover_everything_once():
+    sampler = PhraseBatchSampler(PHRASES, batch_size=4, seed=1)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 2 + 2 + 3
+    assert all(len({PHRASES[i] for i in batch}) == 1 for batch in batches)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(PHRASES)))
+    again = list(PhraseBatchSampler(PHRASES, batch_size=4, seed=1))
+    assert again == batches  # deterministic for a seed and epoch (resumable)
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+
+
+def _dataset():
+    data = {f"u{i}": {"duration": 1.0 + i % 3, "phrase_id": p} for i, p in enumerate(PHRASES)}
+    return DynamicItemDataset(data)
+
+
+def _hparams(kind):
+    return {
+        "batch_sampler": kind,
+        "seed": 3,
+        "train_dataloader_options": {"batch_size": 4, "shuffle": True, "num_workers": 0},
+        "dynamic_batch_sampler": functools.partial(
+            DynamicBatchSampler, max_batch_length=6, num_buckets=2, shuffle=True
+        ),
+    }
+
+
+def test_loader_options_for_each_sampler():
+    dataset = _dataset()
+    assert train_loader_options(_hparams("random"), dataset)["batch_size"] == 4
+    phrase = train_loader_options(_hparams("phrase"), dataset)
+    assert isinstance(phrase["batch_sampler"], PhraseBatchSampler) and "batch_size" not in phrase
+    dynamic = train_loader_options(_hparams("dynamic"), dataset)
+    batches = list(dynamic["batch_sampler"])
+    assert sorted(i for b in batches for i in b) == list(range(len(PHRASES)))
+    with pytest.raises(ValueError, match="batch_sampler"):
+        train_loader_options(_hparams("bogus"), dataset)
