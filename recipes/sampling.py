@@ -1,7 +1,10 @@
-"""Phrase-level batching: every batch holds utterances of one pass-phrase.
+"""Batching helpers SpeechBrain lacks.
 
-SpeechBrain has length-based batch samplers but none that groups by a label. Text-dependent
-training benefits from batches in which speakers must be told apart while saying the same text.
+- ``PhraseBatchSampler``: every batch holds utterances of one pass-phrase. SpeechBrain has
+  length-based batch samplers but none that groups by a label; text-dependent training benefits
+  from batches in which speakers must be told apart while saying the same text.
+- ``collate_readable``: SpeechBrain's ``PaddedBatch`` of the examples whose audio could be read,
+  for ``on_bad_audio: skip`` (the audio pipeline gives ``None`` for an unreadable file).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import numpy as np
+from speechbrain.dataio.batch import PaddedBatch
 from torch.utils.data import Sampler
 
 
@@ -46,3 +50,18 @@ class PhraseBatchSampler(Sampler):
 
     def __len__(self) -> int:
         return sum(-(-len(g) // self.batch_size) for g in self.groups)
+
+
+def log_bad_audio(log_path, wav, error) -> None:
+    """Append one unreadable training file and the reason to the log (one line, tab-separated)."""
+    reason = " ".join(str(error).split())
+    with open(log_path, "a", encoding="utf-8") as handle:
+        handle.write(f"{wav}\t{reason}\n")
+
+
+def collate_readable(examples) -> PaddedBatch:
+    """Batch the examples whose audio was read; unreadable ones (``sig`` None) are left out."""
+    kept = [example for example in examples if example["sig"] is not None]
+    if not kept:
+        raise RuntimeError("every utterance of a batch was unreadable (see on_bad_audio's log)")
+    return PaddedBatch(kept)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_prep.deepmine_prepare import prepare_deepmine
 from data_prep.synth_deepmine import synthesize_corpus
-from recipes.sampling import PhraseBatchSampler
+from recipes.sampling import PhraseBatchSampler, collate_readable, log_bad_audio
 from recipes.scoring import EmbeddingTable, metrics_by_condition, score_trials
 from recipes.verification import run_verification
 
@@ -81,13 +81,33 @@ class SpeakerBrain(sb.core.Brain):
             return self.hparams.wav_augment.replicate_labels(targets)
         return targets
 
+    def unwrapped(self, name: str):
+        """A module without its DDP wrapper (for its own attributes and methods)."""
+        module = self.modules[name]
+        return (
+            module.module
+            if isinstance(module, torch.nn.parallel.DistributedDataParallel)
+            else module
+        )
+
+    def _wrap_distributed(self):
+        """SpeechBrain's DDP wrapping; on CPU (gloo) without SyncBatchNorm, which needs GPUs."""
+        if not (self.distributed_launch and str(self.device).startswith("cpu")):
+            return super()._wrap_distributed()
+        for name, module in self.modules.items():
+            if any(p.requires_grad for p in module.parameters()):
+                self.modules[name] = torch.nn.parallel.DistributedDataParallel(
+                    module, find_unused_parameters=self.find_unused_parameters
+                )
+        return None
+
     def wavlm_frozen(self) -> bool:
         """True during the head-only warm-up epochs."""
         return self.hparams.epoch_counter.current <= self.hparams.freeze_wavlm_epochs
 
     def init_optimizers(self):
         """Two optimizers: WavLM at a small learning rate, everything else at a large one."""
-        wavlm_params = [p for p in self.modules.wavlm.model.parameters() if p.requires_grad]
+        wavlm_params = [p for p in self.unwrapped("wavlm").model.parameters() if p.requires_grad]
         wavlm_ids = {id(p) for p in wavlm_params}
         head_params = [
             p for p in self.modules.parameters() if p.requires_grad and id(p) not in wavlm_ids
@@ -110,7 +130,7 @@ class SpeakerBrain(sb.core.Brain):
     def on_fit_batch_start(self, batch, should_step):
         """Tell the loss how far training is (margin warm-up)."""
         progress = self.hparams.epoch_counter.current - 1 + self.step / self.steps_per_epoch
-        self.modules.loss.set_progress(progress)
+        self.unwrapped("loss").set_progress(progress)
 
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         """Advance each learning-rate schedule after its optimizer stepped."""
@@ -170,8 +190,8 @@ class SpeakerBrain(sb.core.Brain):
         stats = {"epoch": epoch, "wavlm_frozen": self.wavlm_frozen()}
         for name, optimizer in self.optimizers_dict.items():
             stats[f"lr_{name}"] = optimizer.param_groups[0]["lr"]
-        stats["margin"] = round(self.modules.loss.current_margin(), 4)
-        stats["scale"] = round(self.modules.loss.current_scale(), 3)
+        stats["margin"] = round(self.unwrapped("loss").current_margin(), 4)
+        stats["scale"] = round(self.unwrapped("loss").current_scale(), 3)
         return stats
 
 
@@ -194,13 +214,28 @@ def dataio_prep(hparams):
     crop = int(hparams["crop_seconds"] * rate)
     max_eval = int(hparams["max_eval_seconds"] * rate)
 
+    skip_bad, bad_log = hparams["on_bad_audio"] == "skip", hparams["bad_audio_log"]
+
     @sb.utils.data_pipeline.takes("wav", "duration")
     @sb.utils.data_pipeline.provides("sig")
     def train_audio(wav, duration):
-        """A random crop of ``crop_seconds`` (read from disk without loading the rest)."""
+        """A random crop of ``crop_seconds`` (read from disk without loading the rest).
+
+        A file that became unreadable after data prep (deleted, truncated) stops training with
+        its name, or with ``on_bad_audio: skip`` is logged and left out of its batch (None).
+        """
         frames = int(float(duration) * rate)
         start = random.randint(0, max(0, frames - crop))
-        return read_audio({"file": wav, "start": start, "stop": start + crop})
+        try:
+            sig = read_audio({"file": wav, "start": start, "stop": start + crop})
+            if sig.numel() == 0:
+                raise ValueError(f"no samples from {start} (prepared duration {duration} s)")
+        except Exception as error:  # soundfile, torchaudio and our own errors alike
+            if not skip_bad:
+                raise RuntimeError(f"cannot read training audio {wav}: {error}") from error
+            log_bad_audio(bad_log, wav, error)
+            return None
+        return sig
 
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
@@ -283,6 +318,10 @@ def train_loader_options(hparams, train) -> dict:
         options["batch_sampler"] = hparams["dynamic_batch_sampler"](train)
     elif kind != "random":
         raise ValueError(f"batch_sampler must be random, phrase or dynamic, not {kind!r}")
+    if hparams["on_bad_audio"] == "skip":
+        options["collate_fn"] = collate_readable
+    elif hparams["on_bad_audio"] != "fail":
+        raise ValueError(f"on_bad_audio must be fail or skip, not {hparams['on_bad_audio']!r}")
     return options
 
 

@@ -8,7 +8,7 @@ import pytest
 from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.dataio.sampler import DynamicBatchSampler
 
-from recipes.sampling import PhraseBatchSampler
+from recipes.sampling import PhraseBatchSampler, collate_readable
 from recipes.train_speaker_embeddings import train_loader_options
 
 PHRASES = ["01"] * 7 + ["06"] * 5 + ["09"] * 10
@@ -35,6 +35,7 @@ def _hparams(kind):
     return {
         "batch_sampler": kind,
         "seed": 3,
+        "on_bad_audio": "fail",
         "train_dataloader_options": {"batch_size": 4, "shuffle": True, "num_workers": 0},
         "dynamic_batch_sampler": functools.partial(
             DynamicBatchSampler, max_batch_length=6, num_buckets=2, shuffle=True
@@ -52,3 +53,22 @@ def test_loader_options_for_each_sampler():
     assert sorted(i for b in batches for i in b) == list(range(len(PHRASES)))
     with pytest.raises(ValueError, match="batch_sampler"):
         train_loader_options(_hparams("bogus"), dataset)
+    skip = train_loader_options({**_hparams("random"), "on_bad_audio": "skip"}, dataset)
+    assert skip["collate_fn"] is collate_readable
+    with pytest.raises(ValueError, match="on_bad_audio"):
+        train_loader_options({**_hparams("random"), "on_bad_audio": "ignore"}, dataset)
+
+
+def test_collate_readable_leaves_out_unreadable_examples():
+    import torch
+
+    batch = collate_readable(
+        [
+            {"id": "a", "sig": torch.ones(3)},
+            {"id": "b", "sig": None},
+            {"id": "c", "sig": torch.ones(5)},
+        ]
+    )
+    assert batch.id == ["a", "c"] and batch.sig.data.shape == (2, 5)
+    with pytest.raises(RuntimeError, match="unreadable"):
+        collate_readable([{"id": "b", "sig": None}])

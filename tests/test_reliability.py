@@ -1,0 +1,270 @@
+"""Faults a long run meets, and determinism.
+
+A kill mid-epoch or mid-save, non-finite losses, audio that broke after data prep.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from data_prep.deepmine_prepare import prepare_deepmine
+from recipes.checkpointing import AtomicCheckpointer
+from tests.test_training_recipe import ROOT, fake_batch, load_yaml, run_script, tiny_wavlm_dir  # noqa: F401
+
+SLOW_SAVE = textwrap.dedent(
+    """
+    import sys, time, torch
+    sys.path.insert(0, {root!r})
+    from speechbrain.utils.checkpoints import (
+        mark_as_loader, mark_as_saver, register_checkpoint_hooks)
+    from recipes.checkpointing import AtomicCheckpointer
+
+    @register_checkpoint_hooks
+    class Slow:
+        def __init__(self, value, delay):
+            self.value, self.delay = value, delay
+        @mark_as_saver
+        def save(self, path):
+            print("saving", flush=True)
+            time.sleep(self.delay)
+            torch.save({{"value": self.value}}, path)
+        @mark_as_loader
+        def load(self, path, end_of_epoch=False):
+            self.value = torch.load(path)["value"]
+
+    recoverables = {{"model": torch.nn.Linear(2, 2), "slow": Slow(1, 0)}}
+    checkpointer = AtomicCheckpointer({folder!r}, recoverables)
+    checkpointer.save_checkpoint(meta={{"step": 1}})
+    checkpointer.recoverables["slow"] = Slow(2, 60)
+    checkpointer.save_checkpoint(meta={{"step": 2}})
+    """
+)
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_usable(tmp_path):
+    script = SLOW_SAVE.format(root=str(ROOT), folder=str(tmp_path / "ckpt"))
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "saving"  # first save (fast)
+    assert process.stdout.readline().strip() == "saving"  # second save, now sleeping
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    folders = sorted((tmp_path / "ckpt").glob("CKPT*"))
+    assert len(folders) == 2  # the interrupted one exists on disk...
+    checkpointer = AtomicCheckpointer(tmp_path / "ckpt", {"model": torch.nn.Linear(2, 2)})
+    assert len(checkpointer.list_checkpoints()) == 1  # ...but is not a checkpoint
+    recovered = checkpointer.recover_if_possible()
+    assert recovered.meta["step"] == 1
+    assert [f for f in (tmp_path / "ckpt").glob("CKPT*")] == [recovered.path]  # cleaned up
+
+
+def _copy_corpus(tiny_corpus, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny_corpus, tmp_path / "corpus"))
+
+
+def _intra_epoch_checkpoints(out: Path) -> list[Path]:
+    found = []
+    for folder in sorted((out / "save").glob("CKPT*")):
+        meta = folder / "CKPT.yaml"
+        if meta.exists() and not yaml.safe_load(meta.read_text())["end-of-epoch"]:
+            found.append(folder)
+    return found
+
+
+@pytest.mark.slow
+def test_killed_mid_epoch_resumes_from_the_intra_epoch_checkpoint(tmp_path, tiny_corpus):
+    out = tmp_path / "exp"
+    command = [
+        sys.executable, str(ROOT / "recipes" / "train_speaker_embeddings.py"),
+        str(ROOT / "hparams" / "synthetic_demo.yaml"), "--output_folder", str(out),
+        "--data_folder", str(tiny_corpus), "--synthetic_corpus", "null", "--dev_speakers", "2",
+        "--crop_seconds", "1.0", "--batch_size", "4", "--noise_csv", "null", "--emb_dim", "64",
+        "--number_of_epochs", "1", "--ckpt_interval_minutes", "0", "--ckpt_interval_steps", "4",
+        "--noprogressbar",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT
+    )
+    deadline = time.time() + 300
+    while not _intra_epoch_checkpoints(out) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # pre-emption, a step or so after the checkpoint
+    process.wait()
+    complete = sorted(c for c in (out / "save").glob("CKPT*") if (c / "CKPT.yaml").exists())
+    intra = _intra_epoch_checkpoints(out)
+    assert intra and complete == intra  # killed mid-epoch: no end-of-epoch checkpoint yet
+    done_before = yaml.safe_load((intra[-1] / "brain.ckpt").read_text())["step"]
+    assert done_before >= 4
+
+    resumed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, output[-4000:]
+    assert f"Loading a checkpoint from {intra[-1]}" in output
+    final = [c for c in (out / "save").glob("CKPT*") if (c / "CKPT.yaml").exists()]
+    assert len(final) >= 1
+    last = max(final, key=lambda c: yaml.safe_load((c / "CKPT.yaml").read_text())["unixtime"])
+    steps_per_epoch = 160 // 4  # 4 training speakers x 10 phrases x 4 reps, batch 4
+    # One epoch's worth of optimizer and scheduler steps in all: the resumed run went on from
+    # the checkpoint's position instead of replaying the epoch from its start.
+    assert yaml.safe_load((last / "brain.ckpt").read_text())["optimizer_step"] == steps_per_epoch
+    assert torch.load(last / "lr_scheduler_head.ckpt")["current_step"] == steps_per_epoch
+    for checkpoint in final:  # every checkpoint left on disk loads
+        for file in checkpoint.glob("*.ckpt"):
+            if file.name not in ("brain.ckpt", "counter.ckpt", "dataloader-TRAIN.ckpt"):  # text
+                torch.load(file, map_location="cpu", weights_only=True)
+
+
+def test_nonfinite_loss_is_skipped_then_stops_training(tmp_path, tiny_wavlm_dir):  # noqa: F811
+    from recipes.train_speaker_embeddings import build_brain
+
+    hparams = load_yaml(
+        "synthetic_demo.yaml",
+        {"output_folder": str(tmp_path), "wavlm_source": tiny_wavlm_dir, "noise_csv": None},
+    )
+    brain = build_brain(hparams, {"device": "cpu"}, n_classes=3, n_phrases=2)
+    brain.hparams.epoch_counter.current, brain.steps_per_epoch = 1, 10
+    brain.init_optimizers()
+    brain.nonfinite_count = 0  # as SpeechBrain sets it at the start of each epoch
+    brain.modules.train()
+    before = [p.detach().clone() for p in brain.modules.parameters()]
+    normal = brain.compute_objectives
+    brain.compute_objectives = lambda *args: normal(*args) * float("nan")
+    for _ in range(hparams["nonfinite_patience"]):  # tolerated: counted, gradients dropped
+        brain.fit_batch(fake_batch())
+    assert brain.nonfinite_count == hparams["nonfinite_patience"]
+    after = list(brain.modules.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))  # steps skipped
+    with pytest.raises(ValueError, match="Loss is not finite and patience is exhausted"):
+        brain.fit_batch(fake_batch())
+    brain.compute_objectives = normal
+    assert torch.isfinite(brain.fit_batch(fake_batch()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))  # trains again
+
+
+def _break_after_prep(tmp_path, tiny_corpus):
+    corpus = _copy_corpus(tiny_corpus, tmp_path)
+    prepare_deepmine(corpus, tmp_path / "exp" / "prep", dev_speakers=2, seed=1986)
+    train = (tmp_path / "exp" / "prep" / "train.csv").read_text().splitlines()
+    victim = train[1].split(",")[0]
+    (corpus / "wav" / "train" / f"{victim}.wav").unlink()
+    return corpus, victim
+
+
+@pytest.mark.slow
+def test_audio_broken_after_prep_fails_with_its_name(tmp_path, tiny_corpus):
+    corpus, victim = _break_after_prep(tmp_path, tiny_corpus)
+    command = [
+        sys.executable, str(ROOT / "recipes" / "train_speaker_embeddings.py"),
+        str(ROOT / "hparams" / "synthetic_demo.yaml"), "--output_folder", str(tmp_path / "exp"),
+        "--data_folder", str(corpus), "--synthetic_corpus", "null", "--dev_speakers", "2",
+        "--crop_seconds", "1.0", "--batch_size", "8", "--noise_csv", "null", "--emb_dim", "64",
+        "--number_of_epochs", "1", "--noprogressbar",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr  # SpeechBrain logs the traceback to stdout
+    assert re.search(rf"cannot read training audio \S*{victim}\.wav", output), output[-3000:]
+
+
+@pytest.mark.slow
+def test_audio_broken_after_prep_is_skipped_and_logged_when_asked(tmp_path, tiny_corpus):
+    corpus, victim = _break_after_prep(tmp_path, tiny_corpus)
+    run_script(
+        "train_speaker_embeddings.py", tmp_path / "exp", corpus,
+        "--number_of_epochs", "1", "--on_bad_audio", "skip",
+    )  # fmt: skip
+    log = (tmp_path / "exp" / "rejected_train_audio.txt").read_text().splitlines()
+    assert log and all(f"{victim}.wav" in line for line in log)
+    assert (tmp_path / "exp" / "verification_dev.json").is_file()
+
+
+def _losses(folder: Path) -> list[str]:
+    return re.findall(
+        r"train loss: (\S+) - valid EER: (\S+),", (folder / "train_log.txt").read_text()
+    )
+
+
+@pytest.mark.slow
+def test_same_seed_same_data_same_curve(tmp_path, tiny_corpus):
+    for name in ("a", "b"):
+        run_script(
+            "train_speaker_embeddings.py", tmp_path / name, tiny_corpus, "--number_of_epochs", "2"
+        )
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b") and len(_losses(tmp_path / "a")) == 2
+
+
+class _Evil:
+    """Unpickling this runs a command: what a malicious checkpoint would hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_loading_a_checkpoint_never_runs_code_from_it(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    checkpointer = AtomicCheckpointer(tmp_path / "ckpt", {"model": model})
+    checkpoint = checkpointer.save_checkpoint()
+    marker = tmp_path / "pwned"
+    torch.save({"weight": _Evil(marker)}, checkpoint.path / "model.ckpt")
+    with pytest.raises(Exception, match=r"(?i)weights_only|unpickl"):
+        AtomicCheckpointer(tmp_path / "ckpt", {"model": model}).recover_if_possible()
+    assert not marker.exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_with_torchrun_on_cpu(tmp_path, tiny_corpus):
+    out = tmp_path / "exp"
+    common = [
+        str(ROOT / "hparams" / "synthetic_demo.yaml"), "--output_folder", str(out),
+        "--data_folder", str(tiny_corpus), "--synthetic_corpus", "null", "--dev_speakers", "2",
+        "--crop_seconds", "1.0", "--batch_size", "8", "--noise_csv", "null", "--emb_dim", "64",
+        "--noprogressbar",
+    ]  # fmt: skip
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        f"--master_port={_free_port()}", str(ROOT / "recipes" / "train_speaker_embeddings.py"),
+        *common, "--distributed_backend", "gloo", "--number_of_epochs", "1",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    assert output.count("Wrote manifests") == 1  # data prep ran once, on the main process
+    checkpoints = [c for c in (out / "save").glob("CKPT*") if (c / "CKPT.yaml").exists()]
+    assert len(checkpoints) == 1  # written once, by the main process
+    # Each process trained on its own half of the epoch: 160 utterances / 8 / 2 processes.
+    assert yaml.safe_load((checkpoints[0] / "brain.ckpt").read_text())["optimizer_step"] == 10
+    ddp_report = (out / "verification_dev.json").read_text()
+    (out / "verification_dev.json").unlink()
+    shutil.rmtree(out / "embeddings")  # the single process must embed everything itself
+    single = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "verify_speakers.py"), *common],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    # Same numbers from one process (torchrun runs 1 thread per process: float sums may differ
+    # in the last digits, so thresholds are compared with a tolerance).
+    single_report = json.loads((out / "verification_dev.json").read_text())
+    for name, metrics in json.loads(ddp_report)["conditions"].items():
+        assert single_report["conditions"][name] == pytest.approx(metrics, rel=1e-5)
