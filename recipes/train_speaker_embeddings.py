@@ -106,7 +106,11 @@ class SpeakerBrain(sb.core.Brain):
         return self.hparams.epoch_counter.current <= self.hparams.freeze_wavlm_epochs
 
     def init_optimizers(self):
-        """Two optimizers: WavLM at a small learning rate, everything else at a large one."""
+        """Two optimizers: WavLM at a small learning rate, everything else at a large one.
+
+        The layer weights belong to our encoder, not to the HF model, so they learn at the
+        head's rate: they start uniform and must move in few steps.
+        """
         wavlm_params = [p for p in self.unwrapped("wavlm").model.parameters() if p.requires_grad]
         wavlm_ids = {id(p) for p in wavlm_params}
         head_params = [
