@@ -1,0 +1,155 @@
+"""Training-step speed of ``SpeakerBrain``: steps/s, utterances/s, audio seconds/s, peak memory.
+
+Runs real ``fit_batch`` calls (forward, margin loss, backward, both optimizers) of the recipe as
+``hparams/synthetic_demo.yaml`` wires it, on synthetic batches, for:
+
+- the demo's tiny WavLM, and a WavLM Base+ sized model (same ``WavLMConfig`` as
+  ``microsoft/wavlm-base-plus``, random weights);
+- each precision the device supports (CPU: fp32, bf16; CUDA: fp32, fp16, bf16);
+- gradient checkpointing off / on;
+- utterance lengths drawn like DeepMine's (1.5-5 s) batched at random (padding) or sorted by length
+  (bucketing): "audio s/s" counts real audio only, so padding shows up as lost throughput.
+
+One table row per setting; all rows also go to a JSON file. Data loading is not included.
+
+    python tests/benchmarks/bench_train.py                       # CPU: short runs
+    python tests/benchmarks/bench_train.py --models base_plus --steps 20 --batch_size 16  # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from hyperpyyaml import load_hyperpyyaml
+from speechbrain.dataio.batch import PaddedBatch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from recipes.tiny_wavlm import build_tiny_wavlm, save_wavlm, wavlm_base_plus_config
+from recipes.train_speaker_embeddings import build_brain
+
+ROOT = Path(__file__).resolve().parents[2]
+HIDDEN = {"tiny": 96, "base_plus": 768}
+
+
+def batches(batch_size: int, steps: int, bucketing: bool, seed: int = 0):
+    """Synthetic batches with DeepMine-like lengths; sorted by length when bucketing."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.uniform(1.5, 5.0, batch_size * steps)
+    if bucketing:
+        lengths = np.sort(lengths)
+    for step in range(steps):
+        chunk = lengths[step * batch_size : (step + 1) * batch_size]
+        examples = [
+            {
+                "id": f"u{step}_{i}",
+                "sig": torch.randn(int(seconds * 16000)) * 0.1,
+                "class_encoded": torch.tensor([i % 50]),
+                "phrase_encoded": torch.tensor([i % 10]),
+            }
+            for i, seconds in enumerate(chunk)
+        ]
+        yield PaddedBatch(examples), float(chunk.sum())
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak GPU memory allocated, or this process's peak RSS on CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_setting(model_dir, model, precision, checkpointing, bucketing, args, tmp) -> dict:
+    """Time ``args.steps`` training steps after ``args.warmup`` untimed ones."""
+    overrides = {
+        "output_folder": str(tmp),
+        "wavlm_source": model_dir,
+        "wavlm_hidden_size": HIDDEN[model],
+        "gradient_checkpointing": checkpointing,
+        "noise_csv": None,
+        "augment": False,
+        "margin_warmup_epochs": 0,
+    }
+    with open(ROOT / "hparams" / "synthetic_demo.yaml", encoding="utf-8") as handle:
+        hparams = load_hyperpyyaml(handle, overrides)
+    run_opts = {"device": args.device, "precision": precision, "noprogressbar": True}
+    brain = build_brain(hparams, run_opts, n_classes=50, n_phrases=10)
+    brain.hparams.epoch_counter.current, brain.steps_per_epoch, brain.step = 1, 1000, 0
+    brain.init_optimizers()
+    brain.modules.train()
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    audio, seconds = 0.0, 0.0
+    for index, (batch, batch_audio) in enumerate(
+        batches(args.batch_size, args.warmup + args.steps, bucketing)
+    ):
+        if index == args.warmup:
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        brain.step += 1
+        brain.fit_batch(batch)
+        if index >= args.warmup:
+            audio += batch_audio
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {
+        "model": model,
+        "precision": precision,
+        "grad_checkpointing": checkpointing,
+        "bucketing": bucketing,
+        "batch_size": args.batch_size,
+        "steps_per_s": args.steps / seconds,
+        "utts_per_s": args.steps * args.batch_size / seconds,
+        "audio_s_per_s": audio / seconds,
+        "peak_mb": peak_memory_mb(args.device),
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+    }
+
+
+def main() -> None:
+    """Run every setting, print the table, write the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["tiny", "base_plus"])
+    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--json", default="bench_train.json")
+    args = parser.parse_args()
+    precisions = ["fp32", "fp16", "bf16"] if args.device.startswith("cuda") else ["fp32", "bf16"]
+    rows = []
+    print("| model | precision | grad ckpt | bucketing | steps/s | utts/s | audio s/s | peak MB |")
+    print("|---|---|---|---|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = {
+            "tiny": build_tiny_wavlm(Path(tmp) / "tiny"),
+            "base_plus": save_wavlm(Path(tmp) / "base_plus", wavlm_base_plus_config()),
+        }
+        for model, precision, checkpointing, bucketing in itertools.product(
+            args.models, precisions, (False, True), (False, True)
+        ):
+            row = run_setting(dirs[model], model, precision, checkpointing, bucketing, args, tmp)
+            rows.append(row)
+            print(
+                f"| {model} | {precision} | {checkpointing} | {bucketing} | "
+                f"{row['steps_per_s']:.2f} | {row['utts_per_s']:.1f} | "
+                f"{row['audio_s_per_s']:.1f} | {row['peak_mb']:.0f} |",
+                flush=True,
+            )
+    Path(args.json).write_text(json.dumps(rows, indent=1))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
