@@ -9,6 +9,7 @@ import pytest
 import soundfile as sf
 
 from data_prep.synth_deepmine import synthesize_corpus
+from recipes.tiny_wavlm import build_tiny_wavlm
 
 TINY = dict(speakers=6, eval_speakers=3, reps=4, seed=7)
 
@@ -17,6 +18,12 @@ TINY = dict(speakers=6, eval_speakers=3, reps=4, seed=7)
 def tiny_corpus(tmp_path_factory) -> Path:
     """A small synthetic corpus (6 train + 3 eval speakers, 4 repetitions), made once per run."""
     return synthesize_corpus(tmp_path_factory.mktemp("synth") / "corpus", jobs=2, **TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_wavlm_dir(tmp_path_factory) -> str:
+    """The demo's tiny random WavLM as a local Hugging Face directory, made once per run."""
+    return build_tiny_wavlm(tmp_path_factory.mktemp("wavlm") / "tiny")
 
 
 def write_wav(path: Path, seconds=0.5, rate=16000, channels=1, seed=0) -> None:

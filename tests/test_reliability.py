@@ -21,7 +21,7 @@ import yaml
 
 from data_prep.deepmine_prepare import prepare_deepmine
 from recipes.checkpointing import AtomicCheckpointer
-from tests.test_training_recipe import ROOT, fake_batch, load_yaml, run_script, tiny_wavlm_dir  # noqa: F401
+from tests.test_training_recipe import ROOT, fake_batch, load_yaml, run_script
 
 SLOW_SAVE = textwrap.dedent(
     """
@@ -125,7 +125,7 @@ def test_killed_mid_epoch_resumes_from_the_intra_epoch_checkpoint(tmp_path, tiny
                 torch.load(file, map_location="cpu", weights_only=True)
 
 
-def test_nonfinite_loss_is_skipped_then_stops_training(tmp_path, tiny_wavlm_dir):  # noqa: F811
+def test_nonfinite_loss_is_skipped_then_stops_training(tmp_path, tiny_wavlm_dir):
     from recipes.train_speaker_embeddings import build_brain
 
     hparams = load_yaml(

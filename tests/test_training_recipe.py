@@ -20,7 +20,6 @@ from speechbrain.dataio.batch import PaddedBatch
 
 from data_prep.layout import read_list
 from recipes.metrics import eer
-from recipes.tiny_wavlm import build_tiny_wavlm
 from recipes.train_speaker_embeddings import build_brain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,11 +42,6 @@ def fake_batch(n=4, seconds=1.0):
         for i in range(n)
     ]
     return PaddedBatch(examples)
-
-
-@pytest.fixture(scope="module")
-def tiny_wavlm_dir(tmp_path_factory):
-    return build_tiny_wavlm(tmp_path_factory.mktemp("wavlm") / "tiny")
 
 
 @pytest.mark.parametrize(
