@@ -69,22 +69,26 @@ class EmbeddingTable:
         return cls(ids, np.load(f"{prefix}.npy"))
 
 
+def group_means(vectors: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    """Unit vector per group: the mean of the group's L2-normalized ``vectors``."""
+    sums = np.zeros((n_groups, vectors.shape[1]), dtype=np.float64)
+    np.add.at(sums, groups, l2_normalize(vectors))
+    return l2_normalize(sums)
+
+
 def enrollment_models(table: EmbeddingTable, models: pd.DataFrame) -> EmbeddingTable:
     """One unit vector per model: the mean of its L2-normalized enrollment embeddings."""
     enrol_lists = [ids.split() for ids in models["enrol_ids"]]
     flat = [i for ids in enrol_lists for i in ids]
-    vectors = l2_normalize(table.matrix[table.rows(flat, "enrollment")])
     owners = np.repeat(np.arange(len(enrol_lists)), [len(ids) for ids in enrol_lists])
-    sums = np.zeros((len(enrol_lists), vectors.shape[1]), dtype=np.float64)
-    np.add.at(sums, owners, vectors)
-    return EmbeddingTable(models["model_id"], l2_normalize(sums))
+    vectors = table.matrix[table.rows(flat, "enrollment")]
+    return EmbeddingTable(models["model_id"], group_means(vectors, owners, len(enrol_lists)))
 
 
 def cosine_trial_scores(
-    models: EmbeddingTable, tests: EmbeddingTable, model_ids, test_ids, chunk: int = 1 << 18
+    models: EmbeddingTable, tests: EmbeddingTable, m_rows, t_rows, chunk: int = 1 << 18
 ) -> np.ndarray:
-    """Cosine score of each (model, test) trial, vectorized."""
-    m_rows, t_rows = models.rows(model_ids, "model"), tests.rows(test_ids, "test")
+    """Cosine score of each trial ``(models row m_rows[i], tests row t_rows[i])``, vectorized."""
     unique_m, m_inv = np.unique(m_rows, return_inverse=True)
     unique_t, t_inv = np.unique(t_rows, return_inverse=True)
     test_vectors = l2_normalize(tests.matrix)
@@ -117,32 +121,32 @@ def score_trials(
     if unknown:
         raise KeyError(f"{len(unknown)} trial model id(s) are not enrollment models: {unknown[:5]}")
     model_table = enrollment_models(table, models)
-    scores = cosine_trial_scores(model_table, table, trials["model_id"], trials["test_id"])
+    m_rows = model_table.rows(trials["model_id"], "model")
+    t_rows = table.rows(trials["test_id"], "test")
+    scores = cosine_trial_scores(model_table, table, m_rows, t_rows)
     if score_norm == "none":
         return scores
     if cohort is None:
         raise ValueError(f"score_norm {score_norm!r} needs a cohort of training speakers")
     return normalize_trial_scores(
-        scores,
-        model_table.matrix,
-        table.matrix,
-        model_table.rows(trials["model_id"], "model"),
-        table.rows(trials["test_id"], "test"),
-        cohort,
-        score_norm,
-        top_k,
+        scores, model_table.matrix, table.matrix, m_rows, t_rows, cohort, score_norm, top_k
     )
+
+
+def condition_pair(scores, conditions, impostors) -> tuple[np.ndarray, np.ndarray]:
+    """Target (TC) scores and the non-target scores of the ``impostors`` conditions."""
+    scores, conditions = np.asarray(scores), np.asarray(conditions)
+    return scores[conditions == "TC"], scores[np.isin(conditions, impostors)]
 
 
 def metrics_by_condition(scores, conditions) -> dict:
     """EER / minDCF for the pooled condition and each TC-vs-X pair (skipped where X is absent)."""
-    scores, conditions = np.asarray(scores), np.asarray(conditions)
     results = {}
     for name, impostors in CONDITION_PAIRS.items():
-        keep = (conditions == "TC") | np.isin(conditions, impostors)
-        labels = conditions[keep] == "TC"
-        if labels.any() and (~labels).any():
-            results[name] = verification_metrics(scores[keep], labels)
+        targets, nontargets = condition_pair(scores, conditions, impostors)
+        if targets.size and nontargets.size:
+            labels = np.r_[np.ones(targets.size, bool), np.zeros(nontargets.size, bool)]
+            results[name] = verification_metrics(np.r_[targets, nontargets], labels)
     return results
 
 

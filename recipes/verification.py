@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import speechbrain as sb
 
-from recipes.scoring import EmbeddingTable, l2_normalize, metrics_by_condition, score_trials
+from recipes.scoring import EmbeddingTable, group_means, metrics_by_condition, score_trials
 from recipes.verification_report import write_report
 
 
@@ -58,11 +58,9 @@ def cached_embeddings(brain, dataset, loader_kwargs, cache_prefix: Path) -> Embe
 
 def speaker_cohort(table: EmbeddingTable, speakers: pd.Series) -> np.ndarray:
     """One mean L2-normalized embedding per training speaker."""
-    vectors = l2_normalize(table.matrix[table.rows(list(speakers.index), "cohort")])
     codes, uniques = pd.factorize(speakers.to_numpy())
-    sums = np.zeros((len(uniques), vectors.shape[1]))
-    np.add.at(sums, codes, vectors)
-    return l2_normalize(sums)
+    vectors = table.matrix[table.rows(list(speakers.index), "cohort")]
+    return group_means(vectors, codes, len(uniques))
 
 
 def run_verification(brain, hparams, splits: dict, cohort_set=None) -> dict:

@@ -25,7 +25,7 @@ from scipy.stats import norm
 
 from data_prep.layout import phrase_language
 from recipes.metrics import operating_points
-from recipes.scoring import CONDITION_PAIRS, metrics_by_condition
+from recipes.scoring import CONDITION_PAIRS, condition_pair, metrics_by_condition
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
@@ -82,9 +82,7 @@ def plot_det(path, split, scores, conditions, metrics) -> None:
     for name, impostors in CONDITION_PAIRS.items():
         if name not in metrics:
             continue
-        keep = (conditions == "TC") | np.isin(conditions, impostors)
-        labels = conditions[keep] == "TC"
-        targets, nontargets = scores[keep][labels], scores[keep][~labels]
+        targets, nontargets = condition_pair(scores, conditions, impostors)
         points = operating_points(targets, nontargets)
         x = norm.ppf(np.clip(points.p_fa, clip, 1 - clip))
         y = norm.ppf(np.clip(points.p_miss, clip, 1 - clip))

@@ -41,8 +41,9 @@ def test_dense_and_sparse_paths_agree():
     models.matrix /= np.linalg.norm(models.matrix, axis=1, keepdims=True)
     m_ids = [f"m{i}" for i in rng.integers(0, 40, 30)]
     t_ids = [f"t{i}" for i in rng.integers(0, 50, 30)]
-    sparse = cosine_trial_scores(models, tests, m_ids, t_ids)  # 40*50 > 4*30: row-wise path
-    dense = cosine_trial_scores(models, tests, m_ids * 100, t_ids * 100)[:30]
+    m_rows, t_rows = models.rows(m_ids, "model"), tests.rows(t_ids, "test")
+    sparse = cosine_trial_scores(models, tests, m_rows, t_rows)  # 40*50 > 4*30: row-wise path
+    dense = cosine_trial_scores(models, tests, np.tile(m_rows, 100), np.tile(t_rows, 100))[:30]
     expected = [
         models.matrix[int(m[1:])]
         @ tests.matrix[int(t[1:])]
