@@ -3,8 +3,6 @@
 - ``WavLMEncoder``: SpeechBrain's HF ``WavLM`` wrapper plus a learnable softmax-weighted sum of
   all hidden layers, LayerDrop switched off (it returns fewer hidden states on random steps, which
   breaks a layer-weighted sum) and optional gradient checkpointing.
-- ``XVectorHead``: projector + TDNN stack + statistics pooling + embedding, laid out exactly like
-  the head of ``transformers.WavLMForXVector`` so that weights can be exchanged with it.
 - ``MarginSoftmax``: SpeechBrain's ``LogSoftmaxWrapper`` around ``AngularMargin`` (AM-Softmax) or
   ``AdditiveAngularMargin`` (AAM), with a fixed, learnable or AdaCos-style adaptive scale and an
   optional margin warm-up.
@@ -19,6 +17,8 @@ import torch.nn.functional as F
 from speechbrain.integrations.huggingface.wavlm import WavLM
 from speechbrain.nnet.losses import AdditiveAngularMargin, AngularMargin, LogSoftmaxWrapper
 from torch import nn
+
+from recipes.speaker_model import weighted_layer_sum
 
 
 class WavLMEncoder(WavLM):
@@ -68,77 +68,13 @@ class WavLMEncoder(WavLM):
         hidden = super().forward(wav, wav_lens)
         if self.layer_logits is None:
             return hidden
-        weights = F.softmax(self.layer_logits, dim=0).to(hidden.dtype)
-        return torch.einsum("l,lbth->bth", weights, hidden)
+        return weighted_layer_sum(self.layer_logits, hidden)
 
     def layer_weights(self) -> list[float]:
         """The current softmax layer weights (for logging)."""
         if self.layer_logits is None:
             return []
         return F.softmax(self.layer_logits.detach().float(), dim=0).tolist()
-
-
-def masked_mean_std(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Mean and (unbiased) std over the valid frames of ``x`` ``[B, T, C]`` -> ``[B, 2C]``.
-
-    ``lengths`` are frame counts. Vectorized, and deterministic: SpeechBrain's
-    ``StatisticsPooling`` loops over utterances and adds random noise to the mean even at eval.
-    """
-    mask = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]).to(x.dtype)
-    count = mask.sum(dim=1, keepdim=True)
-    mean = (x * mask[..., None]).sum(dim=1) / count
-    var = (((x - mean[:, None]) ** 2) * mask[..., None]).sum(dim=1) / (count - 1).clamp(min=1)
-    return torch.cat([mean, var.clamp(min=1e-8).sqrt()], dim=-1)
-
-
-class XVectorHead(nn.Module):
-    """x-vector head with the layout of ``transformers.WavLMForXVector``.
-
-    projector (Linear) -> TDNN layers (dilated Conv1d + ReLU [+ BatchNorm], no padding) ->
-    mean+std pooling over valid frames -> embedding (Linear). Returns ``[B, 1, embedding_dim]``
-    like SpeechBrain's embedding models.
-    """
-
-    def __init__(
-        self,
-        input_size: int,
-        tdnn_channels=(512, 512, 512, 512, 1500),
-        kernel_sizes=(5, 3, 3, 1, 1),
-        dilations=(1, 2, 3, 1, 1),
-        embedding_dim: int = 512,
-        batch_norm: bool = True,
-    ):
-        super().__init__()
-        self.projector = nn.Linear(input_size, tdnn_channels[0])
-        in_channels = [tdnn_channels[0], *tdnn_channels[:-1]]
-        self.tdnn = nn.ModuleList(
-            nn.Conv1d(i, o, k, dilation=d)
-            for i, o, k, d in zip(in_channels, tdnn_channels, kernel_sizes, dilations, strict=True)
-        )
-        # BatchNorm after each TDNN layer, as in SpeechBrain's TDNN blocks: without it a head
-        # trained from scratch learns several times slower (measured in the closing note).
-        # In eval mode it is an affine map per channel, which an export folds into HF's layout.
-        self.norms = nn.ModuleList(
-            nn.BatchNorm1d(o) if batch_norm else nn.Identity() for o in tdnn_channels
-        )
-        self.context = sum((k - 1) * d for k, d in zip(kernel_sizes, dilations, strict=True))
-        self.embedding = nn.Linear(2 * tdnn_channels[-1], embedding_dim)
-
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` ``[B, T, F]`` with relative ``lengths`` ``[B]`` -> embeddings ``[B, 1, D]``."""
-        frames = x.shape[1]
-        valid = (
-            torch.full((x.shape[0],), frames, device=x.device)
-            if lengths is None
-            else torch.round(lengths * frames).long()
-        )
-        if frames <= self.context:  # shorter than the TDNN context: pad so one frame remains
-            x = F.pad(x, (0, 0, 0, self.context + 1 - frames))
-        h = self.projector(x).transpose(1, 2)
-        for layer, norm in zip(self.tdnn, self.norms, strict=True):
-            h = norm(F.relu(layer(h)))
-        out_lengths = (valid - self.context).clamp(min=2, max=h.shape[2])
-        return self.embedding(masked_mean_std(h.transpose(1, 2), out_lengths)).unsqueeze(1)
 
 
 class MarginSoftmax(nn.Module):

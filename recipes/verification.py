@@ -9,6 +9,7 @@ by ``recipes.scoring`` and reported by ``recipes.verification_report``.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,13 +44,16 @@ def check_trial_ids(split: str, utt_ids, models: pd.DataFrame, trials: pd.DataFr
         )
 
 
-def cached_embeddings(brain, dataset, loader_kwargs, cache_prefix: Path) -> EmbeddingTable:
-    """Embeddings of every utterance in ``dataset``, from the cache when it has them."""
+def cached_embeddings(embed, dataset, cache_prefix: Path) -> EmbeddingTable:
+    """Embeddings of every utterance in ``dataset``, from the cache when it has them.
+
+    ``embed(dataset)`` computes an ``EmbeddingTable`` (the recipe's Brain, or a loaded model).
+    """
     if Path(f"{cache_prefix}.npy").is_file():
         table = EmbeddingTable.load(cache_prefix)
         if set(table.ids) >= set(dataset.data_ids):
             return table
-    table = brain.embed(dataset, loader_kwargs)
+    table = embed(dataset)
     if sb.utils.distributed.if_main_process():
         cache_prefix.parent.mkdir(parents=True, exist_ok=True)
         table.save(cache_prefix)
@@ -64,31 +68,48 @@ def speaker_cohort(table: EmbeddingTable, speakers: pd.Series) -> np.ndarray:
 
 
 def run_verification(brain, hparams, splits: dict, cohort_set=None) -> dict:
-    """Score every split whose trials can be scored; write the reports; return the metrics.
+    """Score the recipe's best checkpoint on every split; write the reports; return the metrics.
 
     ``splits`` maps a split name to ``(utterances, models, trials)``; ``cohort_set`` is a
     ``(dataset, speaker per utterance id)`` pair, needed for s-norm / AS-norm.
     """
     checkpoint = best_checkpoint(brain)
+    check_splits(splits)
+    brain.checkpointer.recover_if_possible(min_key="EER")
+    cache = Path(hparams["output_folder"]) / "embeddings" / checkpoint.path.name
+    embed = partial(brain.embed, loader_kwargs=hparams["eval_dataloader_options"])
+    return score_splits(embed, hparams, splits, cohort_set, cache, hparams["output_folder"])
+
+
+def check_splits(splits: dict) -> None:
+    """Every trial and model of every split names known utterances (before any heavy work)."""
     for split, (utts, models, trials) in splits.items():
         check_trial_ids(split, utts.data_ids, models, trials)
-    cache = Path(hparams["output_folder"]) / "embeddings" / checkpoint.path.name
-    loader_kwargs = hparams["eval_dataloader_options"]
-    brain.checkpointer.recover_if_possible(min_key="EER")
+
+
+def split_embeddings(embed, splits: dict, cache: Path) -> dict:
+    """The embedding table of each split's utterances (cached under ``cache/<split>``)."""
+    return {
+        split: cached_embeddings(embed, utts, cache / split) for split, (utts, *_) in splits.items()
+    }
+
+
+def score_splits(embed, hparams, splits: dict, cohort_set, cache: Path, report_folder) -> dict:
+    """Embed (``embed(dataset) -> EmbeddingTable``), score and report every split."""
     cohort, norm = None, hparams["score_norm"]
     if norm != "none":
         if cohort_set is None:
             raise ValueError(f"score_norm {norm!r} needs the training speakers as a cohort")
-        cohort_table = cached_embeddings(brain, cohort_set[0], loader_kwargs, cache / "cohort")
+        cohort_table = cached_embeddings(embed, cohort_set[0], cache / "cohort")
         cohort = speaker_cohort(cohort_table, cohort_set[1])
+    tables = split_embeddings(embed, splits, cache)
     results = {}
-    for split, (utts, models, trials) in splits.items():
-        table = cached_embeddings(brain, utts, loader_kwargs, cache / split)
-        scores = score_trials(table, models, trials, cohort, norm, hparams["cohort_top_k"])
+    for split, (_, models, trials) in splits.items():
+        scores = score_trials(tables[split], models, trials, cohort, norm, hparams["cohort_top_k"])
         labelled = (trials["condition"] != "").all()
         metrics = metrics_by_condition(scores, trials["condition"]) if labelled else {}
         if sb.utils.distributed.if_main_process():
             name = split if norm == "none" else f"{split}_{norm}"  # runs do not overwrite
-            write_report(hparams["output_folder"], name, trials, scores, metrics, models)
+            write_report(report_folder, name, trials, scores, metrics, models)
         results[split] = metrics
     return results

@@ -1,40 +1,269 @@
 #!/usr/bin/env python3
-"""Score a trained checkpoint on the dev and eval trials, as the SdSV / TdSV challenges define it.
+"""Speaker verification: score a recipe's trials, or audio files with a trained model.
+
+Trials of a recipe run (SdSV / TdSV protocol, reports per condition):
 
     python recipes/verify_speakers.py hparams/synthetic_demo.yaml
     python recipes/verify_speakers.py hparams/wavlm_td.yaml --data_folder /data/task1 \
         --score_norm as-norm
 
-Uses the experiment folder of the same hparams (``--output_folder``), loads the checkpoint with
-the best dev EER, embeds every utterance once (cached under ``embeddings/<checkpoint>/``) and
-writes, per split: ``scores_<split>.txt``, ``verification_<split>.json``, ``det_<split>.png``,
-and ``answer.txt`` (one score per line in ``trials.txt`` order) for the eval trials.
+uses the run's best checkpoint (``--output_folder``), embeds every utterance once (cached under
+``embeddings/<checkpoint>/``) and writes, per split: ``scores_<split>.txt``,
+``verification_<split>.json``, ``det_<split>.png``, and ``answer.txt`` (one score per line in
+``trials.txt`` order) for the eval trials. With ``--model DIR`` (an exported folder or a Hugging
+Face ``*ForXVector`` directory) it scores that model on the same trials instead, writing under
+``<output_folder>/models/<name>/``: other models compared on our protocol.
+
+Audio files with a trained model (any sample rate and channel count; resampled / down-mixed):
+
+    python recipes/verify_speakers.py --model results/.../export --enrol e1.wav e2.wav e3.wav \
+        --test t1.wav t2.wav
+    python recipes/verify_speakers.py --model results/.../export --pairs pairs.txt
+
+A pairs file has one trial a line, ``[label] enrol test``: ``enrol`` may list several files
+joined by commas, the optional label is 1/0 or target/nontarget (then EER and minDCF are
+printed), and relative paths are taken from ``--audio_root`` (default: the current folder).
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import logging
+import os
 import sys
+from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import speechbrain as sb
+import torch
 from hyperpyyaml import load_hyperpyyaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from recipes.metrics import verification_metrics
+from recipes.pretrained import embed_dataset, load_verifier
 from recipes.train_speaker_embeddings import build_brain, dataio_prep, prepare_data
-from recipes.verification import best_checkpoint, run_verification
+from recipes.verification import best_checkpoint, check_splits, run_verification, score_splits
+
+LABELS = {"1": True, "target": True, "0": False, "nontarget": False}
 
 
-def main(argv) -> None:
-    """Prepare the manifests if needed, load the best checkpoint, score and report."""
+# ------------------------------------------------------------------------------------------------
+# Trials of a recipe
+# ------------------------------------------------------------------------------------------------
+def verify_recipe(argv) -> None:
+    """Score the recipe's trials with its best checkpoint, or with ``--model DIR``."""
+    model, argv = _pop_option(argv, "--model")
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     with open(hparams_file, encoding="utf-8") as handle:
         hparams = load_hyperpyyaml(handle, overrides)
     prepare_data(hparams)
     _, splits, cohort_set, class_encoder, phrase_encoder = dataio_prep(hparams)
-    brain = build_brain(hparams, run_opts, len(class_encoder), len(phrase_encoder))
-    best_checkpoint(brain)  # a clear error now, not after loading data
-    run_verification(brain, hparams, splits, cohort_set)
+    if model is None:
+        brain = build_brain(hparams, run_opts, len(class_encoder), len(phrase_encoder))
+        best_checkpoint(brain)  # a clear error now, not after loading data
+        run_verification(brain, hparams, splits, cohort_set)
+        return
+    check_splits(splits)
+    verifier = load_verifier(model, {"device": run_opts.get("device", "cpu")})
+    folder = Path(hparams["output_folder"]) / "models" / model_name(model)
+    embed = partial(embed_dataset, verifier, loader_kwargs=hparams["eval_dataloader_options"])
+    results = score_splits(embed, hparams, splits, cohort_set, folder / "embeddings", folder)
+    for split, metrics in results.items():
+        if "pooled" in metrics:
+            pooled = metrics["pooled"]
+            print(f"{split}: EER {pooled['eer']:.2f} %, minDCF {pooled['min_dcf']:.4f}")
+    print(f"reports in {folder}")
+
+
+def _pop_option(argv, name: str):
+    """``(value, argv without it)`` for ``name VALUE`` or ``name=VALUE`` (None if absent)."""
+    rest, value, argv = [], None, list(argv)
+    while argv:
+        arg = argv.pop(0)
+        if arg == name:
+            if not argv:
+                raise SystemExit(f"{name} needs a value")
+            value = argv.pop(0)
+        elif arg.startswith(f"{name}="):
+            value = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return value, rest
+
+
+def model_name(model) -> str:
+    """A folder name for a scored model: its path's last parts and a hash of its files.
+
+    The hash (names, sizes, modification times) keeps the embedding cache of a re-exported or
+    replaced model apart from the old one.
+    """
+    path = Path(model).resolve()
+    stamp = hashlib.sha1()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        info = file.stat()
+        stamp.update(f"{file.relative_to(path)} {info.st_size} {info.st_mtime_ns}\n".encode())
+    return f"{'_'.join(path.parts[-2:])}_{stamp.hexdigest()[:8]}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Audio files
+# ------------------------------------------------------------------------------------------------
+class PairsFileError(ValueError):
+    """A pairs file line that cannot be used (named by file and line)."""
+
+
+class Pair(NamedTuple):
+    """One trial of a pairs file."""
+
+    label: bool | None
+    enrol: list[Path]
+    test: Path
+    text: str  # "enrol test" as written in the file
+
+
+def read_pairs(path: Path, audio_root: Path) -> list[Pair]:
+    """The trials of a pairs file; every problem (file:line) reported at once."""
+    pairs, problems = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        where = f"{path}:{number}"
+        if len(fields) not in (2, 3) or (len(fields) == 3 and fields[0] not in LABELS):
+            problems.append(f"{where}: expected '[label] enrol test', got {line.strip()!r}")
+            continue
+        label = LABELS[fields[0]] if len(fields) == 3 else None
+        enrol = [audio_root / name for name in fields[-2].split(",") if name]
+        test = audio_root / fields[-1]
+        problems += [f"{where}: no such file {f}" for f in [*enrol, test] if not f.is_file()]
+        pairs.append(Pair(label, enrol, test, f"{fields[-2]} {fields[-1]}"))
+    if {pair.label is None for pair in pairs} == {True, False}:
+        problems.append(f"{path}: label every line or none")
+    if problems:
+        raise PairsFileError("\n".join(problems))
+    if not pairs:
+        raise PairsFileError(f"{path}: no trials")
+    return pairs
+
+
+class EmbeddingCache:
+    """Each audio file embedded once, however many trials use it."""
+
+    def __init__(self, verifier):
+        self.verifier, self.vectors = verifier, {}
+
+    def __call__(self, path: Path) -> torch.Tensor:
+        """The embedding of ``path``."""
+        if path not in self.vectors:
+            self.vectors[path] = self.verifier.embed_file(path)
+        return self.vectors[path]
+
+    def score(self, enrol: list[Path], test: Path) -> float:
+        """Cosine score of a test file against the model of its enrollment files."""
+        model = self.verifier.enrolment_model(torch.stack([self(p) for p in enrol]))
+        return float(self.verifier.similarity(model, self(test)))
+
+
+def decision_text(verifier, score: float, n_enrol: int, threshold) -> str:
+    """'accept' / 'reject' at the given or calibrated threshold ('-' when there is none)."""
+    threshold = verifier.threshold(n_enrol) if threshold is None else threshold
+    if threshold is None:
+        return "-"
+    return "accept" if score >= threshold else "reject"
+
+
+def threshold_note(verifier, n_enrol: int, threshold) -> str:
+    """Which threshold the decisions use."""
+    if threshold is not None:
+        return f"threshold {threshold:.4f} (given)"
+    calibrated = verifier.threshold(n_enrol)
+    if calibrated is None:
+        return "no calibrated threshold in this model: scores only (use --threshold)"
+    point = verifier.hparams.operating_point
+    return f"threshold {calibrated:.4f} (dev {point} point, {n_enrol}-utterance enrollment)"
+
+
+def verify_files(args) -> None:
+    """Score test files against an enrollment, or every line of a pairs file."""
+    if args.pairs:
+        pairs = read_pairs(Path(args.pairs), Path(args.audio_root))
+    else:
+        missing = [p for p in [*args.enrol, *args.test] if not Path(p).is_file()]
+        if missing:
+            raise SystemExit(f"no such file: {', '.join(missing)}")
+        pairs = [Pair(None, [Path(p) for p in args.enrol], Path(t), t) for t in args.test]
+    verifier = load_verifier(args.model, {"device": args.device})
+    if args.operating_point:
+        verifier.hparams.operating_point = args.operating_point
+    cache = EmbeddingCache(verifier)
+    if not args.pairs:
+        note = threshold_note(verifier, len(args.enrol), args.threshold)
+        print(f"enrollment: {len(args.enrol)} file(s); {note}")
+    lines, scores = [], []
+    for pair in pairs:
+        score = cache.score(pair.enrol, pair.test)
+        scores.append(score)
+        decision = decision_text(verifier, score, len(pair.enrol), args.threshold)
+        lines.append(f"{pair.text} {score:.6f} {decision}")
+    output = "\n".join(lines) + "\n"
+    if args.out:
+        Path(args.out).write_text(output)
+        print(f"{len(lines)} scores written to {args.out}")
+    else:
+        sys.stdout.write(output)
+    labels = [pair.label for pair in pairs]
+    if labels[0] is not None:
+        metrics = verification_metrics(scores, labels)
+        print(
+            f"EER {metrics['eer']:.2f} % (threshold {metrics['eer_threshold']:.4f}), "
+            f"minDCF {metrics['min_dcf']:.4f} ({metrics['targets']} targets, "
+            f"{metrics['nontargets']} non-targets)"
+        )
+
+
+def parse_file_arguments(argv) -> argparse.Namespace:
+    """Arguments of the audio-file mode."""
+    parser = argparse.ArgumentParser(
+        description="Verify speakers in audio files with a trained model.",
+        epilog="To score a recipe's trials: verify_speakers.py HPARAMS.yaml [--model DIR] ...",
+    )
+    parser.add_argument("--model", required=True, help="exported folder or HF *ForXVector dir")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--enrol", nargs="+", help="enrollment audio file(s)")
+    group.add_argument("--pairs", help="trial list: '[label] enrol[,enrol...] test' per line")
+    parser.add_argument("--test", nargs="+", help="test audio file(s) (with --enrol)")
+    parser.add_argument("--audio_root", default=".", help="base of relative paths in --pairs")
+    parser.add_argument(
+        "--threshold", type=float, help="decision threshold (default: dev-calibrated)"
+    )
+    parser.add_argument(
+        "--operating_point", choices=("eer", "min_dcf"), help="calibrated threshold to use"
+    )
+    parser.add_argument("--out", help="write the scores here instead of printing them")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.enrol and not args.test:
+        parser.error("--enrol needs --test")
+    return args
+
+
+def main(argv) -> None:
+    """Recipe trials when the first argument is a YAML file, else audio files."""
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        verify_recipe(argv)
+        return
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # says what it resampled
+    os.environ["SB_LOG_LEVEL"] = "WARNING"  # SpeechBrain loggers made from now on
+    for name in list(logging.root.manager.loggerDict):  # not which files SpeechBrain fetched
+        if name.startswith("speechbrain"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        verify_files(parse_file_arguments(argv))
+    except (PairsFileError, FileNotFoundError, RuntimeError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from error
 
 
 if __name__ == "__main__":

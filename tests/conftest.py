@@ -10,6 +10,7 @@ import soundfile as sf
 
 from data_prep.synth_deepmine import synthesize_corpus
 from recipes.tiny_wavlm import build_tiny_wavlm
+from tests.helpers import run_script
 
 TINY = dict(speakers=6, eval_speakers=3, reps=4, seed=7)
 
@@ -24,6 +25,15 @@ def tiny_corpus(tmp_path_factory) -> Path:
 def tiny_wavlm_dir(tmp_path_factory) -> str:
     """The demo's tiny random WavLM as a local Hugging Face directory, made once per run."""
     return build_tiny_wavlm(tmp_path_factory.mktemp("wavlm") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_corpus):
+    """A 3-epoch run of the recipe on the tiny corpus: (experiment folder, its output)."""
+    out = tmp_path_factory.mktemp("recipe") / "exp"
+    return out, run_script(
+        "train_speaker_embeddings.py", out, tiny_corpus, "--number_of_epochs", "3"
+    )
 
 
 def write_wav(path: Path, seconds=0.5, rate=16000, channels=1, seed=0) -> None:

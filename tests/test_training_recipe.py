@@ -21,8 +21,8 @@ from speechbrain.dataio.batch import PaddedBatch
 from data_prep.layout import read_list
 from recipes.metrics import eer
 from recipes.train_speaker_embeddings import build_brain
+from tests.helpers import ROOT, run_script
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL_HEAD = {"emb_dim": 64}  # the YAML's head widths stay; a smaller embedding keeps it quick
 
 
@@ -113,42 +113,8 @@ def test_real_yaml_loads_with_a_local_wavlm(tmp_path, tiny_wavlm_dir):
     assert hparams["number_of_epochs"] >= 10 and hparams["precision"] == "fp16"
 
 
-def run_script(script, out, corpus, *extra):
-    command = [
-        sys.executable,
-        str(ROOT / "recipes" / script),
-        str(ROOT / "hparams" / "synthetic_demo.yaml"),
-        "--output_folder", str(out),
-        "--data_folder", str(corpus),
-        "--synthetic_corpus", "null",
-        "--dev_speakers", "2",
-        "--crop_seconds", "1.0",
-        "--batch_size", "8",
-        "--margin_warmup_epochs", "0",
-        "--warmup_steps", "5",
-        "--total_steps", "100",
-        "--noise_csv", "null",
-        "--emb_dim", "64",
-        "--cohort_utts_per_speaker", "2",
-        "--noprogressbar",
-        *extra,
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result.stdout + result.stderr
-
-
 def epoch_losses(log: Path) -> list[float]:
     return [float(x) for x in re.findall(r"train loss: ([0-9.e+-]+)", log.read_text())]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_corpus):
-    """A 3-epoch run of the recipe on the tiny corpus: (experiment folder, its output)."""
-    out = tmp_path_factory.mktemp("recipe") / "exp"
-    return out, run_script(
-        "train_speaker_embeddings.py", out, tiny_corpus, "--number_of_epochs", "3"
-    )
 
 
 @pytest.mark.slow

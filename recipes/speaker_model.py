@@ -1,0 +1,247 @@
+"""The speaker embedding model as used after training, and its SpeechBrain inference interface.
+
+- ``XVectorHead``: projector + TDNN stack + statistics pooling + embedding, laid out exactly like
+  the head of ``transformers.WavLMForXVector`` so that weights can be exchanged with it.
+- ``WavLMSpeakerEmbedder``: WavLM built from its config, weighted layer sum and a speaker head:
+  the whole embedding model of an exported folder (waveform in, embedding out).
+- ``TDSVSpeakerRecognition``: SpeechBrain's ``SpeakerRecognition`` interface with embeddings
+  computed one utterance at a time, several enrollment utterances, thresholds calibrated on the
+  dev trials, and audio of any sample rate or channel count.
+
+This file imports only torch, SpeechBrain and transformers: ``recipes/export_model.py`` copies it
+into every exported model folder (as ``tdsv_speaker_model.py``), where SpeechBrain's
+``foreign_class`` loads it, so an exported folder works without this repository.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from speechbrain.dataio import audio_io
+from speechbrain.inference.speaker import SpeakerRecognition
+from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
+from torch import nn
+from transformers import WavLMConfig, WavLMModel
+
+logger = logging.getLogger(__name__)
+
+
+def masked_mean_std(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Mean and (unbiased) std over the valid frames of ``x`` ``[B, T, C]`` -> ``[B, 2C]``.
+
+    ``lengths`` are frame counts. Vectorized, and deterministic: SpeechBrain's
+    ``StatisticsPooling`` loops over utterances and adds random noise to the mean even at eval.
+    """
+    mask = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]).to(x.dtype)
+    count = mask.sum(dim=1, keepdim=True)
+    mean = (x * mask[..., None]).sum(dim=1) / count
+    var = (((x - mean[:, None]) ** 2) * mask[..., None]).sum(dim=1) / (count - 1).clamp(min=1)
+    return torch.cat([mean, var.clamp(min=1e-8).sqrt()], dim=-1)
+
+
+class XVectorHead(nn.Module):
+    """x-vector head with the layout of ``transformers.WavLMForXVector``.
+
+    projector (Linear) -> TDNN layers (dilated Conv1d + ReLU [+ BatchNorm], no padding) ->
+    mean+std pooling over valid frames -> embedding (Linear). Returns ``[B, 1, embedding_dim]``
+    like SpeechBrain's embedding models.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        tdnn_channels=(512, 512, 512, 512, 1500),
+        kernel_sizes=(5, 3, 3, 1, 1),
+        dilations=(1, 2, 3, 1, 1),
+        embedding_dim: int = 512,
+        batch_norm: bool = True,
+    ):
+        super().__init__()
+        self.projector = nn.Linear(input_size, tdnn_channels[0])
+        in_channels = [tdnn_channels[0], *tdnn_channels[:-1]]
+        self.tdnn = nn.ModuleList(
+            nn.Conv1d(i, o, k, dilation=d)
+            for i, o, k, d in zip(in_channels, tdnn_channels, kernel_sizes, dilations, strict=True)
+        )
+        # BatchNorm after each TDNN layer, as in SpeechBrain's TDNN blocks: without it a head
+        # trained from scratch learns several times slower (measured in the closing note).
+        # In eval mode it is an affine map per channel, which an export folds into HF's layout.
+        self.norms = nn.ModuleList(
+            nn.BatchNorm1d(o) if batch_norm else nn.Identity() for o in tdnn_channels
+        )
+        self.context = sum((k - 1) * d for k, d in zip(kernel_sizes, dilations, strict=True))
+        self.embedding = nn.Linear(2 * tdnn_channels[-1], embedding_dim)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` ``[B, T, F]`` with relative ``lengths`` ``[B]`` -> embeddings ``[B, 1, D]``."""
+        frames = x.shape[1]
+        valid = (
+            torch.full((x.shape[0],), frames, device=x.device)
+            if lengths is None
+            else torch.round(lengths * frames).long()
+        )
+        if frames <= self.context:  # shorter than the TDNN context: pad so one frame remains
+            x = F.pad(x, (0, 0, 0, self.context + 1 - frames))
+        h = self.projector(x).transpose(1, 2)
+        for layer, norm in zip(self.tdnn, self.norms, strict=True):
+            h = norm(F.relu(layer(h)))
+        out_lengths = (valid - self.context).clamp(min=2, max=h.shape[2])
+        return self.embedding(masked_mean_std(h.transpose(1, 2), out_lengths)).unsqueeze(1)
+
+
+def weighted_layer_sum(layer_logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """Softmax(``layer_logits``)-weighted sum of stacked hidden states ``[L, B, T, H]``."""
+    weights = F.softmax(layer_logits, dim=0).to(hidden.dtype)
+    return torch.einsum("l,lbth->bth", weights, hidden)
+
+
+class WavLMSpeakerEmbedder(nn.Module):
+    """Waveforms ``[B, T]`` -> speaker embeddings ``[B, 1, D]``: WavLM, layer weights, head.
+
+    Computes what the training recipe's ``WavLMEncoder`` + embedding head compute, but builds
+    WavLM from a config dict instead of a model folder, so that an exported folder needs only its
+    ``hyperparams.yaml`` (which holds the config) and one state dict.
+
+    Arguments:
+    ---------
+    wavlm_config : dict
+        ``WavLMConfig`` arguments (``config.to_diff_dict()`` of the trained model).
+    head : torch.nn.Module
+        The speaker head, called as ``head(frames [B, T', H], relative_lengths [B])``.
+    layer_weighting : bool
+        Weighted sum of all hidden states (True) or the last one only.
+    normalize_wav : bool
+        Normalize each waveform to zero mean and unit variance (as the feature extractor says).
+
+    """
+
+    def __init__(
+        self, wavlm_config: dict, head: nn.Module, layer_weighting=True, normalize_wav=True
+    ):
+        super().__init__()
+        self.model = WavLMModel(WavLMConfig(**wavlm_config))
+        self.normalize_wav, self.output_all_hiddens, self.output_norm = (
+            normalize_wav,
+            layer_weighting,
+            False,
+        )
+        num_states = self.model.config.num_hidden_layers + 1
+        self.layer_logits = nn.Parameter(torch.zeros(num_states)) if layer_weighting else None
+        self.head = head
+
+    # SpeechBrain's wrapper can only be built from a model folder; its feature code (padding mask,
+    # waveform normalization, hidden states) is reused as is, so both compute the same thing.
+    extract_features = Wav2Vec2.extract_features
+
+    def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings ``[B, 1, D]`` of waveforms ``[B, T]`` with relative lengths ``[B]``."""
+        hidden = self.extract_features(wavs, wav_lens)
+        if self.layer_logits is not None:
+            hidden = weighted_layer_sum(self.layer_logits, hidden)
+        return self.head(hidden, wav_lens)
+
+
+class TDSVSpeakerRecognition(SpeakerRecognition):
+    """Speaker verification with a trained TDSV model (``SpeakerRecognition``'s methods).
+
+    Differences from SpeechBrain's class, each on purpose:
+
+    - ``encode_batch`` embeds every utterance at its own length: WavLM normalizes the padded
+      waveform and its CNN's GroupNorm runs over padding, so a padded utterance would get another
+      embedding than the same utterance alone.
+    - Decisions use the thresholds calibrated on the dev trials (``hparams.thresholds``, by
+      operating point and number of enrollment utterances), not a fixed 0.25; a trial is accepted
+      when ``score >= threshold``.
+    - ``verify_enrolment`` scores a test file against several enrollment files (the mean of
+      their L2-normalized embeddings, as the verification recipe does).
+    - ``load_audio`` reads any sample rate and channel count, and logs when it resamples or
+      down-mixes.
+    """
+
+    MODULES_NEEDED: ClassVar[list[str]] = ["embedding_model"]
+
+    def encode_batch(self, wavs, wav_lens=None, normalize=False):
+        """Embeddings ``[B, 1, D]`` of waveforms ``[B, T]`` (L2-normalized if ``normalize``)."""
+        wavs = (wavs.unsqueeze(0) if wavs.dim() == 1 else wavs).to(self.device).float()
+        if wav_lens is None:
+            wav_lens = torch.ones(wavs.shape[0])
+        embeddings = []
+        with torch.no_grad(), self.inference_ctx:
+            for wav, rel in zip(wavs, wav_lens.tolist(), strict=True):
+                samples = max(1, round(rel * wavs.shape[1]))
+                embeddings.append(self.mods.embedding_model(wav[None, :samples]).float())
+        embeddings = torch.cat(embeddings)
+        return F.normalize(embeddings, dim=-1) if normalize else embeddings
+
+    def threshold(self, n_enrol: int = 1, operating_point: str | None = None) -> float | None:
+        """The dev-calibrated threshold for ``n_enrol`` enrollment utterances (None: uncalibrated).
+
+        ``operating_point`` is "eer" or "min_dcf" (default: ``hparams.operating_point``). For more
+        enrollment utterances than were calibrated, the largest calibrated count is used.
+        """
+        table = getattr(self.hparams, "thresholds", None)
+        if not table:
+            return None
+        point = operating_point or self.hparams.operating_point
+        if point not in table:
+            raise ValueError(f"operating point {point!r}: the model has {sorted(table)}")
+        by_count = {int(n): float(t) for n, t in table[point].items()}
+        usable = [n for n in by_count if n <= n_enrol] or [min(by_count)]
+        return by_count[max(usable)]
+
+    def verify_batch(self, wavs1, wavs2, wav1_lens=None, wav2_lens=None, threshold=None):
+        """Cosine scores ``[B, 1]`` of pairs and decisions (None without any threshold)."""
+        emb1 = self.encode_batch(wavs1, wav1_lens)
+        emb2 = self.encode_batch(wavs2, wav2_lens)
+        score = self.similarity(emb1, emb2)
+        return score, self._decide(score, threshold, n_enrol=1)
+
+    def verify_files(self, path_x, path_y, threshold=None, **kwargs):
+        """Score and decision for two audio files (one enrollment utterance)."""
+        score, decision = self.verify_enrolment([path_x], path_y, threshold)
+        return score, decision
+
+    def embed_file(self, path) -> torch.Tensor:
+        """The embedding ``[D]`` of one audio file."""
+        return self.encode_batch(self.load_audio(path))[0, 0]
+
+    def enrol(self, paths) -> torch.Tensor:
+        """Enrollment model ``[D]`` of audio files (see ``enrolment_model``)."""
+        if not paths:
+            raise ValueError("enrollment needs at least one audio file")
+        return self.enrolment_model(torch.stack([self.embed_file(path) for path in paths]))
+
+    @staticmethod
+    def enrolment_model(embeddings: torch.Tensor) -> torch.Tensor:
+        """Unit vector ``[D]``: the mean of the L2-normalized embeddings ``[N, D]``."""
+        return F.normalize(F.normalize(embeddings, dim=-1).mean(0), dim=-1)
+
+    def verify_enrolment(self, enrol_paths, test_path, threshold=None):
+        """Score (a 0-d tensor) and decision for a test file against several enrollment files."""
+        model = self.enrol(enrol_paths)
+        score = self.similarity(model, self.embed_file(test_path))
+        return score, self._decide(score, threshold, n_enrol=len(enrol_paths))
+
+    def _decide(self, score, threshold, n_enrol):
+        """``score >= threshold``; the calibrated threshold unless one is given."""
+        threshold = self.threshold(n_enrol) if threshold is None else threshold
+        return None if threshold is None else score >= threshold
+
+    def load_audio(self, path, savedir=None):
+        """A mono waveform at the model's sample rate from an audio file of any rate / channels."""
+        try:
+            signal, rate = audio_io.load(str(path), channels_first=False)
+        except Exception as error:  # soundfile's messages do not always name the file
+            raise RuntimeError(f"cannot read audio {path}: {error}") from error
+        if signal.shape[0] == 0:
+            raise ValueError(f"{path}: the audio file has no samples")
+        target = self.audio_normalizer.sample_rate
+        changes = [f"resampled {rate} -> {target} Hz"] if rate != target else []
+        if signal.dim() > 1 and signal.shape[1] > 1:
+            changes.append(f"down-mixed {signal.shape[1]} channels to mono")
+        if changes:
+            logger.warning("%s: %s", path, ", ".join(changes))
+        return self.audio_normalizer(signal, rate).to(self.device)

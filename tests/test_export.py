@@ -1,0 +1,280 @@
+"""Using a trained model: export folder, offline loading, the file CLI and HF interop.
+
+The export of a short recipe run loads offline (another folder, no repository on the path) and
+scores a pair as the verification recipe does; the HF WavLMForXVector export has the same
+embeddings; a plain HF x-vector model scores a recipe's trials; bad inputs fail with their name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+from scipy.signal import resample_poly
+from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMForXVector
+
+from recipes.export_model import enrolment_thresholds, hf_xvector_model
+from recipes.scoring import EmbeddingTable, score_trials
+from recipes.speaker_model import TDSVSpeakerRecognition, WavLMSpeakerEmbedder, XVectorHead
+from recipes.tiny_wavlm import TINY
+from tests.helpers import ROOT, run_script
+
+
+def cli(*args, cwd=ROOT):
+    """Run verify_speakers.py in audio-file mode; the completed process."""
+    command = [sys.executable, str(ROOT / "recipes" / "verify_speakers.py"), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def tiny_embedder(batch_norm=True, layer_weighting=True, seed=0) -> WavLMSpeakerEmbedder:
+    """A random tiny embedder whose BatchNorms have non-trivial statistics (eval mode)."""
+    torch.manual_seed(seed)
+    head = XVectorHead(96, (32, 32, 32, 32, 64), embedding_dim=16, batch_norm=batch_norm)
+    embedder = WavLMSpeakerEmbedder(TINY, head, layer_weighting=layer_weighting)
+    for norm in head.norms:
+        if isinstance(norm, torch.nn.BatchNorm1d):
+            for tensor in (norm.running_mean, norm.weight, norm.bias):
+                tensor.data.normal_()
+            norm.running_var.data.uniform_(0.5, 2.0)
+    if layer_weighting:
+        embedder.layer_logits.data.normal_()
+    return embedder.eval()
+
+
+@pytest.mark.parametrize(("batch_norm", "layer_weighting"), [(True, True), (False, False)])
+def test_hf_export_has_the_same_embeddings(batch_norm, layer_weighting):
+    embedder = tiny_embedder(batch_norm, layer_weighting)
+    classifier = torch.nn.Linear(16, 5, bias=False)
+    hf = hf_xvector_model(embedder, classifier, [f"spk{i}" for i in range(5)])
+    wav = torch.randn(1, 24000) * 0.1
+    with torch.no_grad():
+        ours = embedder(wav).squeeze(1)
+        theirs = hf(input_values=F.layer_norm(wav, wav.shape[1:])).embeddings
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert hf.config.id2label[3] == "spk3"
+    assert torch.equal(hf.objective.weight, classifier.weight.t())
+
+
+def test_thresholds_are_calibrated_per_number_of_enrollment_utterances():
+    rng = np.random.default_rng(0)
+    speakers = rng.normal(size=(6, 8))
+    ids, vectors = [], []
+    for s in range(6):
+        for u in range(6):
+            ids.append(f"s{s}u{u}")
+            vectors.append(speakers[s] + 0.9 * rng.normal(size=8))
+    table = EmbeddingTable(ids, np.array(vectors))
+    models = pd.DataFrame(
+        {
+            "model_id": [f"m{s}" for s in range(6)],
+            "enrol_ids": [f"s{s}u0 s{s}u1 s{s}u2" for s in range(6)],
+        }
+    )
+    trials = pd.DataFrame(
+        [
+            (f"m{m}", f"s{s}u{u}", "TC" if m == s else "IC")
+            for m in range(6)
+            for s in range(6)
+            for u in (3, 4, 5)
+        ],
+        columns=["model_id", "test_id", "condition"],
+    )
+    thresholds = enrolment_thresholds(table, models, trials)
+    assert set(thresholds["eer"]) == {1, 2, 3}
+    one = models.assign(enrol_ids=models["enrol_ids"].str.split().str[0])
+    scores = score_trials(table, one, trials)
+    targets, nontargets = scores[trials["condition"] == "TC"], scores[trials["condition"] == "IC"]
+    threshold = thresholds["eer"][1]  # the EER point: misses and false alarms balance there
+    assert abs((targets < threshold).mean() - (nontargets >= threshold).mean()) < 0.1
+    assert thresholds["eer"][3] != thresholds["eer"][1]
+
+
+def test_threshold_lookup_by_enrollment_size():
+    verifier = TDSVSpeakerRecognition(
+        modules={"embedding_model": torch.nn.Identity()},
+        hparams={
+            "operating_point": "eer",
+            "thresholds": {"eer": {"1": 0.5, "3": 0.7}, "min_dcf": {"1": 0.9}},
+        },
+    )
+    assert verifier.threshold(1) == 0.5 and verifier.threshold(2) == 0.5
+    assert verifier.threshold(3) == 0.7 and verifier.threshold(10) == 0.7
+    assert verifier.threshold(3, "min_dcf") == 0.9
+    with pytest.raises(ValueError, match="operating point"):
+        verifier.threshold(1, "frr")
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tiny_corpus):
+    """The short recipe run, exported: (experiment folder, export folder)."""
+    out, _ = trained
+    run_script("export_model.py", out, tiny_corpus)
+    return out, out / "export"
+
+
+def _wav_paths(out: Path, split: str, corpus: Path) -> pd.Series:
+    """Audio path by utterance id for a split's enrollment and test utterances."""
+    utts = pd.concat(
+        pd.read_csv(out / "prep" / f"{split}_{name}.csv", dtype=str)
+        for name in ("enrol_utts", "test")
+    )
+    return utts.set_index("ID")["wav"].str.replace("$data_root", str(corpus), regex=False)
+
+
+def _dev_pair(out: Path, corpus: Path):
+    """The first dev trial: enrollment ids, test id, its recipe score, and the audio paths."""
+    models = pd.read_csv(out / "prep" / "dev_enrol.csv", dtype=str).set_index("model_id")
+    model_id, test_id, score = (out / "scores_dev.txt").read_text().split("\n")[0].split()[:3]
+    enrol_ids = models.loc[model_id, "enrol_ids"].split()
+    return enrol_ids, test_id, float(score), _wav_paths(out, "dev", corpus)
+
+
+@pytest.mark.slow
+def test_export_folder_is_complete_and_self_checked(exported):
+    _, folder = exported
+    names = {p.name for p in folder.iterdir()}
+    assert {
+        "hyperparams.yaml",
+        "tdsv_speaker_model.py",
+        "embedding_model.ckpt",
+        "label_encoder.txt",
+    } <= names
+    assert {"README.md", "export.json", "hf"} <= names
+    facts = json.loads((folder / "export.json").read_text())
+    assert min(facts["checks"].values()) > 0.9999
+    assert set(facts["thresholds"]["eer"]) == {"1", "2", "3"}
+    card = (folder / "README.md").read_text()
+    assert f"| dev | pooled | {facts['metrics']['dev']['pooled']['eer']:.2f} |" in card
+    # An untouched model: the code in the folder is the repository's.
+    assert (folder / "tdsv_speaker_model.py").read_text() == (
+        ROOT / "recipes" / "speaker_model.py"
+    ).read_text()
+
+
+@pytest.mark.slow
+def test_export_loads_offline_elsewhere_and_scores_like_the_recipe(exported, tiny_corpus, tmp_path):
+    out, folder = exported
+    enrol_ids, test_id, _, wav = _dev_pair(out, tiny_corpus)
+    table = EmbeddingTable.load(next((out / "embeddings").glob("*/dev.npy")).with_suffix(""))
+    a, b = table.matrix[table.rows([enrol_ids[0], test_id], "pair")]
+    expected = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    script = textwrap.dedent(
+        f"""
+        import json
+        import importlib.util
+        assert importlib.util.find_spec("recipes") is None  # the repository is not importable
+        from speechbrain.inference.interfaces import foreign_class
+        v = foreign_class(source={str(folder)!r}, pymodule_file="tdsv_speaker_model.py",
+                          classname="TDSVSpeakerRecognition")
+        score, accept = v.verify_files({wav[enrol_ids[0]]!r}, {wav[test_id]!r})
+        emb = v.encode_batch(v.load_audio({wav[test_id]!r}))
+        print(json.dumps([float(score), bool(accept), v.threshold(1), list(emb.shape)]))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    score, accept, threshold, shape = json.loads(result.stdout.strip().splitlines()[-1])
+    assert score == pytest.approx(expected, abs=1e-4)
+    assert accept == (score >= threshold) and shape == [1, 1, 64]
+
+
+@pytest.mark.slow
+def test_cli_enrollment_reproduces_the_recipe_trial_score(exported, tiny_corpus):
+    out, folder = exported
+    enrol_ids, test_id, recipe_score, wavs = _dev_pair(out, tiny_corpus)
+    paths = [wavs[i] for i in [*enrol_ids, test_id]]
+    result = cli("--model", folder, "--enrol", *paths[:-1], "--test", paths[-1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "3-utterance enrollment" in result.stdout
+    path, score, decision = result.stdout.strip().splitlines()[-1].split()
+    assert path == paths[-1] and float(score) == pytest.approx(recipe_score, abs=1e-4)
+    assert decision in ("accept", "reject")
+
+
+@pytest.mark.slow
+def test_cli_resamples_and_downmixes_and_says_so(exported, tiny_corpus, tmp_path):
+    out, folder = exported
+    enrol_ids, test_id, _, wavs = _dev_pair(out, tiny_corpus)
+    enrol, test = wavs[enrol_ids[0]], wavs[test_id]
+    samples, _ = sf.read(test)
+    stereo = np.stack([resample_poly(samples, 441, 160)] * 2, axis=1)
+    sf.write(tmp_path / "test_44k.wav", stereo, 44100)
+    (tmp_path / "pairs.txt").write_text(f"{enrol} {test}\n{enrol} {tmp_path / 'test_44k.wav'}\n")
+    result = cli("--model", folder, "--pairs", tmp_path / "pairs.txt")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resampled 44100 -> 16000 Hz, down-mixed 2 channels to mono" in result.stderr
+    native, converted = (float(line.split()[2]) for line in result.stdout.strip().splitlines())
+    assert converted == pytest.approx(native, abs=0.05)
+
+
+def test_cli_names_bad_pairs_lines_and_bad_model_folders(tmp_path, tiny_corpus):
+    wav = next((tiny_corpus / "wav" / "evaluation").glob("*.wav"))
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text(f"1 {wav} {wav}\n1 {wav},missing.wav {wav}\nmaybe {wav} {wav}\n")
+    result = cli("--model", tmp_path, "--pairs", pairs)
+    assert result.returncode != 0
+    assert f"{pairs}:2: no such file missing.wav" in result.stderr
+    assert f"{pairs}:3: expected '[label] enrol test'" in result.stderr
+    pairs.write_text(f"{wav} {wav}\n")
+    result = cli("--model", tmp_path, "--pairs", pairs)
+    assert result.returncode != 0 and "not a model folder" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def hf_xvector_dir(tmp_path_factory) -> Path:
+    """A tiny random transformers WavLMForXVector saved locally (the seed's published format)."""
+    folder = tmp_path_factory.mktemp("hf") / "wavlm-xvector"
+    torch.manual_seed(0)
+    config = WavLMConfig(
+        **TINY, tdnn_dim=(32, 32, 64), tdnn_kernel=(3, 3, 1), tdnn_dilation=(1, 2, 1)
+    )
+    config.architectures = ["WavLMForXVector"]
+    WavLMForXVector(config).save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_a_plain_hf_xvector_model_scores_the_recipe_trials(hf_xvector_dir, tiny_corpus, tmp_path):
+    out = tmp_path / "exp"
+    output = run_script("verify_speakers.py", out, tiny_corpus, "--model", hf_xvector_dir)
+    reports = list((out / "models").glob("*/verification_eval.json"))
+    assert len(reports) == 1 and "eval: EER" in output
+    lines = (reports[0].parent / "scores_eval.txt").read_text().splitlines()
+    trials = (tiny_corpus / "docs" / "trials.txt").read_text().splitlines()[1:]
+    assert [line.split()[:2] for line in lines] == [t.split() for t in trials]
+    # One trial by hand, the transformers way: feature extractor, embeddings, cosine.
+    model_id, test_id, score = lines[0].split()[:3]
+    enrol = pd.read_csv(out / "prep" / "eval_enrol.csv", dtype=str).set_index("model_id")
+    wavs = _wav_paths(out, "eval", tiny_corpus)
+    extractor = Wav2Vec2FeatureExtractor.from_pretrained(hf_xvector_dir)
+    model = WavLMForXVector.from_pretrained(hf_xvector_dir).eval()
+
+    def embedding(utt_id):
+        samples, rate = sf.read(wavs[utt_id])
+        inputs = extractor(samples, sampling_rate=rate, return_tensors="pt")
+        with torch.no_grad():
+            return F.normalize(model(**inputs).embeddings[0], dim=0)
+
+    enrolled = torch.stack([embedding(u) for u in enrol.loc[model_id, "enrol_ids"].split()])
+    expected = F.cosine_similarity(enrolled.mean(0), embedding(test_id), dim=0)
+    assert float(score) == pytest.approx(float(expected), abs=1e-4)
