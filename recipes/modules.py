@@ -2,7 +2,8 @@
 
 - ``WavLMEncoder``: SpeechBrain's HF ``WavLM`` wrapper plus a learnable softmax-weighted sum of
   all hidden layers, LayerDrop switched off (it returns fewer hidden states on random steps, which
-  breaks a layer-weighted sum) and optional gradient checkpointing.
+  breaks a layer-weighted sum), optional gradient checkpointing, and features that do not depend
+  on padding (``speaker_model.wavlm_features``), so utterances can be batched at evaluation.
 - ``MarginSoftmax``: SpeechBrain's ``LogSoftmaxWrapper`` around ``AngularMargin`` (AM-Softmax) or
   ``AdditiveAngularMargin`` (AAM), with a fixed, learnable or AdaCos-style adaptive scale and an
   optional margin warm-up.
@@ -18,7 +19,12 @@ from speechbrain.integrations.huggingface.wavlm import WavLM
 from speechbrain.nnet.losses import AdditiveAngularMargin, AngularMargin, LogSoftmaxWrapper
 from torch import nn
 
-from recipes.speaker_model import weighted_layer_sum
+from recipes.speaker_model import (
+    frame_lengths,
+    mask_cnn_padding,
+    wavlm_features,
+    weighted_layer_sum,
+)
 
 
 class WavLMEncoder(WavLM):
@@ -55,7 +61,10 @@ class WavLMEncoder(WavLM):
             output_all_hiddens=layer_weighting,
             **kwargs,
         )
+        if self.output_norm:
+            raise ValueError("output_norm is not supported (it would normalize over padding)")
         self.model.config.layerdrop = 0.0
+        mask_cnn_padding(self.model)
         if gradient_checkpointing:
             # Non-reentrant checkpointing works with DDP and with frozen inputs.
             self.model.gradient_checkpointing_enable({"use_reentrant": False})
@@ -63,12 +72,22 @@ class WavLMEncoder(WavLM):
         self.layer_logits = nn.Parameter(torch.zeros(num_states)) if layer_weighting else None
         self.output_size = self.model.config.hidden_size
 
+    def extract_features(self, wav, wav_lens=None):
+        """Hidden states of WavLM that do not depend on padding (see ``wavlm_features``)."""
+        return wavlm_features(
+            self.model, wav, wav_lens, self.normalize_wav, self.output_all_hiddens
+        )
+
     def forward(self, wav, wav_lens=None):
         """Encode a batch of waveforms ``[B, T]`` into frame features ``[B, T', H]``."""
         hidden = super().forward(wav, wav_lens)
         if self.layer_logits is None:
             return hidden
         return weighted_layer_sum(self.layer_logits, hidden)
+
+    def frame_lengths(self, wav_lens, num_samples: int, num_frames: int):
+        """Exact relative lengths of the valid output frames (see ``speaker_model``)."""
+        return frame_lengths(self.model, wav_lens, num_samples, num_frames)
 
     def layer_weights(self) -> list[float]:
         """The current softmax layer weights (for logging)."""

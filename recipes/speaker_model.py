@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from speechbrain.dataio import audio_io
 from speechbrain.inference.speaker import SpeakerRecognition
-from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 from torch import nn
 from transformers import WavLMConfig, WavLMModel
 
@@ -98,6 +97,92 @@ def weighted_layer_sum(layer_logits: torch.Tensor, hidden: torch.Tensor) -> torc
     return torch.einsum("l,lbth->bth", weights, hidden)
 
 
+# ------------------------------------------------------------------------------------------------
+# Padding-free batches. WavLM computes two statistics over time that padding would change: the
+# waveform normalization (SpeechBrain's wrapper normalizes the padded row) and the GroupNorm of the
+# first CNN layer (one group per channel, over all frames). A 2.3 s utterance padded to 11 s had
+# cosine 0.37 with itself alone. Both are taken over each utterance's valid part here; everything
+# after is already exact (convolutions without padding keep valid frames apart from padded ones,
+# HF's encoder zeroes padded frames before its positional convolution and masks attention), so a
+# batched utterance gets the embedding it gets alone, and evaluation can run in batches.
+# ------------------------------------------------------------------------------------------------
+class MaskedGroupNorm(nn.GroupNorm):
+    """Per-channel GroupNorm over the valid frames of each utterance (``valid_frames`` [B]).
+
+    ``valid_frames`` is set only for the duration of one forward pass (``wavlm_features``);
+    without it, or with channels grouped, this is ``nn.GroupNorm``. Parameter names are
+    GroupNorm's, so checkpoints and HF weights load unchanged.
+    """
+
+    valid_frames: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalize ``x`` ``[B, C, T]``."""
+        if self.valid_frames is None or self.num_groups != self.num_channels:
+            return super().forward(x)
+        x = x.float()  # statistics in fp32, as autocast runs GroupNorm
+        frames = torch.arange(x.shape[-1], device=x.device)
+        mask = (frames[None, :] < self.valid_frames[:, None]).to(x.dtype)[:, None, :]
+        count = mask.sum(-1, keepdim=True).clamp(min=1)
+        mean = (x * mask).sum(-1, keepdim=True) / count
+        var = (((x - mean) * mask) ** 2).sum(-1, keepdim=True) / count
+        y = (x - mean) * torch.rsqrt(var + self.eps)
+        return y * self.weight[None, :, None] + self.bias[None, :, None] if self.affine else y
+
+
+def mask_cnn_padding(model: WavLMModel) -> MaskedGroupNorm | None:
+    """Swap the first CNN layer's GroupNorm for a ``MaskedGroupNorm`` (None if it has none)."""
+    layer = model.feature_extractor.conv_layers[0]
+    norm = getattr(layer, "layer_norm", None)
+    if type(norm) is nn.GroupNorm:
+        masked = MaskedGroupNorm(norm.num_groups, norm.num_channels, norm.eps, norm.affine)
+        masked.load_state_dict(norm.state_dict())
+        layer.layer_norm = masked.to(norm.weight.device)
+    return layer.layer_norm if isinstance(layer.layer_norm, MaskedGroupNorm) else None
+
+
+def frame_lengths(model, wav_lens, num_samples: int, num_frames: int) -> torch.Tensor | None:
+    """Relative lengths ``[B]`` of each utterance's valid frames, exact (the CNN's formula).
+
+    Rounding the waveform's relative length to frames can count one padded frame as valid,
+    and the pooling of the head would then average in a frame of padding.
+    """
+    if wav_lens is None:
+        return None
+    samples = torch.round(wav_lens * num_samples).long()
+    return model._get_feat_extract_output_lengths(samples).to(wav_lens.dtype) / num_frames
+
+
+def wavlm_features(model, wav, wav_lens, normalize_wav: bool, all_hiddens: bool) -> torch.Tensor:
+    """WavLM hidden states (``[L, B, T, H]`` or last ``[B, T, H]``) that ignore padding.
+
+    ``wav_lens`` are relative lengths (SpeechBrain's convention); None means no padding.
+    """
+    samples = torch.full((wav.shape[0],), wav.shape[1], device=wav.device)
+    if wav_lens is not None:
+        samples = torch.round(wav_lens.to(wav.device) * wav.shape[1]).long()
+    valid = torch.arange(wav.shape[1], device=wav.device)[None, :] < samples[:, None]
+    if normalize_wav:  # F.layer_norm of each unpadded waveform, padding left at zero
+        count = samples[:, None].clamp(min=1)
+        mean = (wav * valid).sum(1, keepdim=True) / count
+        var = (((wav - mean) * valid) ** 2).sum(1, keepdim=True) / count
+        wav = (wav - mean) * torch.rsqrt(var + 1e-5) * valid
+    cnn_norm = mask_cnn_padding(model)
+    if cnn_norm is not None:
+        kernel, stride = model.config.conv_kernel[0], model.config.conv_stride[0]
+        cnn_norm.valid_frames = torch.div(samples - kernel, stride, rounding_mode="floor") + 1
+    try:
+        out = model(
+            wav,
+            attention_mask=None if wav_lens is None else valid,
+            output_hidden_states=all_hiddens,
+        )
+    finally:
+        if cnn_norm is not None:
+            cnn_norm.valid_frames = None
+    return torch.stack(list(out.hidden_states)) if all_hiddens else out.last_hidden_state
+
+
 class WavLMSpeakerEmbedder(nn.Module):
     """Waveforms ``[B, T]`` -> speaker embeddings ``[B, 1, D]``: WavLM, layer weights, head.
 
@@ -123,25 +208,22 @@ class WavLMSpeakerEmbedder(nn.Module):
     ):
         super().__init__()
         self.model = WavLMModel(WavLMConfig(**wavlm_config))
-        self.normalize_wav, self.output_all_hiddens, self.output_norm = (
-            normalize_wav,
-            layer_weighting,
-            False,
-        )
+        mask_cnn_padding(self.model)
+        self.normalize_wav = normalize_wav
         num_states = self.model.config.num_hidden_layers + 1
         self.layer_logits = nn.Parameter(torch.zeros(num_states)) if layer_weighting else None
         self.head = head
 
-    # SpeechBrain's wrapper can only be built from a model folder; its feature code (padding mask,
-    # waveform normalization, hidden states) is reused as is, so both compute the same thing.
-    extract_features = Wav2Vec2.extract_features
-
     def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings ``[B, 1, D]`` of waveforms ``[B, T]`` with relative lengths ``[B]``."""
-        hidden = self.extract_features(wavs, wav_lens)
+        hidden = wavlm_features(
+            self.model, wavs, wav_lens, self.normalize_wav, self.layer_logits is not None
+        )
         if self.layer_logits is not None:
             hidden = weighted_layer_sum(self.layer_logits, hidden)
-        return self.head(hidden, wav_lens)
+        return self.head(
+            hidden, frame_lengths(self.model, wav_lens, wavs.shape[1], hidden.shape[1])
+        )
 
 
 class TDSVSpeakerRecognition(SpeakerRecognition):

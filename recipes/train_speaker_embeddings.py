@@ -52,7 +52,8 @@ class SpeakerBrain(sb.core.Brain):
                 feats = self.modules.wavlm(wavs, lens)
         else:
             feats = self.modules.wavlm(wavs, lens)
-        embeddings = self.modules.embedding_model(feats, lens)
+        feat_lens = self.unwrapped("wavlm").frame_lengths(lens, wavs.shape[1], feats.shape[1])
+        embeddings = self.modules.embedding_model(feats, feat_lens)
         if stage != sb.Stage.TRAIN:
             return embeddings
         logits = {"class": self.modules.classifier(embeddings)}

@@ -69,7 +69,12 @@ def verify_recipe(argv) -> None:
     check_splits(splits)
     verifier = load_verifier(model, {"device": run_opts.get("device", "cpu")})
     folder = Path(hparams["output_folder"]) / "models" / model_name(model)
-    embed = partial(embed_dataset, verifier, loader_kwargs=hparams["eval_dataloader_options"])
+    embed = partial(
+        embed_dataset,
+        verifier,
+        loader_kwargs=hparams["eval_dataloader_options"],
+        progress=not run_opts.get("noprogressbar"),
+    )
     results = score_splits(embed, hparams, splits, cohort_set, folder / "embeddings", folder)
     for split, metrics in results.items():
         if "pooled" in metrics:

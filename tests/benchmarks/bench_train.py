@@ -21,30 +21,26 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from hyperpyyaml import load_hyperpyyaml
+from common import (
+    deepmine_lengths,
+    demo_brain,
+    device_name,
+    model_dirs,
+    peak_memory_mb,
+    synchronize,
+)
 from speechbrain.dataio.batch import PaddedBatch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from recipes.tiny_wavlm import build_tiny_wavlm, save_wavlm, wavlm_base_plus_config
-from recipes.train_speaker_embeddings import build_brain
-
-ROOT = Path(__file__).resolve().parents[2]
-HIDDEN = {"tiny": 96, "base_plus": 768}
 
 
 def batches(batch_size: int, steps: int, bucketing: bool, seed: int = 0):
     """Synthetic batches with DeepMine-like lengths; sorted by length when bucketing."""
-    rng = np.random.default_rng(seed)
-    lengths = rng.uniform(1.5, 5.0, batch_size * steps)
+    lengths = deepmine_lengths(batch_size * steps, seed)
     if bucketing:
         lengths = np.sort(lengths)
     for step in range(steps):
@@ -61,28 +57,18 @@ def batches(batch_size: int, steps: int, bucketing: bool, seed: int = 0):
         yield PaddedBatch(examples), float(chunk.sum())
 
 
-def peak_memory_mb(device: str) -> float:
-    """Peak GPU memory allocated, or this process's peak RSS on CPU."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run_setting(model_dir, model, precision, checkpointing, bucketing, args, tmp) -> dict:
     """Time ``args.steps`` training steps after ``args.warmup`` untimed ones."""
-    overrides = {
-        "output_folder": str(tmp),
-        "wavlm_source": model_dir,
-        "wavlm_hidden_size": HIDDEN[model],
-        "gradient_checkpointing": checkpointing,
-        "noise_csv": None,
-        "augment": False,
-        "margin_warmup_epochs": 0,
-    }
-    with open(ROOT / "hparams" / "synthetic_demo.yaml", encoding="utf-8") as handle:
-        hparams = load_hyperpyyaml(handle, overrides)
-    run_opts = {"device": args.device, "precision": precision, "noprogressbar": True}
-    brain = build_brain(hparams, run_opts, n_classes=50, n_phrases=10)
+    run_opts = {"device": args.device, "precision": precision}
+    brain = demo_brain(
+        model_dir,
+        model,
+        tmp,
+        run_opts,
+        gradient_checkpointing=checkpointing,
+        augment=False,
+        margin_warmup_epochs=0,
+    )
     brain.hparams.epoch_counter.current, brain.steps_per_epoch, brain.step = 1, 1000, 0
     brain.init_optimizers()
     brain.modules.train()
@@ -93,15 +79,13 @@ def run_setting(model_dir, model, precision, checkpointing, bucketing, args, tmp
         batches(args.batch_size, args.warmup + args.steps, bucketing)
     ):
         if index == args.warmup:
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
+            synchronize(args.device)
             start = time.perf_counter()
         brain.step += 1
         brain.fit_batch(batch)
         if index >= args.warmup:
             audio += batch_audio
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
+    synchronize(args.device)
     seconds = time.perf_counter() - start
     return {
         "model": model,
@@ -113,7 +97,7 @@ def run_setting(model_dir, model, precision, checkpointing, bucketing, args, tmp
         "utts_per_s": args.steps * args.batch_size / seconds,
         "audio_s_per_s": audio / seconds,
         "peak_mb": peak_memory_mb(args.device),
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "device": device_name(args.device),
     }
 
 
@@ -132,10 +116,7 @@ def main() -> None:
     print("| model | precision | grad ckpt | bucketing | steps/s | utts/s | audio s/s | peak MB |")
     print("|---|---|---|---|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = {
-            "tiny": build_tiny_wavlm(Path(tmp) / "tiny"),
-            "base_plus": save_wavlm(Path(tmp) / "base_plus", wavlm_base_plus_config()),
-        }
+        dirs = model_dirs(tmp)
         for model, precision, checkpointing, bucketing in itertools.product(
             args.models, precisions, (False, True), (False, True)
         ):

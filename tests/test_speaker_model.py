@@ -1,0 +1,79 @@
+"""The embedding model does not depend on padding, so evaluation can batch utterances.
+
+SpeechBrain's wrapper normalizes the padded waveform and WavLM's first GroupNorm runs over padded
+frames; the recipe takes both statistics over each utterance's valid part, and the head pools
+over exactly the valid frames.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
+
+from recipes.speaker_model import MaskedGroupNorm, XVectorHead
+from tests.test_training_recipe import load_yaml
+
+LENGTHS = (48000, 37001, 21111, 16003, 8000)
+
+
+def padded(seed=0):
+    """Waveforms of different lengths and loudness, alone and as one zero-padded batch."""
+    generator = torch.Generator().manual_seed(seed)
+    wavs = [torch.randn(n, generator=generator) * 0.05 * (i + 1) for i, n in enumerate(LENGTHS)]
+    batch = torch.zeros(len(wavs), max(LENGTHS))
+    for i, wav in enumerate(wavs):
+        batch[i, : len(wav)] = wav
+    return wavs, batch, torch.tensor(LENGTHS) / max(LENGTHS)
+
+
+@pytest.mark.parametrize("head_type", ["xvector", "ecapa"])
+def test_a_batched_utterance_gets_the_embedding_it_gets_alone(tmp_path, tiny_wavlm_dir, head_type):
+    hparams = load_yaml(
+        "synthetic_demo.yaml",
+        {"output_folder": str(tmp_path), "wavlm_source": tiny_wavlm_dir, "head_type": head_type},
+    )
+    wavlm, head = hparams["wavlm"].eval(), hparams["embedding_model"].eval()
+    assert isinstance(wavlm.model.feature_extractor.conv_layers[0].layer_norm, MaskedGroupNorm)
+    wavs, batch, lens = padded()
+
+    def embed(wav, wav_lens, features):
+        hidden = features(wav, wav_lens)
+        frames = wavlm.frame_lengths(wav_lens, wav.shape[1], hidden.shape[-2])
+        if hidden.dim() == 4:
+            hidden = torch.einsum("l,lbth->bth", F.softmax(wavlm.layer_logits, 0), hidden)
+        return F.normalize(head(hidden, frames).squeeze(1), dim=-1)
+
+    with torch.no_grad():
+        alone = torch.cat([embed(w[None], None, wavlm.extract_features) for w in wavs])
+        batched = embed(batch, lens, wavlm.extract_features)
+        # SpeechBrain's own feature code on the same model: padding leaks in.
+        plain = embed(batch, lens, lambda w, n: Wav2Vec2.extract_features(wavlm, w, n))
+    ours, theirs = (alone - batched).abs().max(), (alone - plain).abs().max()
+    if head_type == "xvector":  # no padding in its convolutions: exact
+        assert ours < 1e-5 and theirs > 20 * ours  # (the test can tell the difference)
+    else:  # ECAPA's "same"-padded convolutions see padding at an utterance's end (0.5 s in 3 s:
+        # cosine 0.9988, measured), so only the WavLM part is padding-free
+        assert (alone * batched).sum(-1).min() > 0.995 and ours < theirs
+
+
+def test_masked_group_norm_is_group_norm_on_full_length_input():
+    norm = torch.nn.GroupNorm(8, 8)
+    norm.weight.data.normal_()
+    masked = MaskedGroupNorm(8, 8)
+    masked.load_state_dict(norm.state_dict())
+    x = torch.randn(3, 8, 50)
+    masked.valid_frames = torch.tensor([50, 50, 50])
+    assert torch.allclose(masked(x), norm(x), atol=1e-5)
+    masked.valid_frames = torch.tensor([50, 20, 7])
+    out = masked(x)
+    assert torch.allclose(out[2:, :, :7], norm(x[2:, :, :7]), atol=1e-5)
+
+
+def test_head_pools_over_valid_frames_only():
+    head = XVectorHead(12, (16, 16, 16, 16, 24), embedding_dim=8).eval()
+    x = torch.randn(1, 40, 12)
+    padded_x = torch.cat([x, 100 * torch.ones(1, 25, 12)], dim=1)
+    with torch.no_grad():
+        assert torch.allclose(head(x), head(padded_x, torch.tensor([40 / 65])), atol=1e-5)
