@@ -137,6 +137,8 @@ def mask_cnn_padding(model: WavLMModel) -> MaskedGroupNorm | None:
     if type(norm) is nn.GroupNorm:
         masked = MaskedGroupNorm(norm.num_groups, norm.num_channels, norm.eps, norm.affine)
         masked.load_state_dict(norm.state_dict())
+        for name, parameter in masked.named_parameters():  # keep a frozen CNN frozen
+            parameter.requires_grad_(getattr(norm, name).requires_grad)
         layer.layer_norm = masked.to(norm.weight.device)
     return layer.layer_norm if isinstance(layer.layer_norm, MaskedGroupNorm) else None
 
