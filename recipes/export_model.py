@@ -42,7 +42,7 @@ from transformers import WavLMConfig, WavLMForXVector
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recipes.pretrained import EXPORTED_MODULE, load_verifier
-from recipes.scoring import metrics_by_condition, score_trials
+from recipes.scoring import metrics_by_condition, score_trials, trial_metrics
 from recipes.speaker_model import WavLMSpeakerEmbedder, XVectorHead
 from recipes.train_speaker_embeddings import build_brain, dataio_prep, prepare_data
 from recipes.verification import best_checkpoint, check_splits, split_embeddings
@@ -79,9 +79,9 @@ def split_metrics(tables: dict, splits: dict) -> dict:
     """Metrics by condition of every labelled split (the model card's numbers)."""
     results = {}
     for split, (_, models, trials) in splits.items():
-        if (trials["condition"] != "").all():
-            scores = score_trials(tables[split], models, trials)
-            results[split] = metrics_by_condition(scores, trials["condition"])
+        metrics = trial_metrics(score_trials(tables[split], models, trials), trials)
+        if metrics:
+            results[split] = metrics
     return results
 
 
@@ -100,9 +100,10 @@ def head_spec(hparams) -> tuple[str, dict]:
 
 
 def wavlm_settings(wavlm) -> dict:
-    """``WavLMSpeakerEmbedder`` arguments that reproduce the recipe's ``WavLMEncoder``."""
-    if wavlm.output_norm:
-        raise ValueError("exporting a WavLM with output_norm is not supported")
+    """``WavLMSpeakerEmbedder`` arguments that reproduce the recipe's ``WavLMEncoder``.
+
+    (``WavLMEncoder`` refuses ``output_norm``, which ``WavLMSpeakerEmbedder`` does not have.)
+    """
     config = {k: v for k, v in wavlm.model.config.to_diff_dict().items() if k not in BOOKKEEPING}
     return {
         "wavlm_config": config,

@@ -64,10 +64,10 @@ class WavLMEncoder(WavLM):
         if self.output_norm:
             raise ValueError("output_norm is not supported (it would normalize over padding)")
         self.model.config.layerdrop = 0.0
-        mask_cnn_padding(self.model)
         if gradient_checkpointing:
             # Non-reentrant checkpointing works with DDP and with frozen inputs.
             self.model.gradient_checkpointing_enable({"use_reentrant": False})
+        mask_cnn_padding(self.model)  # after: it takes its layer out of checkpointing
         num_states = self.model.config.num_hidden_layers + 1
         self.layer_logits = nn.Parameter(torch.zeros(num_states)) if layer_weighting else None
         self.output_size = self.model.config.hidden_size

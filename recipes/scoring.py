@@ -160,6 +160,13 @@ def metrics_by_condition(scores, conditions) -> dict:
     return results
 
 
+def trial_metrics(scores, trials: pd.DataFrame) -> dict:
+    """``metrics_by_condition`` of labelled trials; ``{}`` for a blind (unlabelled) list."""
+    if not (trials["condition"] != "").all():
+        return {}
+    return metrics_by_condition(scores, trials["condition"])
+
+
 # ------------------------------------------------------------------------------------------------
 # Score normalization with a cohort of training speakers: s-norm and adaptive s-norm (AS-norm), as
 # in SpeechBrain's verification_ecapa.yaml. Each side of a trial (model, test) is scored against

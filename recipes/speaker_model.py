@@ -28,6 +28,18 @@ from transformers import WavLMConfig, WavLMModel
 logger = logging.getLogger(__name__)
 
 
+def masked_mean_var(x: torch.Tensor, mask: torch.Tensor, dim: int, correction: int = 0):
+    """Mean and variance of ``x`` over ``dim`` where ``mask`` (0/1, broadcastable) is set.
+
+    The one masked-statistics routine behind the head's pooling, the waveform normalization and
+    ``MaskedGroupNorm`` (``correction`` 1: unbiased variance). Results keep ``dim``.
+    """
+    count = mask.sum(dim, keepdim=True)
+    mean = (x * mask).sum(dim, keepdim=True) / count.clamp(min=1)
+    var = (((x - mean) * mask) ** 2).sum(dim, keepdim=True) / (count - correction).clamp(min=1)
+    return mean, var
+
+
 def masked_mean_std(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Mean and (unbiased) std over the valid frames of ``x`` ``[B, T, C]`` -> ``[B, 2C]``.
 
@@ -35,10 +47,8 @@ def masked_mean_std(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     ``StatisticsPooling`` loops over utterances and adds random noise to the mean even at eval.
     """
     mask = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]).to(x.dtype)
-    count = mask.sum(dim=1, keepdim=True)
-    mean = (x * mask[..., None]).sum(dim=1) / count
-    var = (((x - mean[:, None]) ** 2) * mask[..., None]).sum(dim=1) / (count - 1).clamp(min=1)
-    return torch.cat([mean, var.clamp(min=1e-8).sqrt()], dim=-1)
+    mean, var = masked_mean_var(x, mask[..., None], dim=1, correction=1)
+    return torch.cat([mean, var.clamp(min=1e-8).sqrt()], dim=-1).squeeze(1)
 
 
 class XVectorHead(nn.Module):
@@ -109,9 +119,10 @@ def weighted_layer_sum(layer_logits: torch.Tensor, hidden: torch.Tensor) -> torc
 class MaskedGroupNorm(nn.GroupNorm):
     """Per-channel GroupNorm over the valid frames of each utterance (``valid_frames`` [B]).
 
-    ``valid_frames`` is set only for the duration of one forward pass (``wavlm_features``);
-    without it, or with channels grouped, this is ``nn.GroupNorm``. Parameter names are
-    GroupNorm's, so checkpoints and HF weights load unchanged.
+    ``valid_frames`` is set only for the duration of one forward pass (``wavlm_features``), so
+    its layer must not be recomputed in the backward pass (``mask_cnn_padding`` keeps it out of
+    gradient checkpointing); without it, or with channels grouped, this is ``nn.GroupNorm``.
+    Parameter names are GroupNorm's, so checkpoints and HF weights load unchanged.
     """
 
     valid_frames: torch.Tensor | None = None
@@ -123,16 +134,20 @@ class MaskedGroupNorm(nn.GroupNorm):
         x = x.float()  # statistics in fp32, as autocast runs GroupNorm
         frames = torch.arange(x.shape[-1], device=x.device)
         mask = (frames[None, :] < self.valid_frames[:, None]).to(x.dtype)[:, None, :]
-        count = mask.sum(-1, keepdim=True).clamp(min=1)
-        mean = (x * mask).sum(-1, keepdim=True) / count
-        var = (((x - mean) * mask) ** 2).sum(-1, keepdim=True) / count
+        mean, var = masked_mean_var(x, mask, dim=-1)
         y = (x - mean) * torch.rsqrt(var + self.eps)
         return y * self.weight[None, :, None] + self.bias[None, :, None] if self.affine else y
 
 
 def mask_cnn_padding(model: WavLMModel) -> MaskedGroupNorm | None:
-    """Swap the first CNN layer's GroupNorm for a ``MaskedGroupNorm`` (None if it has none)."""
+    """Swap the first CNN layer's GroupNorm for a ``MaskedGroupNorm`` (None if it has none).
+
+    That layer is also taken out of gradient checkpointing (so call this after enabling it): a
+    recomputation in the backward pass would run without this batch's lengths (measured: torch's
+    checkpoint then fails with a recomputation mismatch). It keeps its activations instead.
+    """
     layer = model.feature_extractor.conv_layers[0]
+    layer.gradient_checkpointing = False
     norm = getattr(layer, "layer_norm", None)
     if type(norm) is nn.GroupNorm:
         masked = MaskedGroupNorm(norm.num_groups, norm.num_channels, norm.eps, norm.affine)
@@ -165,9 +180,7 @@ def wavlm_features(model, wav, wav_lens, normalize_wav: bool, all_hiddens: bool)
         samples = torch.round(wav_lens.to(wav.device) * wav.shape[1]).long()
     valid = torch.arange(wav.shape[1], device=wav.device)[None, :] < samples[:, None]
     if normalize_wav:  # F.layer_norm of each unpadded waveform, padding left at zero
-        count = samples[:, None].clamp(min=1)
-        mean = (wav * valid).sum(1, keepdim=True) / count
-        var = (((wav - mean) * valid) ** 2).sum(1, keepdim=True) / count
+        mean, var = masked_mean_var(wav, valid, dim=1)
         wav = (wav - mean) * torch.rsqrt(var + 1e-5) * valid
     cnn_norm = mask_cnn_padding(model)
     if cnn_norm is not None:
@@ -233,9 +246,9 @@ class TDSVSpeakerRecognition(SpeakerRecognition):
 
     Differences from SpeechBrain's class, each on purpose:
 
-    - ``encode_batch`` embeds every utterance at its own length: WavLM normalizes the padded
-      waveform and its CNN's GroupNorm runs over padding, so a padded utterance would get another
-      embedding than the same utterance alone.
+    - ``encode_batch`` embeds every utterance at its own length: our WavLM features ignore
+      padding, but an ECAPA head's padded convolutions and a Hugging Face x-vector model do not,
+      so this keeps every kind of model exact.
     - Decisions use the thresholds calibrated on the dev trials (``hparams.thresholds``, by
       operating point and number of enrollment utterances), not a fixed 0.25; a trial is accepted
       when ``score >= threshold``.
@@ -281,12 +294,11 @@ class TDSVSpeakerRecognition(SpeakerRecognition):
         emb1 = self.encode_batch(wavs1, wav1_lens)
         emb2 = self.encode_batch(wavs2, wav2_lens)
         score = self.similarity(emb1, emb2)
-        return score, self._decide(score, threshold, n_enrol=1)
+        return score, self.decide(score, n_enrol=1, threshold=threshold)
 
     def verify_files(self, path_x, path_y, threshold=None, **kwargs):
         """Score and decision for two audio files (one enrollment utterance)."""
-        score, decision = self.verify_enrolment([path_x], path_y, threshold)
-        return score, decision
+        return self.verify_enrolment([path_x], path_y, threshold)
 
     def embed_file(self, path) -> torch.Tensor:
         """The embedding ``[D]`` of one audio file."""
@@ -307,10 +319,13 @@ class TDSVSpeakerRecognition(SpeakerRecognition):
         """Score (a 0-d tensor) and decision for a test file against several enrollment files."""
         model = self.enrol(enrol_paths)
         score = self.similarity(model, self.embed_file(test_path))
-        return score, self._decide(score, threshold, n_enrol=len(enrol_paths))
+        return score, self.decide(score, n_enrol=len(enrol_paths), threshold=threshold)
 
-    def _decide(self, score, threshold, n_enrol):
-        """``score >= threshold``; the calibrated threshold unless one is given."""
+    def decide(self, score, n_enrol: int, threshold=None):
+        """``score >= threshold`` (None when no threshold is given or calibrated).
+
+        The calibrated threshold for ``n_enrol`` enrollment utterances unless one is given.
+        """
         threshold = self.threshold(n_enrol) if threshold is None else threshold
         return None if threshold is None else score >= threshold
 

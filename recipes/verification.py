@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import speechbrain as sb
 
-from recipes.scoring import EmbeddingTable, group_means, metrics_by_condition, score_trials
+from recipes.scoring import EmbeddingTable, group_means, score_trials, trial_metrics
 from recipes.verification_report import write_report
 
 
@@ -106,8 +106,7 @@ def score_splits(embed, hparams, splits: dict, cohort_set, cache: Path, report_f
     results = {}
     for split, (_, models, trials) in splits.items():
         scores = score_trials(tables[split], models, trials, cohort, norm, hparams["cohort_top_k"])
-        labelled = (trials["condition"] != "").all()
-        metrics = metrics_by_condition(scores, trials["condition"]) if labelled else {}
+        metrics = trial_metrics(scores, trials)
         if sb.utils.distributed.if_main_process():
             name = split if norm == "none" else f"{split}_{norm}"  # runs do not overwrite
             write_report(report_folder, name, trials, scores, metrics, models)

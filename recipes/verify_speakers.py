@@ -174,10 +174,8 @@ class EmbeddingCache:
 
 def decision_text(verifier, score: float, n_enrol: int, threshold) -> str:
     """'accept' / 'reject' at the given or calibrated threshold ('-' when there is none)."""
-    threshold = verifier.threshold(n_enrol) if threshold is None else threshold
-    if threshold is None:
-        return "-"
-    return "accept" if score >= threshold else "reject"
+    decision = verifier.decide(score, n_enrol, threshold)
+    return "-" if decision is None else ("accept" if decision else "reject")
 
 
 def threshold_note(verifier, n_enrol: int, threshold) -> str:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 
+from recipes.modules import WavLMEncoder
 from recipes.speaker_model import MaskedGroupNorm, XVectorHead
 from tests.test_training_recipe import load_yaml
 
@@ -77,3 +78,19 @@ def test_head_pools_over_valid_frames_only():
     padded_x = torch.cat([x, 100 * torch.ones(1, 25, 12)], dim=1)
     with torch.no_grad():
         assert torch.allclose(head(x), head(padded_x, torch.tensor([40 / 65])), atol=1e-5)
+
+
+def test_gradient_checkpointing_recomputes_the_masked_cnn_norm_alike(tmp_path, tiny_wavlm_dir):
+    """The checkpointed first CNN layer runs again in backward with the same valid lengths."""
+    _, batch, lens = padded()
+    grads = []
+    for checkpointing in (False, True):
+        wavlm = WavLMEncoder(
+            tiny_wavlm_dir,
+            str(tmp_path),
+            freeze_feature_extractor=False,
+            gradient_checkpointing=checkpointing,
+        ).train()
+        wavlm(batch, lens).pow(2).mean().backward()
+        grads.append(wavlm.model.feature_extractor.conv_layers[0].conv.weight.grad)
+    assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)

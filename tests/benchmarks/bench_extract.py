@@ -78,7 +78,6 @@ def extraction_rows(args) -> list[dict]:
         for model, precision in itertools.product(args.models, precisions):
             run_opts = {"device": args.device, "eval_precision": precision}
             brain = common.demo_brain(dirs[model], model, tmp, run_opts)
-            brain.modules.to(args.device)
             single = None
             for batch_size in sorted(set(args.batch_sizes) | {1}):
                 if args.device.startswith("cuda"):
