@@ -64,6 +64,11 @@ class WavLMEncoder(WavLM):
         if self.output_norm:
             raise ValueError("output_norm is not supported (it would normalize over padding)")
         self.model.config.layerdrop = 0.0
+        if freeze_feature_extractor:
+            # SpeechBrain only sets requires_grad=False on the CNN's parameters; HF then still
+            # makes the waveform require grad, and autograd keeps the CNN's activations and
+            # back-propagates through it for nothing. HF's own switch skips both.
+            self.model.freeze_feature_encoder()
         if gradient_checkpointing:
             # Non-reentrant checkpointing works with DDP and with frozen inputs.
             self.model.gradient_checkpointing_enable({"use_reentrant": False})

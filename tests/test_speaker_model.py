@@ -94,3 +94,19 @@ def test_gradient_checkpointing_recomputes_the_masked_cnn_norm_alike(tmp_path, t
         wavlm(batch, lens).pow(2).mean().backward()
         grads.append(wavlm.model.feature_extractor.conv_layers[0].conv.weight.grad)
     assert grads[0].abs().max() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+@pytest.mark.parametrize("freeze_cnn", [False, True])
+def test_a_frozen_cnn_is_left_out_of_the_backward_pass(tmp_path, tiny_wavlm_dir, freeze_cnn):
+    """With a frozen CNN autograd builds no graph through it; the transformer still learns."""
+    wavlm = WavLMEncoder(tiny_wavlm_dir, str(tmp_path), freeze_feature_extractor=freeze_cnn).train()
+    cnn_outputs = []
+    wavlm.model.feature_extractor.register_forward_hook(
+        lambda module, inputs, output: cnn_outputs.append(output)
+    )
+    _, batch, lens = padded()
+    wavlm(batch, lens).pow(2).mean().backward()
+    assert cnn_outputs[0].requires_grad is not freeze_cnn
+    cnn_grad = wavlm.model.feature_extractor.conv_layers[0].conv.weight.grad
+    assert (cnn_grad is None) is freeze_cnn
+    assert wavlm.model.encoder.layers[0].attention.out_proj.weight.grad.abs().max() > 0

@@ -6,6 +6,7 @@ Runs real ``fit_batch`` calls (forward, margin loss, backward, both optimizers) 
 - the demo's tiny WavLM, and a WavLM Base+ sized model (same ``WavLMConfig`` as
   ``microsoft/wavlm-base-plus``, random weights);
 - each precision the device supports (CPU: fp32, bf16; CUDA: fp32, fp16, bf16);
+- the CNN frozen as each model's YAML has it (Base+ as ``wavlm_td.yaml``: frozen), or as asked;
 - gradient checkpointing off / on;
 - utterance lengths drawn like DeepMine's (1.5-5 s) batched at random (padding) or sorted by length
   (bucketing): "audio s/s" counts real audio only, so padding shows up as lost throughput.
@@ -14,6 +15,8 @@ One table row per setting; all rows also go to a JSON file. Data loading is not 
 
     python tests/benchmarks/bench_train.py                       # CPU: short runs
     python tests/benchmarks/bench_train.py --models base_plus --steps 20 --batch_size 16  # GPU
+    python tests/benchmarks/bench_train.py --models base_plus --precisions fp32 \
+        --grad_checkpointing off --bucketing on        # one row (the options select the grid)
 """
 
 from __future__ import annotations
@@ -57,15 +60,24 @@ def batches(batch_size: int, steps: int, bucketing: bool, seed: int = 0):
         yield PaddedBatch(examples), float(chunk.sum())
 
 
+def frozen_cnn(model: str, choice: str) -> bool:
+    """Whether the CNN is frozen: as the model's YAML has it (``auto``), or as asked."""
+    if choice == "auto":  # wavlm_td.yaml freezes the pretrained CNN; the demo trains its own
+        return model == "base_plus"
+    return choice == "yes"
+
+
 def run_setting(model_dir, model, precision, checkpointing, bucketing, args, tmp) -> dict:
     """Time ``args.steps`` training steps after ``args.warmup`` untimed ones."""
     run_opts = {"device": args.device, "precision": precision}
+    freeze_cnn = frozen_cnn(model, args.freeze_cnn)
     brain = demo_brain(
         model_dir,
         model,
         tmp,
         run_opts,
         gradient_checkpointing=checkpointing,
+        freeze_cnn=freeze_cnn,
         augment=False,
         margin_warmup_epochs=0,
     )
@@ -90,6 +102,7 @@ def run_setting(model_dir, model, precision, checkpointing, bucketing, args, tmp
     return {
         "model": model,
         "precision": precision,
+        "frozen_cnn": freeze_cnn,
         "grad_checkpointing": checkpointing,
         "bucketing": bucketing,
         "batch_size": args.batch_size,
@@ -109,21 +122,40 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--precisions", nargs="+", help="default: all the device supports")
+    parser.add_argument(
+        "--grad_checkpointing", nargs="+", choices=["off", "on"], default=["off", "on"]
+    )
+    parser.add_argument("--bucketing", nargs="+", choices=["off", "on"], default=["off", "on"])
+    parser.add_argument(
+        "--freeze_cnn",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="auto: frozen for base_plus (as wavlm_td.yaml), trained for tiny (as the demo)",
+    )
     parser.add_argument("--json", default="bench_train.json")
     args = parser.parse_args()
-    precisions = ["fp32", "fp16", "bf16"] if args.device.startswith("cuda") else ["fp32", "bf16"]
+    precisions = args.precisions or (
+        ["fp32", "fp16", "bf16"] if args.device.startswith("cuda") else ["fp32", "bf16"]
+    )
     rows = []
-    print("| model | precision | grad ckpt | bucketing | steps/s | utts/s | audio s/s | peak MB |")
-    print("|---|---|---|---|---:|---:|---:|---:|")
+    print(
+        "| model | precision | frozen CNN | grad ckpt | bucketing "
+        "| steps/s | utts/s | audio s/s | peak MB |"
+    )
+    print("|---|---|---|---|---|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         dirs = model_dirs(tmp)
         for model, precision, checkpointing, bucketing in itertools.product(
-            args.models, precisions, (False, True), (False, True)
+            args.models,
+            precisions,
+            [choice == "on" for choice in args.grad_checkpointing],
+            [choice == "on" for choice in args.bucketing],
         ):
             row = run_setting(dirs[model], model, precision, checkpointing, bucketing, args, tmp)
             rows.append(row)
             print(
-                f"| {model} | {precision} | {checkpointing} | {bucketing} | "
+                f"| {model} | {precision} | {row['frozen_cnn']} | {checkpointing} | {bucketing} | "
                 f"{row['steps_per_s']:.2f} | {row['utts_per_s']:.1f} | "
                 f"{row['audio_s_per_s']:.1f} | {row['peak_mb']:.0f} |",
                 flush=True,
