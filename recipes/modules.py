@@ -139,8 +139,11 @@ class MarginSoftmax(nn.Module):
         self.loss = LogSoftmaxWrapper(self.margin_fn)
         self.final_margin, self.scale_mode = margin, scale_mode
         self.margin_warmup_epochs = margin_warmup_epochs
-        # Buffers are saved in checkpoints, so a resumed run continues the same schedule.
+        # Buffers are saved in checkpoints, so a resumed run continues the same schedule. The
+        # margin is computed from a host copy: reading the buffer each step would wait for the GPU.
         self.register_buffer("progress", torch.zeros(()))
+        self._progress = 0.0
+        self.register_load_state_dict_post_hook(MarginSoftmax._progress_loaded)
         if scale_mode == "learnable":
             self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
         if scale_mode == "adaptive":
@@ -154,13 +157,20 @@ class MarginSoftmax(nn.Module):
     def set_progress(self, epochs: float) -> None:
         """Tell the loss how far training is (in epochs, fractional) for the margin warm-up."""
         self.progress.fill_(epochs)
+        self._progress = float(epochs)
         self._apply_margin(self.current_margin())
+
+    @staticmethod
+    def _progress_loaded(module, incompatible_keys) -> None:
+        """After a checkpoint is loaded: the host copy of the progress and its margin."""
+        module._progress = float(module.progress)
+        module._apply_margin(module.current_margin())
 
     def current_margin(self) -> float:
         """The margin in force now."""
         if self.margin_warmup_epochs <= 0:
             return self.final_margin
-        return self.final_margin * min(1.0, float(self.progress) / self.margin_warmup_epochs)
+        return self.final_margin * min(1.0, self._progress / self.margin_warmup_epochs)
 
     def current_scale(self) -> float:
         """The scale in force now."""
@@ -183,7 +193,8 @@ class MarginSoftmax(nn.Module):
         """AdaCos (Zhang et al., 2019): s = log(B_avg) / cos(min(pi/4, median target angle))."""
         one_hot = F.one_hot(targets, cosine.shape[1]).bool()
         b_avg = torch.where(one_hot, 0.0, torch.exp(self.adaptive_scale * cosine)).sum(1).mean()
-        theta = torch.acos(cosine[one_hot].clamp(-1 + 1e-7, 1 - 1e-7))
+        target_cosine = cosine.gather(1, targets[:, None])  # not cosine[one_hot]: no host sync
+        theta = torch.acos(target_cosine.clamp(-1 + 1e-7, 1 - 1e-7))
         theta_med = torch.clamp(theta.median(), max=math.pi / 4)
         self.adaptive_scale.copy_(torch.log(b_avg.clamp(min=1e-12)) / torch.cos(theta_med))
 

@@ -28,36 +28,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from common import (
-    deepmine_lengths,
-    demo_brain,
     device_name,
     model_dirs,
     peak_memory_mb,
     synchronize,
+    training_batches,
+    training_brain,
 )
-from speechbrain.dataio.batch import PaddedBatch
-
-
-def batches(batch_size: int, steps: int, bucketing: bool, seed: int = 0):
-    """Synthetic batches with DeepMine-like lengths; sorted by length when bucketing."""
-    lengths = deepmine_lengths(batch_size * steps, seed)
-    if bucketing:
-        lengths = np.sort(lengths)
-    for step in range(steps):
-        chunk = lengths[step * batch_size : (step + 1) * batch_size]
-        examples = [
-            {
-                "id": f"u{step}_{i}",
-                "sig": torch.randn(int(seconds * 16000)) * 0.1,
-                "class_encoded": torch.tensor([i % 50]),
-                "phrase_encoded": torch.tensor([i % 10]),
-            }
-            for i, seconds in enumerate(chunk)
-        ]
-        yield PaddedBatch(examples), float(chunk.sum())
 
 
 def frozen_cnn(model: str, choice: str) -> bool:
@@ -71,7 +50,7 @@ def run_setting(model_dir, model, precision, checkpointing, bucketing, args, tmp
     """Time ``args.steps`` training steps after ``args.warmup`` untimed ones."""
     run_opts = {"device": args.device, "precision": precision}
     freeze_cnn = frozen_cnn(model, args.freeze_cnn)
-    brain = demo_brain(
+    brain = training_brain(
         model_dir,
         model,
         tmp,
@@ -79,16 +58,12 @@ def run_setting(model_dir, model, precision, checkpointing, bucketing, args, tmp
         gradient_checkpointing=checkpointing,
         freeze_cnn=freeze_cnn,
         augment=False,
-        margin_warmup_epochs=0,
     )
-    brain.hparams.epoch_counter.current, brain.steps_per_epoch, brain.step = 1, 1000, 0
-    brain.init_optimizers()
-    brain.modules.train()
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     audio, seconds = 0.0, 0.0
     for index, (batch, batch_audio) in enumerate(
-        batches(args.batch_size, args.warmup + args.steps, bucketing)
+        training_batches(args.batch_size, args.warmup + args.steps, bucketing)
     ):
         if index == args.warmup:
             synchronize(args.device)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import collections
 import resource
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
 import torch
 from hyperpyyaml import load_hyperpyyaml
+from speechbrain.dataio.batch import PaddedBatch
+from torch.overrides import TorchFunctionMode
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -46,6 +50,34 @@ def deepmine_lengths(count: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(1.5, 5.0, count)
 
 
+def training_brain(model_dir, model: str, tmp, run_opts: dict, **overrides):
+    """``demo_brain`` ready for ``fit_batch`` calls: optimizers built, modules in train mode."""
+    brain = demo_brain(model_dir, model, tmp, run_opts, **overrides)
+    brain.hparams.epoch_counter.current, brain.steps_per_epoch, brain.step = 1, 1000, 0
+    brain.init_optimizers()
+    brain.modules.train()
+    return brain
+
+
+def training_batches(batch_size: int, steps: int, bucketing: bool, seed: int = 0):
+    """Synthetic batches with DeepMine-like lengths; sorted by length when bucketing."""
+    lengths = deepmine_lengths(batch_size * steps, seed)
+    if bucketing:
+        lengths = np.sort(lengths)
+    for step in range(steps):
+        chunk = lengths[step * batch_size : (step + 1) * batch_size]
+        examples = [
+            {
+                "id": f"u{step}_{i}",
+                "sig": torch.randn(int(seconds * 16000)) * 0.1,
+                "class_encoded": torch.tensor([i % 50]),
+                "phrase_encoded": torch.tensor([i % 10]),
+            }
+            for i, seconds in enumerate(chunk)
+        ]
+        yield PaddedBatch(examples), float(chunk.sum())
+
+
 def peak_memory_mb(device: str) -> float:
     """Peak GPU memory allocated, or this process's peak RSS on CPU."""
     if device.startswith("cuda"):
@@ -62,3 +94,55 @@ def synchronize(device: str) -> None:
 def device_name(device: str) -> str:
     """The GPU's name, or "cpu"."""
     return torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+
+
+# Tensor operations that make the host wait for the GPU when their tensor lives there: a value
+# read into Python, a copy to host memory, or an output whose size depends on the data.
+SYNC_OPS = frozenset(
+    {"__bool__", "__float__", "__int__", "__index__", "item", "tolist", "cpu", "numpy"}
+    | {"nonzero", "masked_select", "unique", "argwhere"}
+)
+SYNC_OP_HINT = {"__getitem__": "x[mask]", "__setitem__": "x[mask] = ..."}
+
+
+def _boolean_index(args) -> bool:
+    """True when an indexing call's index is (or holds) a boolean tensor (a data-sized result)."""
+    index = args[1] if len(args) > 1 else None
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
+
+
+class HostSyncCounter(TorchFunctionMode):
+    """Counts the calls that would wait for the GPU, by the line of Python that made them.
+
+    Runs anywhere (no GPU needed): torch reports each tensor operation to this mode, and the
+    ones in ``SYNC_OPS`` (or boolean-mask indexing) are counted at their caller outside torch.
+    On a CPU every tensor counts; on a GPU those that stay on the host (a lengths tensor before
+    it is moved, a loss already copied back) would not, so the counts are an upper bound.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.sites = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        """Count ``func`` when it syncs, then run it."""
+        name = getattr(func, "__name__", "")
+        if name in SYNC_OPS or (name in SYNC_OP_HINT and _boolean_index(args)):
+            self.sites[(self._caller(), SYNC_OP_HINT.get(name, name))] += 1
+        return func(*args, **(kwargs or {}))
+
+    @staticmethod
+    def _caller() -> str:
+        """``package/file.py:line`` of the innermost frame outside torch and this file."""
+        for frame in reversed(traceback.extract_stack()[:-2]):
+            path = Path(frame.filename)
+            if "torch" in path.parts or path == Path(__file__):
+                continue
+            parts = path.parts
+            if "site-packages" in parts:  # speechbrain/core.py, transformers/...
+                parts = parts[parts.index("site-packages") + 1 :]
+            elif path.is_relative_to(ROOT):
+                parts = path.relative_to(ROOT).parts
+            return f"{'/'.join(parts)}:{frame.lineno}"
+        return "?"

@@ -1,0 +1,82 @@
+"""AdamW step time for WavLM Base+ fine-tuning: torch's default vs loop vs foreach vs fused.
+
+The parameters are those the recipe trains with ``hparams/wavlm_td.yaml`` (Base+ sized WavLM,
+CNN frozen, plus the x-vector head), with random gradients; each implementation is timed in
+interleaved rounds so that a noisy machine affects all alike.
+
+    python tests/benchmarks/bench_optimizer.py            # CPU here, or the GPU when there is one
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from common import synchronize
+from transformers import WavLMModel
+
+from recipes.speaker_model import XVectorHead
+from recipes.tiny_wavlm import wavlm_base_plus_config
+
+# "default" is what torch picks when the YAML says nothing: foreach on CUDA, the loop on CPU.
+IMPLEMENTATIONS = {
+    "default": {},
+    "for-loop": {"foreach": False},
+    "foreach": {"foreach": True},
+    "fused": {"fused": True},
+}
+
+
+def trainable_parameters(device: str) -> list[torch.Tensor]:
+    """Base+ WavLM (CNN frozen) and the x-vector head, with random gradients."""
+    wavlm = WavLMModel(wavlm_base_plus_config())
+    wavlm.freeze_feature_encoder()
+    modules = torch.nn.ModuleList([wavlm, XVectorHead(768)]).to(device)
+    params = [p for p in modules.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    return params
+
+
+def main() -> None:
+    """Time each implementation; print a table and write JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--json", default="bench_optimizer.json")
+    args = parser.parse_args()
+    params = trainable_parameters(args.device)
+    optimizers = {
+        name: torch.optim.AdamW(params, lr=2e-5, weight_decay=1e-5, **kw)
+        for name, kw in IMPLEMENTATIONS.items()
+    }
+    times = {name: [] for name in optimizers}
+    for _ in range(args.rounds):
+        for name, optimizer in optimizers.items():
+            optimizer.step()  # state created / kernels warm
+            synchronize(args.device)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                optimizer.step()
+            synchronize(args.device)
+            times[name].append((time.perf_counter() - start) / args.steps * 1000)
+    count = sum(p.numel() for p in params) / 1e6
+    print(f"{len(params)} tensors, {count:.1f} M parameters, device {args.device}")
+    print("| AdamW | ms/step (median) | rounds | speed vs default |\n|---|---:|---|---:|")
+    base = statistics.median(times["default"])
+    rows = []
+    for name, values in times.items():
+        median = statistics.median(values)
+        rounds = ", ".join(f"{v:.1f}" for v in values)
+        print(f"| {name} | {median:.1f} | {rounds} | {base / median:.2f}x |")
+        rows.append({"implementation": name, "ms_per_step": median, "rounds": values})
+    Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""What keeps the training step fast stays in place: few host syncs, the same behaviour.
+
+``tests/benchmarks/bench_syncs.py`` counts the operations that would make the host wait for a
+GPU; these tests hold the recipe to its count, and check that the sync-free versions of the
+margin warm-up, the adaptive scale and the non-finite-gradient check still do their job.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from recipes.modules import MarginSoftmax
+from tests.benchmarks.common import HostSyncCounter, training_batches, training_brain
+
+
+@pytest.fixture
+def brain(tmp_path, tiny_wavlm_dir):
+    """The demo's SpeakerBrain ready for fit_batch (adaptive scale: its update runs too)."""
+    return training_brain(
+        tiny_wavlm_dir, "tiny", tmp_path, {"device": "cpu"}, scale_mode="adaptive"
+    )
+
+
+def test_a_training_step_syncs_only_in_speechbrains_loop_and_hf(brain):
+    """No sync from the recipe but its one gradient check; none per parameter."""
+    counter = HostSyncCounter()
+    for index, (batch, _) in enumerate(training_batches(4, 3, bucketing=False)):
+        brain.step += 1
+        if index == 0:  # the first step creates the optimizer state
+            brain.fit_batch(batch)
+            continue
+        with counter:
+            brain.fit_batch(batch)
+    ours = {site: n for (site, _), n in counter.sites.items() if site.startswith("recipes/")}
+    assert list(ours.values()) == [2], ours  # check_gradients: one read per step
+    assert max(counter.sites.values()) <= 2, counter.sites  # nothing once per parameter
+    assert sum(counter.sites.values()) <= 2 * 7, counter.sites
+
+
+def test_gradient_check_drops_only_the_non_finite_gradient(brain):
+    """SpeechBrain's semantics: the bad gradient is dropped, the others are kept as they are."""
+    params = [p for p in brain.modules.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    params[3].grad[0] = math.nan
+    params[5].grad.view(-1)[-1] = math.inf
+    brain.check_gradients()
+    assert params[3].grad is None and params[5].grad is None
+    kept = [p for i, p in enumerate(params) if i not in (3, 5)]
+    assert all(p.grad is not None and bool((p.grad == 1).all()) for p in kept)
+
+
+def test_margin_warmup_follows_progress_and_survives_a_checkpoint():
+    loss = MarginSoftmax(margin=0.2, margin_warmup_epochs=2.0)
+    loss.set_progress(1.0)
+    assert loss.current_margin() == pytest.approx(0.1)
+    resumed = MarginSoftmax(margin_type="aam", margin=0.2, margin_warmup_epochs=2.0)
+    resumed.load_state_dict(loss.state_dict())
+    assert resumed.current_margin() == pytest.approx(0.1)
+    assert resumed.margin_fn.margin == pytest.approx(0.1)
+    assert resumed.margin_fn.cos_m == pytest.approx(math.cos(0.1))
+
+
+def test_adaptive_scale_reads_the_target_cosines():
+    """AdaCos's median target angle: all targets at cosine 0.5 -> angle pi/3, capped at pi/4."""
+    loss = MarginSoftmax(scale_mode="adaptive", n_classes=5)
+    cosine = torch.full((4, 5), 0.1)
+    targets = torch.tensor([0, 1, 2, 3])
+    cosine[torch.arange(4), targets] = 0.5
+    scale = float(loss.adaptive_scale)
+    loss._update_adaptive_scale(cosine, targets)
+    b_avg = 4 * math.exp(scale * 0.1)
+    assert float(loss.adaptive_scale) == pytest.approx(math.log(b_avg) / math.cos(math.pi / 4))
