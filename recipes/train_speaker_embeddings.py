@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -46,7 +47,7 @@ class SpeakerBrain(sb.core.Brain):
 
     def compute_forward(self, batch, stage):
         """Waveforms -> embeddings ``[B, 1, D]`` (+ class logits when training)."""
-        batch = batch.to(self.device)
+        batch = batch.to(self.device, non_blocking=True)  # asynchronous from pinned memory
         wavs, lens = batch.sig
         if stage == sb.Stage.TRAIN and self.hparams.augment:
             wavs, lens = self.hparams.wav_augment(wavs, lens)
@@ -153,8 +154,17 @@ class SpeakerBrain(sb.core.Brain):
             return {k: v for k, v in optimizers.items() if k != "wavlm"}
         return optimizers
 
+    # Time between one training step's end and the next one's start: mostly waiting for the
+    # data loader. (fit_batch ends by copying the loss to the host, so the GPU is done by then.)
+    _data_wait, _first_batch_start, _last_batch_end = 0.0, None, None
+
     def on_fit_batch_start(self, batch, should_step):
-        """Tell the loss how far training is (margin warm-up)."""
+        """Tell the loss how far training is (margin warm-up); time the wait for this batch."""
+        now = time.perf_counter()
+        if self._last_batch_end is None:  # the first batch's wait is the workers' start-up
+            self._first_batch_start = now
+        else:
+            self._data_wait += now - self._last_batch_end
         progress = self.hparams.epoch_counter.current - 1 + self.step / self.steps_per_epoch
         self.unwrapped("loss").set_progress(progress)
 
@@ -163,15 +173,31 @@ class SpeakerBrain(sb.core.Brain):
         if should_step:
             for name, optimizer in self.freeze_optimizers(self.optimizers_dict).items():
                 self.hparams.lr_schedulers[name](optimizer)
+        self._last_batch_end = time.perf_counter()
 
     def on_stage_start(self, stage, epoch=None):
-        """Start collecting embeddings for validation and test."""
+        """Start collecting embeddings for validation and test; reset the data-wait timer."""
         self.embeddings = {}
+        if stage == sb.Stage.TRAIN:
+            self._data_wait, self._first_batch_start, self._last_batch_end = 0.0, None, None
+
+    def data_wait_share(self) -> float:
+        """Share of this epoch's training time spent between steps (waiting for data)."""
+        if self._last_batch_end is None:
+            return 0.0
+        return self._data_wait / max(self._last_batch_end - self._first_batch_start, 1e-9)
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         """Log training loss; score the dev trials; keep the best checkpoint by EER."""
         if stage == sb.Stage.TRAIN:
-            self.train_stats = {"loss": stage_loss}
+            wait = self.data_wait_share()
+            self.train_stats = {"loss": stage_loss, "data_wait_share": round(wait, 3)}
+            if wait > self.hparams.max_data_wait_share:
+                logger.warning(
+                    "training waited for data %.0f %% of the time: raise num_workers (now %s)",
+                    100 * wait,
+                    self.hparams.train_dataloader_options.get("num_workers", 0),
+                )
             return
         stats = self._dev_metrics()
         meta = self._progress_stats(epoch)

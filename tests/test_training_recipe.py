@@ -122,6 +122,9 @@ def test_short_run_learns_checkpoints_and_reports(trained):
     out, output = trained
     losses = epoch_losses(out / "train_log.txt")
     assert len(losses) == 3 and losses[-1] < losses[0], losses
+    log = (out / "train_log.txt").read_text()
+    waits = [float(x) for x in re.findall(r"data_wait_share: ([0-9.e+-]+)", log)]
+    assert len(waits) == 3 and all(0 <= w < 1 for w in waits), waits
     checkpoints = list((out / "save").glob("CKPT*"))
     assert checkpoints and all((c / "CKPT.yaml").is_file() for c in checkpoints)
     assert "Going into epoch 1" in output

@@ -1,5 +1,7 @@
 """What keeps the training step fast stays in place: few host syncs, the same behaviour.
 
+Also the recipe's data-wait share (logged per epoch), the measure of whether the loaders keep up.
+
 ``tests/benchmarks/bench_syncs.py`` counts the operations that would make the host wait for a
 GPU; these tests hold the recipe to its count, and check that the sync-free versions of the
 margin warm-up, the adaptive scale and the non-finite-gradient check still do their job.
@@ -8,8 +10,10 @@ margin warm-up, the adaptive scale and the non-finite-gradient check still do th
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
+import speechbrain as sb
 import torch
 
 from recipes.modules import MarginSoftmax
@@ -74,3 +78,16 @@ def test_adaptive_scale_reads_the_target_cosines():
     loss._update_adaptive_scale(cosine, targets)
     b_avg = 4 * math.exp(scale * 0.1)
     assert float(loss.adaptive_scale) == pytest.approx(math.log(b_avg) / math.cos(math.pi / 4))
+
+
+def test_data_wait_share_is_the_time_between_steps(brain):
+    """Steps of 20 ms with 60 ms between them: the wait is ~2/3 of the time (first wait aside)."""
+    brain.on_stage_start(sb.Stage.TRAIN)
+    for _ in range(3):
+        brain.on_fit_batch_start(None, should_step=False)
+        time.sleep(0.02)
+        brain.on_fit_batch_end(None, None, None, should_step=False)
+        time.sleep(0.06)
+    assert 0.5 < brain.data_wait_share() < 0.8
+    brain.on_stage_start(sb.Stage.TRAIN)
+    assert brain.data_wait_share() == 0.0
