@@ -46,16 +46,24 @@ class SpeakerBrain(sb.core.Brain):
     """Trains the embedding model; embeds utterances and scores trials at validation and test."""
 
     def compute_forward(self, batch, stage):
-        """Waveforms -> embeddings ``[B, 1, D]`` (+ class logits when training)."""
+        """Waveforms -> embeddings ``[B, 1, D]`` (+ class logits when training).
+
+        A batch without padding (most training batches: full-length crops) goes to the encoder
+        without lengths, so it takes the faster unmasked path. This is read from the lengths
+        while they are still on the host (no GPU sync); the augmentations keep a batch's
+        lengths as they are (tested).
+        """
+        padded = bool((batch.sig.lengths < 1).any())
         batch = batch.to(self.device, non_blocking=True)  # asynchronous from pinned memory
         wavs, lens = batch.sig
         if stage == sb.Stage.TRAIN and self.hparams.augment:
             wavs, lens = self.hparams.wav_augment(wavs, lens)
+        encoder_lens = lens if padded else None
         if stage == sb.Stage.TRAIN and self.wavlm_frozen():
             with torch.no_grad():
-                feats = self.modules.wavlm(wavs, lens)
+                feats = self.modules.wavlm(wavs, encoder_lens)
         else:
-            feats = self.modules.wavlm(wavs, lens)
+            feats = self.modules.wavlm(wavs, encoder_lens)
         feat_lens = self.unwrapped("wavlm").frame_lengths(lens, wavs.shape[1], feats.shape[1])
         embeddings = self.modules.embedding_model(feats, feat_lens)
         if stage != sb.Stage.TRAIN:

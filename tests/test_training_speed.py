@@ -16,8 +16,9 @@ import pytest
 import speechbrain as sb
 import torch
 
-from recipes.modules import MarginSoftmax
+from recipes.modules import MarginSoftmax, WavLMEncoder
 from tests.benchmarks.common import HostSyncCounter, training_batches, training_brain
+from tests.test_training_recipe import load_yaml
 
 
 @pytest.fixture
@@ -39,7 +40,10 @@ def test_a_training_step_syncs_only_in_speechbrains_loop_and_hf(brain):
         with counter:
             brain.fit_batch(batch)
     ours = {site: n for (site, _), n in counter.sites.items() if site.startswith("recipes/")}
-    assert list(ours.values()) == [2], ours  # check_gradients: one read per step
+    # One read per step each: check_gradients' flags, and compute_forward's padding check
+    # (on the batch's lengths before they are copied to the device: no GPU wait there).
+    assert sorted(site.split()[-1] for site in ours) == ["check_gradients", "compute_forward"]
+    assert list(ours.values()) == [2, 2], ours
     assert max(counter.sites.values()) <= 2, counter.sites  # nothing once per parameter
     assert sum(counter.sites.values()) <= 2 * 7, counter.sites
 
@@ -91,3 +95,29 @@ def test_data_wait_share_is_the_time_between_steps(brain):
     assert 0.5 < brain.data_wait_share() < 0.8
     brain.on_stage_start(sb.Stage.TRAIN)
     assert brain.data_wait_share() == 0.0
+
+
+def test_augmentation_keeps_a_full_length_batch_unpadded(tmp_path, tiny_wavlm_dir):
+    """compute_forward relies on it to skip the padding masks for full-length crops."""
+    hparams = load_yaml(
+        "wavlm_td.yaml",
+        {
+            "data_folder": str(tmp_path),
+            "output_folder": str(tmp_path / "out"),
+            "wavlm_source": tiny_wavlm_dir,
+            "wavlm_hidden_size": 96,
+            "noise_csv": None,
+        },
+    )
+    torch.manual_seed(0)
+    for _ in range(20):
+        wavs, lens = hparams["wav_augment"](torch.randn(4, 16000) * 0.1, torch.ones(4))
+        assert wavs.shape[0] == 4 and bool((lens == 1).all()), lens
+
+
+def test_an_unpadded_batch_takes_the_unmasked_path_to_the_same_features(tiny_wavlm_dir, tmp_path):
+    wavlm = WavLMEncoder(tiny_wavlm_dir, str(tmp_path), freeze_feature_extractor=False).eval()
+    wavs = torch.randn(3, 16000) * 0.1
+    with torch.no_grad():
+        masked, unmasked = wavlm(wavs, torch.ones(3)), wavlm(wavs, None)
+    assert torch.allclose(masked, unmasked, atol=1e-5)

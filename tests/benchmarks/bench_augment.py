@@ -13,16 +13,15 @@ with 0, 1, 2 loader workers (and with white noise: no files) and the whole ``wav
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
-from common import ROOT, deepmine_lengths
+from common import ROOT, deepmine_lengths, interleaved_ms
 from hyperpyyaml import load_hyperpyyaml
 
 from recipes.tiny_wavlm import build_tiny_wavlm
@@ -82,22 +81,16 @@ def main() -> None:
         }
         for workers in (0, 1, 2):
             settings.update(augmentations(csv, workers, Path(tmp), wavlm_dir))
-        times = {name: [] for name in settings}
-        for augment in settings.values():
-            augment(wavs, lens)  # the noise loader starts (and its workers prefetch)
-        for _ in range(args.rounds):
-            for name, augment in settings.items():
-                start = time.perf_counter()
-                for _ in range(args.calls):
-                    augment(wavs, lens)
-                times[name].append((time.perf_counter() - start) / args.calls * 1000)
+        rows = interleaved_ms(
+            {name: functools.partial(augment, wavs, lens) for name, augment in settings.items()},
+            args.rounds,
+            args.calls,
+        )
     print(f"batch {args.batch_size} x {args.crop_seconds} s, {args.files} noise files")
     print("| augmentation | ms/batch (median) | rounds |\n|---|---:|---|")
-    rows = []
-    for name, values in times.items():
-        rounds = ", ".join(f"{v:.1f}" for v in values)
-        print(f"| {name} | {statistics.median(values):.1f} | {rounds} |")
-        rows.append({"setting": name, "ms_per_batch": statistics.median(values), "rounds": values})
+    for row in rows:
+        rounds = ", ".join(f"{v:.1f}" for v in row["ms_rounds"])
+        print(f"| {row['setting']} | {row['ms_median']:.1f} | {rounds} |")
     Path(args.json).write_text(json.dumps(rows, indent=1))
 
 

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
-from common import synchronize
+from common import interleaved_ms
 from transformers import WavLMModel
 
 from recipes.speaker_model import XVectorHead
@@ -55,26 +53,19 @@ def main() -> None:
         name: torch.optim.AdamW(params, lr=2e-5, weight_decay=1e-5, **kw)
         for name, kw in IMPLEMENTATIONS.items()
     }
-    times = {name: [] for name in optimizers}
-    for _ in range(args.rounds):
-        for name, optimizer in optimizers.items():
-            optimizer.step()  # state created / kernels warm
-            synchronize(args.device)
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                optimizer.step()
-            synchronize(args.device)
-            times[name].append((time.perf_counter() - start) / args.steps * 1000)
+    rows = interleaved_ms(
+        {name: optimizer.step for name, optimizer in optimizers.items()},
+        args.rounds,
+        args.steps,
+        args.device,
+    )
     count = sum(p.numel() for p in params) / 1e6
     print(f"{len(params)} tensors, {count:.1f} M parameters, device {args.device}")
     print("| AdamW | ms/step (median) | rounds | speed vs default |\n|---|---:|---|---:|")
-    base = statistics.median(times["default"])
-    rows = []
-    for name, values in times.items():
-        median = statistics.median(values)
-        rounds = ", ".join(f"{v:.1f}" for v in values)
-        print(f"| {name} | {median:.1f} | {rounds} | {base / median:.2f}x |")
-        rows.append({"implementation": name, "ms_per_step": median, "rounds": values})
+    for row in rows:
+        rounds = ", ".join(f"{v:.1f}" for v in row["ms_rounds"])
+        ratio = rows[0]["ms_median"] / row["ms_median"]  # rows[0]: torch's default
+        print(f"| {row['setting']} | {row['ms_median']:.1f} | {rounds} | {ratio:.2f}x |")
     Path(args.json).write_text(json.dumps(rows, indent=1))
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import collections
 import resource
+import statistics
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -91,6 +93,30 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def interleaved_ms(settings: dict, rounds: int, calls: int, device: str = "cpu") -> list[dict]:
+    """Milliseconds per call of each ``settings`` callable, timed in interleaved rounds.
+
+    Each callable runs once untimed first (caches, loader workers, optimizer state); then every
+    round times ``calls`` calls of each in turn, so a noisy machine slows all alike. Returns one
+    row per setting: name, median and the rounds.
+    """
+    for run in settings.values():
+        run()
+    times = {name: [] for name in settings}
+    for _ in range(rounds):
+        for name, run in settings.items():
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(calls):
+                run()
+            synchronize(device)
+            times[name].append((time.perf_counter() - start) / calls * 1000)
+    return [
+        {"setting": name, "ms_median": statistics.median(values), "ms_rounds": values}
+        for name, values in times.items()
+    ]
+
+
 def device_name(device: str) -> str:
     """The GPU's name, or "cpu"."""
     return torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
@@ -134,7 +160,7 @@ class HostSyncCounter(TorchFunctionMode):
 
     @staticmethod
     def _caller() -> str:
-        """``package/file.py:line`` of the innermost frame outside torch and this file."""
+        """``package/file.py:line function`` of the innermost frame outside torch and this file."""
         for frame in reversed(traceback.extract_stack()[:-2]):
             path = Path(frame.filename)
             if "torch" in path.parts or path == Path(__file__):
@@ -144,5 +170,5 @@ class HostSyncCounter(TorchFunctionMode):
                 parts = parts[parts.index("site-packages") + 1 :]
             elif path.is_relative_to(ROOT):
                 parts = path.relative_to(ROOT).parts
-            return f"{'/'.join(parts)}:{frame.lineno}"
+            return f"{'/'.join(parts)}:{frame.lineno} {frame.name}"
         return "?"
