@@ -48,8 +48,8 @@ class SpeakerBrain(sb.core.Brain):
     def compute_forward(self, batch, stage):
         """Waveforms -> embeddings ``[B, 1, D]`` (+ class logits when training).
 
-        A batch without padding (most training batches: full-length crops) goes to the encoder
-        without lengths, so it takes the faster unmasked path. This is read from the lengths
+        A batch without padding (every utterance fills the crop, or a batch of one) goes to the
+        encoder without lengths, so it takes the faster unmasked path. This is read from the lengths
         while they are still on the host (no GPU sync); the augmentations keep a batch's
         lengths as they are (tested).
         """
