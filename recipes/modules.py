@@ -163,8 +163,7 @@ class MarginSoftmax(nn.Module):
     @staticmethod
     def _progress_loaded(module, incompatible_keys) -> None:
         """After a checkpoint is loaded: the host copy of the progress and its margin."""
-        module._progress = float(module.progress)
-        module._apply_margin(module.current_margin())
+        module.set_progress(float(module.progress))
 
     def current_margin(self) -> float:
         """The margin in force now."""

@@ -17,7 +17,7 @@ import speechbrain as sb
 import torch
 
 from recipes.modules import MarginSoftmax, WavLMEncoder
-from tests.benchmarks.common import HostSyncCounter, training_batches, training_brain
+from tests.benchmarks.common import count_host_syncs, training_batches, training_brain
 from tests.test_training_recipe import load_yaml
 
 
@@ -30,22 +30,15 @@ def brain(tmp_path, tiny_wavlm_dir):
 
 
 def test_a_training_step_syncs_only_in_speechbrains_loop_and_hf(brain):
-    """No sync from the recipe but its one gradient check; none per parameter."""
-    counter = HostSyncCounter()
-    for index, (batch, _) in enumerate(training_batches(4, 3, bucketing=False)):
-        brain.step += 1
-        if index == 0:  # the first step creates the optimizer state
-            brain.fit_batch(batch)
-            continue
-        with counter:
-            brain.fit_batch(batch)
-    ours = {site: n for (site, _), n in counter.sites.items() if site.startswith("recipes/")}
+    """The recipe syncs only in its gradient and padding checks, once a step; none per parameter."""
+    sites = count_host_syncs(brain, training_batches(4, 3, bucketing=False))  # 2 counted steps
+    ours = {site: n for (site, _), n in sites.items() if site.startswith("recipes/")}
     # One read per step each: check_gradients' flags, and compute_forward's padding check
     # (on the batch's lengths before they are copied to the device: no GPU wait there).
     assert sorted(site.split()[-1] for site in ours) == ["check_gradients", "compute_forward"]
     assert list(ours.values()) == [2, 2], ours
-    assert max(counter.sites.values()) <= 2, counter.sites  # nothing once per parameter
-    assert sum(counter.sites.values()) <= 2 * 7, counter.sites
+    assert max(sites.values()) <= 2, sites  # nothing once per parameter
+    assert sum(sites.values()) <= 2 * 7, sites
 
 
 def test_gradient_check_drops_only_the_non_finite_gradient(brain):

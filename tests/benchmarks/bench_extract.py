@@ -74,7 +74,7 @@ def extraction_rows(args) -> list[dict]:
     print("| model | precision | batch | utts/s | RTF | peak MB | 1 - min cos vs batch 1 |")
     print("|---|---|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = common.model_dirs(tmp)
+        dirs = common.model_dirs(tmp, args.models)
         for model, precision in itertools.product(args.models, precisions):
             run_opts = {"device": args.device, "eval_precision": precision}
             brain = common.demo_brain(dirs[model], model, tmp, run_opts)

@@ -19,7 +19,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import HostSyncCounter, model_dirs, training_batches, training_brain
+from common import count_host_syncs, model_dirs, training_batches, training_brain
 
 
 def syncs_per_step(model_dir, precision: str, args, tmp) -> collections.Counter:
@@ -32,15 +32,8 @@ def syncs_per_step(model_dir, precision: str, args, tmp) -> collections.Counter:
         freeze_cnn=args.freeze_cnn,
         scale_mode=args.scale_mode,
     )
-    counter = HostSyncCounter()
-    for index, (batch, _) in enumerate(training_batches(args.batch_size, 1 + args.steps, False)):
-        brain.step += 1
-        if index == 0:
-            brain.fit_batch(batch)
-            continue
-        with counter:
-            brain.fit_batch(batch)
-    return collections.Counter({site: n / args.steps for site, n in counter.sites.items()})
+    sites = count_host_syncs(brain, training_batches(args.batch_size, 1 + args.steps, False))
+    return collections.Counter({site: n / args.steps for site, n in sites.items()})
 
 
 def main() -> None:
@@ -55,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = model_dirs(tmp)["tiny"]
+        model_dir = model_dirs(tmp, ["tiny"])["tiny"]
         for precision in args.precisions:
             counts = syncs_per_step(model_dir, precision, args, tmp)
             results[precision] = {f"{site} {op}": n for (site, op), n in counts.items()}

@@ -120,7 +120,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = model_dirs(tmp)
+        dirs = model_dirs(tmp, args.models)
         for model, precision, checkpointing, bucketing in itertools.product(
             args.models,
             precisions,

@@ -25,12 +25,16 @@ from recipes.train_speaker_embeddings import build_brain  # noqa: E402
 HIDDEN = {"tiny": 96, "base_plus": 768}
 
 
-def model_dirs(tmp) -> dict:
-    """Local WavLM folders: the demo's tiny one and a Base+ sized one (random weights)."""
-    return {
-        "tiny": build_tiny_wavlm(Path(tmp) / "tiny"),
-        "base_plus": save_wavlm(Path(tmp) / "base_plus", wavlm_base_plus_config()),
+def model_dirs(tmp, models=("tiny", "base_plus")) -> dict:
+    """Local WavLM folders of ``models``: the demo's tiny one, a Base+ sized one (random weights).
+
+    Only the ones asked for are written (the Base+ one is ~400 MB).
+    """
+    builders = {
+        "tiny": lambda: build_tiny_wavlm(Path(tmp) / "tiny"),
+        "base_plus": lambda: save_wavlm(Path(tmp) / "base_plus", wavlm_base_plus_config()),
     }
+    return {model: builders[model]() for model in models}
 
 
 def demo_brain(model_dir, model: str, tmp, run_opts: dict, **overrides):
@@ -78,6 +82,22 @@ def training_batches(batch_size: int, steps: int, bucketing: bool, seed: int = 0
             for i, seconds in enumerate(chunk)
         ]
         yield PaddedBatch(examples), float(chunk.sum())
+
+
+def count_host_syncs(brain, batches) -> collections.Counter:
+    """``HostSyncCounter`` sites of ``fit_batch`` on every batch but the first.
+
+    The first step runs uncounted: it creates the optimizer state.
+    """
+    counter = HostSyncCounter()
+    for index, (batch, _) in enumerate(batches):
+        brain.step += 1
+        if index == 0:
+            brain.fit_batch(batch)
+            continue
+        with counter:
+            brain.fit_batch(batch)
+    return counter.sites
 
 
 def peak_memory_mb(device: str) -> float:
