@@ -65,7 +65,7 @@ UTT_FIELDS = ["ID", "duration", "wav", "spk_id", "phrase_id", "phrase", "languag
 MODEL_FIELDS = ["model_id", "phrase_id", "spk_id", "enrol_ids"]
 TRIAL_FIELDS = ["model_id", "test_id", "label", "condition"]
 NOISE_FIELDS = ["ID", "duration", "wav", "wav_format", "wav_opts"]
-PREP_VERSION = 2  # bump when the manifests change, so existing ones are redone
+PREP_VERSION = 3  # bump when the manifests change, so existing ones are redone
 MAX_REPORTED = 50  # problems listed in one error message (all go to rejected.csv with skip_bad)
 
 
@@ -261,9 +261,14 @@ def split_dev(train: list[Utt], dev_speakers: int, seed: int):
 
 
 def dev_trials(models, test: list[Utt]) -> list[tuple[str, str, int, str]]:
-    """Every dev model against every dev test utterance of a pass-phrase, labelled."""
+    """Every dev model against every dev test utterance, labelled.
+
+    Free-text test utterances (kept with ``include_free_text``) give wrong-phrase trials (TW with
+    their speaker's models, IW with the others'), as in TdSV 2024's evaluation: the fusion then
+    learns on dev to reject sentences that are no pass-phrase.
+    """
     trials = []
-    tests = [u for u in test if u.phrase_id in PHRASES]
+    tests = list(test)
     for model_id, phrase_id, spk_id, _ in models:
         for utt in tests:
             condition = condition_of(utt.spk_id == spk_id, utt.phrase_id == phrase_id)

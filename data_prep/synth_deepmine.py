@@ -48,6 +48,42 @@ VOICE_VARIANTS = (
 ).split()
 LANGUAGE_VOICE = {"persian": "fa", "english": "en"}
 
+#: Free-text sentences (not pass-phrases) that evaluation speakers say for wrong-phrase (TW)
+#: trials, as in TdSV 2024's evaluation data: the phrase check meets sentences it never saw.
+FREE_TEXT = {
+    "F01": ("english", "The train leaves at half past seven."),
+    "F02": ("english", "Please call me back tomorrow morning."),
+    "F03": ("english", "She opened the window to let in some air."),
+    "F04": ("english", "I would like a cup of tea with milk."),
+    "F05": ("english", "The library closes early on Fridays."),
+    "F06": ("persian", "امروز هوا خیلی خوب است."),
+    "F07": ("persian", "من هر روز به کتابخانه می روم."),
+    "F08": ("persian", "فردا صبح به خانه برمی گردم."),
+    "F09": ("persian", "لطفا در را پشت سرت ببند."),
+    "F10": ("persian", "این کتاب را خیلی دوست دارم."),
+}
+#: Free text of the training speakers: other sentences than the evaluation's, so the "other"
+#: phrase class (``include_free_text``) is trained without ever seeing the test sentences.
+TRAIN_FREE_TEXT = {
+    "T01": ("english", "We walked along the river after dinner."),
+    "T02": ("english", "My brother plays the guitar every evening."),
+    "T03": ("english", "The meeting was moved to next Tuesday."),
+    "T04": ("english", "It rained all night in the mountains."),
+    "T05": ("english", "Could you pass me the salt, please?"),
+    "T06": ("persian", "دیروز با دوستانم به پارک رفتیم."),
+    "T07": ("persian", "قطار ساعت هشت صبح حرکت می کند."),
+    "T08": ("persian", "خواهرم در دانشگاه درس می خواند."),
+    "T09": ("persian", "شب ها هوا کمی سرد می شود."),
+    "T10": ("persian", "لطفا چراغ اتاق را خاموش کن."),
+}
+
+
+def utterance_text(phrase_id: str) -> tuple[str, str]:
+    """``(language, text)`` of a pass-phrase id or a free-text sentence id."""
+    if phrase_id in PHRASES:
+        return phrase_language(phrase_id), PHRASES[phrase_id]
+    return {**FREE_TEXT, **TRAIN_FREE_TEXT}[phrase_id]
+
 
 @dataclass(frozen=True)
 class Speaker:
@@ -202,9 +238,10 @@ def reverberate(rng: np.random.Generator, wav: np.ndarray) -> np.ndarray:
 def render(utt: Utterance, speaker: Speaker, babble: np.ndarray) -> np.ndarray:
     """The 16 kHz float waveform of one utterance."""
     rng = np.random.default_rng(utt.seed)
-    voice = f"{LANGUAGE_VOICE[phrase_language(utt.phrase_id)]}+{speaker.variant}"
+    language, text = utterance_text(utt.phrase_id)
+    voice = f"{LANGUAGE_VOICE[language]}+{speaker.variant}"
     speech, rate = espeak(
-        PHRASES[utt.phrase_id],
+        text,
         voice,
         rate=int(speaker.rate * rng.uniform(0.92, 1.08)),
         pitch=int(np.clip(speaker.pitch + rng.integers(-4, 5), 0, 100)),
@@ -296,8 +333,18 @@ def plan_corpus(
     eval_speakers: int,
     reps: int,
     trials_per_model: dict[str, int],
+    free_text: int = 0,
+    free_text_trials: int = 0,
+    free_text_train: int = 0,
 ) -> CorpusPlan:
-    """Decide every file, model and trial of the corpus from the seed."""
+    """Decide every file, model and trial of the corpus from the seed.
+
+    ``free_text`` sentences of ``FREE_TEXT`` per evaluation speaker are added as test utterances,
+    and ``free_text_trials`` of them per model as extra TW trials (same speaker, not a
+    pass-phrase); ``free_text_train`` sentences of ``TRAIN_FREE_TEXT`` per training speaker are
+    added to the training list. They are drawn from separate random streams, so the rest of the
+    corpus is the same with or without them.
+    """
     if reps < 4:
         raise ValueError("--reps must be at least 4 (3 enrollment + at least 1 test utterance)")
     rng = np.random.default_rng([seed, 0])
@@ -330,6 +377,13 @@ def plan_corpus(
         for k, (mid, (s, p)) in enumerate(zip(model_ids, model_keys, strict=True))
     ]
     trials = _draw_trials(rng, model_ids, model_keys, evaluation, trials_per_model)
+    if free_text:
+        free, free_trials = _free_text(
+            seed, eval_spk, free_text, free_text_trials, len(test_pairs), model_ids, model_keys
+        )
+        evaluation, trials = evaluation + free, trials + free_trials
+    if free_text_train:
+        train = train + _train_free_text(seed, speakers, free_text_train, len(train_pairs))
     train_speaker_ids = [f"spk_{i + 1:06d}" for i in range(speakers)]
     return CorpusPlan(train, enrollment, evaluation, models, trials, train_speaker_ids)
 
@@ -350,6 +404,45 @@ def _draw_trials(rng, model_ids, model_keys, evaluation, trials_per_model):
         labels = {fid: c for c, fids in by_condition.items() for fid in fids}
         trials += [(mid, fid, labels[fid]) for fid in rng.permutation(chosen)]
     return trials
+
+
+def _free_text(seed, eval_spk, per_speaker, per_model, first_number, model_ids, model_keys):
+    """Free-text evaluation utterances and their TW trials (see ``plan_corpus``).
+
+    Their file ids follow the pass-phrase test utterances' (numbered in a random order).
+    """
+    if per_speaker > len(FREE_TEXT) or per_model > per_speaker:
+        raise ValueError(f"free_text <= {len(FREE_TEXT)} and free_text_trials <= free_text")
+    rng = np.random.default_rng([seed, 5])
+    numbers = first_number + 1 + rng.permutation(len(eval_spk) * per_speaker)
+    utterances, by_speaker = [], {}
+    for k, spk in enumerate(eval_spk):
+        sentences = rng.choice(sorted(FREE_TEXT), per_speaker, replace=False)
+        for j, sentence in enumerate(sentences):
+            i = k * per_speaker + j
+            utt = Utterance(f"evl_{numbers[i]:06d}", "evaluation", spk, str(sentence), (seed, 5, i))
+            utterances.append(utt)
+            by_speaker.setdefault(spk, []).append(utt.file_id)
+    trials = []
+    for mid, (spk, _) in zip(model_ids, model_keys, strict=True):
+        chosen = rng.choice(by_speaker[spk], per_model, replace=False)
+        trials += [(mid, str(fid), "TW") for fid in chosen]
+    return utterances, trials
+
+
+def _train_free_text(seed, speakers, per_speaker, first_number):
+    """Free-text training utterances (``TRAIN_FREE_TEXT``), numbered after the others."""
+    if per_speaker > len(TRAIN_FREE_TEXT):
+        raise ValueError(f"free_text_train <= {len(TRAIN_FREE_TEXT)}")
+    rng = np.random.default_rng([seed, 6])
+    numbers = first_number + 1 + rng.permutation(speakers * per_speaker)
+    utterances = []
+    for spk in range(speakers):
+        for j, sentence in enumerate(rng.choice(sorted(TRAIN_FREE_TEXT), per_speaker, False)):
+            i = spk * per_speaker + j
+            utterances.append(Utterance(f"trn_{numbers[i]:06d}", "train", spk, str(sentence),
+                                        (seed, 6, i)))  # fmt: skip
+    return utterances
 
 
 def _write_docs(out: Path, plan: CorpusPlan) -> None:
@@ -402,6 +495,9 @@ def synthesize_corpus(
     seed: int = 1234,
     jobs: int = 2,
     trials_per_model: dict[str, int] | None = None,
+    free_text: int = 0,
+    free_text_trials: int = 0,
+    free_text_train: int = 0,
 ) -> Path:
     """Write the synthetic corpus to ``out`` and return its path.
 
@@ -415,12 +511,18 @@ def synthesize_corpus(
         reps=reps,
         seed=seed,
         trials_per_model=trials_per_model,
+        free_text=free_text,
+        free_text_trials=free_text_trials,
+        free_text_train=free_text_train,
     )
     done_marker = out / "synth_options.json"
     if done_marker.is_file() and json.loads(done_marker.read_text()) == options:
         print(f"Synthetic corpus already in {out} (same options): skipping generation.")
         return out
-    plan = plan_corpus(seed, speakers, eval_speakers, reps, trials_per_model)
+    plan = plan_corpus(
+        seed, speakers, eval_speakers, reps, trials_per_model, free_text, free_text_trials,
+        free_text_train,
+    )  # fmt: skip
     _clear_previous_corpus(out)
 
     _init_espeak()
@@ -453,9 +555,28 @@ def main(argv=None) -> None:
     parser.add_argument("--eval_speakers", type=int, default=20, help="evaluation speakers")
     parser.add_argument("--reps", type=int, default=6, help="repetitions of each phrase")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument(
+        "--free_text", type=int, default=0, help="free-text sentences per evaluation speaker"
+    )
+    parser.add_argument(
+        "--free_text_trials", type=int, default=0, help="free-text TW trials per model"
+    )
+    parser.add_argument(
+        "--free_text_train", type=int, default=0, help="free-text sentences per training speaker"
+    )
     parser.add_argument("--jobs", type=int, default=multiprocessing.cpu_count())
     args = parser.parse_args(argv)
-    synthesize_corpus(args.out, args.speakers, args.eval_speakers, args.reps, args.seed, args.jobs)
+    synthesize_corpus(
+        args.out,
+        args.speakers,
+        args.eval_speakers,
+        args.reps,
+        args.seed,
+        args.jobs,
+        free_text=args.free_text,
+        free_text_trials=args.free_text_trials,
+        free_text_train=args.free_text_train,
+    )
 
 
 if __name__ == "__main__":

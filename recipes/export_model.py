@@ -30,22 +30,34 @@ import json
 import shutil
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
-import speechbrain as sb
 import torch
 import torch.nn.functional as F
-from hyperpyyaml import load_hyperpyyaml
 from transformers import WavLMConfig, WavLMForXVector
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recipes.pretrained import EXPORTED_MODULE, load_verifier
 from recipes.scoring import metrics_by_condition, score_trials, trial_metrics
-from recipes.speaker_model import WavLMSpeakerEmbedder, XVectorHead
-from recipes.train_speaker_embeddings import build_brain, dataio_prep, prepare_data
-from recipes.verification import best_checkpoint, check_splits, split_embeddings
+from recipes.settings import load_checked_hparams
+from recipes.speaker_model import (
+    SDSV_COSTS,
+    PhraseBranch,
+    WavLMSpeakerEmbedder,
+    XVectorHead,
+    phrase_outputs,
+)
+from recipes.train_speaker_embeddings import brain_for_data, dataio_prep, prepare_data
+from recipes.verification import (
+    best_checkpoint,
+    check_splits,
+    recipe_fusion_source,
+    scored,
+    split_embeddings,
+)
 
 #: Config entries that describe where a model came from, not what it is.
 BOOKKEEPING = ("_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype")
@@ -75,11 +87,11 @@ def enrolment_thresholds(table, models: pd.DataFrame, trials: pd.DataFrame) -> d
     return thresholds
 
 
-def split_metrics(tables: dict, splits: dict) -> dict:
+def split_metrics(per_split: dict, splits: dict, fused: bool) -> dict:
     """Metrics by condition of every labelled split (the model card's numbers)."""
     results = {}
-    for split, (_, models, trials) in splits.items():
-        metrics = trial_metrics(score_trials(tables[split], models, trials), trials)
+    for split, (_, final) in per_split.items():
+        metrics = trial_metrics(final, splits[split].trials, llr=fused)
         if metrics:
             results[split] = metrics
     return results
@@ -112,15 +124,32 @@ def wavlm_settings(wavlm) -> dict:
     }
 
 
-def trained_embedder(brain, settings: dict, head: torch.nn.Module) -> WavLMSpeakerEmbedder:
-    """A ``WavLMSpeakerEmbedder`` holding the brain's trained weights (eval mode)."""
+def trained_embedder(brain, settings: dict, head: torch.nn.Module, phrase_branch=None):
+    """A ``WavLMSpeakerEmbedder`` holding the brain's trained weights (eval mode).
+
+    ``phrase_branch``: a fresh ``PhraseBranch`` to hold the trained one's weights (None: none).
+    """
     wavlm = brain.unwrapped("wavlm")
-    embedder = WavLMSpeakerEmbedder(head=head, **settings)
+    embedder = WavLMSpeakerEmbedder(head=head, phrase_branch=phrase_branch, **settings)
     embedder.model.load_state_dict(wavlm.model.state_dict())
     if wavlm.layer_logits is not None:
         embedder.layer_logits.data.copy_(wavlm.layer_logits.data)
     embedder.head.load_state_dict(brain.unwrapped("embedding_model").state_dict())
+    if phrase_branch is not None:
+        embedder.phrase_branch.load_state_dict(brain.unwrapped("phrase_branch").state_dict())
     return embedder.eval()
+
+
+def phrase_branch_spec(hparams, brain) -> dict | None:
+    """Constructor arguments of the trained phrase branch (None without one)."""
+    if "phrase_branch" not in brain.modules:
+        return None
+    branch = brain.unwrapped("phrase_branch")
+    return {
+        **hparams["phrase_branch_model"].keywords,
+        "num_states": branch.layer_logits.numel(),
+        "n_phrases": branch.classifier[-1].out_features,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,11 +244,18 @@ thresholds: {thresholds}
 
 wavlm_config: {wavlm_config}
 
+# Text-dependent decisions (phrase branch + fusion): verify_trial / verify_enrolment decide on the
+# fused log-likelihood ratio at the Bayes threshold of these costs (SdSV / TdSV by default).
+phrase_labels: {phrase_labels}
+fusion: {fusion}
+costs: {costs}
+
 embedding_model: !new:{module}.WavLMSpeakerEmbedder
     wavlm_config: !ref <wavlm_config>
     layer_weighting: {layer_weighting}
     normalize_wav: {normalize_wav}
     head: !new:{head_class} {head_kwargs}
+    phrase_branch: {phrase_branch}
 
 audio_normalizer: !new:speechbrain.dataio.preprocess.AudioNormalizer
     sample_rate: !ref <sample_rate>
@@ -233,10 +269,18 @@ pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
 """
 
 
-def hyperparams_text(hparams, settings, thresholds, head_class, head_kwargs) -> str:
-    """The exported ``hyperparams.yaml`` (JSON values are YAML flow collections)."""
+def hyperparams_text(hparams, settings, thresholds, head_class, head_kwargs, text_dependent):
+    """The exported ``hyperparams.yaml`` (JSON values are YAML flow collections).
+
+    ``text_dependent``: ``{"phrase_branch": kwargs, "phrase_labels", "fusion"}`` or None.
+    """
+    module = Path(EXPORTED_MODULE).stem
+    branch = "null"
+    if text_dependent is not None:
+        branch = f"!new:{module}.PhraseBranch {json.dumps(text_dependent['phrase_branch'])}"
+    text_dependent = text_dependent or {}
     return HYPERPARAMS.format(
-        module=Path(EXPORTED_MODULE).stem,
+        module=module,
         sample_rate=hparams["sample_rate"],
         operating_point=hparams["export_operating_point"],
         thresholds=json.dumps(thresholds),
@@ -245,6 +289,10 @@ def hyperparams_text(hparams, settings, thresholds, head_class, head_kwargs) -> 
         normalize_wav=settings["normalize_wav"],
         head_class=head_class,
         head_kwargs=json.dumps(head_kwargs),
+        phrase_branch=branch,
+        phrase_labels=json.dumps(text_dependent.get("phrase_labels")),
+        fusion=json.dumps(text_dependent.get("fusion")),
+        costs=json.dumps(SDSV_COSTS),
     )
 
 
@@ -269,22 +317,34 @@ def check_agreement(what: str, cosine: float) -> None:
 def export(hparams, run_opts) -> Path:
     """Export the best checkpoint of the run described by ``hparams``; return the folder."""
     prepare_data(hparams)
-    _, splits, _, class_encoder, phrase_encoder = dataio_prep(hparams)
-    brain = build_brain(hparams, run_opts, len(class_encoder), len(phrase_encoder))
+    data = dataio_prep(hparams)
+    splits, class_encoder = data.splits, data.class_encoder
+    brain = brain_for_data(hparams, run_opts, data)
     checkpoint = best_checkpoint(brain)
     check_splits(splits)
     brain.checkpointer.recover_if_possible(min_key="EER")
     brain.modules.eval()
     cache = Path(hparams["output_folder"]) / "embeddings" / checkpoint.path.name
-    tables = split_embeddings(
-        lambda dataset: brain.embed(dataset, hparams["eval_dataloader_options"]), splits, cache
-    )
-    thresholds = enrolment_thresholds(tables["dev"], *splits["dev"][1:])
-    metrics = split_metrics(tables, splits)
+    embed = partial(brain.embed, loader_kwargs=hparams["eval_dataloader_options"])
+    tables = split_embeddings(embed, splits, cache)
+    thresholds = enrolment_thresholds(tables["dev"]["speaker"], *splits["dev"][1:])
+    source = recipe_fusion_source(hparams, checkpoint, brain.phrase_labels)
+    card_hparams = {**hparams, "score_norm": "none"}  # the model card: raw (or fused) scores
+    per_split, fusion = scored(embed, card_hparams, splits, None, cache, source)
+    metrics = split_metrics(per_split, splits, fused=fusion is not None)
 
     settings = wavlm_settings(brain.unwrapped("wavlm"))
     head_class, head_kwargs = head_spec(hparams)
-    embedder = trained_embedder(brain, settings, hparams["heads"][hparams["head_type"]]())
+    branch_kwargs = phrase_branch_spec(hparams, brain)
+    branch = None if branch_kwargs is None else PhraseBranch(**branch_kwargs)
+    embedder = trained_embedder(brain, settings, hparams["heads"][hparams["head_type"]](), branch)
+    text_dependent = None
+    if fusion is not None:
+        text_dependent = {
+            "phrase_branch": branch_kwargs,
+            "phrase_labels": brain.phrase_labels,
+            "fusion": {**fusion, "kind": hparams["fusion"]},
+        }
     wavs = reference_utterances(splits["dev"][0])
 
     def trained(wav):
@@ -298,10 +358,12 @@ def export(hparams, run_opts) -> Path:
     torch.save(embedder.state_dict(), staging / "embedding_model.ckpt")
     shutil.copyfile(Path(__file__).with_name("speaker_model.py"), staging / EXPORTED_MODULE)
     (staging / "hyperparams.yaml").write_text(
-        hyperparams_text(hparams, settings, thresholds, head_class, head_kwargs)
+        hyperparams_text(hparams, settings, thresholds, head_class, head_kwargs, text_dependent)
     )
     class_encoder.save(staging / "label_encoder.txt")
     checks = {"speechbrain_min_cosine": _check_speechbrain(staging, trained, wavs)}
+    if text_dependent is not None:
+        checks["phrase_max_logp_difference"] = _check_phrase_branch(staging, brain, wavs)
     if isinstance(embedder.head, XVectorHead):
         labels = [class_encoder.ind2lab[i] for i in range(len(class_encoder))]
         hf = hf_xvector_model(embedder, brain.unwrapped("classifier"), labels)
@@ -317,6 +379,8 @@ def export(hparams, run_opts) -> Path:
         "training_classes": len(class_encoder),
         "thresholds": thresholds,
         "operating_point": hparams["export_operating_point"],
+        "fusion": None if text_dependent is None else text_dependent["fusion"],
+        "phrase_labels": brain.phrase_labels if text_dependent else None,
         "metrics": metrics,
         "checks": checks,
     }
@@ -338,6 +402,26 @@ def _check_speechbrain(folder: Path, trained, wavs) -> float:
     return cosine
 
 
+#: The largest difference of phrase log-posteriors between export and training that passes.
+MAX_LOGP_DIFFERENCE = 1e-3
+
+
+@torch.no_grad()
+def _check_phrase_branch(folder: Path, brain, wavs) -> float:
+    """The folder's phrase log-posteriors must be the trained phrase branch's."""
+    verifier = load_verifier(folder)
+    worst = 0.0
+    for wav in wavs:
+        _, hidden = brain.modules.wavlm(wav[None].to(brain.device), return_hidden=True)
+        lengths = torch.ones(1, device=brain.device)
+        trained = phrase_outputs(*brain.modules.phrase_branch(hidden, lengths))["phrase_logp"]
+        exported = verifier.embed_waveform(wav)["phrase_logp"]
+        worst = max(worst, float((trained[0].cpu() - exported.cpu()).abs().max()))
+    if worst > MAX_LOGP_DIFFERENCE:
+        raise RuntimeError(f"export check failed: phrase log-posteriors differ by {worst:.2e}")
+    return worst
+
+
 def _check_hf(folder: Path, hf, trained, wavs) -> dict:
     """The HF model on the recipe's input normalization (must agree) and on its own (reported)."""
 
@@ -352,6 +436,20 @@ def _check_hf(folder: Path, hf, trained, wavs) -> dict:
     return {"hf_min_cosine": cosine, "hf_feature_extractor_min_cosine": own_cosine}
 
 
+def _scoring_note(facts: dict) -> str:
+    """What the model card's scores are, and what the HF folder cannot do."""
+    if not facts["fusion"]:
+        return "Scores are cosines of speaker embeddings (speaker verification only)."
+    return (
+        f"Scores are calibrated log-likelihood ratios (fusion `{facts['fusion']['kind']}`, "
+        "learned on the dev trials) of the speaker score and the pass-phrase score (the phrase "
+        "branch's log-posterior of the enrolled phrase, over the classes "
+        f"{', '.join(facts['phrase_labels'])}); decisions are taken at the Bayes threshold of the "
+        "SdSV costs. The phrase check needs this SpeechBrain folder: `hf/` is the speaker "
+        "embedder alone (`WavLMForXVector` has no phrase branch)."
+    )
+
+
 def model_card(facts: dict, folder: Path) -> str:
     """The folder's README: what the model is, how it scores, how to use it."""
     lines = [
@@ -361,15 +459,18 @@ def model_card(facts: dict, folder: Path) -> str:
         f"(WavLM `{facts['wavlm_source']}`, head `{facts['head']}`, "
         f"{facts['training_classes']} training classes of type `{facts['target_type']}`).",
         "",
-        "## Results of this checkpoint (cosine scoring, no score normalization)",
+        "## Results of this checkpoint (no score normalization)",
         "",
-        "| split | condition | EER (%) | minDCF (SdSV) | targets | non-targets |",
-        "|---|---|---|---|---|---|",
+        _scoring_note(facts),
+        "",
+        "| split | condition | EER (%) | minDCF (SdSV) | actDCF | Cllr | targets | non-targets |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for split, conditions in facts["metrics"].items():
         for name, m in conditions.items():
+            calibration = f"{m['act_dcf']:.3f} | {m['cllr']:.3f}" if "act_dcf" in m else "- | -"
             lines.append(
-                f"| {split} | {name} | {m['eer']:.2f} | {m['min_dcf']:.3f} | "
+                f"| {split} | {name} | {m['eer']:.2f} | {m['min_dcf']:.3f} | {calibration} | "
                 f"{m['targets']} | {m['nontargets']} |"
             )
     thresholds = facts["thresholds"]
@@ -399,6 +500,8 @@ verifier = foreign_class(source="{folder}", pymodule_file="tdsv_speaker_model.py
                          classname="TDSVSpeakerRecognition")
 score, accept = verifier.verify_files("enrol.wav", "test.wav")
 score, accept = verifier.verify_enrolment(["e1.wav", "e2.wav", "e3.wav"], "test.wav")
+verdict = verifier.verify_trial(["e1.wav", "e2.wav", "e3.wav"], "test.wav")  # + phrase check
+print(verdict.speaker_score, verdict.phrase_score, verdict.score, verdict.accept, verdict.reason)
 embeddings = verifier.encode_batch(wavs)  # [batch, 1, dim]
 ```
 
@@ -426,9 +529,7 @@ python recipes/verify_speakers.py --model {folder} --enrol e1.wav e2.wav e3.wav 
 
 def main(argv) -> None:
     """Parse the recipe's arguments and export."""
-    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
-    with open(hparams_file, encoding="utf-8") as handle:
-        hparams = load_hyperpyyaml(handle, overrides)
+    _, run_opts, _, hparams = load_checked_hparams(argv)
     export(hparams, run_opts)
 
 

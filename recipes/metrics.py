@@ -82,19 +82,64 @@ def min_dcf(
     min(c_miss * p_target, c_fa * (1 - p_target)) and minimized over thresholds.
     """
     points = operating_points(target_scores, nontarget_scores)
-    cost = c_miss * p_target * points.p_miss + c_fa * (1 - p_target) * points.p_fa
+    cost = normalized_cost(points.p_miss, points.p_fa, p_target, c_miss, c_fa)
     best = int(np.argmin(cost))
-    normalizer = min(c_miss * p_target, c_fa * (1 - p_target))
-    return float(cost[best] / normalizer), float(points.thresholds[best])
+    return float(cost[best]), float(points.thresholds[best])
 
 
-def verification_metrics(scores, labels) -> dict:
-    """EER (%), minDCF and their thresholds, and trial counts, for scores with 0/1 labels."""
+def normalized_cost(p_miss, p_fa, p_target: float, c_miss: float, c_fa: float):
+    """C_det of miss / false-alarm rates, divided by the cost of the best trivial system."""
+    cost = c_miss * p_target * p_miss + c_fa * (1 - p_target) * p_fa
+    return cost / min(c_miss * p_target, c_fa * (1 - p_target))
+
+
+def bayes_threshold(
+    p_target: float = SDSV_DCF["p_target"],
+    c_miss: float = SDSV_DCF["c_miss"],
+    c_fa: float = SDSV_DCF["c_fa"],
+) -> float:
+    """The LLR threshold of minimum expected cost: log(c_fa (1 - p_target) / (c_miss p_target))."""
+    return float(np.log(c_fa * (1 - p_target) / (c_miss * p_target)))
+
+
+def actual_dcf(
+    target_llrs,
+    nontarget_llrs,
+    p_target: float = SDSV_DCF["p_target"],
+    c_miss: float = SDSV_DCF["c_miss"],
+    c_fa: float = SDSV_DCF["c_fa"],
+) -> float:
+    """Normalized detection cost of log-likelihood ratios decided at the Bayes threshold.
+
+    What a calibrated system costs in use; ``min_dcf`` is its floor (the best threshold in
+    hindsight), so ``actual_dcf / min_dcf`` measures the calibration.
+    """
+    targets = _as_scores(target_llrs, "target")
+    nontargets = _as_scores(nontarget_llrs, "non-target")
+    threshold = bayes_threshold(p_target, c_miss, c_fa)
+    p_miss, p_fa = np.mean(targets < threshold), np.mean(nontargets >= threshold)
+    return float(normalized_cost(p_miss, p_fa, p_target, c_miss, c_fa))
+
+
+def cllr(target_llrs, nontarget_llrs) -> float:
+    """Log-likelihood-ratio cost in bits (Brümmer): 0 is perfect, 1 is an uninformative system."""
+    targets = _as_scores(target_llrs, "target")
+    nontargets = _as_scores(nontarget_llrs, "non-target")
+    nats = np.mean(np.logaddexp(0, -targets)) + np.mean(np.logaddexp(0, nontargets))
+    return float(nats / (2 * np.log(2)))
+
+
+def verification_metrics(scores, labels, llr: bool = False) -> dict:
+    """EER (%), minDCF and their thresholds, and trial counts, for scores with 0/1 labels.
+
+    With ``llr`` (the scores are calibrated log-likelihood ratios), also the actual DCF at the
+    Bayes threshold of the SdSV costs and Cllr.
+    """
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
     targets, nontargets = scores[labels], scores[~labels]
     eer_value, eer_threshold = eer(targets, nontargets)
     dcf_value, dcf_threshold = min_dcf(targets, nontargets)
-    return {
+    metrics = {
         "eer": 100.0 * eer_value,
         "eer_threshold": eer_threshold,
         "min_dcf": dcf_value,
@@ -102,3 +147,7 @@ def verification_metrics(scores, labels) -> dict:
         "targets": int(targets.size),
         "nontargets": int(nontargets.size),
     }
+    if llr:
+        metrics["act_dcf"] = actual_dcf(targets, nontargets)
+        metrics["cllr"] = cllr(targets, nontargets)
+    return metrics

@@ -83,12 +83,18 @@ class WavLMEncoder(WavLM):
             self.model, wav, wav_lens, self.normalize_wav, self.output_all_hiddens
         )
 
-    def forward(self, wav, wav_lens=None):
-        """Encode a batch of waveforms ``[B, T]`` into frame features ``[B, T', H]``."""
+    def forward(self, wav, wav_lens=None, return_hidden: bool = False):
+        """Encode a batch of waveforms ``[B, T]`` into frame features ``[B, T', H]``.
+
+        With ``return_hidden``, also the stacked hidden states ``[L, B, T', H]`` they were
+        weighted from (for the phrase branch, which has layer weights of its own). Through
+        ``forward``, so that DDP sees the call.
+        """
         hidden = super().forward(wav, wav_lens)
-        if self.layer_logits is None:
-            return hidden
-        return weighted_layer_sum(self.layer_logits, hidden)
+        features = (
+            hidden if self.layer_logits is None else weighted_layer_sum(self.layer_logits, hidden)
+        )
+        return (features, hidden) if return_hidden else features
 
     def frame_lengths(self, wav_lens, num_samples: int, num_frames: int):
         """Exact relative lengths of the valid output frames (see ``speaker_model``)."""

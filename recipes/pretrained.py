@@ -92,11 +92,17 @@ def load_verifier(folder, run_opts: dict | None = None) -> TDSVSpeakerRecognitio
     )
 
 
-def embed_dataset(verifier, dataset, loader_kwargs: dict, progress=True) -> EmbeddingTable:
-    """Embeddings of every utterance (``id``, ``sig``) of a SpeechBrain dataset."""
+def embed_dataset(verifier, dataset, loader_kwargs: dict, progress=True) -> dict:
+    """Tables of every utterance (``id``, ``sig``) of a SpeechBrain dataset.
+
+    ``"speaker"`` embeddings, and the phrase branch's outputs when the model has one (one WavLM
+    pass per utterance either way).
+    """
     loader = sb.dataio.dataloader.make_dataloader(dataset, **loader_kwargs)
-    embeddings = {}
+    outputs = {}
     for batch in tqdm(loader, desc="embedding", disable=not progress):
-        vectors = verifier.encode_batch(batch.sig.data, batch.sig.lengths).squeeze(1)
-        embeddings.update(zip(batch.id, vectors.cpu().numpy(), strict=True))
-    return EmbeddingTable.from_dict(embeddings)
+        for utt_id, wav, rel in zip(batch.id, batch.sig.data, batch.sig.lengths, strict=True):
+            samples = max(1, round(float(rel) * wav.shape[0]))
+            for name, vector in verifier.embed_waveform(wav[:samples]).items():
+                outputs.setdefault(name, {})[utt_id] = vector.cpu().numpy()
+    return {name: EmbeddingTable.from_dict(vectors) for name, vectors in outputs.items()}

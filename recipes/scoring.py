@@ -149,22 +149,25 @@ def condition_pair(scores, conditions, impostors) -> tuple[np.ndarray, np.ndarra
     return scores[conditions == "TC"], scores[np.isin(conditions, impostors)]
 
 
-def metrics_by_condition(scores, conditions) -> dict:
-    """EER / minDCF for the pooled condition and each TC-vs-X pair (skipped where X is absent)."""
+def metrics_by_condition(scores, conditions, llr: bool = False) -> dict:
+    """EER / minDCF for the pooled condition and each TC-vs-X pair (skipped where X is absent).
+
+    With ``llr`` (calibrated scores), also actual DCF and Cllr.
+    """
     results = {}
     for name, impostors in CONDITION_PAIRS.items():
         targets, nontargets = condition_pair(scores, conditions, impostors)
         if targets.size and nontargets.size:
             labels = np.r_[np.ones(targets.size, bool), np.zeros(nontargets.size, bool)]
-            results[name] = verification_metrics(np.r_[targets, nontargets], labels)
+            results[name] = verification_metrics(np.r_[targets, nontargets], labels, llr)
     return results
 
 
-def trial_metrics(scores, trials: pd.DataFrame) -> dict:
+def trial_metrics(scores, trials: pd.DataFrame, llr: bool = False) -> dict:
     """``metrics_by_condition`` of labelled trials; ``{}`` for a blind (unlabelled) list."""
     if not (trials["condition"] != "").all():
         return {}
-    return metrics_by_condition(scores, trials["condition"])
+    return metrics_by_condition(scores, trials["condition"], llr)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,11 +2,16 @@
 
 - ``XVectorHead``: projector + TDNN stack + statistics pooling + embedding, laid out exactly like
   the head of ``transformers.WavLMForXVector`` so that weights can be exchanged with it.
-- ``WavLMSpeakerEmbedder``: WavLM built from its config, weighted layer sum and a speaker head:
-  the whole embedding model of an exported folder (waveform in, embedding out).
+- ``PhraseBranch``: the pass-phrase classifier on the same WavLM forward pass (its own layer
+  weights and pooling head), for text-dependent scoring.
+- ``WavLMSpeakerEmbedder``: WavLM built from its config, weighted layer sum and a speaker head
+  (and optionally the phrase branch): the whole model of an exported folder.
+- ``fused_llr``: speaker and phrase scores -> calibrated log-likelihood ratio (the fusion learned
+  by ``recipes/fusion.py``, stored as plain numbers in the exported ``hyperparams.yaml``).
 - ``TDSVSpeakerRecognition``: SpeechBrain's ``SpeakerRecognition`` interface with embeddings
   computed one utterance at a time, several enrollment utterances, thresholds calibrated on the
-  dev trials, and audio of any sample rate or channel count.
+  dev trials (or Bayes decisions on fused LLRs, with the reason of a reject), and audio of any
+  sample rate or channel count.
 
 This file imports only torch, SpeechBrain and transformers: ``recipes/export_model.py`` copies it
 into every exported model folder (as ``tdsv_speaker_model.py``), where SpeechBrain's
@@ -16,8 +21,10 @@ into every exported model folder (as ``tdsv_speaker_model.py``), where SpeechBra
 from __future__ import annotations
 
 import logging
-from typing import ClassVar
+import math
+from typing import ClassVar, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from speechbrain.dataio import audio_io
@@ -106,6 +113,42 @@ def weighted_layer_sum(layer_logits: torch.Tensor, hidden: torch.Tensor) -> torc
     """Softmax(``layer_logits``)-weighted sum of stacked hidden states ``[L, B, T, H]``."""
     weights = F.softmax(layer_logits, dim=0).to(hidden.dtype)
     return torch.einsum("l,lbth->bth", weights, hidden)
+
+
+class PhraseBranch(nn.Module):
+    """Pass-phrase classifier on WavLM's hidden states ``[L, B, T, H]``.
+
+    Phrase content and speaker identity peak in different WavLM layers, so the branch has its own
+    softmax layer weights, then a small x-vector head (dilated convolutions for temporal context,
+    pooling over valid frames) that gives a phrase embedding, and a linear classifier over the
+    training phrases (plus "other" when free text is trained). The embedding also gives a
+    content-similarity score for pass-phrases that are not training classes.
+    """
+
+    def __init__(
+        self,
+        num_states: int,
+        input_size: int,
+        n_phrases: int,
+        channels=(128, 128, 128),
+        kernel_sizes=(5, 3, 3),
+        dilations=(1, 2, 3),
+        embedding_dim: int = 128,
+    ):
+        super().__init__()
+        self.layer_logits = nn.Parameter(torch.zeros(num_states))
+        self.head = XVectorHead(input_size, channels, kernel_sizes, dilations, embedding_dim)
+        self.classifier = nn.Sequential(nn.ReLU(), nn.Linear(embedding_dim, n_phrases))
+
+    def forward(self, hidden: torch.Tensor, lengths: torch.Tensor | None = None):
+        """``(phrase embedding [B, E], phrase logits [B, P])`` of hidden states ``[L, B, T, H]``."""
+        embedding = self.head(weighted_layer_sum(self.layer_logits, hidden), lengths).squeeze(1)
+        return embedding, self.classifier(embedding)
+
+
+def phrase_outputs(embedding: torch.Tensor, logits: torch.Tensor) -> dict:
+    """What is kept per utterance for scoring: log-posteriors and the phrase embedding."""
+    return {"phrase_logp": F.log_softmax(logits.float(), dim=-1), "phrase_embedding": embedding}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,30 +270,128 @@ class WavLMSpeakerEmbedder(nn.Module):
         Weighted sum of all hidden states (True) or the last one only.
     normalize_wav : bool
         Normalize each waveform to zero mean and unit variance (as the feature extractor says).
+    phrase_branch : PhraseBranch, optional
+        The pass-phrase classifier (``embed_all``); it needs ``layer_weighting``.
 
     """
 
     def __init__(
-        self, wavlm_config: dict, head: nn.Module, layer_weighting=True, normalize_wav=True
+        self,
+        wavlm_config: dict,
+        head: nn.Module,
+        layer_weighting=True,
+        normalize_wav=True,
+        phrase_branch: nn.Module | None = None,
     ):
         super().__init__()
+        if phrase_branch is not None and not layer_weighting:
+            raise ValueError("the phrase branch needs all hidden states (layer_weighting)")
         self.model = WavLMModel(WavLMConfig(**wavlm_config))
         mask_cnn_padding(self.model)
         self.normalize_wav = normalize_wav
         num_states = self.model.config.num_hidden_layers + 1
         self.layer_logits = nn.Parameter(torch.zeros(num_states)) if layer_weighting else None
         self.head = head
+        self.phrase_branch = phrase_branch
 
     def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor | None = None) -> torch.Tensor:
-        """Embeddings ``[B, 1, D]`` of waveforms ``[B, T]`` with relative lengths ``[B]``."""
+        """Speaker embeddings ``[B, 1, D]`` of waveforms ``[B, T]``, relative lengths ``[B]``."""
+        return self.embed_all(wavs, wav_lens, with_phrase=False)["speaker"]
+
+    def embed_all(self, wavs, wav_lens=None, with_phrase: bool = True) -> dict:
+        """Speaker embedding ``[B, 1, D]`` and the phrase branch's outputs, from one WavLM pass."""
         hidden = wavlm_features(
             self.model, wavs, wav_lens, self.normalize_wav, self.layer_logits is not None
         )
-        if self.layer_logits is not None:
-            hidden = weighted_layer_sum(self.layer_logits, hidden)
-        return self.head(
-            hidden, frame_lengths(self.model, wav_lens, wavs.shape[1], hidden.shape[1])
+        speaker = (
+            weighted_layer_sum(self.layer_logits, hidden)
+            if self.layer_logits is not None
+            else hidden
         )
+        lengths = frame_lengths(self.model, wav_lens, wavs.shape[1], speaker.shape[1])
+        outputs = {"speaker": self.head(speaker, lengths)}
+        if with_phrase and self.phrase_branch is not None:
+            outputs.update(phrase_outputs(*self.phrase_branch(hidden, lengths)))
+        return outputs
+
+
+# ------------------------------------------------------------------------------------------------
+# Text-dependent decisions: a trial is a target only when the enrolled speaker says the enrolled
+# pass-phrase. ``recipes/fusion.py`` learns, on the dev trials, affine maps from (speaker score,
+# phrase score) to calibrated log-likelihood ratios; they are applied here, with numbers only, so
+# that an exported folder needs no scikit-learn and no repository.
+# ------------------------------------------------------------------------------------------------
+#: The phrase class of free-text training utterances (``include_free_text``).
+OTHER_PHRASE = "other"
+#: Fusion kinds: "llr" (calibrated fusion), "gate" (speaker LLR, hard phrase reject), "speaker".
+FUSION_KINDS = ("llr", "gate", "speaker")
+#: Subtracted from the speaker LLR of a trial that the phrase gate rejects (fusion "gate").
+GATE_PENALTY = 100.0
+#: Phrase log-posteriors are floored here: a target whose phrase the classifier misses should
+#: cost a bounded amount of evidence, not an unbounded one (calibration, Cllr).
+LOGP_FLOOR = -20.0
+#: SdSV / TdSV detection costs: the default operating point of Bayes decisions.
+SDSV_COSTS = {"p_target": 0.01, "c_miss": 10.0, "c_fa": 1.0}
+
+
+def bayes_threshold(p_target: float, c_miss: float, c_fa: float) -> float:
+    """The LLR threshold of minimum expected cost: log(C_fa (1 - P) / (C_miss P))."""
+    return math.log(c_fa * (1 - p_target) / (c_miss * p_target))
+
+
+def phrase_feature(phrase_scores, known) -> np.ndarray:
+    """The fusion's phrase feature: floored log-posterior where known, content similarity else."""
+    phrase_scores = np.asarray(phrase_scores, dtype=np.float64)
+    return np.where(np.asarray(known, bool), np.maximum(phrase_scores, LOGP_FLOOR), phrase_scores)
+
+
+def fused_llr(
+    fusion: dict, speaker_scores, phrase_scores=None, known=None, content=None, kind=None
+):
+    """Calibrated LLRs of trials from speaker scores and phrase scores.
+
+    ``known[i]`` says that trial i's enrolled pass-phrase is a class of the phrase classifier:
+    its phrase score is then the log-posterior of that phrase, fused with the speaker score and
+    the ``content`` similarity of enrollment and test (which rejects free text that the closed
+    set of classes cannot). Otherwise the phrase score *is* the content similarity, with its own
+    calibration. ``kind`` (default ``fusion["kind"]``): "llr", "gate" or "speaker" (the speaker
+    score alone, calibrated).
+    """
+    kind = kind or fusion["kind"]
+    speaker = np.asarray(speaker_scores, dtype=np.float64)
+
+    def affine(name, *features):
+        calibration = fusion[name]
+        weighted = [w * f for w, f in zip(calibration["weights"], features, strict=True)]
+        return calibration["bias"] + np.sum(weighted, axis=0)
+
+    if kind == "speaker":
+        return affine("speaker", speaker)
+    known = np.ones(speaker.shape, bool) if known is None else np.asarray(known, bool)
+    phrase = phrase_feature(phrase_scores, known)
+    if kind == "llr":
+        content = phrase if content is None else np.asarray(content, dtype=np.float64)
+        return np.where(
+            known, affine("phrase", speaker, phrase, content), affine("content", speaker, phrase)
+        )
+    if kind == "gate":
+        gate = fusion["gate_threshold"]
+        below = phrase < np.where(known, gate["phrase"], gate["content"])
+        return affine("speaker", speaker) - GATE_PENALTY * below
+    raise ValueError(f"fusion kind must be one of {FUSION_KINDS}, not {kind!r}")
+
+
+class Verdict(NamedTuple):
+    """The outcome of one text-dependent trial (``TDSVSpeakerRecognition.verify_trial``)."""
+
+    speaker_score: float  # cosine of enrollment model and test embedding
+    phrase_score: float | None  # log-posterior of the enrolled phrase, or content similarity
+    content_score: float | None  # content similarity of enrollment and test (phrase embeddings)
+    score: float  # what the decision thresholds: the fused LLR, or the cosine without a fusion
+    threshold: float | None
+    accept: bool | None  # None: no threshold given or calibrated
+    reason: str  # why a trial was rejected: "wrong pass-phrase", "speaker", or ""
+    phrase: str | None  # the enrolled pass-phrase the test was checked against ("custom": none)
 
 
 class TDSVSpeakerRecognition(SpeakerRecognition):
@@ -268,6 +409,10 @@ class TDSVSpeakerRecognition(SpeakerRecognition):
       their L2-normalized embeddings, as the verification recipe does).
     - ``load_audio`` reads any sample rate and channel count, and logs when it resamples or
       down-mixes.
+    - With a phrase branch and a fusion (``hparams.fusion``), ``verify_trial`` also checks the
+      pass-phrase and decides on the calibrated LLR at the Bayes threshold of the costs
+      (``hparams.costs``, SdSV by default), saying "wrong pass-phrase" when that is the reason
+      for a reject; ``verify_enrolment`` / ``verify_files`` then return the LLR as the score.
     """
 
     MODULES_NEEDED: ClassVar[list[str]] = ["embedding_model"]
@@ -328,10 +473,98 @@ class TDSVSpeakerRecognition(SpeakerRecognition):
         return F.normalize(F.normalize(embeddings, dim=-1).mean(0), dim=-1)
 
     def verify_enrolment(self, enrol_paths, test_path, threshold=None):
-        """Score (a 0-d tensor) and decision for a test file against several enrollment files."""
-        model = self.enrol(enrol_paths)
-        score = self.similarity(model, self.embed_file(test_path))
-        return score, self.decide(score, n_enrol=len(enrol_paths), threshold=threshold)
+        """Score (a 0-d tensor) and decision for a test file against several enrollment files.
+
+        The score is the fused LLR when the model has a fusion, else the cosine.
+        """
+        verdict = self.verify_trial(enrol_paths, test_path, threshold=threshold)
+        return torch.tensor(verdict.score), verdict.accept
+
+    # -------------------------------------------------------------------- text-dependent trials
+    def has_fusion(self) -> bool:
+        """True when the model checks the pass-phrase and fuses (phrase branch + fusion)."""
+        branch = getattr(self.mods.embedding_model, "phrase_branch", None)
+        return branch is not None and bool(getattr(self.hparams, "fusion", None))
+
+    def embed_file_all(self, path) -> dict:
+        """Speaker embedding ``[D]`` and, with a phrase branch, phrase log-posteriors/embedding."""
+        return self.embed_waveform(self.load_audio(path))
+
+    def embed_waveform(self, wav: torch.Tensor) -> dict:
+        """The model's outputs ``{name: [D]}`` for one unpadded waveform ``[T]``."""
+        model = self.mods.embedding_model
+        if not hasattr(model, "embed_all"):  # e.g. a Hugging Face x-vector model
+            return {"speaker": self.encode_batch(wav[None])[0, 0]}
+        with torch.no_grad(), self.inference_ctx:
+            outputs = model.embed_all(wav[None].to(self.device).float())
+        return {
+            name: value.reshape(value.shape[0], -1)[0].float() for name, value in outputs.items()
+        }
+
+    def enrolled_phrase(self, enrol_outputs: list[dict], phrase: str | None = None) -> str:
+        """The pass-phrase label to check, or "custom" (content similarity) when it is no class.
+
+        Without ``phrase``, the class with the highest mean posterior over the enrollment
+        utterances, when that posterior is at least 0.5 and the class is not "other".
+        """
+        labels = list(self.hparams.phrase_labels)
+        if phrase is not None:
+            return phrase if phrase in labels and phrase != OTHER_PHRASE else "custom"
+        posterior = torch.stack([o["phrase_logp"] for o in enrol_outputs]).exp().mean(0)
+        best = int(posterior.argmax())
+        if posterior[best] < 0.5 or labels[best] == OTHER_PHRASE:
+            return "custom"
+        return labels[best]
+
+    def phrase_score(self, enrol_outputs, test_outputs, phrase: str) -> float:
+        """Log-posterior of ``phrase`` for the test, or the content similarity for "custom"."""
+        if phrase != "custom":
+            index = list(self.hparams.phrase_labels).index(phrase)
+            return float(test_outputs["phrase_logp"][index])
+        return self.content_score(enrol_outputs, test_outputs)
+
+    def content_score(self, enrol_outputs, test_outputs) -> float:
+        """Cosine of the enrollment's mean phrase embedding and the test's."""
+        model = self.enrolment_model(torch.stack([o["phrase_embedding"] for o in enrol_outputs]))
+        return float(F.cosine_similarity(model, test_outputs["phrase_embedding"], dim=0))
+
+    def score_trial(self, enrol_outputs, test_outputs, phrase=None, threshold=None, costs=None):
+        """A ``Verdict`` from embedded enrollment files and an embedded test file.
+
+        ``costs`` (``p_target``, ``c_miss``, ``c_fa``) set the Bayes threshold of the LLR
+        (default ``hparams.costs``); ``threshold`` overrides it.
+        """
+        model = self.enrolment_model(torch.stack([o["speaker"] for o in enrol_outputs]))
+        speaker = float(F.cosine_similarity(model, test_outputs["speaker"], dim=0))
+        n_enrol = len(enrol_outputs)
+        if not self.has_fusion():
+            accept = self.decide(speaker, n_enrol, threshold)
+            threshold = self.threshold(n_enrol) if threshold is None else threshold
+            reason = "" if accept or accept is None else "speaker"
+            return Verdict(speaker, None, None, speaker, threshold, accept, reason, None)
+        phrase = self.enrolled_phrase(enrol_outputs, phrase)
+        phrase_value = self.phrase_score(enrol_outputs, test_outputs, phrase)
+        content = self.content_score(enrol_outputs, test_outputs)
+        fusion = self.hparams.fusion
+        llr = float(
+            fused_llr(fusion, [speaker], [phrase_value], [phrase != "custom"], [content])[0]
+        )
+        if threshold is None:
+            chosen = {**SDSV_COSTS, **(getattr(self.hparams, "costs", None) or {}), **(costs or {})}
+            threshold = bayes_threshold(**chosen)
+        accept = llr >= threshold
+        reason = ""
+        if not accept:
+            speaker_llr = float(fused_llr(fusion, [speaker], kind="speaker")[0])
+            reason = "wrong pass-phrase" if speaker_llr >= threshold else "speaker"
+        return Verdict(speaker, phrase_value, content, llr, threshold, accept, reason, phrase)
+
+    def verify_trial(self, enrol_paths, test_path, phrase=None, threshold=None, costs=None):
+        """A ``Verdict`` for a test file against enrollment files (see ``score_trial``)."""
+        if not enrol_paths:
+            raise ValueError("enrollment needs at least one audio file")
+        enrol = [self.embed_file_all(path) for path in enrol_paths]
+        return self.score_trial(enrol, self.embed_file_all(test_path), phrase, threshold, costs)
 
     def decide(self, score, n_enrol: int, threshold=None):
         """``score >= threshold`` (None when no threshold is given or calibrated).

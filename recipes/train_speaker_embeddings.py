@@ -18,12 +18,14 @@ from __future__ import annotations
 import random
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import speechbrain as sb
 import torch
-from hyperpyyaml import load_hyperpyyaml
+import torch.nn.functional as F
 from speechbrain.dataio.dataio import read_audio
 from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.dataio.encoder import CategoricalEncoder
@@ -34,16 +36,33 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_prep.deepmine_prepare import prepare_deepmine
+from data_prep.layout import PHRASES
 from data_prep.synth_deepmine import synthesize_corpus
+from recipes.fusion import apply_fusion, learn_fusion, trial_scores
 from recipes.sampling import PhraseBatchSampler, collate_readable, log_bad_audio
-from recipes.scoring import EmbeddingTable, metrics_by_condition, score_trials
-from recipes.verification import run_verification
+from recipes.scoring import EmbeddingTable, metrics_by_condition
+from recipes.settings import load_checked_hparams
+from recipes.speaker_model import OTHER_PHRASE, phrase_outputs
+from recipes.verification import Split, run_verification
 
 logger = get_logger(__name__)
 
 
 class SpeakerBrain(sb.core.Brain):
-    """Trains the embedding model; embeds utterances and scores trials at validation and test."""
+    """Trains the embedding model; embeds utterances and scores trials at validation and test.
+
+    ``phrase_labels`` (constructor) are the phrase classifier's classes in output order; the
+    training length and the dev trials come through ``use_data`` before ``fit``.
+    """
+
+    def __init__(self, *args, phrase_labels=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.phrase_labels = list(phrase_labels or [])
+        self.steps_per_epoch, self.dev = 1, None
+
+    def use_data(self, steps_per_epoch: int, dev) -> None:
+        """What training needs from the data: batches per epoch (margin warm-up), dev ``Split``."""
+        self.steps_per_epoch, self.dev = max(1, steps_per_epoch), dev
 
     def compute_forward(self, batch, stage):
         """Waveforms -> embeddings ``[B, 1, D]`` (+ class logits when training).
@@ -59,33 +78,43 @@ class SpeakerBrain(sb.core.Brain):
         if stage == sb.Stage.TRAIN and self.hparams.augment:
             wavs, lens = self.hparams.wav_augment(wavs, lens)
         encoder_lens = lens if padded else None
-        if stage == sb.Stage.TRAIN and self.wavlm_frozen():
-            with torch.no_grad():
-                feats = self.modules.wavlm(wavs, encoder_lens)
-        else:
-            feats = self.modules.wavlm(wavs, encoder_lens)
+        with_phrase = "phrase_branch" in self.modules
+        with torch.no_grad() if stage == sb.Stage.TRAIN and self.wavlm_frozen() else nullcontext():
+            encoded = self.modules.wavlm(wavs, encoder_lens, return_hidden=with_phrase)
+        feats, hidden = encoded if with_phrase else (encoded, None)
         feat_lens = self.unwrapped("wavlm").frame_lengths(lens, wavs.shape[1], feats.shape[1])
         embeddings = self.modules.embedding_model(feats, feat_lens)
+        phrase = self.modules.phrase_branch(hidden, feat_lens) if with_phrase else None
         if stage != sb.Stage.TRAIN:
-            return embeddings
+            if phrase is None:
+                return embeddings
+            return {"speaker": embeddings, **phrase_outputs(*phrase)}
         logits = {"class": self.modules.classifier(embeddings)}
         if "phrase_classifier" in self.modules:
             logits["phrase"] = self.modules.phrase_classifier(embeddings)
+        if phrase is not None:
+            logits["phrase_branch"] = phrase[1]
         return embeddings, logits
 
     def compute_objectives(self, predictions, batch, stage):
-        """Margin softmax loss when training; otherwise keep the embeddings for scoring."""
+        """Margin softmax loss (+ phrase losses) when training; else keep outputs for scoring."""
         if stage != sb.Stage.TRAIN:
-            vectors = predictions.squeeze(1).float().cpu().numpy()
-            self.embeddings.update(zip(batch.id, vectors, strict=True))
+            outputs = predictions if isinstance(predictions, dict) else {"speaker": predictions}
+            for name, values in outputs.items():
+                vectors = values.reshape(values.shape[0], -1).float().cpu().numpy()
+                self.embeddings.setdefault(name, {}).update(zip(batch.id, vectors, strict=True))
             return torch.zeros((), device=self.device)
         _, logits = predictions
         targets = self._targets(batch.class_encoded.data)
         loss = self.modules.loss(logits["class"], targets)
-        if "phrase" in logits:
+        weight = self.hparams.phrase_loss_weight
+        if "phrase" in logits or "phrase_branch" in logits:
             phrase_targets = self._targets(batch.phrase_encoded.data)
-            phrase_loss = self.modules.phrase_loss(logits["phrase"], phrase_targets)
-            loss = loss + self.hparams.phrase_loss_weight * phrase_loss
+        if "phrase" in logits:
+            loss = loss + weight * self.modules.phrase_loss(logits["phrase"], phrase_targets)
+        if "phrase_branch" in logits:  # plain cross-entropy: posteriors are what is scored
+            branch_loss = F.cross_entropy(logits["phrase_branch"].float(), phrase_targets[:, 0])
+            loss = loss + weight * branch_loss
         return loss
 
     def _targets(self, targets):
@@ -219,31 +248,44 @@ class SpeakerBrain(sb.core.Brain):
         )
 
     def _dev_metrics(self) -> dict:
-        """Pooled EER / minDCF of the dev trials from this epoch's embeddings."""
-        models, trials = self.dev_trials
+        """Pooled EER / minDCF of the dev trials from this epoch's outputs.
+
+        The score is the system's: the speaker score, or with a fusion its LLR (the fusion learned
+        on these same dev trials: three numbers, so the selection is not noticeably optimistic).
+        """
+        tables = {name: EmbeddingTable.from_dict(d) for name, d in self.embeddings.items()}
+        models, trials = self.dev.models, self.dev.trials
         if self.debug:  # --debug embeds only a few batches: score the trials they cover
-            done = set(self.embeddings)
+            done = set(tables["speaker"].ids)
             models = models[models["enrol_ids"].str.split().map(done.issuperset)]
             trials = trials[
                 trials["model_id"].isin(models["model_id"]) & trials["test_id"].isin(done)
             ]
         if trials.empty:
             return {"EER": 100.0, "minDCF": 1.0}
-        scores = score_trials(EmbeddingTable.from_dict(self.embeddings), models, trials)
+        parts = trial_scores(tables, models, trials, self.phrase_labels)
+        scores = parts.speaker
+        if self.hparams.fusion != "none" and (trials["condition"] == "TW").any():
+            fusion = learn_fusion(parts, trials["condition"], self.hparams.fusion_prior)
+            scores = apply_fusion(fusion, parts, self.hparams.fusion)
         pooled = metrics_by_condition(scores, trials["condition"]).get("pooled")
         if pooled is None:
             return {"EER": 100.0, "minDCF": 1.0}
         return {"EER": round(pooled["eer"], 3), "minDCF": round(pooled["min_dcf"], 4)}
 
     @torch.no_grad()
-    def embed(self, dataset, loader_kwargs) -> EmbeddingTable:
-        """Embed every utterance of ``dataset`` (eval mode, eval precision, batched)."""
+    def embed(self, dataset, loader_kwargs) -> dict[str, EmbeddingTable]:
+        """Tables of every utterance of ``dataset`` (eval mode, eval precision, batched).
+
+        ``"speaker"`` embeddings and, with a phrase branch, ``"phrase_logp"`` (log-posteriors)
+        and ``"phrase_embedding"``.
+        """
         loader = self.make_dataloader(dataset, stage=sb.Stage.TEST, **loader_kwargs)
         self.on_stage_start(sb.Stage.TEST)
         self.modules.eval()
         for batch in tqdm(loader, desc="embedding", disable=self.noprogressbar):
             self.evaluate_batch(batch, sb.Stage.TEST)
-        return EmbeddingTable.from_dict(self.embeddings)
+        return {name: EmbeddingTable.from_dict(d) for name, d in self.embeddings.items()}
 
     def _progress_stats(self, epoch) -> dict:
         """What the log says about the schedule at the end of an epoch."""
@@ -313,8 +355,9 @@ def dataio_prep(hparams):
     @sb.utils.data_pipeline.provides("class_label", "phrase_label")
     def labels(spk_id, phrase_id):
         """The training class (speaker, or speaker x phrase) and the phrase."""
-        yield f"{spk_id}_{phrase_id}" if target_type == "speaker_phrase" else spk_id
-        yield phrase_id
+        phrase = phrase_id if phrase_id in PHRASES else OTHER_PHRASE  # free text is one class
+        yield f"{spk_id}_{phrase}" if target_type == "speaker_phrase" else spk_id
+        yield phrase
 
     train = _utterances([prep / "train.csv"], hparams["data_folder"])
     train.add_dynamic_item(train_audio)
@@ -343,14 +386,29 @@ def dataio_prep(hparams):
     splits = {}
     for split in ("dev", "eval"):
         if (prep / f"{split}_trials.csv").is_file():
-            splits[split] = (
+            splits[split] = Split(
                 eval_utterances([prep / f"{split}_enrol_utts.csv", prep / f"{split}_test.csv"]),
                 pd.read_csv(prep / f"{split}_enrol.csv", dtype=str, keep_default_na=False),
                 pd.read_csv(prep / f"{split}_trials.csv", dtype=str, keep_default_na=False),
             )
     cohort = _cohort_utterances(prep / "train.csv", hparams["cohort_utts_per_speaker"])
     cohort_set = (eval_utterances([cohort]), pd.read_csv(cohort, index_col="ID")["spk_id"])
-    return train, splits, cohort_set, class_encoder, phrase_encoder
+    return RecipeData(train, splits, cohort_set, class_encoder, phrase_encoder)
+
+
+class RecipeData(NamedTuple):
+    """What ``dataio_prep`` makes: datasets, ``Split`` per split, cohort, label encoders."""
+
+    train: DynamicItemDataset
+    splits: dict
+    cohort: tuple  # (dataset, speaker per utterance id)
+    class_encoder: CategoricalEncoder
+    phrase_encoder: CategoricalEncoder
+
+    @property
+    def phrase_labels(self) -> list[str]:
+        """The phrase classes in the classifier's output order."""
+        return [self.phrase_encoder.ind2lab[i] for i in range(len(self.phrase_encoder))]
 
 
 def _cohort_utterances(train_csv: Path, per_speaker: int) -> Path:
@@ -385,29 +443,55 @@ def train_loader_options(hparams, train) -> dict:
     return options
 
 
-def build_brain(hparams, run_opts, n_classes: int, n_phrases: int) -> SpeakerBrain:
-    """Complete the modules whose size depends on the data, and create the Brain."""
+def build_brain(hparams, run_opts, n_classes: int, n_phrases: int, phrase_labels=None):
+    """Complete the modules whose size depends on the data, and create the Brain.
+
+    ``phrase_labels`` name the phrase classes (default: ``n_phrases`` numbered ones).
+    """
     modules = dict(hparams["modules"])
     modules["classifier"] = hparams["classifier"](out_neurons=n_classes)
     modules["loss"] = hparams["loss"](n_classes=n_classes)
     if hparams["target_type"] == "speaker+phrase":
         modules["phrase_classifier"] = hparams["phrase_classifier"](out_neurons=n_phrases)
         modules["phrase_loss"] = hparams["phrase_loss"](n_classes=n_phrases)
+    if hparams["phrase_branch"]:
+        num_states = hparams["wavlm"].model.config.num_hidden_layers + 1
+        modules["phrase_branch"] = hparams["phrase_branch_model"](
+            num_states=num_states, n_phrases=n_phrases
+        )
     checkpointer = hparams["checkpointer"]
-    for name in ("classifier", "loss", "phrase_classifier", "phrase_loss"):
+    for name in ("classifier", "loss", "phrase_classifier", "phrase_loss", "phrase_branch"):
         if name in modules:
             checkpointer.add_recoverable(name, modules[name])
     brain = SpeakerBrain(
-        modules=modules, hparams=hparams, run_opts=run_opts, checkpointer=checkpointer
+        modules=modules,
+        hparams=hparams,
+        run_opts=run_opts,
+        checkpointer=checkpointer,
+        phrase_labels=phrase_labels or [f"{i + 1:02d}" for i in range(n_phrases)],
     )
     if hparams["use_tensorboard"] and sb.utils.distributed.if_main_process():
         brain.tensorboard = hparams["tensorboard_logger"]()
     return brain
 
 
+def brain_for_data(hparams, run_opts, data: RecipeData) -> SpeakerBrain:
+    """``build_brain`` sized and labelled by the prepared data."""
+    return build_brain(
+        hparams, run_opts, len(data.class_encoder), len(data.phrase_encoder), data.phrase_labels
+    )
+
+
 def prepare_data(hparams) -> None:
     """Synthesize the demo corpus if configured, then write the manifests (main process only)."""
     if hparams.get("synthetic_corpus"):
+        folder = Path(hparams["data_folder"])
+        if not folder.exists():  # a mistyped --data_folder would otherwise pass unnoticed
+            logger.warning(
+                "data_folder %s does not exist: synthesizing the demo corpus into it "
+                "(synthetic_corpus: null to read a real corpus instead)",
+                folder,
+            )
         run_on_main(
             synthesize_corpus, kwargs={"out": hparams["data_folder"], **hparams["synthetic_corpus"]}
         )
@@ -426,9 +510,7 @@ def prepare_data(hparams) -> None:
 
 def main(argv) -> None:
     """Prepare data, train, then evaluate the best checkpoint on the dev (and eval) trials."""
-    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
-    with open(hparams_file, encoding="utf-8") as handle:
-        hparams = load_hyperpyyaml(handle, overrides)
+    hparams_file, run_opts, overrides, hparams = load_checked_hparams(argv)
     sb.utils.distributed.ddp_init_group(run_opts)
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"],
@@ -436,20 +518,20 @@ def main(argv) -> None:
         overrides=overrides,
     )
     prepare_data(hparams)
-    train, splits, cohort_set, class_encoder, phrase_encoder = dataio_prep(hparams)
-    brain = build_brain(hparams, run_opts, len(class_encoder), len(phrase_encoder))
+    data = dataio_prep(hparams)
+    train, splits = data.train, data.splits
+    brain = brain_for_data(hparams, run_opts, data)
     train_loader = brain.make_dataloader(
         train, stage=sb.Stage.TRAIN, **train_loader_options(hparams, train)
     )
-    brain.steps_per_epoch = max(1, len(train_loader))
-    dev_set, *brain.dev_trials = splits["dev"]
+    brain.use_data(len(train_loader), splits["dev"])
     brain.fit(
         brain.hparams.epoch_counter,
         train_loader,
-        dev_set,
+        splits["dev"].utterances,
         valid_loader_kwargs=hparams["eval_dataloader_options"],
     )
-    run_verification(brain, hparams, splits, cohort_set)
+    run_verification(brain, hparams, splits, data.cohort)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 import speechbrain as sb
 
-from recipes.scoring import EmbeddingTable, group_means, score_trials, trial_metrics
+from recipes.fusion import apply_fusion, stored_or_learned_fusion, trial_scores
+from recipes.scoring import EmbeddingTable, group_means, trial_metrics
 from recipes.verification_report import write_report
 
 
@@ -44,20 +46,31 @@ def check_trial_ids(split: str, utt_ids, models: pd.DataFrame, trials: pd.DataFr
         )
 
 
-def cached_embeddings(embed, dataset, cache_prefix: Path) -> EmbeddingTable:
-    """Embeddings of every utterance in ``dataset``, from the cache when it has them.
+def cached_embeddings(embed, dataset, cache_prefix: Path) -> dict[str, EmbeddingTable]:
+    """The utterance tables of ``dataset``, from the cache when it has them.
 
-    ``embed(dataset)`` computes an ``EmbeddingTable`` (the recipe's Brain, or a loaded model).
+    Tables: ``"speaker"``, and the phrase branch's outputs when the model has one.
+    ``embed(dataset)`` computes them (the recipe's Brain, or a loaded model). The speaker table is
+    cached as ``<prefix>.npy``, the others as ``<prefix>.<name>.npy``.
     """
-    if Path(f"{cache_prefix}.npy").is_file():
-        table = EmbeddingTable.load(cache_prefix)
-        if set(table.ids) >= set(dataset.data_ids):
-            return table
-    table = embed(dataset)
+    prefix = Path(cache_prefix)
+    names = [p.name[len(prefix.name) + 1 : -len(".ids.txt")] for p in _cached_parts(prefix)]
+    if Path(f"{prefix}.npy").is_file():
+        tables = {"speaker": EmbeddingTable.load(prefix)}
+        tables.update({name: EmbeddingTable.load(f"{prefix}.{name}") for name in names})
+        if all(set(t.ids) >= set(dataset.data_ids) for t in tables.values()):
+            return tables
+    tables = embed(dataset)
     if sb.utils.distributed.if_main_process():
-        cache_prefix.parent.mkdir(parents=True, exist_ok=True)
-        table.save(cache_prefix)
-    return table
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        for name, table in tables.items():
+            table.save(prefix if name == "speaker" else f"{prefix}.{name}")
+    return tables
+
+
+def _cached_parts(prefix: Path) -> list[Path]:
+    """The id files of a cache entry's non-speaker tables (``<prefix>.<name>.ids.txt``)."""
+    return sorted(prefix.parent.glob(f"{prefix.name}.*.ids.txt"))
 
 
 def speaker_cohort(table: EmbeddingTable, speakers: pd.Series) -> np.ndarray:
@@ -70,7 +83,7 @@ def speaker_cohort(table: EmbeddingTable, speakers: pd.Series) -> np.ndarray:
 def run_verification(brain, hparams, splits: dict, cohort_set=None) -> dict:
     """Score the recipe's best checkpoint on every split; write the reports; return the metrics.
 
-    ``splits`` maps a split name to ``(utterances, models, trials)``; ``cohort_set`` is a
+    ``splits`` maps a split name to a ``Split`` (utterances, models, trials); ``cohort_set`` is a
     ``(dataset, speaker per utterance id)`` pair, needed for s-norm / AS-norm.
     """
     checkpoint = best_checkpoint(brain)
@@ -78,7 +91,17 @@ def run_verification(brain, hparams, splits: dict, cohort_set=None) -> dict:
     brain.checkpointer.recover_if_possible(min_key="EER")
     cache = Path(hparams["output_folder"]) / "embeddings" / checkpoint.path.name
     embed = partial(brain.embed, loader_kwargs=hparams["eval_dataloader_options"])
-    return score_splits(embed, hparams, splits, cohort_set, cache, hparams["output_folder"])
+    fusion = recipe_fusion_source(hparams, checkpoint, brain.phrase_labels)
+    return score_splits(embed, hparams, splits, cohort_set, cache, hparams["output_folder"], fusion)
+
+
+def recipe_fusion_source(hparams, checkpoint, phrase_labels) -> FusionSource:
+    """Where the fusion of a recipe checkpoint is stored (``<output_folder>/fusion/``)."""
+    return FusionSource(
+        Path(hparams["output_folder"]) / "fusion" / f"{checkpoint.path.name}.json",
+        phrase_labels,
+        {"checkpoint": checkpoint.path.name},
+    )
 
 
 def check_splits(splits: dict) -> None:
@@ -88,27 +111,98 @@ def check_splits(splits: dict) -> None:
 
 
 def split_embeddings(embed, splits: dict, cache: Path) -> dict:
-    """The embedding table of each split's utterances (cached under ``cache/<split>``)."""
+    """The utterance tables of each split (cached under ``cache/<split>``)."""
     return {
         split: cached_embeddings(embed, utts, cache / split) for split, (utts, *_) in splits.items()
     }
 
 
-def score_splits(embed, hparams, splits: dict, cohort_set, cache: Path, report_folder) -> dict:
-    """Embed (``embed(dataset) -> EmbeddingTable``), score and report every split."""
+class FusionSource(NamedTuple):
+    """Where a model's fusion is stored, its phrase classes, and what identifies the model."""
+
+    path: Path
+    phrase_labels: list[str] | None
+    stamp: dict
+
+
+def score_splits(
+    embed, hparams, splits: dict, cohort_set, cache: Path, report_folder, fusion_source=None
+) -> dict:
+    """Embed (``embed(dataset) -> tables``), score, fuse and report every split (``scored``)."""
+    results = {}
+    per_split, fusion = scored(embed, hparams, splits, cohort_set, cache, fusion_source)
+    for split, (scores, final) in per_split.items():
+        models, trials = splits[split].models, splits[split].trials
+        metrics = trial_metrics(final, trials, llr=fusion is not None)
+        if sb.utils.distributed.if_main_process():
+            name = report_name(split, hparams, scores.phrase is not None)
+            write_report(report_folder, name, trials, final, metrics, models, scores)
+        results[split] = metrics
+    return results
+
+
+def scored(embed, hparams, splits: dict, cohort_set, cache: Path, fusion_source=None):
+    """``({split: (TrialScores, final scores)}, fusion or None)`` of every split.
+
+    With ``fusion`` "llr" or "gate", the fusion is learned on the dev split's trials (or read
+    back from ``fusion_source.path`` when it was learned there from the same model and trials)
+    and the final scores are its LLRs; otherwise they are the speaker scores.
+    """
     cohort, norm = None, hparams["score_norm"]
     if norm != "none":
         if cohort_set is None:
             raise ValueError(f"score_norm {norm!r} needs the training speakers as a cohort")
-        cohort_table = cached_embeddings(embed, cohort_set[0], cache / "cohort")
+        cohort_table = cached_embeddings(embed, cohort_set[0], cache / "cohort")["speaker"]
         cohort = speaker_cohort(cohort_table, cohort_set[1])
     tables = split_embeddings(embed, splits, cache)
-    results = {}
-    for split, (_, models, trials) in splits.items():
-        scores = score_trials(tables[split], models, trials, cohort, norm, hparams["cohort_top_k"])
-        metrics = trial_metrics(scores, trials)
-        if sb.utils.distributed.if_main_process():
-            name = split if norm == "none" else f"{split}_{norm}"  # runs do not overwrite
-            write_report(report_folder, name, trials, scores, metrics, models)
-        results[split] = metrics
-    return results
+    labels = fusion_source.phrase_labels if fusion_source else None
+    norm_options = {"cohort": cohort, "score_norm": norm, "top_k": hparams["cohort_top_k"]}
+    scores = {
+        split: trial_scores(tables[split], models, trials, labels, **norm_options)
+        for split, (_, models, trials) in splits.items()
+    }
+    fusion = learned_fusion(hparams, splits, scores, fusion_source)
+    final = {
+        split: (
+            parts,
+            parts.speaker if fusion is None else apply_fusion(fusion, parts, hparams["fusion"]),
+        )
+        for split, parts in scores.items()
+    }
+    return final, fusion
+
+
+def learned_fusion(hparams, splits: dict, scores: dict, source: FusionSource | None):
+    """The fusion the settings ask for, learned on (or read back for) the dev trials; or None."""
+    if hparams["fusion"] == "none":
+        return None
+    if source is None or scores["dev"].phrase is None:
+        raise ValueError(
+            f"fusion {hparams['fusion']!r} needs a model with a phrase branch "
+            "(phrase_branch: True); use --fusion none for speaker scores only"
+        )
+    stamp = {**source.stamp, "score_norm": hparams["score_norm"]}
+    path = source.path.with_name(f"{source.path.stem}_{hparams['score_norm']}.json")
+    conditions = splits["dev"].trials["condition"]
+    return stored_or_learned_fusion(path, scores["dev"], conditions, hparams["fusion_prior"], stamp)
+
+
+def report_name(split: str, hparams, phrase_scored: bool) -> str:
+    """The split's report name, tagged so that runs with other settings do not overwrite it.
+
+    Score normalization tags it (``eval_as-norm``); so does a fusion other than the fused LLR of
+    a model with a phrase branch: ``eval_gate``, and ``eval_speaker`` for its speaker scores
+    alone (``fusion: none``). A speaker-only model's reports keep the plain name.
+    """
+    tags = [] if hparams["score_norm"] == "none" else [hparams["score_norm"]]
+    if phrase_scored and hparams["fusion"] != "llr":
+        tags.append("speaker" if hparams["fusion"] == "none" else hparams["fusion"])
+    return "_".join([split, *tags])
+
+
+class Split(NamedTuple):
+    """One evaluation split: its utterances (a dataset), enrollment models and trials."""
+
+    utterances: object  # speechbrain DynamicItemDataset
+    models: pd.DataFrame
+    trials: pd.DataFrame

@@ -1,11 +1,15 @@
 """Write what a verification run found: scores, metrics by condition, phrase and language.
 
 Outputs in the experiment folder (DESIGN.md section 5):
-- ``scores_<split>.txt``: ``model test score [label condition]``, one trial a line;
-- ``verification_<split>.json``: EER / minDCF (with thresholds and trial counts) for the pooled
-  condition and each TC-vs-X pair, and for the pooled condition by phrase and by language;
+- ``scores_<split>.txt``: ``model test score [speaker phrase content] [label condition]``, one
+  trial a line (``score`` is the fused LLR when there is a fusion; with a phrase branch, the
+  speaker score, the phrase score and the content similarity follow it);
+- ``verification_<split>.json``: EER / minDCF (with thresholds and trial counts), and for fused
+  LLRs the actual DCF at the Bayes threshold and Cllr, for the pooled condition and each TC-vs-X
+  pair, and for the pooled condition by phrase and by language;
 - ``det_<split>.png``: DET curves (normal-deviate axes) per condition with the EER and minDCF
-  points, and a score histogram per condition;
+  points (dashed: the speaker score alone, when the scores are fused), and a score histogram per
+  condition;
 - ``answer.txt`` for the eval split: one score per line in the order of ``trials.txt``, the
   challenge's submission format.
 
@@ -31,67 +35,86 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
 
-def breakdown(scores, trials: pd.DataFrame, key: pd.Series) -> dict:
+def breakdown(scores, trials: pd.DataFrame, key: pd.Series, llr: bool = False) -> dict:
     """Pooled metrics within each value of ``key`` (one value per trial)."""
     results = {}
     for value in sorted(set(key)):
         keep = (key == value).to_numpy()
-        pooled = metrics_by_condition(scores[keep], trials["condition"].to_numpy()[keep])
+        pooled = metrics_by_condition(scores[keep], trials["condition"].to_numpy()[keep], llr)
         if "pooled" in pooled:
             results[value] = pooled["pooled"]
     return results
 
 
-def write_report(output_folder, split, trials, scores, metrics, models=None) -> dict:
-    """Write the score file, the JSON report, the DET plot (and the answer file for eval)."""
+def write_report(output_folder, split, trials, scores, metrics, models=None, parts=None) -> dict:
+    """Write the score file, the JSON report, the DET plot (and the answer file for eval).
+
+    ``parts`` (a ``recipes.fusion.TrialScores``) adds the speaker and phrase score columns and,
+    when ``scores`` are fused from them, the speaker-only DET curves.
+    """
     folder = Path(output_folder)
     folder.mkdir(parents=True, exist_ok=True)
     scores = np.asarray(scores)
-    columns = [trials["model_id"], trials["test_id"], pd.Series(scores).map("{:.6f}".format)]
+    columns = [trials["model_id"], trials["test_id"], _formatted(scores)]
+    if parts is not None and parts.phrase is not None:
+        columns += [_formatted(parts.speaker), _formatted(parts.phrase), _formatted(parts.content)]
     if (trials["condition"] != "").all():
         columns += [trials["label"], trials["condition"]]
     lines = pd.concat([c.reset_index(drop=True) for c in columns], axis=1)
     lines.to_csv(folder / f"scores_{split}.txt", sep=" ", header=False, index=False)
-    report = {"split": split, "trials": len(trials), "conditions": metrics}
+    llr = bool(metrics) and "act_dcf" in metrics.get("pooled", {})
+    report = {"split": split, "trials": len(trials), "llr": llr, "conditions": metrics}
     if models is not None and metrics:
         phrase = trials["model_id"].map(models.set_index("model_id")["phrase_id"])
-        report["by_phrase"] = breakdown(scores, trials, phrase)
-        report["by_language"] = breakdown(scores, trials, phrase.map(phrase_language))
+        report["by_phrase"] = breakdown(scores, trials, phrase, llr)
+        report["by_language"] = breakdown(scores, trials, phrase.map(phrase_language), llr)
     (folder / f"verification_{split}.json").write_text(json.dumps(report, indent=2))
-    if split.startswith("eval"):  # answer.txt, or answer_<norm>.txt
+    if split.startswith("eval"):  # answer.txt, or answer_<tags>.txt
         np.savetxt(folder / f"{split.replace('eval', 'answer', 1)}.txt", scores, fmt="%.6f")
     if metrics:
+        speaker_only = parts.speaker if parts is not None and llr else None
         plot_det(
-            folder / f"det_{split}.png", split, scores, trials["condition"].to_numpy(), metrics
+            folder / f"det_{split}.png",
+            split,
+            scores,
+            trials["condition"].to_numpy(),
+            metrics,
+            speaker_only,
         )
         print(format_table(split, metrics))
     return report
 
 
-def plot_det(path, split, scores, conditions, metrics) -> None:
+def _formatted(values) -> pd.Series:
+    """Scores as text with 6 decimals."""
+    return pd.Series(np.asarray(values)).map("{:.6f}".format)
+
+
+def plot_det(path, split, scores, conditions, metrics, speaker_only=None) -> None:
     """DET curves per condition pair with the EER and minDCF points, and score histograms.
 
     Each histogram panel shows the target (TC) scores against one pair's non-target scores.
+    ``speaker_only`` (the speaker scores the ``scores`` were fused from) adds dashed DET curves.
     """
     figure = plt.figure(figsize=(14, 6))
     grid = figure.add_gridspec(2, 4)
     det = figure.add_subplot(grid[:, :2])
-    clip = 1e-4
     panels = iter([grid[0, 2], grid[0, 3], grid[1, 2], grid[1, 3]])
     bins = np.linspace(scores.min(), scores.max(), 50)
     for name, impostors in CONDITION_PAIRS.items():
         if name not in metrics:
             continue
         targets, nontargets = condition_pair(scores, conditions, impostors)
-        points = operating_points(targets, nontargets)
-        x = norm.ppf(np.clip(points.p_fa, clip, 1 - clip))
-        y = norm.ppf(np.clip(points.p_miss, clip, 1 - clip))
         m = metrics[name]
-        (line,) = det.plot(x, y, label=f"{name}: EER {m['eer']:.2f} %, minDCF {m['min_dcf']:.3f}")
-        eer_point = norm.ppf(np.clip(m["eer"] / 100, clip, 1 - clip))
+        line = _det_curve(det, targets, nontargets, f"{name}: EER {m['eer']:.2f} %, "
+                          f"minDCF {m['min_dcf']:.3f}")  # fmt: skip
+        eer_point = norm.ppf(np.clip(m["eer"] / 100, DET_CLIP, 1 - DET_CLIP))
         det.plot(eer_point, eer_point, "o", color=line.get_color())
-        at = np.searchsorted(points.thresholds, m["min_dcf_threshold"])
-        det.plot(x[at], y[at], "s", color=line.get_color(), fillstyle="none", markersize=8)
+        x, y = _det_xy(targets, nontargets, m["min_dcf_threshold"])
+        det.plot(x, y, "s", color=line.get_color(), fillstyle="none", markersize=8)
+        if speaker_only is not None:
+            reference = condition_pair(speaker_only, conditions, impostors)
+            _det_curve(det, *reference, f"{name}, speaker score only", "--", line.get_color())
         panel = figure.add_subplot(next(panels))
         panel.hist(targets, bins, histtype="step", density=True, label="TC")
         panel.hist(nontargets, bins, histtype="step", density=True, label="+".join(impostors))
@@ -105,18 +128,45 @@ def plot_det(path, split, scores, conditions, metrics) -> None:
     det.plot([-4, 4], [-4, 4], ":", color="grey", linewidth=0.8)
     det.set(xlim=(-3.3, 1.8), ylim=(-3.3, 1.8), xlabel="false alarm rate (%)")
     det.set(ylabel="miss rate (%)", title=f"DET, {split} (o: EER, square: minDCF)")
-    det.legend(fontsize=8, loc="lower left")
+    det.legend(fontsize=7, loc="lower left")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
+#: DET axes are normal deviates of rates clipped to [DET_CLIP, 1 - DET_CLIP].
+DET_CLIP = 1e-4
+
+
+def _det_xy(targets, nontargets, threshold=None):
+    """Normal-deviate false-alarm and miss rates: the whole curve, or the point at ``threshold``."""
+    points = operating_points(targets, nontargets)
+    x = norm.ppf(np.clip(points.p_fa, DET_CLIP, 1 - DET_CLIP))
+    y = norm.ppf(np.clip(points.p_miss, DET_CLIP, 1 - DET_CLIP))
+    if threshold is None:
+        return x, y
+    at = np.searchsorted(points.thresholds, threshold)
+    return x[at], y[at]
+
+
+def _det_curve(axes, targets, nontargets, label, style="-", color=None):
+    """Draw one DET curve; returns its line."""
+    (line,) = axes.plot(*_det_xy(targets, nontargets), style, label=label, color=color)
+    return line
+
+
 def format_table(split, metrics) -> str:
     """A compact terminal table of the conditions."""
-    rows = [f"{split:>8} | {'condition':<10} | {'EER %':>7} | {'minDCF':>7} | targets | nontargets"]
+    rows = [
+        f"{split:>8} | {'condition':<10} | {'EER %':>7} | {'minDCF':>7} | {'actDCF':>7} | "
+        f"{'Cllr':>6} | targets | nontargets"
+    ]
     for name, m in metrics.items():
+        act = (
+            f"{m['act_dcf']:7.4f} | {m['cllr']:6.3f}" if "act_dcf" in m else f"{'-':>7} | {'-':>6}"
+        )
         rows.append(
-            f"{'':>8} | {name:<10} | {m['eer']:7.3f} | {m['min_dcf']:7.4f} | "
+            f"{'':>8} | {name:<10} | {m['eer']:7.3f} | {m['min_dcf']:7.4f} | {act} | "
             f"{m['targets']:7d} | {m['nontargets']:10d}"
         )
     return "\n".join(rows)

@@ -36,16 +36,22 @@ from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
-import speechbrain as sb
 import torch
-from hyperpyyaml import load_hyperpyyaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recipes.metrics import verification_metrics
 from recipes.pretrained import embed_dataset, load_verifier
-from recipes.train_speaker_embeddings import build_brain, dataio_prep, prepare_data
-from recipes.verification import best_checkpoint, check_splits, run_verification, score_splits
+from recipes.settings import load_checked_hparams
+from recipes.speaker_model import SDSV_COSTS, bayes_threshold
+from recipes.train_speaker_embeddings import brain_for_data, dataio_prep, prepare_data
+from recipes.verification import (
+    FusionSource,
+    best_checkpoint,
+    check_splits,
+    run_verification,
+    score_splits,
+)
 
 LABELS = {"1": True, "target": True, "0": False, "nontarget": False}
 
@@ -56,18 +62,22 @@ LABELS = {"1": True, "target": True, "0": False, "nontarget": False}
 def verify_recipe(argv) -> None:
     """Score the recipe's trials with its best checkpoint, or with ``--model DIR``."""
     model, argv = _pop_option(argv, "--model")
-    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
-    with open(hparams_file, encoding="utf-8") as handle:
-        hparams = load_hyperpyyaml(handle, overrides)
+    _, run_opts, _, hparams = load_checked_hparams(argv)
     prepare_data(hparams)
-    _, splits, cohort_set, class_encoder, phrase_encoder = dataio_prep(hparams)
+    data = dataio_prep(hparams)
+    splits, cohort_set = data.splits, data.cohort
     if model is None:
-        brain = build_brain(hparams, run_opts, len(class_encoder), len(phrase_encoder))
+        brain = brain_for_data(hparams, run_opts, data)
         best_checkpoint(brain)  # a clear error now, not after loading data
         run_verification(brain, hparams, splits, cohort_set)
         return
     check_splits(splits)
     verifier = load_verifier(model, {"device": run_opts.get("device", "cpu")})
+    if hparams["fusion"] != "none" and not getattr(verifier.hparams, "phrase_labels", None):
+        raise SystemExit(
+            f"error: fusion: {hparams['fusion']!r} needs a model with a phrase branch, and "
+            f"{model} has none: add --fusion none to score its speaker embeddings"
+        )
     folder = Path(hparams["output_folder"]) / "models" / model_name(model)
     embed = partial(
         embed_dataset,
@@ -75,7 +85,14 @@ def verify_recipe(argv) -> None:
         loader_kwargs=hparams["eval_dataloader_options"],
         progress=not run_opts.get("noprogressbar"),
     )
-    results = score_splits(embed, hparams, splits, cohort_set, folder / "embeddings", folder)
+    fusion = FusionSource(
+        folder / "fusion.json",
+        getattr(verifier.hparams, "phrase_labels", None),
+        {"model": model_name(model)},
+    )
+    results = score_splits(
+        embed, hparams, splits, cohort_set, folder / "embeddings", folder, fusion
+    )
     for split, metrics in results.items():
         if "pooled" in metrics:
             pooled = metrics["pooled"]
@@ -158,30 +175,47 @@ class EmbeddingCache:
     """Each audio file embedded once, however many trials use it."""
 
     def __init__(self, verifier):
-        self.verifier, self.vectors = verifier, {}
+        self.verifier, self.outputs = verifier, {}
 
-    def __call__(self, path: Path) -> torch.Tensor:
-        """The embedding of ``path``."""
-        if path not in self.vectors:
-            self.vectors[path] = self.verifier.embed_file(path)
-        return self.vectors[path]
+    def __call__(self, path: Path) -> dict:
+        """The model's outputs for ``path`` (speaker embedding, phrase outputs)."""
+        if path not in self.outputs:
+            self.outputs[path] = self.verifier.embed_file_all(path)
+        return self.outputs[path]
 
-    def score(self, enrol: list[Path], test: Path) -> float:
-        """Cosine score of a test file against the model of its enrollment files."""
-        model = self.verifier.enrolment_model(torch.stack([self(p) for p in enrol]))
-        return float(self.verifier.similarity(model, self(test)))
-
-
-def decision_text(verifier, score: float, n_enrol: int, threshold) -> str:
-    """'accept' / 'reject' at the given or calibrated threshold ('-' when there is none)."""
-    decision = verifier.decide(score, n_enrol, threshold)
-    return "-" if decision is None else ("accept" if decision else "reject")
+    def verdict(self, enrol: list[Path], test: Path, args):
+        """The ``Verdict`` of a test file against its enrollment files."""
+        costs = {"p_target": args.p_target, "c_miss": args.c_miss, "c_fa": args.c_fa}
+        return self.verifier.score_trial(
+            [self(p) for p in enrol], self(test), args.phrase, args.threshold, costs
+        )
 
 
-def threshold_note(verifier, n_enrol: int, threshold) -> str:
-    """Which threshold the decisions use."""
-    if threshold is not None:
-        return f"threshold {threshold:.4f} (given)"
+def verdict_text(verdict) -> str:
+    """Speaker score, [phrase score, LLR,] decision [and the reason of a reject]."""
+    fields = [f"{verdict.speaker_score:.6f}"]
+    if verdict.phrase_score is not None:
+        fields += [f"{verdict.phrase_score:.6f}", f"{verdict.score:.6f}"]
+    if verdict.accept is None:
+        return " ".join([*fields, "-"])
+    fields.append("accept" if verdict.accept else "reject")
+    if verdict.reason == "wrong pass-phrase":
+        fields.append("(wrong pass-phrase)")
+    return " ".join(fields)
+
+
+def decision_note(verifier, n_enrol: int, args) -> str:
+    """What the decisions are taken on, and at which threshold."""
+    if verifier.has_fusion():
+        if args.threshold is not None:
+            return f"LLR threshold {args.threshold:.4f} (given)"
+        threshold = bayes_threshold(args.p_target, args.c_miss, args.c_fa)
+        return (
+            f"columns: speaker score, phrase score, LLR, decision; LLR threshold {threshold:.4f} "
+            f"(Bayes: p_target {args.p_target}, c_miss {args.c_miss}, c_fa {args.c_fa})"
+        )
+    if args.threshold is not None:
+        return f"threshold {args.threshold:.4f} (given)"
     calibrated = verifier.threshold(n_enrol)
     if calibrated is None:
         return "no calibrated threshold in this model: scores only (use --threshold)"
@@ -203,14 +237,13 @@ def verify_files(args) -> None:
         verifier.hparams.operating_point = args.operating_point
     cache = EmbeddingCache(verifier)
     if not args.pairs:
-        note = threshold_note(verifier, len(args.enrol), args.threshold)
+        note = decision_note(verifier, len(args.enrol), args)
         print(f"enrollment: {len(args.enrol)} file(s); {note}")
     lines, scores = [], []
     for pair in pairs:
-        score = cache.score(pair.enrol, pair.test)
-        scores.append(score)
-        decision = decision_text(verifier, score, len(pair.enrol), args.threshold)
-        lines.append(f"{pair.text} {score:.6f} {decision}")
+        verdict = cache.verdict(pair.enrol, pair.test, args)
+        scores.append(verdict.score)
+        lines.append(f"{pair.text} {verdict_text(verdict)}")
     output = "\n".join(lines) + "\n"
     if args.out:
         Path(args.out).write_text(output)
@@ -245,11 +278,24 @@ def parse_file_arguments(argv) -> argparse.Namespace:
     parser.add_argument(
         "--operating_point", choices=("eer", "min_dcf"), help="calibrated threshold to use"
     )
+    parser.add_argument(
+        "--phrase",
+        help="the enrolled pass-phrase id (e.g. 01); 'custom' for a phrase the model was not "
+        "trained on (content similarity); default: recognized from the enrollment audio",
+    )
+    for name, default, text in (
+        ("--p_target", SDSV_COSTS["p_target"], "prior of a target trial"),
+        ("--c_miss", SDSV_COSTS["c_miss"], "cost of a miss"),
+        ("--c_fa", SDSV_COSTS["c_fa"], "cost of a false alarm"),
+    ):
+        parser.add_argument(name, type=float, default=default, help=f"{text} (Bayes threshold)")
     parser.add_argument("--out", help="write the scores here instead of printing them")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.enrol and not args.test:
         parser.error("--enrol needs --test")
+    if not 0 < args.p_target < 1 or args.c_miss <= 0 or args.c_fa <= 0:
+        parser.error("--p_target must be in (0, 1), --c_miss and --c_fa positive")
     return args
 
 

@@ -12,12 +12,14 @@ from data_prep.synth_deepmine import synthesize_corpus
 from recipes.tiny_wavlm import build_tiny_wavlm
 from tests.helpers import run_script
 
-TINY = dict(speakers=6, eval_speakers=3, reps=4, seed=7)
+TINY = dict(
+    speakers=6, eval_speakers=3, reps=4, seed=7, free_text=2, free_text_trials=1, free_text_train=2
+)
 
 
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
-    """A small synthetic corpus (6 train + 3 eval speakers, 4 repetitions), made once per run."""
+    """A small synthetic corpus (6 train + 3 eval speakers, 4 repetitions, free text), once."""
     return synthesize_corpus(tmp_path_factory.mktemp("synth") / "corpus", jobs=2, **TINY)
 
 

@@ -106,6 +106,16 @@ def test_free_text_kept_only_when_asked(tmp_path):
     train, dev = _csv(tmp_path / "prep", "train.csv"), _csv(tmp_path / "prep", "dev_test.csv")
     assert "FT" in set(train.phrase_id) | set(dev.phrase_id)
     assert "FT" not in set(_csv(tmp_path / "prep", "dev_enrol.csv").phrase_id)
+    # A held-out speaker's free text (seed 3 holds out spk_000001, who says it) is a
+    # wrong-phrase test of every dev model (TW or IW).
+    prepare_deepmine(root, tmp_path / "prep3", dev_speakers=2, seed=3, include_free_text=True)
+    dev = _csv(tmp_path / "prep3", "dev_test.csv")
+    trials = _csv(tmp_path / "prep3", "dev_trials.csv")
+    free_tests = set(dev.ID[dev.phrase_id == "FT"])
+    assert free_tests == {"trn_000099"}
+    free_trials = trials[trials.test_id.isin(free_tests)]
+    assert len(free_trials) == len(_csv(tmp_path / "prep3", "dev_enrol.csv"))
+    assert set(free_trials.condition) == {"TW", "IW"}
 
 
 def _break_missing(root):

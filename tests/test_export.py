@@ -131,12 +131,20 @@ def _wav_paths(out: Path, split: str, corpus: Path) -> pd.Series:
     return utts.set_index("ID")["wav"].str.replace("$data_root", str(corpus), regex=False)
 
 
-def _dev_pair(out: Path, corpus: Path):
-    """The first dev trial: enrollment ids, test id, its recipe score, and the audio paths."""
+def _dev_pair(out: Path, corpus: Path, condition: str | None = None):
+    """A dev trial (the first, or the first of ``condition``) and the audio paths.
+
+    Returns enrollment ids, test id, the trial's row of ``scores_dev.txt`` (``score``: the
+    fused LLR, ``speaker``, ``phrase``) and the audio path by utterance id.
+    """
     models = pd.read_csv(out / "prep" / "dev_enrol.csv", dtype=str).set_index("model_id")
-    model_id, test_id, score = (out / "scores_dev.txt").read_text().split("\n")[0].split()[:3]
-    enrol_ids = models.loc[model_id, "enrol_ids"].split()
-    return enrol_ids, test_id, float(score), _wav_paths(out, "dev", corpus)
+    names = ["model_id", "test_id", "score", "speaker", "phrase", "content", "label", "condition"]
+    trials = pd.read_csv(out / "scores_dev.txt", sep=" ", header=None, names=names)
+    if condition is not None:
+        trials = trials[trials["condition"] == condition]
+    trial = trials.iloc[0]
+    enrol_ids = models.loc[trial["model_id"], "enrol_ids"].split()
+    return enrol_ids, trial["test_id"], trial, _wav_paths(out, "dev", corpus)
 
 
 @pytest.mark.slow
@@ -151,10 +159,14 @@ def test_export_folder_is_complete_and_self_checked(exported):
     } <= names
     assert {"README.md", "export.json", "hf"} <= names
     facts = json.loads((folder / "export.json").read_text())
-    assert min(facts["checks"].values()) > 0.9999
+    cosines = [v for k, v in facts["checks"].items() if k.endswith("min_cosine")]
+    assert len(cosines) == 3 and min(cosines) > 0.9999
+    assert facts["checks"]["phrase_max_logp_difference"] < 1e-3
+    assert facts["fusion"]["kind"] == "llr" and "act_dcf" in facts["metrics"]["eval"]["pooled"]
     assert set(facts["thresholds"]["eer"]) == {"1", "2", "3"}
     card = (folder / "README.md").read_text()
     assert f"| dev | pooled | {facts['metrics']['dev']['pooled']['eer']:.2f} |" in card
+    assert "The phrase check needs this SpeechBrain folder" in card
     # An untouched model: the code in the folder is the repository's.
     assert (folder / "tdsv_speaker_model.py").read_text() == (
         ROOT / "recipes" / "speaker_model.py"
@@ -176,9 +188,11 @@ def test_export_loads_offline_elsewhere_and_scores_like_the_recipe(exported, tin
         from speechbrain.inference.interfaces import foreign_class
         v = foreign_class(source={str(folder)!r}, pymodule_file="tdsv_speaker_model.py",
                           classname="TDSVSpeakerRecognition")
+        verdict = v.verify_trial([{wav[enrol_ids[0]]!r}], {wav[test_id]!r})
         score, accept = v.verify_files({wav[enrol_ids[0]]!r}, {wav[test_id]!r})
         emb = v.encode_batch(v.load_audio({wav[test_id]!r}))
-        print(json.dumps([float(score), bool(accept), v.threshold(1), list(emb.shape)]))
+        print(json.dumps([verdict.speaker_score, float(score), bool(accept), verdict.threshold,
+                          list(emb.shape)]))
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -192,22 +206,47 @@ def test_export_loads_offline_elsewhere_and_scores_like_the_recipe(exported, tin
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    score, accept, threshold, shape = json.loads(result.stdout.strip().splitlines()[-1])
-    assert score == pytest.approx(expected, abs=1e-4)
-    assert accept == (score >= threshold) and shape == [1, 1, 64]
+    speaker, llr, accept, threshold, shape = json.loads(result.stdout.strip().splitlines()[-1])
+    assert speaker == pytest.approx(expected, abs=1e-4)
+    assert threshold == pytest.approx(np.log(0.99 / 0.1))  # Bayes, SdSV costs
+    assert accept == (llr >= threshold) and shape == [1, 1, 64]
 
 
 @pytest.mark.slow
 def test_cli_enrollment_reproduces_the_recipe_trial_score(exported, tiny_corpus):
     out, folder = exported
-    enrol_ids, test_id, recipe_score, wavs = _dev_pair(out, tiny_corpus)
+    enrol_ids, test_id, recipe, wavs = _dev_pair(out, tiny_corpus)
     paths = [wavs[i] for i in [*enrol_ids, test_id]]
-    result = cli("--model", folder, "--enrol", *paths[:-1], "--test", paths[-1])
+    model_phrase = pd.read_csv(out / "prep" / "dev_enrol.csv", dtype=str).set_index("model_id")
+    phrase = model_phrase.loc[recipe["model_id"], "phrase_id"]
+    result = cli("--model", folder, "--enrol", *paths[:-1], "--test", paths[-1], "--phrase", phrase)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "3-utterance enrollment" in result.stdout
-    path, score, decision = result.stdout.strip().splitlines()[-1].split()
-    assert path == paths[-1] and float(score) == pytest.approx(recipe_score, abs=1e-4)
-    assert decision in ("accept", "reject")
+    assert "LLR threshold 2.2925 (Bayes: p_target 0.01, c_miss 10.0, c_fa 1.0)" in result.stdout
+    path, speaker, phrase_score, llr, decision = result.stdout.strip().splitlines()[-1].split()[:5]
+    assert path == paths[-1] and float(speaker) == pytest.approx(recipe["speaker"], abs=1e-4)
+    assert float(phrase_score) == pytest.approx(recipe["phrase"], abs=1e-3)
+    assert float(llr) == pytest.approx(recipe["score"], abs=1e-3)
+    assert decision == ("accept" if float(llr) >= 2.2925 else "reject")
+
+
+@pytest.mark.slow
+def test_cli_rejects_another_pass_phrase_and_says_why(exported, tiny_corpus):
+    out, folder = exported
+    enrol_ids, test_id, recipe, wavs = _dev_pair(out, tiny_corpus, condition="TW")
+    fusion = json.loads(next((out / "fusion").glob("*_none.json")).read_text())
+    speaker_llr = fusion["speaker"]["bias"] + fusion["speaker"]["weights"][0] * recipe["speaker"]
+    assert recipe["score"] < speaker_llr  # the phrase score lowered the LLR of this TW trial
+    # A threshold between the two: the speaker alone would be accepted, the phrase is wrong.
+    threshold = (recipe["score"] + speaker_llr) / 2
+    model_phrase = pd.read_csv(out / "prep" / "dev_enrol.csv", dtype=str).set_index("model_id")
+    phrase = model_phrase.loc[recipe["model_id"], "phrase_id"]
+    paths = [wavs[i] for i in [*enrol_ids, test_id]]
+    result = cli(
+        "--model", folder, "--enrol", *paths[:-1], "--test", paths[-1],
+        "--phrase", phrase, "--threshold", threshold,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1].endswith("reject (wrong pass-phrase)")
 
 
 @pytest.mark.slow
@@ -223,7 +262,7 @@ def test_cli_resamples_and_downmixes_and_says_so(exported, tiny_corpus, tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resampled 44100 -> 16000 Hz, down-mixed 2 channels to mono" in result.stderr
     native, converted = (float(line.split()[2]) for line in result.stdout.strip().splitlines())
-    assert converted == pytest.approx(native, abs=0.05)
+    assert converted == pytest.approx(native, abs=0.05)  # the speaker scores
 
 
 def test_cli_names_bad_pairs_lines_and_bad_model_folders(tmp_path, tiny_corpus):
@@ -256,7 +295,17 @@ def hf_xvector_dir(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_a_plain_hf_xvector_model_scores_the_recipe_trials(hf_xvector_dir, tiny_corpus, tmp_path):
     out = tmp_path / "exp"
-    output = run_script("verify_speakers.py", out, tiny_corpus, "--model", hf_xvector_dir)
+    refused = subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "verify_speakers.py"),
+         str(ROOT / "hparams" / "synthetic_demo.yaml"), "--output_folder", str(out),
+         "--data_folder", str(tiny_corpus), "--synthetic_corpus", "null", "--dev_speakers", "2",
+         "--model", str(hf_xvector_dir)],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "add --fusion none" in refused.stderr
+    output = run_script(
+        "verify_speakers.py", out, tiny_corpus, "--model", hf_xvector_dir, "--fusion", "none"
+    )
     reports = list((out / "models").glob("*/verification_eval.json"))
     assert len(reports) == 1 and "eval: EER" in output
     lines = (reports[0].parent / "scores_eval.txt").read_text().splitlines()

@@ -9,7 +9,7 @@ import numpy as np
 import soundfile as sf
 
 from data_prep.layout import PHRASES, read_list
-from data_prep.synth_deepmine import plan_corpus, synthesize_corpus
+from data_prep.synth_deepmine import TRAIN_FREE_TEXT, plan_corpus, synthesize_corpus
 from tests.conftest import TINY
 
 
@@ -28,8 +28,12 @@ def test_layout_matches_the_real_task1_folder(tiny_corpus):
         0
     ] == "train-file-id speaker-id phrase-id"
     train = read_list(docs / "train_labels.txt")
-    assert len(train) == TINY["speakers"] * len(PHRASES) * TINY["reps"]
-    assert {line.fields[2] for line in train} == set(PHRASES)
+    per_speaker = len(PHRASES) * TINY["reps"] + TINY["free_text_train"]
+    assert len(train) == TINY["speakers"] * per_speaker
+    phrases = {line.fields[2] for line in train}
+    assert set(PHRASES) <= phrases <= set(PHRASES) | set(TRAIN_FREE_TEXT)
+    free_text = sum(line.fields[2] in TRAIN_FREE_TEXT for line in train)
+    assert free_text == TINY["speakers"] * TINY["free_text_train"]
     assert len({line.fields[1] for line in train}) == TINY["speakers"]
     models = read_list(docs / "model_enrollment.txt")
     assert len(models) == TINY["eval_speakers"] * len(PHRASES)
@@ -37,7 +41,11 @@ def test_layout_matches_the_real_task1_folder(tiny_corpus):
     for subdir, prefix, count in (
         ("train", "trn_", len(train)),
         ("enrollment", "enr_", 3 * len(models)),
-        ("evaluation", "evl_", TINY["eval_speakers"] * len(PHRASES) * (TINY["reps"] - 3)),
+        (
+            "evaluation",
+            "evl_",
+            TINY["eval_speakers"] * (len(PHRASES) * (TINY["reps"] - 3) + TINY["free_text"]),
+        ),
     ):
         files = sorted((tiny_corpus / "wav" / subdir).glob("*.wav"))
         assert len(files) == count and all(f.name.startswith(prefix) for f in files)

@@ -150,7 +150,7 @@ def test_verify_script_outputs_agree_with_each_other(trained, tiny_corpus):
         [float(x.split()[2]) for x in lines], abs=1e-6
     )
     # The JSON metrics are those of the score file.
-    labels = np.array([x.split()[3] == "1" for x in lines])
+    labels = np.array([x.split()[-2] == "1" for x in lines])
     scores = np.array([float(x.split()[2]) for x in lines])
     report = json.loads((out / "verification_eval.json").read_text())
     assert report["conditions"]["pooled"]["eer"] == pytest.approx(

@@ -1,0 +1,123 @@
+"""Start-up checks of a recipe's settings: every bad value is named at once, before anything runs.
+
+A mistyped choice (``--score_norm asnorm``) or an impossible combination (a fusion without a
+phrase branch) would otherwise surface only when the code that reads it runs, possibly after
+hours of training. ``load_checked_hparams`` (training, scoring and export scripts) checks the
+settings on the YAML text with the command line's overrides applied, before HyperPyYAML builds
+any object (WavLM would be downloaded or built), then loads it.
+"""
+
+from __future__ import annotations
+
+import ruamel.yaml
+from hyperpyyaml.core import resolve_references
+from ruamel.yaml.constructor import SafeConstructor
+
+#: Enumerated settings and their allowed values.
+CHOICES = {
+    "target_type": ("speaker", "speaker_phrase", "speaker+phrase"),
+    "head_type": ("xvector", "ecapa"),
+    "margin_type": ("am", "aam"),
+    "scale_mode": ("fixed", "learnable", "adaptive"),
+    "batch_sampler": ("random", "phrase", "dynamic"),
+    "score_norm": ("none", "s-norm", "as-norm"),
+    "on_bad_audio": ("fail", "skip"),
+    "export_operating_point": ("eer", "min_dcf"),
+    "precision": ("fp32", "fp16", "bf16"),
+    "eval_precision": ("fp32", "fp16", "bf16"),
+    "fusion": ("none", "llr", "gate"),
+    "phrase_branch": (True, False),
+}
+
+#: Numeric settings: (lowest allowed, whether the lowest is excluded).
+RANGES = {
+    "number_of_epochs": (1, False),
+    "batch_size": (1, False),
+    "crop_seconds": (0, True),
+    "max_eval_seconds": (0, True),
+    "dev_speakers": (1, False),
+    "phrase_loss_weight": (0, False),
+    "cohort_top_k": (1, False),
+    "cohort_utts_per_speaker": (1, False),
+}
+
+
+def settings_problems(hparams) -> list[str]:
+    """One line per bad setting (empty when all are usable)."""
+    problems = []
+    for key, allowed in CHOICES.items():
+        if key in hparams and hparams[key] not in allowed:
+            shown = ", ".join(map(str, allowed))
+            problems.append(f"{key}: {hparams[key]!r} is not one of {shown}")
+    for key, (low, exclusive) in RANGES.items():
+        value = hparams.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, int | float) or value < low or (exclusive and value == low):
+            problems.append(f"{key}: {value!r} must be a number {'>' if exclusive else '>='} {low}")
+    prior = hparams.get("fusion_prior")
+    if prior is not None and not (isinstance(prior, int | float) and 0 < prior < 1):
+        problems.append(f"fusion_prior: {prior!r} must be in (0, 1)")
+    if hparams.get("fusion", "none") != "none" and hparams.get("phrase_branch") is False:
+        problems.append(f"fusion: {hparams['fusion']!r} needs phrase_branch: True (or none)")
+    wavlm = hparams.get("wavlm")
+    no_layer_weights = isinstance(wavlm, dict) and wavlm.get("layer_weighting") is False
+    if hparams.get("phrase_branch") and no_layer_weights:
+        problems.append("phrase_branch: True needs the WavLM encoder's layer_weighting: True")
+    return problems
+
+
+def raw_settings(hparams_file, overrides) -> dict:
+    """The settings of a HyperPyYAML file with overrides, as plain values: nothing is built.
+
+    References are resolved by HyperPyYAML; tagged nodes (``!new:``, ``!name:``, ...) become
+    plain mappings, lists or strings.
+    """
+    with open(hparams_file, encoding="utf-8") as handle:
+        text = resolve_references(handle, overrides).getvalue()
+    yaml = ruamel.yaml.YAML(typ="safe", pure=True)
+    yaml.Constructor = _PlainConstructor
+    return yaml.load(text)
+
+
+def _untagged(loader, suffix, node):
+    """A tagged YAML node as the plain value it holds (mapping, list or string)."""
+    if isinstance(node, ruamel.yaml.MappingNode):
+        return {
+            loader.construct_object(key, deep=True): loader.construct_object(value, deep=True)
+            for key, value in node.value
+        }
+    if isinstance(node, ruamel.yaml.SequenceNode):
+        return [loader.construct_object(value, deep=True) for value in node.value]
+    return node.value
+
+
+class _PlainConstructor(SafeConstructor):
+    """A safe constructor that reads tagged nodes as plain values.
+
+    Its own class: ruamel registers constructors on the class, and registering on the shared
+    one would change how HyperPyYAML itself reads ``!ref`` later in the same process.
+    """
+
+
+_PlainConstructor.add_multi_constructor("!", _untagged)
+
+
+def load_checked_hparams(argv):
+    """SpeechBrain's command line -> ``(hparams_file, run_opts, overrides, hparams)``, checked.
+
+    Bad settings end the program before the YAML builds anything, with every problem named.
+    """
+    import speechbrain as sb
+    from hyperpyyaml import load_hyperpyyaml
+
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    problems = settings_problems(raw_settings(hparams_file, overrides))
+    if problems:
+        raise SystemExit(
+            f"error: {len(problems)} bad setting(s) in {hparams_file} or the command line:\n  "
+            + "\n  ".join(problems)
+        )
+    with open(hparams_file, encoding="utf-8") as handle:
+        hparams = load_hyperpyyaml(handle, overrides)
+    return hparams_file, run_opts, overrides, hparams
