@@ -1,6 +1,6 @@
 """Turn a DeepMine / SdSV / TdSV "task1" folder into SpeechBrain CSV manifests and labelled trials.
 
-Writes to ``save_folder`` (DESIGN.md section 3):
+Writes to ``save_folder`` (docs/design.md section 3):
 
     train.csv              utterances of the training speakers (dev speakers held out)
     dev_enrol.csv          enrollment models of the held-out speakers (3 utterances each)

@@ -1,6 +1,6 @@
 """The DeepMine / SdSV / TdSV "task1" folder layout, shared by the preparer and the synthesizer.
 
-Facts from the SdSV 2020-21 evaluation plan and the TdSV 2024 release (see DESIGN.md section 3):
+Facts from the SdSV 2020-21 evaluation plan and the TdSV 2024 release (docs/design.md section 3):
 
     docs/train_labels.txt       header, then "trn_000001 spk_000001 09"
     docs/model_enrollment.txt   header, then "model_00000 07 enr_007492 enr_023277 enr_012882"

@@ -30,7 +30,6 @@ import json
 import shutil
 import sys
 import tempfile
-from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -40,6 +39,13 @@ from transformers import WavLMConfig, WavLMForXVector
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from recipes.experiment import (
+    checkpoint_state,
+    dataio_prep,
+    phrase_branch_settings,
+    prepare_data,
+    wavlm_settings,
+)
 from recipes.pretrained import EXPORTED_MODULE, load_verifier
 from recipes.scoring import metrics_by_condition, score_trials, trial_metrics
 from recipes.settings import load_checked_hparams
@@ -50,17 +56,8 @@ from recipes.speaker_model import (
     XVectorHead,
     phrase_outputs,
 )
-from recipes.train_speaker_embeddings import brain_for_data, dataio_prep, prepare_data
-from recipes.verification import (
-    best_checkpoint,
-    check_splits,
-    recipe_fusion_source,
-    scored,
-    split_embeddings,
-)
+from recipes.verification import checkpoint_scoring, scored, split_embeddings
 
-#: Config entries that describe where a model came from, not what it is.
-BOOKKEEPING = ("_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype")
 #: The smallest cosine between an exported and the original embedding that passes the check.
 MIN_COSINE = 0.9999
 
@@ -109,47 +106,6 @@ def head_spec(hparams) -> tuple[str, dict]:
     elif module.startswith("recipes."):
         raise ValueError(f"{module}.{name} is not in recipes/speaker_model.py: cannot export it")
     return f"{module}.{name}", dict(constructor.keywords)
-
-
-def wavlm_settings(wavlm) -> dict:
-    """``WavLMSpeakerEmbedder`` arguments that reproduce the recipe's ``WavLMEncoder``.
-
-    (``WavLMEncoder`` refuses ``output_norm``, which ``WavLMSpeakerEmbedder`` does not have.)
-    """
-    config = {k: v for k, v in wavlm.model.config.to_diff_dict().items() if k not in BOOKKEEPING}
-    return {
-        "wavlm_config": config,
-        "layer_weighting": wavlm.layer_logits is not None,
-        "normalize_wav": bool(wavlm.normalize_wav),
-    }
-
-
-def trained_embedder(brain, settings: dict, head: torch.nn.Module, phrase_branch=None):
-    """A ``WavLMSpeakerEmbedder`` holding the brain's trained weights (eval mode).
-
-    ``phrase_branch``: a fresh ``PhraseBranch`` to hold the trained one's weights (None: none).
-    """
-    wavlm = brain.unwrapped("wavlm")
-    embedder = WavLMSpeakerEmbedder(head=head, phrase_branch=phrase_branch, **settings)
-    embedder.model.load_state_dict(wavlm.model.state_dict())
-    if wavlm.layer_logits is not None:
-        embedder.layer_logits.data.copy_(wavlm.layer_logits.data)
-    embedder.head.load_state_dict(brain.unwrapped("embedding_model").state_dict())
-    if phrase_branch is not None:
-        embedder.phrase_branch.load_state_dict(brain.unwrapped("phrase_branch").state_dict())
-    return embedder.eval()
-
-
-def phrase_branch_spec(hparams, brain) -> dict | None:
-    """Constructor arguments of the trained phrase branch (None without one)."""
-    if "phrase_branch" not in brain.modules:
-        return None
-    branch = brain.unwrapped("phrase_branch")
-    return {
-        **hparams["phrase_branch_model"].keywords,
-        "num_states": branch.layer_logits.numel(),
-        "n_phrases": branch.classifier[-1].out_features,
-    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -318,39 +274,27 @@ def export(hparams, run_opts) -> Path:
     """Export the best checkpoint of the run described by ``hparams``; return the folder."""
     prepare_data(hparams)
     data = dataio_prep(hparams)
-    splits, class_encoder = data.splits, data.class_encoder
-    brain = brain_for_data(hparams, run_opts, data)
-    checkpoint = best_checkpoint(brain)
-    check_splits(splits)
-    brain.checkpointer.recover_if_possible(min_key="EER")
-    brain.modules.eval()
-    cache = Path(hparams["output_folder"]) / "embeddings" / checkpoint.path.name
-    embed = partial(brain.embed, loader_kwargs=hparams["eval_dataloader_options"])
+    splits, class_encoder, n_phrases = data.splits, data.class_encoder, len(data.phrase_encoder)
+    run = checkpoint_scoring(hparams, data, run_opts)
+    checkpoint, embedder, embed, cache = run.checkpoint, run.embedder, run.embed, run.cache
     tables = split_embeddings(embed, splits, cache)
     thresholds = enrolment_thresholds(tables["dev"]["speaker"], *splits["dev"][1:])
-    source = recipe_fusion_source(hparams, checkpoint, brain.phrase_labels)
     card_hparams = {**hparams, "score_norm": "none"}  # the model card: raw (or fused) scores
-    per_split, fusion = scored(embed, card_hparams, splits, None, cache, source)
+    per_split, fusion = scored(embed, card_hparams, splits, None, cache, run.fusion)
     metrics = split_metrics(per_split, splits, fused=fusion is not None)
+    embedder = embedder.cpu()
 
-    settings = wavlm_settings(brain.unwrapped("wavlm"))
+    settings = wavlm_settings(hparams["wavlm"])
     head_class, head_kwargs = head_spec(hparams)
-    branch_kwargs = phrase_branch_spec(hparams, brain)
-    branch = None if branch_kwargs is None else PhraseBranch(**branch_kwargs)
-    embedder = trained_embedder(brain, settings, hparams["heads"][hparams["head_type"]](), branch)
     text_dependent = None
     if fusion is not None:
         text_dependent = {
-            "phrase_branch": branch_kwargs,
-            "phrase_labels": brain.phrase_labels,
+            "phrase_branch": phrase_branch_settings(hparams, n_phrases),
+            "phrase_labels": data.phrase_labels,
             "fusion": {**fusion, "kind": hparams["fusion"]},
         }
     wavs = reference_utterances(splits["dev"][0])
-
-    def trained(wav):
-        """The recipe's own modules, as scoring runs them (fp32)."""
-        wav = wav[None].to(brain.device)
-        return brain.modules.embedding_model(brain.modules.wavlm(wav)).squeeze(1).cpu()
+    trained = TrainingModules(hparams, checkpoint, n_phrases)
 
     out = Path(hparams["export_folder"])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -361,15 +305,17 @@ def export(hparams, run_opts) -> Path:
         hyperparams_text(hparams, settings, thresholds, head_class, head_kwargs, text_dependent)
     )
     class_encoder.save(staging / "label_encoder.txt")
-    checks = {"speechbrain_min_cosine": _check_speechbrain(staging, trained, wavs)}
+    checks = {"speechbrain_min_cosine": _check_speechbrain(staging, trained.speaker, wavs)}
     if text_dependent is not None:
-        checks["phrase_max_logp_difference"] = _check_phrase_branch(staging, brain, wavs)
+        checks["phrase_max_logp_difference"] = _check_phrase_branch(staging, trained, wavs)
     if isinstance(embedder.head, XVectorHead):
         labels = [class_encoder.ind2lab[i] for i in range(len(class_encoder))]
-        hf = hf_xvector_model(embedder, brain.unwrapped("classifier"), labels)
+        classifier = hparams["classifier"](out_neurons=len(class_encoder))
+        classifier.load_state_dict(checkpoint_state(checkpoint, "classifier"))
+        hf = hf_xvector_model(embedder, classifier, labels)
         hf.save_pretrained(staging / "hf")
-        brain.unwrapped("wavlm").feature_extractor.save_pretrained(staging / "hf")
-        checks.update(_check_hf(staging / "hf", hf, trained, wavs))
+        hparams["wavlm"].feature_extractor.save_pretrained(staging / "hf")
+        checks.update(_check_hf(staging / "hf", hf, trained.speaker, wavs))
     facts = {
         "checkpoint": checkpoint.path.name,
         "checkpoint_meta": checkpoint.meta,
@@ -380,7 +326,7 @@ def export(hparams, run_opts) -> Path:
         "thresholds": thresholds,
         "operating_point": hparams["export_operating_point"],
         "fusion": None if text_dependent is None else text_dependent["fusion"],
-        "phrase_labels": brain.phrase_labels if text_dependent else None,
+        "phrase_labels": data.phrase_labels if text_dependent else None,
         "metrics": metrics,
         "checks": checks,
     }
@@ -402,21 +348,46 @@ def _check_speechbrain(folder: Path, trained, wavs) -> float:
     return cosine
 
 
+class TrainingModules:
+    """The recipe's training modules with a checkpoint's weights: what an export must reproduce.
+
+    The YAML's ``WavLMEncoder``, speaker head and a phrase branch. The exported model is a
+    ``WavLMSpeakerEmbedder`` rebuilt from configs; comparing it with these modules checks the
+    rebuild as well as the folder.
+    """
+
+    def __init__(self, hparams, checkpoint, n_phrases: int):
+        self.wavlm, self.head = hparams["wavlm"].eval(), hparams["embedding_model"].eval()
+        self.wavlm.load_state_dict(checkpoint_state(checkpoint, "wavlm"))
+        self.head.load_state_dict(checkpoint_state(checkpoint, "embedding_model"))
+        settings = phrase_branch_settings(hparams, n_phrases)
+        self.branch = None if settings is None else PhraseBranch(**settings).eval()
+        if self.branch is not None:
+            self.branch.load_state_dict(checkpoint_state(checkpoint, "phrase_branch"))
+
+    @torch.no_grad()
+    def speaker(self, wav: torch.Tensor) -> torch.Tensor:
+        """Speaker embedding ``[1, D]`` of one waveform, as training computes it."""
+        return self.head(self.wavlm(wav[None])).squeeze(1)
+
+    @torch.no_grad()
+    def phrase_logp(self, wav: torch.Tensor) -> torch.Tensor:
+        """Phrase log-posteriors ``[P]`` of one waveform, as training computes them."""
+        _, hidden = self.wavlm(wav[None], return_hidden=True)
+        return phrase_outputs(*self.branch(hidden))["phrase_logp"][0]
+
+
 #: The largest difference of phrase log-posteriors between export and training that passes.
 MAX_LOGP_DIFFERENCE = 1e-3
 
 
-@torch.no_grad()
-def _check_phrase_branch(folder: Path, brain, wavs) -> float:
+def _check_phrase_branch(folder: Path, trained: TrainingModules, wavs) -> float:
     """The folder's phrase log-posteriors must be the trained phrase branch's."""
     verifier = load_verifier(folder)
-    worst = 0.0
-    for wav in wavs:
-        _, hidden = brain.modules.wavlm(wav[None].to(brain.device), return_hidden=True)
-        lengths = torch.ones(1, device=brain.device)
-        trained = phrase_outputs(*brain.modules.phrase_branch(hidden, lengths))["phrase_logp"]
-        exported = verifier.embed_waveform(wav)["phrase_logp"]
-        worst = max(worst, float((trained[0].cpu() - exported.cpu()).abs().max()))
+    worst = max(
+        float((trained.phrase_logp(w) - verifier.embed_waveform(w)["phrase_logp"]).abs().max())
+        for w in wavs
+    )
     if worst > MAX_LOGP_DIFFERENCE:
         raise RuntimeError(f"export check failed: phrase log-posteriors differ by {worst:.2e}")
     return worst
@@ -522,7 +493,7 @@ with torch.no_grad():
 Command line (from the recipe repository):
 
 ```
-python recipes/verify_speakers.py --model {folder} --enrol e1.wav e2.wav e3.wav --test t.wav
+python recipes/verify_speakers.py files --model {folder} --enrol e1.wav e2.wav e3.wav --test t.wav
 ```
 """
 

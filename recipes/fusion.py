@@ -40,11 +40,14 @@ logger = logging.getLogger(__name__)
 
 #: The ``fusion`` settings: speaker score only, calibrated fusion, hard phrase gate.
 FUSIONS = ("none", "llr", "gate")
+#: Bumped when the way a fusion is learned changes: a stored fusion of another version is relearned.
+FUSION_VERSION = 2
 #: Non-target trial conditions (wrong phrase, impostor with the right / wrong phrase).
 NONTARGET_CONDITIONS = ("TW", "IC", "IW")
-#: Inverse regularization of the logistic regressions, with sample weights that sum to the trial
-#: count: mild, but finite weights when dev separates TC from TW perfectly.
-REGULARIZATION_C = 1.0
+#: Inverse regularization of the logistic regressions. Their sample weights sum to 1 (the loss is
+#: the prior-weighted mean cross-entropy, whatever the number of trials), so this is a fixed,
+#: mild penalty: finite weights when dev separates TC from TW perfectly.
+REGULARIZATION_C = 1e4
 
 
 @dataclass
@@ -120,7 +123,7 @@ def fit_calibration(features: list[np.ndarray], conditions, prior: float) -> dic
         weight[chosen] = (1 - prior) / len(kinds) / chosen.sum()
     x = np.column_stack(features).astype(np.float64)
     model = LogisticRegression(C=REGULARIZATION_C, max_iter=1000)
-    model.fit(x, targets, sample_weight=weight * targets.size)
+    model.fit(x, targets, sample_weight=weight)
     bias = float(model.intercept_[0] - logit(prior))
     return {"weights": [float(w) for w in model.coef_[0]], "bias": bias}
 
@@ -163,10 +166,10 @@ def stored_or_learned_fusion(path: Path, dev: TrialScores, conditions, prior: fl
     """The fusion stored at ``path``, or one learned now (and stored there) if it is stale.
 
     Stored means learned from the same model and dev trials (``stamp``, the prior, the trial
-    counts); either way the log says which.
+    counts) by the same fitting code (``FUSION_VERSION``); either way the log says which.
     """
     conditions = np.asarray(conditions)
-    expected = {**stamp, "prior": prior, "trials": len(conditions)}
+    expected = {**stamp, "version": FUSION_VERSION, "prior": prior, "trials": len(conditions)}
     expected["targets"] = int((conditions == "TC").sum())
     if path.is_file():
         stored = json.loads(path.read_text())

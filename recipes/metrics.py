@@ -1,4 +1,4 @@
-"""Verification metrics as the SdSV / TdSV challenges define them (DESIGN.md section 5).
+"""Verification metrics as the SdSV / TdSV challenges define them (docs/design.md section 5).
 
 Both metrics come from one sweep over the sorted scores: O(N log N) time and O(N) memory. We do
 not use SpeechBrain's ``EER`` / ``minDCF`` (``speechbrain.utils.metric_stats``): they build

@@ -1,4 +1,4 @@
-"""Enrollment models, cosine scoring of trials and metrics by trial condition (DESIGN.md section 5).
+"""Enrollment models, cosine scoring, metrics by trial condition (docs/design.md section 5).
 
 Shared by the training recipe (validation on the dev trials) and ``verify_speakers.py``.
 

@@ -15,35 +15,24 @@ already finished only re-evaluates.
 
 from __future__ import annotations
 
-import random
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import NamedTuple
 
-import pandas as pd
 import speechbrain as sb
 import torch
 import torch.nn.functional as F
-from speechbrain.dataio.dataio import read_audio
-from speechbrain.dataio.dataset import DynamicItemDataset
-from speechbrain.dataio.encoder import CategoricalEncoder
-from speechbrain.utils.distributed import run_on_main
 from speechbrain.utils.logger import get_logger
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_prep.deepmine_prepare import prepare_deepmine
-from data_prep.layout import PHRASES
-from data_prep.synth_deepmine import synthesize_corpus
+from recipes.experiment import RecipeData, dataio_prep, prepare_data, train_loader_options
 from recipes.fusion import apply_fusion, learn_fusion, trial_scores
-from recipes.sampling import PhraseBatchSampler, collate_readable, log_bad_audio
 from recipes.scoring import EmbeddingTable, metrics_by_condition
 from recipes.settings import load_checked_hparams
-from recipes.speaker_model import OTHER_PHRASE, phrase_outputs
-from recipes.verification import Split, run_verification
+from recipes.speaker_model import phrase_outputs
+from recipes.verification import run_verification
 
 logger = get_logger(__name__)
 
@@ -273,20 +262,6 @@ class SpeakerBrain(sb.core.Brain):
             return {"EER": 100.0, "minDCF": 1.0}
         return {"EER": round(pooled["eer"], 3), "minDCF": round(pooled["min_dcf"], 4)}
 
-    @torch.no_grad()
-    def embed(self, dataset, loader_kwargs) -> dict[str, EmbeddingTable]:
-        """Tables of every utterance of ``dataset`` (eval mode, eval precision, batched).
-
-        ``"speaker"`` embeddings and, with a phrase branch, ``"phrase_logp"`` (log-posteriors)
-        and ``"phrase_embedding"``.
-        """
-        loader = self.make_dataloader(dataset, stage=sb.Stage.TEST, **loader_kwargs)
-        self.on_stage_start(sb.Stage.TEST)
-        self.modules.eval()
-        for batch in tqdm(loader, desc="embedding", disable=self.noprogressbar):
-            self.evaluate_batch(batch, sb.Stage.TEST)
-        return {name: EmbeddingTable.from_dict(d) for name, d in self.embeddings.items()}
-
     def _progress_stats(self, epoch) -> dict:
         """What the log says about the schedule at the end of an epoch."""
         stats = {"epoch": epoch, "wavlm_frozen": self.wavlm_frozen()}
@@ -295,152 +270,6 @@ class SpeakerBrain(sb.core.Brain):
         stats["margin"] = round(self.unwrapped("loss").current_margin(), 4)
         stats["scale"] = round(self.unwrapped("loss").current_scale(), 3)
         return stats
-
-
-# ------------------------------------------------------------------------------------------------
-# Data
-# ------------------------------------------------------------------------------------------------
-def _utterances(csv_paths, data_folder) -> DynamicItemDataset:
-    """One dataset over the utterance manifests ``csv_paths``."""
-    data = {}
-    for path in csv_paths:
-        data.update(
-            sb.dataio.dataio.load_data_csv(path, replacements={"data_root": str(data_folder)})
-        )
-    return DynamicItemDataset(data)
-
-
-def dataio_prep(hparams):
-    """Datasets, label encoders and trial lists; returns what ``main`` needs to train and score."""
-    prep, rate = Path(hparams["prep_folder"]), hparams["sample_rate"]
-    crop = int(hparams["crop_seconds"] * rate)
-    max_eval = int(hparams["max_eval_seconds"] * rate)
-
-    skip_bad, bad_log = hparams["on_bad_audio"] == "skip", hparams["bad_audio_log"]
-
-    @sb.utils.data_pipeline.takes("wav", "duration")
-    @sb.utils.data_pipeline.provides("sig")
-    def train_audio(wav, duration):
-        """A random crop of ``crop_seconds`` (read from disk without loading the rest).
-
-        A file that became unreadable after data prep (deleted, truncated) stops training with
-        its name, or with ``on_bad_audio: skip`` is logged and left out of its batch (None).
-        """
-        frames = int(float(duration) * rate)
-        start = random.randint(0, max(0, frames - crop))
-        try:
-            sig = read_audio({"file": wav, "start": start, "stop": start + crop})
-            if sig.numel() == 0:
-                raise ValueError(f"no samples from {start} (prepared duration {duration} s)")
-        except Exception as error:  # soundfile, torchaudio and our own errors alike
-            if not skip_bad:
-                raise RuntimeError(f"cannot read training audio {wav}: {error}") from error
-            log_bad_audio(bad_log, wav, error)
-            return None
-        return sig
-
-    @sb.utils.data_pipeline.takes("wav")
-    @sb.utils.data_pipeline.provides("sig")
-    def eval_audio(wav):
-        """The whole utterance, capped at ``max_eval_seconds`` to bound memory."""
-        return read_audio({"file": wav, "start": 0, "stop": max_eval})
-
-    target_type = hparams["target_type"]
-    if target_type not in ("speaker", "speaker_phrase", "speaker+phrase"):
-        raise ValueError(
-            f"target_type must be speaker, speaker_phrase or speaker+phrase: {target_type}"
-        )
-
-    @sb.utils.data_pipeline.takes("spk_id", "phrase_id")
-    @sb.utils.data_pipeline.provides("class_label", "phrase_label")
-    def labels(spk_id, phrase_id):
-        """The training class (speaker, or speaker x phrase) and the phrase."""
-        phrase = phrase_id if phrase_id in PHRASES else OTHER_PHRASE  # free text is one class
-        yield f"{spk_id}_{phrase}" if target_type == "speaker_phrase" else spk_id
-        yield phrase
-
-    train = _utterances([prep / "train.csv"], hparams["data_folder"])
-    train.add_dynamic_item(train_audio)
-    train.add_dynamic_item(labels)
-    class_encoder, phrase_encoder = CategoricalEncoder(), CategoricalEncoder()
-    for encoder, name in ((class_encoder, "class"), (phrase_encoder, "phrase")):
-        # DDP-safe: the main process creates the file, the others wait and load it.
-        path = Path(hparams["save_folder"]) / f"{name}_encoder.txt"
-        encoder.load_or_create(path, from_didatasets=[train], output_key=f"{name}_label")
-        encoder.ignore_len()  # the classifiers are sized from the encoders themselves
-    train.add_dynamic_item(
-        class_encoder.encode_label_torch, takes="class_label", provides="class_encoded"
-    )
-    train.add_dynamic_item(
-        phrase_encoder.encode_label_torch, takes="phrase_label", provides="phrase_encoded"
-    )
-    train.set_output_keys(["id", "sig", "class_encoded", "phrase_encoded", "phrase_id"])
-
-    def eval_utterances(csv_paths) -> DynamicItemDataset:
-        """Whole utterances, longest first (less padding per batch)."""
-        utts = _utterances(csv_paths, hparams["data_folder"])
-        utts.add_dynamic_item(eval_audio)
-        utts.set_output_keys(["id", "sig"])
-        return utts.filtered_sorted(sort_key="duration", reverse=True)
-
-    splits = {}
-    for split in ("dev", "eval"):
-        if (prep / f"{split}_trials.csv").is_file():
-            splits[split] = Split(
-                eval_utterances([prep / f"{split}_enrol_utts.csv", prep / f"{split}_test.csv"]),
-                pd.read_csv(prep / f"{split}_enrol.csv", dtype=str, keep_default_na=False),
-                pd.read_csv(prep / f"{split}_trials.csv", dtype=str, keep_default_na=False),
-            )
-    cohort = _cohort_utterances(prep / "train.csv", hparams["cohort_utts_per_speaker"])
-    cohort_set = (eval_utterances([cohort]), pd.read_csv(cohort, index_col="ID")["spk_id"])
-    return RecipeData(train, splits, cohort_set, class_encoder, phrase_encoder)
-
-
-class RecipeData(NamedTuple):
-    """What ``dataio_prep`` makes: datasets, ``Split`` per split, cohort, label encoders."""
-
-    train: DynamicItemDataset
-    splits: dict
-    cohort: tuple  # (dataset, speaker per utterance id)
-    class_encoder: CategoricalEncoder
-    phrase_encoder: CategoricalEncoder
-
-    @property
-    def phrase_labels(self) -> list[str]:
-        """The phrase classes in the classifier's output order."""
-        return [self.phrase_encoder.ind2lab[i] for i in range(len(self.phrase_encoder))]
-
-
-def _cohort_utterances(train_csv: Path, per_speaker: int) -> Path:
-    """A manifest of the first ``per_speaker`` training utterances of each speaker (by id)."""
-    table = pd.read_csv(train_csv, dtype=str, keep_default_na=False).sort_values("ID")
-    path = train_csv.with_name("cohort.csv")
-    if sb.utils.distributed.if_main_process():
-        table.groupby("spk_id").head(per_speaker).to_csv(path, index=False)
-    sb.utils.distributed.ddp_barrier()
-    return path
-
-
-def train_loader_options(hparams, train) -> dict:
-    """Dataloader options for the configured batch sampler (random, phrase or dynamic)."""
-    options = dict(hparams["train_dataloader_options"])
-    kind = hparams["batch_sampler"]
-    if kind == "phrase":  # every batch holds one pass-phrase (the seed's "phrase-level batching")
-        phrase_ids = [train.data[i]["phrase_id"] for i in train.data_ids]
-        sampler = PhraseBatchSampler(phrase_ids, options.pop("batch_size"), seed=hparams["seed"])
-        options.pop("shuffle", None)
-        options["batch_sampler"] = sampler
-    elif kind == "dynamic":
-        options.pop("batch_size")
-        options.pop("shuffle", None)
-        options["batch_sampler"] = hparams["dynamic_batch_sampler"](train)
-    elif kind != "random":
-        raise ValueError(f"batch_sampler must be random, phrase or dynamic, not {kind!r}")
-    if hparams["on_bad_audio"] == "skip":
-        options["collate_fn"] = collate_readable
-    elif hparams["on_bad_audio"] != "fail":
-        raise ValueError(f"on_bad_audio must be fail or skip, not {hparams['on_bad_audio']!r}")
-    return options
 
 
 def build_brain(hparams, run_opts, n_classes: int, n_phrases: int, phrase_labels=None):
@@ -482,32 +311,6 @@ def brain_for_data(hparams, run_opts, data: RecipeData) -> SpeakerBrain:
     )
 
 
-def prepare_data(hparams) -> None:
-    """Synthesize the demo corpus if configured, then write the manifests (main process only)."""
-    if hparams.get("synthetic_corpus"):
-        folder = Path(hparams["data_folder"])
-        if not folder.exists():  # a mistyped --data_folder would otherwise pass unnoticed
-            logger.warning(
-                "data_folder %s does not exist: synthesizing the demo corpus into it "
-                "(synthetic_corpus: null to read a real corpus instead)",
-                folder,
-            )
-        run_on_main(
-            synthesize_corpus, kwargs={"out": hparams["data_folder"], **hparams["synthetic_corpus"]}
-        )
-    run_on_main(
-        prepare_deepmine,
-        kwargs={
-            "data_folder": hparams["data_folder"],
-            "save_folder": hparams["prep_folder"],
-            "dev_speakers": hparams["dev_speakers"],
-            "seed": hparams["seed"],
-            "include_free_text": hparams["include_free_text"],
-            "skip_bad": hparams["skip_bad"],
-        },
-    )
-
-
 def main(argv) -> None:
     """Prepare data, train, then evaluate the best checkpoint on the dev (and eval) trials."""
     hparams_file, run_opts, overrides, hparams = load_checked_hparams(argv)
@@ -531,7 +334,7 @@ def main(argv) -> None:
         splits["dev"].utterances,
         valid_loader_kwargs=hparams["eval_dataloader_options"],
     )
-    run_verification(brain, hparams, splits, data.cohort)
+    run_verification(hparams, data, run_opts)
 
 
 if __name__ == "__main__":

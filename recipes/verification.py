@@ -1,6 +1,6 @@
 """Score a trained model on the dev / eval trials.
 
-The code behind ``verify_speakers.py`` and the training recipe's final evaluation.
+The code behind ``verify_speakers.py``, the training recipe's final evaluation and the export.
 Each utterance is embedded once (enrollment and test utterances together, longest first, in eval
 mode under the configured precision) and the embeddings are cached next to the checkpoint they
 came from, so rescoring (another score normalization, say) needs no model. Trials are then scored
@@ -17,20 +17,10 @@ import numpy as np
 import pandas as pd
 import speechbrain as sb
 
+from recipes.experiment import best_checkpoint, checkpoint_embedder, embed_tables, run_device
 from recipes.fusion import apply_fusion, stored_or_learned_fusion, trial_scores
 from recipes.scoring import EmbeddingTable, group_means, trial_metrics
 from recipes.verification_report import write_report
-
-
-def best_checkpoint(brain):
-    """The checkpoint with the lowest dev EER; a clear error when the folder has none."""
-    checkpoint = brain.checkpointer.find_checkpoint(min_key="EER")
-    if checkpoint is None:
-        raise FileNotFoundError(
-            f"no checkpoint with a dev EER in {brain.checkpointer.checkpoints_dir}: "
-            "train first (recipes/train_speaker_embeddings.py) or point --output_folder at a run"
-        )
-    return checkpoint
 
 
 def check_trial_ids(split: str, utt_ids, models: pd.DataFrame, trials: pd.DataFrame) -> None:
@@ -80,19 +70,58 @@ def speaker_cohort(table: EmbeddingTable, speakers: pd.Series) -> np.ndarray:
     return group_means(vectors, codes, len(uniques))
 
 
-def run_verification(brain, hparams, splits: dict, cohort_set=None) -> dict:
-    """Score the recipe's best checkpoint on every split; write the reports; return the metrics.
+class FusionSource(NamedTuple):
+    """Where a model's fusion is stored, its phrase classes, and what identifies the model."""
 
-    ``splits`` maps a split name to a ``Split`` (utterances, models, trials); ``cohort_set`` is a
-    ``(dataset, speaker per utterance id)`` pair, needed for s-norm / AS-norm.
+    path: Path
+    phrase_labels: list[str] | None
+    stamp: dict
+
+
+class CheckpointScoring(NamedTuple):
+    """A run's best checkpoint, ready to score: its model, how to embed, where things go."""
+
+    checkpoint: object  # speechbrain Checkpoint
+    embedder: object  # WavLMSpeakerEmbedder with the checkpoint's weights
+    embed: object  # dataset -> utterance tables
+    cache: Path  # embeddings of this checkpoint
+    fusion: FusionSource
+
+
+def checkpoint_scoring(hparams, data, run_opts: dict) -> CheckpointScoring:
+    """The one path from a run to scores: best checkpoint, trial ids checked, its model, caches.
+
+    ``data`` is ``experiment.dataio_prep``'s. The model is built from the hparams and the
+    checkpoint (``experiment.checkpoint_embedder``): no Brain, the same model an export ships.
     """
-    checkpoint = best_checkpoint(brain)
-    check_splits(splits)
-    brain.checkpointer.recover_if_possible(min_key="EER")
+    checkpoint = best_checkpoint(hparams["checkpointer"])
+    check_splits(data.splits)
+    embedder = checkpoint_embedder(hparams, checkpoint, len(data.phrase_encoder))
+    embed = partial(
+        embed_tables,
+        embedder,
+        loader_kwargs=hparams["eval_dataloader_options"],
+        device=run_device(run_opts),
+        precision=hparams["eval_precision"],
+        progress=not run_opts.get("noprogressbar"),
+    )
     cache = Path(hparams["output_folder"]) / "embeddings" / checkpoint.path.name
-    embed = partial(brain.embed, loader_kwargs=hparams["eval_dataloader_options"])
-    fusion = recipe_fusion_source(hparams, checkpoint, brain.phrase_labels)
-    return score_splits(embed, hparams, splits, cohort_set, cache, hparams["output_folder"], fusion)
+    fusion = recipe_fusion_source(hparams, checkpoint, data.phrase_labels)
+    return CheckpointScoring(checkpoint, embedder, embed, cache, fusion)
+
+
+def run_verification(hparams, data, run_opts: dict) -> dict:
+    """Score the run's best checkpoint on every split; write the reports; return the metrics."""
+    run = checkpoint_scoring(hparams, data, run_opts)
+    return score_splits(
+        run.embed,
+        hparams,
+        data.splits,
+        data.cohort,
+        run.cache,
+        hparams["output_folder"],
+        run.fusion,
+    )
 
 
 def recipe_fusion_source(hparams, checkpoint, phrase_labels) -> FusionSource:
@@ -115,14 +144,6 @@ def split_embeddings(embed, splits: dict, cache: Path) -> dict:
     return {
         split: cached_embeddings(embed, utts, cache / split) for split, (utts, *_) in splits.items()
     }
-
-
-class FusionSource(NamedTuple):
-    """Where a model's fusion is stored, its phrase classes, and what identifies the model."""
-
-    path: Path
-    phrase_labels: list[str] | None
-    stamp: dict
 
 
 def score_splits(
@@ -198,11 +219,3 @@ def report_name(split: str, hparams, phrase_scored: bool) -> str:
     if phrase_scored and hparams["fusion"] != "llr":
         tags.append("speaker" if hparams["fusion"] == "none" else hparams["fusion"])
     return "_".join([split, *tags])
-
-
-class Split(NamedTuple):
-    """One evaluation split: its utterances (a dataset), enrollment models and trials."""
-
-    utterances: object  # speechbrain DynamicItemDataset
-    models: pd.DataFrame
-    trials: pd.DataFrame

@@ -1,6 +1,6 @@
 """Write what a verification run found: scores, metrics by condition, phrase and language.
 
-Outputs in the experiment folder (DESIGN.md section 5):
+Outputs in the experiment folder (docs/design.md section 5):
 - ``scores_<split>.txt``: ``model test score [speaker phrase content] [label condition]``, one
   trial a line (``score`` is the fused LLR when there is a fusion; with a phrase branch, the
   speaker score, the phrase score and the content similarity follow it);

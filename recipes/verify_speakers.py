@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""Speaker verification: score a recipe's trials, or audio files with a trained model.
+"""Speaker verification: score a recipe's trials (``trials``), or audio files (``files``).
 
 Trials of a recipe run (SdSV / TdSV protocol, reports per condition):
 
-    python recipes/verify_speakers.py hparams/synthetic_demo.yaml
-    python recipes/verify_speakers.py hparams/wavlm_td.yaml --data_folder /data/task1 \
+    python recipes/verify_speakers.py trials hparams/synthetic_demo.yaml
+    python recipes/verify_speakers.py trials hparams/wavlm_td.yaml --data_folder /data/task1 \
         --score_norm as-norm
 
 uses the run's best checkpoint (``--output_folder``), embeds every utterance once (cached under
@@ -16,9 +16,9 @@ Face ``*ForXVector`` directory) it scores that model on the same trials instead,
 
 Audio files with a trained model (any sample rate and channel count; resampled / down-mixed):
 
-    python recipes/verify_speakers.py --model results/.../export --enrol e1.wav e2.wav e3.wav \
-        --test t1.wav t2.wav
-    python recipes/verify_speakers.py --model results/.../export --pairs pairs.txt
+    python recipes/verify_speakers.py files --model results/.../export \
+        --enrol e1.wav e2.wav e3.wav --test t1.wav t2.wav
+    python recipes/verify_speakers.py files --model results/.../export --pairs pairs.txt
 
 A pairs file has one trial a line, ``[label] enrol test``: ``enrol`` may list several files
 joined by commas, the optional label is 1/0 or target/nontarget (then EER and minDCF are
@@ -40,14 +40,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from recipes.experiment import best_checkpoint, dataio_prep, prepare_data
 from recipes.metrics import verification_metrics
 from recipes.pretrained import embed_dataset, load_verifier
 from recipes.settings import load_checked_hparams
 from recipes.speaker_model import SDSV_COSTS, bayes_threshold
-from recipes.train_speaker_embeddings import brain_for_data, dataio_prep, prepare_data
 from recipes.verification import (
     FusionSource,
-    best_checkpoint,
     check_splits,
     run_verification,
     score_splits,
@@ -59,17 +58,18 @@ LABELS = {"1": True, "target": True, "0": False, "nontarget": False}
 # ------------------------------------------------------------------------------------------------
 # Trials of a recipe
 # ------------------------------------------------------------------------------------------------
-def verify_recipe(argv) -> None:
-    """Score the recipe's trials with its best checkpoint, or with ``--model DIR``."""
-    model, argv = _pop_option(argv, "--model")
+def verify_recipe(argv, model=None) -> None:
+    """Score the recipe's trials with its best checkpoint, or with the model folder ``model``.
+
+    ``argv``: the hparams file and SpeechBrain's options / YAML overrides.
+    """
     _, run_opts, _, hparams = load_checked_hparams(argv)
     prepare_data(hparams)
     data = dataio_prep(hparams)
     splits, cohort_set = data.splits, data.cohort
     if model is None:
-        brain = brain_for_data(hparams, run_opts, data)
-        best_checkpoint(brain)  # a clear error now, not after loading data
-        run_verification(brain, hparams, splits, cohort_set)
+        best_checkpoint(hparams["checkpointer"])  # a clear error now, not after loading data
+        run_verification(hparams, data, run_opts)
         return
     check_splits(splits)
     verifier = load_verifier(model, {"device": run_opts.get("device", "cpu")})
@@ -98,22 +98,6 @@ def verify_recipe(argv) -> None:
             pooled = metrics["pooled"]
             print(f"{split}: EER {pooled['eer']:.2f} %, minDCF {pooled['min_dcf']:.4f}")
     print(f"reports in {folder}")
-
-
-def _pop_option(argv, name: str):
-    """``(value, argv without it)`` for ``name VALUE`` or ``name=VALUE`` (None if absent)."""
-    rest, value, argv = [], None, list(argv)
-    while argv:
-        arg = argv.pop(0)
-        if arg == name:
-            if not argv:
-                raise SystemExit(f"{name} needs a value")
-            value = argv.pop(0)
-        elif arg.startswith(f"{name}="):
-            value = arg.split("=", 1)[1]
-        else:
-            rest.append(arg)
-    return value, rest
 
 
 def model_name(model) -> str:
@@ -260,12 +244,43 @@ def verify_files(args) -> None:
         )
 
 
-def parse_file_arguments(argv) -> argparse.Namespace:
-    """Arguments of the audio-file mode."""
+def parse_arguments(argv) -> argparse.Namespace:
+    """The ``trials`` or ``files`` command and its arguments."""
     parser = argparse.ArgumentParser(
-        description="Verify speakers in audio files with a trained model.",
-        epilog="To score a recipe's trials: verify_speakers.py HPARAMS.yaml [--model DIR] ...",
+        description="Speaker verification: score a recipe's trials, or audio files."
     )
+    commands = parser.add_subparsers(dest="command", required=True)
+    trials = commands.add_parser(
+        "trials",
+        help="score a recipe's dev / eval trials (reports per condition)",
+        description="Score a recipe run's trials with its best checkpoint or another model. "
+        "Other options are SpeechBrain's and YAML overrides (--data_folder DIR, ...).",
+    )
+    trials.add_argument("hparams", help="the recipe's hparams file, e.g. hparams/wavlm_td.yaml")
+    trials.add_argument(
+        "--model", help="score this exported folder or HF *ForXVector directory instead"
+    )
+    files = commands.add_parser(
+        "files",
+        help="verify speakers in audio files with a trained model",
+        description="Verify speakers in audio files with a trained model.",
+    )
+    add_file_arguments(files)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "trials":
+        args.recipe_argv = [args.hparams, *rest]
+        return args
+    if rest:
+        files.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.enrol and not args.test:
+        files.error("--enrol needs --test")
+    if not 0 < args.p_target < 1 or args.c_miss <= 0 or args.c_fa <= 0:
+        files.error("--p_target must be in (0, 1), --c_miss and --c_fa positive")
+    return args
+
+
+def add_file_arguments(parser) -> None:
+    """Arguments of the ``files`` command."""
     parser.add_argument("--model", required=True, help="exported folder or HF *ForXVector dir")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--enrol", nargs="+", help="enrollment audio file(s)")
@@ -291,18 +306,13 @@ def parse_file_arguments(argv) -> argparse.Namespace:
         parser.add_argument(name, type=float, default=default, help=f"{text} (Bayes threshold)")
     parser.add_argument("--out", help="write the scores here instead of printing them")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    if args.enrol and not args.test:
-        parser.error("--enrol needs --test")
-    if not 0 < args.p_target < 1 or args.c_miss <= 0 or args.c_fa <= 0:
-        parser.error("--p_target must be in (0, 1), --c_miss and --c_fa positive")
-    return args
 
 
 def main(argv) -> None:
-    """Recipe trials when the first argument is a YAML file, else audio files."""
-    if argv and argv[0].endswith((".yaml", ".yml")):
-        verify_recipe(argv)
+    """Run the ``trials`` or the ``files`` command."""
+    args = parse_arguments(argv)
+    if args.command == "trials":
+        verify_recipe(args.recipe_argv, args.model)
         return
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # says what it resampled
     os.environ["SB_LOG_LEVEL"] = "WARNING"  # SpeechBrain loggers made from now on
@@ -310,7 +320,7 @@ def main(argv) -> None:
         if name.startswith("speechbrain"):
             logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        verify_files(parse_file_arguments(argv))
+        verify_files(args)
     except (PairsFileError, FileNotFoundError, RuntimeError, ValueError) as error:
         raise SystemExit(f"error: {error}") from error
 

@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+from hyperpyyaml import load_hyperpyyaml
+from speechbrain.dataio.batch import PaddedBatch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -14,6 +18,7 @@ def run_script(script, out, corpus, *extra):
     command = [
         sys.executable,
         str(ROOT / "recipes" / script),
+        *(["trials"] if script == "verify_speakers.py" else []),
         str(ROOT / "hparams" / "synthetic_demo.yaml"),
         "--output_folder", str(out),
         "--data_folder", str(corpus),
@@ -33,3 +38,23 @@ def run_script(script, out, corpus, *extra):
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result.stdout + result.stderr
+
+
+def load_yaml(name: str, overrides: dict):
+    """An hparams file of the repository, loaded with ``overrides``."""
+    with open(ROOT / "hparams" / name, encoding="utf-8") as handle:
+        return load_hyperpyyaml(handle, overrides)
+
+
+def fake_batch(n=4, seconds=1.0):
+    """A padded batch of ``n`` noise utterances with class and phrase labels."""
+    examples = [
+        {
+            "id": f"u{i}",
+            "sig": torch.randn(int(16000 * seconds * (1 - 0.2 * (i % 2)))),
+            "class_encoded": torch.tensor([i % 3]),
+            "phrase_encoded": torch.tensor([i % 2]),
+        }
+        for i in range(n)
+    ]
+    return PaddedBatch(examples)

@@ -32,7 +32,8 @@ from tests.helpers import ROOT, run_script
 
 def cli(*args, cwd=ROOT):
     """Run verify_speakers.py in audio-file mode; the completed process."""
-    command = [sys.executable, str(ROOT / "recipes" / "verify_speakers.py"), *map(str, args)]
+    command = [sys.executable, str(ROOT / "recipes" / "verify_speakers.py"), "files"]
+    command += map(str, args)
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=600)
 
 
@@ -132,7 +133,7 @@ def _wav_paths(out: Path, split: str, corpus: Path) -> pd.Series:
 
 
 def _dev_pair(out: Path, corpus: Path, condition: str | None = None):
-    """A dev trial (the first, or the first of ``condition``) and the audio paths.
+    """A dev trial (the first, or the one of ``condition`` least like its phrase), audio paths.
 
     Returns enrollment ids, test id, the trial's row of ``scores_dev.txt`` (``score``: the
     fused LLR, ``speaker``, ``phrase``) and the audio path by utterance id.
@@ -140,8 +141,8 @@ def _dev_pair(out: Path, corpus: Path, condition: str | None = None):
     models = pd.read_csv(out / "prep" / "dev_enrol.csv", dtype=str).set_index("model_id")
     names = ["model_id", "test_id", "score", "speaker", "phrase", "content", "label", "condition"]
     trials = pd.read_csv(out / "scores_dev.txt", sep=" ", header=None, names=names)
-    if condition is not None:
-        trials = trials[trials["condition"] == condition]
+    if condition is not None:  # the trial of that condition with the lowest phrase score
+        trials = trials[trials["condition"] == condition].sort_values("phrase", kind="stable")
     trial = trials.iloc[0]
     enrol_ids = models.loc[trial["model_id"], "enrol_ids"].split()
     return enrol_ids, trial["test_id"], trial, _wav_paths(out, "dev", corpus)
@@ -296,7 +297,7 @@ def hf_xvector_dir(tmp_path_factory) -> Path:
 def test_a_plain_hf_xvector_model_scores_the_recipe_trials(hf_xvector_dir, tiny_corpus, tmp_path):
     out = tmp_path / "exp"
     refused = subprocess.run(
-        [sys.executable, str(ROOT / "recipes" / "verify_speakers.py"),
+        [sys.executable, str(ROOT / "recipes" / "verify_speakers.py"), "trials",
          str(ROOT / "hparams" / "synthetic_demo.yaml"), "--output_folder", str(out),
          "--data_folder", str(tiny_corpus), "--synthetic_corpus", "null", "--dev_speakers", "2",
          "--model", str(hf_xvector_dir)],

@@ -22,7 +22,8 @@ import yaml
 
 from data_prep.deepmine_prepare import prepare_deepmine
 from recipes.checkpointing import AtomicCheckpointer
-from tests.test_training_recipe import ROOT, fake_batch, load_yaml, run_script
+from tests.conftest import TINY
+from tests.helpers import ROOT, fake_batch, load_yaml, run_script
 
 SLOW_SAVE = textwrap.dedent(
     """
@@ -115,7 +116,8 @@ def test_killed_mid_epoch_resumes_from_the_intra_epoch_checkpoint(tmp_path, tiny
     final = [c for c in (out / "save").glob("CKPT*") if (c / "CKPT.yaml").exists()]
     assert len(final) >= 1
     last = max(final, key=lambda c: yaml.safe_load((c / "CKPT.yaml").read_text())["unixtime"])
-    steps_per_epoch = 160 // 4  # 4 training speakers x 10 phrases x 4 reps, batch 4
+    # 4 training speakers x (10 phrases x 4 reps + free text), batch 4
+    steps_per_epoch = 4 * (10 * TINY["reps"] + TINY["free_text_train"]) // 4
     # One epoch's worth of optimizer and scheduler steps in all: the resumed run went on from
     # the checkpoint's position instead of replaying the epoch from its start.
     assert yaml.safe_load((last / "brain.ckpt").read_text())["optimizer_step"] == steps_per_epoch
@@ -155,7 +157,9 @@ def test_nonfinite_loss_is_skipped_then_stops_training(tmp_path, tiny_wavlm_dir)
 
 def _break_after_prep(tmp_path, tiny_corpus):
     corpus = _copy_corpus(tiny_corpus, tmp_path)
-    prepare_deepmine(corpus, tmp_path / "exp" / "prep", dev_speakers=2, seed=1986)
+    prepare_deepmine(  # as the demo YAML prepares it, so the recipe's data prep has nothing to do
+        corpus, tmp_path / "exp" / "prep", dev_speakers=2, seed=1986, include_free_text=True
+    )
     train = (tmp_path / "exp" / "prep" / "train.csv").read_text().splitlines()
     victim = train[1].split(",")[0]
     (corpus / "wav" / "train" / f"{victim}.wav").unlink()
@@ -255,13 +259,16 @@ def test_two_processes_with_torchrun_on_cpu(tmp_path, tiny_corpus):
     assert output.count("Wrote manifests") == 1  # data prep ran once, on the main process
     checkpoints = [c for c in (out / "save").glob("CKPT*") if (c / "CKPT.yaml").exists()]
     assert len(checkpoints) == 1  # written once, by the main process
-    # Each process trained on its own half of the epoch: 160 utterances / 8 / 2 processes.
-    assert yaml.safe_load((checkpoints[0] / "brain.ckpt").read_text())["optimizer_step"] == 10
+    # Each process trained on its own half of the epoch: 168 utterances / 2 processes / 8.
+    utterances = 4 * (10 * TINY["reps"] + TINY["free_text_train"])
+    assert yaml.safe_load((checkpoints[0] / "brain.ckpt").read_text())["optimizer_step"] == (
+        utterances // 2 // 8
+    )
     ddp_report = (out / "verification_dev.json").read_text()
     (out / "verification_dev.json").unlink()
     shutil.rmtree(out / "embeddings")  # the single process must embed everything itself
     single = subprocess.run(
-        [sys.executable, str(ROOT / "recipes" / "verify_speakers.py"), *common],
+        [sys.executable, str(ROOT / "recipes" / "verify_speakers.py"), "trials", *common],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1"},  # as torchrun: batched BLAS sums alike
     )  # fmt: skip

@@ -8,8 +8,8 @@ import pytest
 from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.dataio.sampler import DynamicBatchSampler
 
+from recipes.experiment import train_loader_options
 from recipes.sampling import PhraseBatchSampler, collate_readable
-from recipes.train_speaker_embeddings import train_loader_options
 
 PHRASES = ["01"] * 7 + ["06"] * 5 + ["09"] * 10
 

@@ -14,7 +14,7 @@ from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 
 from recipes.modules import WavLMEncoder
 from recipes.speaker_model import MaskedGroupNorm, XVectorHead
-from tests.test_training_recipe import load_yaml
+from tests.helpers import load_yaml
 
 LENGTHS = (48000, 37001, 21111, 16003, 8000)
 

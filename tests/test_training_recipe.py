@@ -14,34 +14,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import speechbrain as sb
 import torch
-from hyperpyyaml import load_hyperpyyaml
-from speechbrain.dataio.batch import PaddedBatch
+from speechbrain.dataio.dataloader import make_dataloader
 
 from data_prep.layout import read_list
+from recipes.experiment import best_checkpoint, checkpoint_embedder, dataio_prep, embed_tables
 from recipes.metrics import eer
-from recipes.train_speaker_embeddings import build_brain
-from tests.helpers import ROOT, run_script
+from recipes.train_speaker_embeddings import brain_for_data, build_brain
+from tests.helpers import ROOT, fake_batch, load_yaml, run_script
 
 SMALL_HEAD = {"emb_dim": 64}  # the YAML's head widths stay; a smaller embedding keeps it quick
-
-
-def load_yaml(name: str, overrides: dict):
-    with open(ROOT / "hparams" / name, encoding="utf-8") as handle:
-        return load_hyperpyyaml(handle, overrides)
-
-
-def fake_batch(n=4, seconds=1.0):
-    examples = [
-        {
-            "id": f"u{i}",
-            "sig": torch.randn(int(16000 * seconds * (1 - 0.2 * (i % 2)))),
-            "class_encoded": torch.tensor([i % 3]),
-            "phrase_encoded": torch.tensor([i % 2]),
-        }
-        for i in range(n)
-    ]
-    return PaddedBatch(examples)
 
 
 @pytest.mark.parametrize(
@@ -83,13 +66,11 @@ def test_every_variant_builds_and_backpropagates(
     wavlm_grads = [p.grad for p in brain.modules.wavlm.parameters() if p.requires_grad]
     assert any(g is not None and g.abs().sum() > 0 for g in wavlm_grads)
     assert ("phrase_classifier" in brain.modules) == (target_type == "speaker+phrase")
-    embeddings = brain.compute_forward(batch, brain_stage("VALID"))
-    assert embeddings.shape == (4, 1, 64)
+    outputs = brain.compute_forward(batch, brain_stage("VALID"))
+    assert outputs["speaker"].shape == (4, 1, 64) and outputs["phrase_logp"].shape == (4, 2)
 
 
 def brain_stage(name):
-    import speechbrain as sb
-
     return getattr(sb.Stage, name)
 
 
@@ -176,7 +157,7 @@ def test_rerun_resumes_and_finished_run_only_reevaluates(trained, tiny_corpus):
 
 def test_verify_without_a_checkpoint_says_so(tmp_path, tiny_corpus):
     command = [
-        sys.executable, str(ROOT / "recipes" / "verify_speakers.py"),
+        sys.executable, str(ROOT / "recipes" / "verify_speakers.py"), "trials",
         str(ROOT / "hparams" / "synthetic_demo.yaml"), "--output_folder", str(tmp_path / "exp"),
         "--data_folder", str(tiny_corpus), "--synthetic_corpus", "null", "--dev_speakers", "2",
     ]  # fmt: skip
@@ -192,3 +173,29 @@ def test_bf16_on_cpu_runs(tmp_path, tiny_corpus):
         "--number_of_epochs", "1",
     )  # fmt: skip
     assert "Using training precision: `--precision=bf16`" in output
+
+
+@pytest.mark.slow
+def test_scoring_model_reproduces_the_trained_brain(trained, tiny_corpus):
+    """Final scoring's model (built from hparams + checkpoint, no Brain) is the Brain's model."""
+    out, _ = trained
+    overrides = {
+        "output_folder": str(out), "data_folder": str(tiny_corpus), "synthetic_corpus": None,
+        "dev_speakers": 2, "emb_dim": 64, "noise_csv": None, "cohort_utts_per_speaker": 2,
+    }  # fmt: skip
+    hparams = load_yaml("synthetic_demo.yaml", overrides)
+    data = dataio_prep(hparams)
+    checkpoint = best_checkpoint(hparams["checkpointer"])
+    model = checkpoint_embedder(hparams, checkpoint, len(data.phrase_encoder))
+    dev = data.splits["dev"].utterances.filtered_sorted(select_n=12)
+    tables = embed_tables(model, dev, {"batch_size": 4}, torch.device("cpu"), progress=False)
+    brain = brain_for_data(hparams, {"device": "cpu", "noprogressbar": True}, data)
+    brain.checkpointer.recover_if_possible(min_key="EER")
+    brain.modules.eval()
+    with torch.no_grad():
+        for batch in make_dataloader(dev, batch_size=4):
+            outputs = brain.compute_forward(batch, sb.Stage.TEST)
+            for name, values in outputs.items():
+                expected = values.reshape(values.shape[0], -1).numpy()
+                got = tables[name].matrix[tables[name].rows(batch.id, name)]
+                assert np.abs(got - expected).max() < 1e-5, name

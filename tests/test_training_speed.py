@@ -18,7 +18,7 @@ import torch
 
 from recipes.modules import MarginSoftmax, WavLMEncoder
 from tests.benchmarks.common import count_host_syncs, training_batches, training_brain
-from tests.test_training_recipe import load_yaml
+from tests.helpers import load_yaml
 
 
 @pytest.fixture

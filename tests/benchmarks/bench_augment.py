@@ -15,16 +15,19 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
-from common import ROOT, deepmine_lengths, interleaved_ms
 from hyperpyyaml import load_hyperpyyaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+
 from recipes.tiny_wavlm import build_tiny_wavlm
+from tests.benchmarks.common import ROOT, deepmine_lengths, interleaved_ms
 
 
 def noise_csv(folder: Path, files: int) -> Path:

@@ -14,12 +14,15 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import sys
 from pathlib import Path
 
 import torch
-from common import interleaved_ms
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
 
 from recipes.speaker_model import MaskedGroupNorm, masked_mean_var
+from tests.benchmarks.common import interleaved_ms
 
 
 def elementwise_masked(norm: MaskedGroupNorm):

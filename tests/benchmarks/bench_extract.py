@@ -1,6 +1,7 @@
 """Embedding extraction and trial scoring speed, as the verification recipe runs them.
 
-Extraction: ``SpeakerBrain.embed`` (the code behind validation and ``verify_speakers.py``) over
+Extraction: ``recipes.experiment.embed_tables`` with the demo's embedding model (the code behind
+final scoring, ``verify_speakers.py`` and the export; the phrase branch included) over
 utterances with DeepMine-like durations (1.5-5 s), sorted longest first as the recipe sorts them,
 one utterance at a time and in padded batches, for the demo's tiny WavLM and a WavLM Base+ sized
 one (random weights), at each precision the device supports. Reports utterances/s, the real-time
@@ -19,19 +20,24 @@ and a sparse one (1M random pairs of 20k models and 50k tests).
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import common
 import numpy as np
 import pandas as pd
 import torch
 from speechbrain.dataio.dataset import DynamicItemDataset
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+
+from recipes.experiment import embed_tables
 from recipes.scoring import EmbeddingTable, metrics_by_condition, score_trials
+from tests.benchmarks import common
 
 
 def utterances(count: int, seed: int = 0) -> tuple[DynamicItemDataset, float]:
@@ -46,13 +52,17 @@ def utterances(count: int, seed: int = 0) -> tuple[DynamicItemDataset, float]:
     return dataset.filtered_sorted(sort_key="duration", reverse=True), float(seconds.sum())
 
 
-def time_extraction(brain, dataset, batch_size: int, device: str) -> tuple[float, EmbeddingTable]:
+def time_extraction(embedder, dataset, batch_size: int, device: str, precision: str):
     """Seconds to embed ``dataset`` (after one untimed batch to warm up), and the embeddings."""
-    warm = dataset.filtered_sorted(select_n=batch_size)
-    brain.embed(warm, {"batch_size": batch_size})
+    options = {"batch_size": batch_size}
+    embed = functools.partial(
+        embed_tables, embedder, loader_kwargs=options, device=torch.device(device),
+        precision=precision, progress=False,
+    )  # fmt: skip
+    embed(dataset.filtered_sorted(select_n=batch_size))
     common.synchronize(device)
     start = time.perf_counter()
-    table = brain.embed(dataset, {"batch_size": batch_size})
+    table = embed(dataset)["speaker"]
     common.synchronize(device)
     return time.perf_counter() - start, table
 
@@ -76,13 +86,14 @@ def extraction_rows(args) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         dirs = common.model_dirs(tmp, args.models)
         for model, precision in itertools.product(args.models, precisions):
-            run_opts = {"device": args.device, "eval_precision": precision}
-            brain = common.demo_brain(dirs[model], model, tmp, run_opts)
+            embedder = common.demo_embedder(dirs[model], model, tmp)
             single = None
             for batch_size in sorted(set(args.batch_sizes) | {1}):
                 if args.device.startswith("cuda"):
                     torch.cuda.reset_peak_memory_stats()
-                seconds, table = time_extraction(brain, dataset, batch_size, args.device)
+                seconds, table = time_extraction(
+                    embedder, dataset, batch_size, args.device, precision
+                )
                 single = table if batch_size == 1 else single
                 row = {
                     "model": model,

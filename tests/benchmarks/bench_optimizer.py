@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
-from common import interleaved_ms
 from transformers import WavLMModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
 
 from recipes.speaker_model import XVectorHead
 from recipes.tiny_wavlm import wavlm_base_plus_config
+from tests.benchmarks.common import interleaved_ms
 
 # "default" is what torch picks when the YAML says nothing: foreach on CUDA, the loop on CPU.
 IMPLEMENTATIONS = {

@@ -16,10 +16,13 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import sys
 import tempfile
 from pathlib import Path
 
-from common import count_host_syncs, model_dirs, training_batches, training_brain
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+
+from tests.benchmarks.common import count_host_syncs, model_dirs, training_batches, training_brain
 
 
 def syncs_per_step(model_dir, precision: str, args, tmp) -> collections.Counter:

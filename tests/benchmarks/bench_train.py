@@ -24,12 +24,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import (
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+
+from tests.benchmarks.common import (
     device_name,
     model_dirs,
     peak_memory_mb,

@@ -1,11 +1,10 @@
-"""What the benchmark scripts share: the recipe's Brain on the demo YAML, model folders, lengths."""
+"""What the benchmark scripts share: the demo YAML's Brain and embedder, model folders, lengths."""
 
 from __future__ import annotations
 
 import collections
 import resource
 import statistics
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -16,11 +15,13 @@ from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio.batch import PaddedBatch
 from torch.overrides import TorchFunctionMode
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from recipes.experiment import configured_embedder
+from recipes.tiny_wavlm import build_tiny_wavlm, save_wavlm, wavlm_base_plus_config
+from recipes.train_speaker_embeddings import build_brain
 
-from recipes.tiny_wavlm import build_tiny_wavlm, save_wavlm, wavlm_base_plus_config  # noqa: E402
-from recipes.train_speaker_embeddings import build_brain  # noqa: E402
+#: The repository (benchmark scripts put it on ``sys.path`` and import this as
+#: ``tests.benchmarks.common``, as the tests do).
+ROOT = Path(__file__).resolve().parents[2]
 
 HIDDEN = {"tiny": 96, "base_plus": 768}
 
@@ -37,8 +38,8 @@ def model_dirs(tmp, models=("tiny", "base_plus")) -> dict:
     return {model: builders[model]() for model in models}
 
 
-def demo_brain(model_dir, model: str, tmp, run_opts: dict, **overrides):
-    """``SpeakerBrain`` as ``hparams/synthetic_demo.yaml`` wires it, for a given WavLM."""
+def demo_hparams(model_dir, model: str, tmp, **overrides) -> dict:
+    """``hparams/synthetic_demo.yaml`` loaded for a given WavLM."""
     overrides = {
         "output_folder": str(tmp),
         "wavlm_source": model_dir,
@@ -47,8 +48,21 @@ def demo_brain(model_dir, model: str, tmp, run_opts: dict, **overrides):
         **overrides,
     }
     with open(ROOT / "hparams" / "synthetic_demo.yaml", encoding="utf-8") as handle:
-        hparams = load_hyperpyyaml(handle, overrides)
+        return load_hyperpyyaml(handle, overrides)
+
+
+def demo_brain(model_dir, model: str, tmp, run_opts: dict, **overrides):
+    """``SpeakerBrain`` as ``hparams/synthetic_demo.yaml`` wires it, for a given WavLM."""
+    hparams = demo_hparams(model_dir, model, tmp, **overrides)
     return build_brain(hparams, {"noprogressbar": True, **run_opts}, n_classes=50, n_phrases=10)
+
+
+def demo_embedder(model_dir, model: str, tmp, **overrides):
+    """The demo's embedding model (what scoring and exports run) for a given WavLM."""
+    hparams = demo_hparams(model_dir, model, tmp, **overrides)
+    embedder = configured_embedder(hparams, n_phrases=10)
+    embedder.model.load_state_dict(hparams["wavlm"].model.state_dict())  # the folder's weights
+    return embedder.eval()
 
 
 def deepmine_lengths(count: int, seed: int = 0) -> np.ndarray:

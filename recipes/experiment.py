@@ -1,0 +1,324 @@
+"""An experiment's data and its trained embedding model, as every script uses them.
+
+- Data: ``prepare_data`` (synthesize the demo corpus, write the manifests), ``dataio_prep``
+  (datasets, label encoders, ``Split`` per evaluation split, the cohort) and the training
+  loader's options.
+- The trained model: ``best_checkpoint`` and ``checkpoint_embedder``, which builds the
+  embedding model (WavLM, layer weights, speaker head, phrase branch) from the hparams and a
+  checkpoint's files: the same ``WavLMSpeakerEmbedder`` that an export ships, so final scoring,
+  ``verify_speakers.py``, ``export_model.py`` and the benchmarks need no Brain;
+  ``embed_tables`` runs it over a dataset in padding-free batches.
+
+The training script holds the Brain and ``main``; nothing imports it but tests and training
+benchmarks.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import NamedTuple
+
+import pandas as pd
+import speechbrain as sb
+import torch
+from speechbrain.dataio.dataio import read_audio
+from speechbrain.dataio.dataset import DynamicItemDataset
+from speechbrain.dataio.encoder import CategoricalEncoder
+from speechbrain.utils.distributed import run_on_main
+from speechbrain.utils.logger import get_logger
+from tqdm import tqdm
+
+from data_prep.deepmine_prepare import prepare_deepmine
+from data_prep.layout import PHRASES
+from data_prep.synth_deepmine import synthesize_corpus
+from recipes.sampling import PhraseBatchSampler, collate_readable, log_bad_audio
+from recipes.scoring import EmbeddingTable
+from recipes.speaker_model import OTHER_PHRASE, PhraseBranch, WavLMSpeakerEmbedder
+
+logger = get_logger(__name__)
+
+#: Config entries that describe where a model came from, not what it is.
+BOOKKEEPING = ("_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype")
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+def prepare_data(hparams) -> None:
+    """Synthesize the demo corpus if configured, then write the manifests (main process only)."""
+    if hparams.get("synthetic_corpus"):
+        folder = Path(hparams["data_folder"])
+        if not folder.exists():  # a mistyped --data_folder would otherwise pass unnoticed
+            logger.warning(
+                "data_folder %s does not exist: synthesizing the demo corpus into it "
+                "(synthetic_corpus: null to read a real corpus instead)",
+                folder,
+            )
+        run_on_main(
+            synthesize_corpus, kwargs={"out": hparams["data_folder"], **hparams["synthetic_corpus"]}
+        )
+    run_on_main(
+        prepare_deepmine,
+        kwargs={
+            "data_folder": hparams["data_folder"],
+            "save_folder": hparams["prep_folder"],
+            "dev_speakers": hparams["dev_speakers"],
+            "seed": hparams["seed"],
+            "include_free_text": hparams["include_free_text"],
+            "skip_bad": hparams["skip_bad"],
+        },
+    )
+
+
+class Split(NamedTuple):
+    """One evaluation split: its utterances (a dataset), enrollment models and trials."""
+
+    utterances: object  # speechbrain DynamicItemDataset
+    models: pd.DataFrame
+    trials: pd.DataFrame
+
+
+def _utterances(csv_paths, data_folder) -> DynamicItemDataset:
+    """One dataset over the utterance manifests ``csv_paths``."""
+    data = {}
+    for path in csv_paths:
+        data.update(
+            sb.dataio.dataio.load_data_csv(path, replacements={"data_root": str(data_folder)})
+        )
+    return DynamicItemDataset(data)
+
+
+def dataio_prep(hparams):
+    """Datasets, label encoders and trial lists; returns what ``main`` needs to train and score."""
+    prep, rate = Path(hparams["prep_folder"]), hparams["sample_rate"]
+    crop = int(hparams["crop_seconds"] * rate)
+    max_eval = int(hparams["max_eval_seconds"] * rate)
+
+    skip_bad, bad_log = hparams["on_bad_audio"] == "skip", hparams["bad_audio_log"]
+
+    @sb.utils.data_pipeline.takes("wav", "duration")
+    @sb.utils.data_pipeline.provides("sig")
+    def train_audio(wav, duration):
+        """A random crop of ``crop_seconds`` (read from disk without loading the rest).
+
+        A file that became unreadable after data prep (deleted, truncated) stops training with
+        its name, or with ``on_bad_audio: skip`` is logged and left out of its batch (None).
+        """
+        frames = int(float(duration) * rate)
+        start = random.randint(0, max(0, frames - crop))
+        try:
+            sig = read_audio({"file": wav, "start": start, "stop": start + crop})
+            if sig.numel() == 0:
+                raise ValueError(f"no samples from {start} (prepared duration {duration} s)")
+        except Exception as error:  # soundfile, torchaudio and our own errors alike
+            if not skip_bad:
+                raise RuntimeError(f"cannot read training audio {wav}: {error}") from error
+            log_bad_audio(bad_log, wav, error)
+            return None
+        return sig
+
+    @sb.utils.data_pipeline.takes("wav")
+    @sb.utils.data_pipeline.provides("sig")
+    def eval_audio(wav):
+        """The whole utterance, capped at ``max_eval_seconds`` to bound memory."""
+        return read_audio({"file": wav, "start": 0, "stop": max_eval})
+
+    target_type = hparams["target_type"]
+    if target_type not in ("speaker", "speaker_phrase", "speaker+phrase"):
+        raise ValueError(
+            f"target_type must be speaker, speaker_phrase or speaker+phrase: {target_type}"
+        )
+
+    @sb.utils.data_pipeline.takes("spk_id", "phrase_id")
+    @sb.utils.data_pipeline.provides("class_label", "phrase_label")
+    def labels(spk_id, phrase_id):
+        """The training class (speaker, or speaker x phrase) and the phrase."""
+        phrase = phrase_id if phrase_id in PHRASES else OTHER_PHRASE  # free text is one class
+        yield f"{spk_id}_{phrase}" if target_type == "speaker_phrase" else spk_id
+        yield phrase
+
+    train = _utterances([prep / "train.csv"], hparams["data_folder"])
+    train.add_dynamic_item(train_audio)
+    train.add_dynamic_item(labels)
+    class_encoder, phrase_encoder = CategoricalEncoder(), CategoricalEncoder()
+    for encoder, name in ((class_encoder, "class"), (phrase_encoder, "phrase")):
+        # DDP-safe: the main process creates the file, the others wait and load it.
+        path = Path(hparams["save_folder"]) / f"{name}_encoder.txt"
+        encoder.load_or_create(path, from_didatasets=[train], output_key=f"{name}_label")
+        encoder.ignore_len()  # the classifiers are sized from the encoders themselves
+    train.add_dynamic_item(
+        class_encoder.encode_label_torch, takes="class_label", provides="class_encoded"
+    )
+    train.add_dynamic_item(
+        phrase_encoder.encode_label_torch, takes="phrase_label", provides="phrase_encoded"
+    )
+    train.set_output_keys(["id", "sig", "class_encoded", "phrase_encoded", "phrase_id"])
+
+    def eval_utterances(csv_paths) -> DynamicItemDataset:
+        """Whole utterances, longest first (less padding per batch)."""
+        utts = _utterances(csv_paths, hparams["data_folder"])
+        utts.add_dynamic_item(eval_audio)
+        utts.set_output_keys(["id", "sig"])
+        return utts.filtered_sorted(sort_key="duration", reverse=True)
+
+    splits = {}
+    for split in ("dev", "eval"):
+        if (prep / f"{split}_trials.csv").is_file():
+            splits[split] = Split(
+                eval_utterances([prep / f"{split}_enrol_utts.csv", prep / f"{split}_test.csv"]),
+                pd.read_csv(prep / f"{split}_enrol.csv", dtype=str, keep_default_na=False),
+                pd.read_csv(prep / f"{split}_trials.csv", dtype=str, keep_default_na=False),
+            )
+    cohort = _cohort_utterances(prep / "train.csv", hparams["cohort_utts_per_speaker"])
+    cohort_set = (eval_utterances([cohort]), pd.read_csv(cohort, index_col="ID")["spk_id"])
+    return RecipeData(train, splits, cohort_set, class_encoder, phrase_encoder)
+
+
+class RecipeData(NamedTuple):
+    """What ``dataio_prep`` makes: datasets, ``Split`` per split, cohort, label encoders."""
+
+    train: DynamicItemDataset
+    splits: dict
+    cohort: tuple  # (dataset, speaker per utterance id)
+    class_encoder: CategoricalEncoder
+    phrase_encoder: CategoricalEncoder
+
+    @property
+    def phrase_labels(self) -> list[str]:
+        """The phrase classes in the classifier's output order."""
+        return [self.phrase_encoder.ind2lab[i] for i in range(len(self.phrase_encoder))]
+
+
+def _cohort_utterances(train_csv: Path, per_speaker: int) -> Path:
+    """A manifest of the first ``per_speaker`` training utterances of each speaker (by id)."""
+    table = pd.read_csv(train_csv, dtype=str, keep_default_na=False).sort_values("ID")
+    path = train_csv.with_name("cohort.csv")
+    if sb.utils.distributed.if_main_process():
+        table.groupby("spk_id").head(per_speaker).to_csv(path, index=False)
+    sb.utils.distributed.ddp_barrier()
+    return path
+
+
+def train_loader_options(hparams, train) -> dict:
+    """Dataloader options for the configured batch sampler (random, phrase or dynamic)."""
+    options = dict(hparams["train_dataloader_options"])
+    kind = hparams["batch_sampler"]
+    if kind == "phrase":  # every batch holds one pass-phrase (the seed's "phrase-level batching")
+        phrase_ids = [train.data[i]["phrase_id"] for i in train.data_ids]
+        sampler = PhraseBatchSampler(phrase_ids, options.pop("batch_size"), seed=hparams["seed"])
+        options.pop("shuffle", None)
+        options["batch_sampler"] = sampler
+    elif kind == "dynamic":
+        options.pop("batch_size")
+        options.pop("shuffle", None)
+        options["batch_sampler"] = hparams["dynamic_batch_sampler"](train)
+    elif kind != "random":
+        raise ValueError(f"batch_sampler must be random, phrase or dynamic, not {kind!r}")
+    if hparams["on_bad_audio"] == "skip":
+        options["collate_fn"] = collate_readable
+    elif hparams["on_bad_audio"] != "fail":
+        raise ValueError(f"on_bad_audio must be fail or skip, not {hparams['on_bad_audio']!r}")
+    return options
+
+
+# ------------------------------------------------------------------------------------------------
+# The trained model
+# ------------------------------------------------------------------------------------------------
+def best_checkpoint(checkpointer):
+    """The checkpoint with the lowest dev EER; a clear error when the folder has none."""
+    checkpoint = checkpointer.find_checkpoint(min_key="EER")
+    if checkpoint is None:
+        raise FileNotFoundError(
+            f"no checkpoint with a dev EER in {checkpointer.checkpoints_dir}: "
+            "train first (recipes/train_speaker_embeddings.py) or point --output_folder at a run"
+        )
+    return checkpoint
+
+
+def wavlm_settings(wavlm) -> dict:
+    """``WavLMSpeakerEmbedder`` arguments that reproduce the recipe's ``WavLMEncoder``.
+
+    (``WavLMEncoder`` refuses ``output_norm``, which ``WavLMSpeakerEmbedder`` does not have.)
+    """
+    config = {k: v for k, v in wavlm.model.config.to_diff_dict().items() if k not in BOOKKEEPING}
+    return {
+        "wavlm_config": config,
+        "layer_weighting": wavlm.layer_logits is not None,
+        "normalize_wav": bool(wavlm.normalize_wav),
+    }
+
+
+def phrase_branch_settings(hparams, n_phrases: int) -> dict | None:
+    """``PhraseBranch`` arguments of the configured phrase branch (None without one)."""
+    if not hparams["phrase_branch"]:
+        return None
+    num_states = hparams["wavlm"].model.config.num_hidden_layers + 1
+    return {**hparams["phrase_branch_model"].keywords, "num_states": num_states,
+            "n_phrases": n_phrases}  # fmt: skip
+
+
+def checkpoint_state(checkpoint, name: str) -> dict:
+    """One module's state dict from a checkpoint folder (tensors only: no code runs)."""
+    return torch.load(checkpoint.path / f"{name}.ckpt", map_location="cpu", weights_only=True)
+
+
+def configured_embedder(hparams, n_phrases: int) -> WavLMSpeakerEmbedder:
+    """The embedding model ``hparams`` describe, with fresh weights.
+
+    WavLM comes from its config (``hparams["wavlm"]`` says which), the speaker head and the
+    phrase branch from the YAML's constructors.
+    """
+    branch_settings = phrase_branch_settings(hparams, n_phrases)
+    return WavLMSpeakerEmbedder(
+        head=hparams["heads"][hparams["head_type"]](),
+        phrase_branch=None if branch_settings is None else PhraseBranch(**branch_settings),
+        **wavlm_settings(hparams["wavlm"]),
+    )
+
+
+def checkpoint_embedder(hparams, checkpoint, n_phrases: int) -> WavLMSpeakerEmbedder:
+    """The embedding model of ``checkpoint`` (``configured_embedder`` with its weights; eval)."""
+    embedder = configured_embedder(hparams, n_phrases)
+    state = dict(checkpoint_state(checkpoint, "wavlm"))  # model.* and layer_logits
+    parts = {"head": "embedding_model"}
+    if embedder.phrase_branch is not None:
+        parts["phrase_branch"] = "phrase_branch"
+    for prefix, name in parts.items():
+        state.update({f"{prefix}.{k}": v for k, v in checkpoint_state(checkpoint, name).items()})
+    embedder.load_state_dict(state, strict=True)
+    return embedder.eval()
+
+
+def run_device(run_opts: dict) -> torch.device:
+    """The device of this process: ``run_opts["device"]``, per local rank under torchrun."""
+    device = run_opts.get("device") or ("cuda:0" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    return torch.device(device)
+
+
+PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@torch.no_grad()
+def embed_tables(model, dataset, loader_kwargs: dict, device, precision="fp32", progress=True):
+    """Tables of every utterance of ``dataset``: ``"speaker"`` and the phrase branch's outputs.
+
+    Batches of sorted utterances; a batch without padding goes without lengths (the fused,
+    unmasked path: the same features, faster), as in training. ``precision`` (fp16 / bf16)
+    runs the model under autocast, like SpeechBrain's ``eval_precision``.
+    """
+    loader = sb.dataio.dataloader.make_dataloader(dataset, **loader_kwargs)
+    model = model.to(device).eval()
+    outputs = {}
+    for batch in tqdm(loader, desc="embedding", disable=not progress):
+        wavs, lens = batch.sig
+        padded = bool((lens < 1).any())
+        with torch.autocast(device.type, PRECISIONS.get(precision), enabled=precision != "fp32"):
+            result = model.embed_all(wavs.to(device), lens.to(device) if padded else None)
+        for name, values in result.items():
+            vectors = values.reshape(values.shape[0], -1).float().cpu().numpy()
+            outputs.setdefault(name, {}).update(zip(batch.id, vectors, strict=True))
+    return {name: EmbeddingTable.from_dict(vectors) for name, vectors in outputs.items()}
