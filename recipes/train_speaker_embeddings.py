@@ -2,8 +2,11 @@
 """Fine-tune WavLM for text-dependent speaker verification (DeepMine / SdSV / TdSV task 1).
 
 WavLM -> weighted sum of its layers -> x-vector (or ECAPA-TDNN) head -> cosine classifier ->
-AM-Softmax / AAM-Softmax, trained on random crops; validated each epoch by the trial-based EER of
-a speaker-disjoint dev split, keeping the best checkpoint by EER. Everything is wired in the YAML.
+AM-Softmax / AAM-Softmax, and a pass-phrase branch on the same WavLM pass, trained on random crops;
+validated each epoch by the trial-based EER of a speaker-disjoint dev split (of the fused LLR when
+speaker and phrase scores are fused), keeping the best checkpoint by it; then the best checkpoint
+is scored (``recipes/verification.py``). Everything is wired in the YAML; the data side lives in
+``recipes/experiment.py``.
 
     python recipes/train_speaker_embeddings.py hparams/synthetic_demo.yaml            # CPU demo
     python recipes/train_speaker_embeddings.py hparams/wavlm_td.yaml --data_folder /data/task1
@@ -38,7 +41,7 @@ logger = get_logger(__name__)
 
 
 class SpeakerBrain(sb.core.Brain):
-    """Trains the embedding model; embeds utterances and scores trials at validation and test.
+    """Trains the speaker embedding model and the phrase branch; scores the dev trials each epoch.
 
     ``phrase_labels`` (constructor) are the phrase classifier's classes in output order; the
     training length and the dev trials come through ``use_data`` before ``fit``.
