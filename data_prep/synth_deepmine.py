@@ -406,23 +406,34 @@ def _draw_trials(rng, model_ids, model_keys, evaluation, trials_per_model):
     return trials
 
 
-def _free_text(seed, eval_spk, per_speaker, per_model, first_number, model_ids, model_keys):
-    """Free-text evaluation utterances and their TW trials (see ``plan_corpus``).
+def _free_text_utterances(seed, stream, pool, speakers, per_speaker, first_number, subdir):
+    """``per_speaker`` sentences of ``pool`` said by each of ``speakers``, and the random stream.
 
-    Their file ids follow the pass-phrase test utterances' (numbered in a random order).
+    Drawn from the stream ``[seed, stream]`` (apart from the rest of the corpus); file ids
+    (``trn_`` or ``evl_`` by ``subdir``) follow ``first_number``, numbered in a random order.
     """
+    rng = np.random.default_rng([seed, stream])
+    numbers = first_number + 1 + rng.permutation(len(speakers) * per_speaker)
+    prefix = {"train": "trn", "evaluation": "evl"}[subdir]
+    utterances = []
+    for k, spk in enumerate(speakers):
+        for j, sentence in enumerate(rng.choice(sorted(pool), per_speaker, replace=False)):
+            i = k * per_speaker + j
+            file_id = f"{prefix}_{numbers[i]:06d}"
+            utterances.append(Utterance(file_id, subdir, spk, str(sentence), (seed, stream, i)))
+    return utterances, rng
+
+
+def _free_text(seed, eval_spk, per_speaker, per_model, first_number, model_ids, model_keys):
+    """Free-text evaluation utterances and their TW trials (see ``plan_corpus``)."""
     if per_speaker > len(FREE_TEXT) or per_model > per_speaker:
         raise ValueError(f"free_text <= {len(FREE_TEXT)} and free_text_trials <= free_text")
-    rng = np.random.default_rng([seed, 5])
-    numbers = first_number + 1 + rng.permutation(len(eval_spk) * per_speaker)
-    utterances, by_speaker = [], {}
-    for k, spk in enumerate(eval_spk):
-        sentences = rng.choice(sorted(FREE_TEXT), per_speaker, replace=False)
-        for j, sentence in enumerate(sentences):
-            i = k * per_speaker + j
-            utt = Utterance(f"evl_{numbers[i]:06d}", "evaluation", spk, str(sentence), (seed, 5, i))
-            utterances.append(utt)
-            by_speaker.setdefault(spk, []).append(utt.file_id)
+    utterances, rng = _free_text_utterances(
+        seed, 5, FREE_TEXT, eval_spk, per_speaker, first_number, "evaluation"
+    )
+    by_speaker = {}
+    for utt in utterances:
+        by_speaker.setdefault(utt.speaker, []).append(utt.file_id)
     trials = []
     for mid, (spk, _) in zip(model_ids, model_keys, strict=True):
         chosen = rng.choice(by_speaker[spk], per_model, replace=False)
@@ -434,14 +445,9 @@ def _train_free_text(seed, speakers, per_speaker, first_number):
     """Free-text training utterances (``TRAIN_FREE_TEXT``), numbered after the others."""
     if per_speaker > len(TRAIN_FREE_TEXT):
         raise ValueError(f"free_text_train <= {len(TRAIN_FREE_TEXT)}")
-    rng = np.random.default_rng([seed, 6])
-    numbers = first_number + 1 + rng.permutation(speakers * per_speaker)
-    utterances = []
-    for spk in range(speakers):
-        for j, sentence in enumerate(rng.choice(sorted(TRAIN_FREE_TEXT), per_speaker, False)):
-            i = spk * per_speaker + j
-            utterances.append(Utterance(f"trn_{numbers[i]:06d}", "train", spk, str(sentence),
-                                        (seed, 6, i)))  # fmt: skip
+    utterances, _ = _free_text_utterances(
+        seed, 6, TRAIN_FREE_TEXT, range(speakers), per_speaker, first_number, "train"
+    )
     return utterances
 
 

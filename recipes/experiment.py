@@ -35,7 +35,12 @@ from data_prep.layout import PHRASES
 from data_prep.synth_deepmine import synthesize_corpus
 from recipes.sampling import PhraseBatchSampler, collate_readable, log_bad_audio
 from recipes.scoring import EmbeddingTable
-from recipes.speaker_model import OTHER_PHRASE, PhraseBranch, WavLMSpeakerEmbedder
+from recipes.speaker_model import (
+    OTHER_PHRASE,
+    PhraseBranch,
+    WavLMSpeakerEmbedder,
+    per_utterance,
+)
 
 logger = get_logger(__name__)
 
@@ -318,7 +323,6 @@ def embed_tables(model, dataset, loader_kwargs: dict, device, precision="fp32", 
         padded = bool((lens < 1).any())
         with torch.autocast(device.type, PRECISIONS.get(precision), enabled=precision != "fp32"):
             result = model.embed_all(wavs.to(device), lens.to(device) if padded else None)
-        for name, values in result.items():
-            vectors = values.reshape(values.shape[0], -1).float().cpu().numpy()
-            outputs.setdefault(name, {}).update(zip(batch.id, vectors, strict=True))
+        for name, vectors in per_utterance(result).items():
+            outputs.setdefault(name, {}).update(zip(batch.id, vectors.cpu().numpy(), strict=True))
     return {name: EmbeddingTable.from_dict(vectors) for name, vectors in outputs.items()}

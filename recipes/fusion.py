@@ -38,8 +38,6 @@ from recipes.speaker_model import OTHER_PHRASE, fused_llr, phrase_feature
 
 logger = logging.getLogger(__name__)
 
-#: The ``fusion`` settings: speaker score only, calibrated fusion, hard phrase gate.
-FUSIONS = ("none", "llr", "gate")
 #: Bumped when the way a fusion is learned changes: a stored fusion of another version is relearned.
 FUSION_VERSION = 2
 #: Non-target trial conditions (wrong phrase, impostor with the right / wrong phrase).

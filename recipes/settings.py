@@ -13,6 +13,8 @@ import ruamel.yaml
 from hyperpyyaml.core import resolve_references
 from ruamel.yaml.constructor import SafeConstructor
 
+from recipes.scoring import METHODS
+
 #: Enumerated settings and their allowed values.
 CHOICES = {
     "target_type": ("speaker", "speaker_phrase", "speaker+phrase"),
@@ -20,12 +22,12 @@ CHOICES = {
     "margin_type": ("am", "aam"),
     "scale_mode": ("fixed", "learnable", "adaptive"),
     "batch_sampler": ("random", "phrase", "dynamic"),
-    "score_norm": ("none", "s-norm", "as-norm"),
+    "score_norm": METHODS,
     "on_bad_audio": ("fail", "skip"),
     "export_operating_point": ("eer", "min_dcf"),
     "precision": ("fp32", "fp16", "bf16"),
     "eval_precision": ("fp32", "fp16", "bf16"),
-    "fusion": ("none", "llr", "gate"),
+    "fusion": ("none", "llr", "gate"),  # speaker score, calibrated fusion, hard phrase gate
     "phrase_branch": (True, False),
 }
 

@@ -151,6 +151,14 @@ def phrase_outputs(embedding: torch.Tensor, logits: torch.Tensor) -> dict:
     return {"phrase_logp": F.log_softmax(logits.float(), dim=-1), "phrase_embedding": embedding}
 
 
+def per_utterance(outputs: dict) -> dict:
+    """A model's outputs as one flat fp32 vector per utterance: ``{name: [B, D]}``.
+
+    (The speaker embedding comes as ``[B, 1, D]``, SpeechBrain's convention.)
+    """
+    return {name: value.reshape(value.shape[0], -1).float() for name, value in outputs.items()}
+
+
 # ------------------------------------------------------------------------------------------------
 # Padding-free batches. WavLM computes two statistics over time that padding would change: the
 # waveform normalization (SpeechBrain's wrapper normalizes the padded row) and the GroupNorm of the
@@ -330,7 +338,9 @@ GATE_PENALTY = 100.0
 #: Phrase log-posteriors are floored here: a target whose phrase the classifier misses should
 #: cost a bounded amount of evidence, not an unbounded one (calibration, Cllr).
 LOGP_FLOOR = -20.0
-#: SdSV / TdSV detection costs: the default operating point of Bayes decisions.
+#: SdSV / TdSV detection costs: the default operating point of Bayes decisions. This constant and
+#: ``bayes_threshold`` are twins of ``recipes.metrics.SDSV_DCF`` / ``bayes_threshold``, on purpose:
+#: this file is copied into exported folders and must not import the repository.
 SDSV_COSTS = {"p_target": 0.01, "c_miss": 10.0, "c_fa": 1.0}
 
 
@@ -497,9 +507,7 @@ class TDSVSpeakerRecognition(SpeakerRecognition):
             return {"speaker": self.encode_batch(wav[None])[0, 0]}
         with torch.no_grad(), self.inference_ctx:
             outputs = model.embed_all(wav[None].to(self.device).float())
-        return {
-            name: value.reshape(value.shape[0], -1)[0].float() for name, value in outputs.items()
-        }
+        return {name: vectors[0] for name, vectors in per_utterance(outputs).items()}
 
     def enrolled_phrase(self, enrol_outputs: list[dict], phrase: str | None = None) -> str:
         """The pass-phrase label to check, or "custom" (content similarity) when it is no class.
@@ -516,12 +524,12 @@ class TDSVSpeakerRecognition(SpeakerRecognition):
             return "custom"
         return labels[best]
 
-    def phrase_score(self, enrol_outputs, test_outputs, phrase: str) -> float:
-        """Log-posterior of ``phrase`` for the test, or the content similarity for "custom"."""
-        if phrase != "custom":
-            index = list(self.hparams.phrase_labels).index(phrase)
-            return float(test_outputs["phrase_logp"][index])
-        return self.content_score(enrol_outputs, test_outputs)
+    def phrase_score(self, test_outputs, phrase: str, content: float) -> float:
+        """Log-posterior of ``phrase`` for the test, or the ``content`` similarity for "custom"."""
+        if phrase == "custom":
+            return content
+        index = list(self.hparams.phrase_labels).index(phrase)
+        return float(test_outputs["phrase_logp"][index])
 
     def content_score(self, enrol_outputs, test_outputs) -> float:
         """Cosine of the enrollment's mean phrase embedding and the test's."""
@@ -538,13 +546,13 @@ class TDSVSpeakerRecognition(SpeakerRecognition):
         speaker = float(F.cosine_similarity(model, test_outputs["speaker"], dim=0))
         n_enrol = len(enrol_outputs)
         if not self.has_fusion():
-            accept = self.decide(speaker, n_enrol, threshold)
             threshold = self.threshold(n_enrol) if threshold is None else threshold
+            accept = self.decide(speaker, n_enrol, threshold)
             reason = "" if accept or accept is None else "speaker"
             return Verdict(speaker, None, None, speaker, threshold, accept, reason, None)
         phrase = self.enrolled_phrase(enrol_outputs, phrase)
-        phrase_value = self.phrase_score(enrol_outputs, test_outputs, phrase)
         content = self.content_score(enrol_outputs, test_outputs)
+        phrase_value = self.phrase_score(test_outputs, phrase, content)
         fusion = self.hparams.fusion
         llr = float(
             fused_llr(fusion, [speaker], [phrase_value], [phrase != "custom"], [content])[0]

@@ -34,7 +34,7 @@ from recipes.experiment import RecipeData, dataio_prep, prepare_data, train_load
 from recipes.fusion import apply_fusion, learn_fusion, trial_scores
 from recipes.scoring import EmbeddingTable, metrics_by_condition
 from recipes.settings import load_checked_hparams
-from recipes.speaker_model import phrase_outputs
+from recipes.speaker_model import per_utterance, phrase_outputs
 from recipes.verification import run_verification
 
 logger = get_logger(__name__)
@@ -92,8 +92,8 @@ class SpeakerBrain(sb.core.Brain):
         """Margin softmax loss (+ phrase losses) when training; else keep outputs for scoring."""
         if stage != sb.Stage.TRAIN:
             outputs = predictions if isinstance(predictions, dict) else {"speaker": predictions}
-            for name, values in outputs.items():
-                vectors = values.reshape(values.shape[0], -1).float().cpu().numpy()
+            for name, vectors in per_utterance(outputs).items():
+                vectors = vectors.cpu().numpy()
                 self.embeddings.setdefault(name, {}).update(zip(batch.id, vectors, strict=True))
             return torch.zeros((), device=self.device)
         _, logits = predictions

@@ -40,7 +40,8 @@ def cached_embeddings(embed, dataset, cache_prefix: Path) -> dict[str, Embedding
     """The utterance tables of ``dataset``, from the cache when it has them.
 
     Tables: ``"speaker"``, and the phrase branch's outputs when the model has one.
-    ``embed(dataset)`` computes them (the recipe's Brain, or a loaded model). The speaker table is
+    ``embed(dataset)`` computes them (``experiment.embed_tables`` with a checkpoint's model, or a
+    loaded model folder's ``pretrained.embed_dataset``). The speaker table is
     cached as ``<prefix>.npy``, the others as ``<prefix>.<name>.npy``.
     """
     prefix = Path(cache_prefix)

@@ -78,7 +78,8 @@ def verify_recipe(argv, model=None) -> None:
             f"error: fusion: {hparams['fusion']!r} needs a model with a phrase branch, and "
             f"{model} has none: add --fusion none to score its speaker embeddings"
         )
-    folder = Path(hparams["output_folder"]) / "models" / model_name(model)
+    name = model_name(model)
+    folder = Path(hparams["output_folder"]) / "models" / name
     embed = partial(
         embed_dataset,
         verifier,
@@ -88,7 +89,7 @@ def verify_recipe(argv, model=None) -> None:
     fusion = FusionSource(
         folder / "fusion.json",
         getattr(verifier.hparams, "phrase_labels", None),
-        {"model": model_name(model)},
+        {"model": name},
     )
     results = score_splits(
         embed, hparams, splits, cohort_set, folder / "embeddings", folder, fusion
