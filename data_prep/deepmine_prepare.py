@@ -21,8 +21,12 @@ Utterance manifests have the columns ``ID,duration,wav,spk_id,phrase_id,phrase,l
 a space); trials are ``model_id,test_id,label,condition``.
 
 Everything is validated before anything is written: each referenced wav must exist, be readable,
-mono, 16 kHz and not empty; each id in the enrollment and trial lists must be known; no id may be
-repeated. One error names every problem (file and line); nothing partial is written.
+mono, 16 kHz, whole (as long as its header says), at least ``min_seconds`` long, finite and not
+silent (``data_prep/audio_checks.py``); each list line has its exact fields, each phrase id is a
+pass-phrase (or the free-text id in the training list), each model has ``enrol_utts`` utterances
+of its own, each key label agrees with its trial type, each id is known and none is repeated. One
+error names every problem (file and line); nothing partial is written. A lock on ``save_folder``
+makes concurrent runs take turns.
 
 Usage::
 
@@ -33,22 +37,26 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import json
 import os
 import sys
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_prep.audio_checks import MIN_SECONDS, file_problem
 from data_prep.layout import (
     ENROLLMENT_LISTS,
+    FREE_TEXT_ID,
     KEY_LISTS,
     PHRASES,
     SAMPLE_RATE,
@@ -65,7 +73,8 @@ UTT_FIELDS = ["ID", "duration", "wav", "spk_id", "phrase_id", "phrase", "languag
 MODEL_FIELDS = ["model_id", "phrase_id", "spk_id", "enrol_ids"]
 TRIAL_FIELDS = ["model_id", "test_id", "label", "condition"]
 NOISE_FIELDS = ["ID", "duration", "wav", "wav_format", "wav_opts"]
-PREP_VERSION = 3  # bump when the manifests change, so existing ones are redone
+PREP_VERSION = 4  # bump when the manifests change, so existing ones are redone
+ENROL_UTTS = 3  # enrollment utterances per model, as in the challenge (0: any number)
 MAX_REPORTED = 50  # problems listed in one error message (all go to rejected.csv with skip_bad)
 
 
@@ -111,11 +120,14 @@ class Problems:
 # --------------------------------------------------------------------------------------------
 # Reading the docs lists
 # --------------------------------------------------------------------------------------------
-def _expect_fields(line: ListLine, count: int, problems: Problems, at_least=False) -> bool:
+def _expect_fields(
+    line: ListLine, count: int, problems: Problems, at_least=False, fields: str = ""
+) -> bool:
     """Check the number of fields of a list line; record a problem if it is wrong."""
     ok = len(line.fields) >= count if at_least else len(line.fields) == count
     if not ok:
-        problems.add(" ".join(line.fields), line.where, f"expected {count} fields")
+        expected = f"{'at least ' if at_least else ''}{count} fields{fields}"
+        problems.add(" ".join(line.fields), line.where, f"expected {expected}")
     return ok
 
 
@@ -128,8 +140,24 @@ def _first_occurrence(key: str, seen: dict[str, str], line: ListLine, problems: 
     return True
 
 
-def read_train_labels(path: Path, include_free_text: bool, problems: Problems) -> list[Utt]:
-    """Training utterances with speaker and phrase; free text kept only if asked."""
+def _known_phrase(phrase_id: str, line: ListLine, problems: Problems, free_text_id=None) -> bool:
+    """False (and a problem) unless ``phrase_id`` is a pass-phrase (or ``free_text_id``)."""
+    if phrase_id in PHRASES or phrase_id == free_text_id:
+        return True
+    allowed = f"pass-phrases {min(PHRASES)}-{max(PHRASES)}"
+    allowed += f" or {free_text_id!r} (free text)" if free_text_id else ""
+    problems.add(phrase_id, line.where, f"unknown phrase id (expected {allowed})")
+    return False
+
+
+def read_train_labels(
+    path: Path, include_free_text: bool, problems: Problems, free_text_id: str = FREE_TEXT_ID
+) -> list[Utt]:
+    """Training utterances with speaker and phrase; free text kept only if asked.
+
+    A phrase id that is neither a pass-phrase nor ``free_text_id`` is an error (a mistyped ``1``
+    or ``O1`` would otherwise be dropped, or trained, as free text without a word).
+    """
     utts, seen = [], {}
     for line in read_list(path):
         if not _expect_fields(line, 3, problems) or not _first_occurrence(
@@ -137,23 +165,38 @@ def read_train_labels(path: Path, include_free_text: bool, problems: Problems) -
         ):
             continue
         file_id, spk_id, phrase_id = line.fields
+        if not _known_phrase(phrase_id, line, problems, free_text_id):
+            continue
         if phrase_id in PHRASES or include_free_text:
             utts.append(Utt(file_id, "train", line.where, spk_id, phrase_id))
     return utts
 
 
-def read_enrollment(path: Path, problems: Problems):
-    """Models ``{model_id: (phrase_id, [enrollment file ids], where)}`` and their utterances."""
-    models, utts, seen_models = {}, {}, {}
+def read_enrollment(path: Path, problems: Problems, enrol_utts: int = ENROL_UTTS):
+    """Models ``{model_id: (phrase_id, [enrollment file ids], where)}`` and their utterances.
+
+    Each model has exactly ``enrol_utts`` utterances (0: any number, at least one), says a
+    pass-phrase, and no utterance belongs to two models.
+    """
+    models, utts, seen_models, owner = {}, {}, {}, {}
     for line in read_list(path):
-        if not _expect_fields(line, 3, problems, at_least=True) or not _first_occurrence(
-            line.fields[0], seen_models, line, problems
-        ):
+        count = f"{enrol_utts} enrollment utterance(s)" if enrol_utts else "any enrollment"
+        fields = f" (model id, phrase id, {count}; see enrol_utts)"
+        ok = _expect_fields(line, 2 + max(enrol_utts, 1), problems, not enrol_utts, fields)
+        if not ok or not _first_occurrence(line.fields[0], seen_models, line, problems):
             continue
         model_id, phrase_id, *enrol_ids = line.fields
+        if not _known_phrase(phrase_id, line, problems):
+            continue
+        shared = [f for f in enrol_ids if f in owner]
+        for file_id in shared:
+            problems.add(file_id, line.where, f"utterance already enrolled in {owner[file_id]}")
+        if shared:
+            continue
+        owner.update({f: f"{model_id} ({line.where})" for f in enrol_ids})
         models[model_id] = (phrase_id, enrol_ids, line.where)
         for file_id in enrol_ids:
-            utts.setdefault(file_id, Utt(file_id, "enrollment", line.where, "", phrase_id))
+            utts[file_id] = Utt(file_id, "enrollment", line.where, "", phrase_id)
     return models, utts
 
 
@@ -161,9 +204,9 @@ def read_trials(path: Path, models: dict, problems: Problems):
     """Trials ``[(model_id, test_id, where)]`` and the test utterances they name."""
     trials, utts, seen = [], {}, {}
     for line in read_list(path):
-        if not _expect_fields(line, 2, problems, at_least=True):
+        if not _expect_fields(line, 2, problems):
             continue
-        model_id, test_id = line.fields[:2]
+        model_id, test_id = line.fields
         if model_id not in models:
             problems.add(model_id, line.where, "unknown model id (not in the enrollment list)")
             continue
@@ -175,21 +218,32 @@ def read_trials(path: Path, models: dict, problems: Problems):
 
 
 def read_key(path: Path, trials: list, problems: Problems) -> dict[tuple[str, str], str]:
-    """Trial conditions from a key file (``model test [target|nontarget] TC|TW|IC|IW``)."""
+    """Trial conditions from a key file (``model test target|nontarget TC|TW|IC|IW``).
+
+    The target label must agree with the trial type (target exactly for TC).
+    """
     known = {(m, t) for m, t, _ in trials}
-    key, seen = {}, {}
+    key, seen, named = {}, {}, set()
     for line in read_list(path):
-        if not _expect_fields(line, 3, problems, at_least=True):
+        named.add(line.fields[:2])  # a bad line is one problem, not also a trial without entry
+        if not _expect_fields(line, 4, problems):
             continue
-        pair, condition = tuple(line.fields[:2]), line.fields[-1]
+        model_id, test_id, label, condition = line.fields
+        pair = (model_id, test_id)
         if condition not in ("TC", "TW", "IC", "IW"):
             problems.add(" ".join(line.fields), line.where, "trial type must be TC, TW, IC or IW")
+        elif label not in ("target", "nontarget"):
+            problems.add(label, line.where, "target type must be target or nontarget")
+        elif (label == "target") != (condition == "TC"):
+            problems.add(
+                f"{label} {condition}", line.where, "target type contradicts the trial type"
+            )
         elif pair not in known:
             problems.add(" ".join(pair), line.where, "key names a trial that is not in the trials")
         elif _first_occurrence(" ".join(pair), seen, line, problems):
             key[pair] = condition
     for model_id, test_id, where in trials:
-        if (model_id, test_id) not in key:
+        if (model_id, test_id) not in named:
             problems.add(f"{model_id} {test_id}", where, f"trial has no entry in {path}")
     return key
 
@@ -197,28 +251,18 @@ def read_key(path: Path, trials: list, problems: Problems) -> dict[tuple[str, st
 # --------------------------------------------------------------------------------------------
 # Audio validation
 # --------------------------------------------------------------------------------------------
-def audio_problem(path: Path) -> tuple[float, str | None]:
-    """``(duration, None)`` for a usable wav, else ``(0, reason)``. Reads the header only."""
-    if not path.is_file():
-        return 0.0, "missing file"
-    try:
-        info = sf.info(str(path))
-    except (RuntimeError, sf.LibsndfileError) as error:
-        return 0.0, f"unreadable audio ({str(error).strip()})"
-    if info.samplerate != SAMPLE_RATE:
-        return 0.0, f"sample rate {info.samplerate} Hz, expected {SAMPLE_RATE}"
-    if info.channels != 1:
-        return 0.0, f"{info.channels} channels, expected mono"
-    if info.frames == 0:
-        return 0.0, "empty audio (0 samples)"
-    return info.frames / info.samplerate, None
+def check_audio(
+    root: Path, utts: list[Utt], problems: Problems, jobs: int, min_seconds: float = MIN_SECONDS
+) -> set[str]:
+    """Fill in durations in parallel; return the ids of unusable files (each also a problem).
 
-
-def check_audio(root: Path, utts: list[Utt], problems: Problems, jobs: int) -> set[str]:
-    """Fill in durations in parallel; return the ids of unusable files (each also a problem)."""
+    Every sample is read (``audio_checks.file_problem``): a truncated, silent or non-finite file
+    is named here, not after hours of training or as a perfect score.
+    """
     paths = [wav_path(root, u.subdir, u.file_id) for u in utts]
+    check = partial(file_problem, sample_rate=SAMPLE_RATE, min_seconds=min_seconds)
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # libsndfile releases the GIL
-        results = list(pool.map(audio_problem, paths, chunksize=64))
+        results = list(pool.map(check, paths, chunksize=64))
     bad = set()
     for utt, path, (duration, reason) in zip(utts, paths, results, strict=True):
         utt.duration = duration
@@ -299,19 +343,55 @@ def _utt_rows(utts: list[Utt]) -> list[list]:
     return rows
 
 
-def _write_all(save_folder: Path, tables: dict[str, tuple[list[str], list[list]]]) -> None:
-    """Write every CSV under a temporary name, then rename them all: never a partial set."""
+def _write_all(save_folder: Path, tables: dict[str, tuple[list[str], list[list]]], marker) -> None:
+    """Write every CSV under a temporary name, then rename them all: never a partial set.
+
+    ``marker`` (name -> text, the options) is written last; manifests of an earlier run that
+    this one does not make (say ``rejected.csv``) are removed. On any failure the temporary
+    files go and the folder keeps the previous run's complete set.
+    """
     save_folder.mkdir(parents=True, exist_ok=True)
     temporary = []
-    for name, (header, rows) in tables.items():
-        tmp = save_folder / f".{name}.tmp"
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(header)
-            writer.writerows(rows)
+    try:
+        for name, (header, rows) in tables.items():
+            tmp = save_folder / f".{name}.{os.getpid()}.tmp"
+            temporary.append((tmp, save_folder / name))
+            with open(tmp, "w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(header)
+                writer.writerows(rows)
+        ((name, text),) = marker.items()
+        tmp = save_folder / f".{name}.{os.getpid()}.tmp"
         temporary.append((tmp, save_folder / name))
+        tmp.write_text(text)
+    except BaseException:
+        for tmp, _ in temporary:
+            tmp.unlink(missing_ok=True)
+        raise
+    (save_folder / name).unlink(missing_ok=True)  # no marker while the set is being replaced
+    for stale in set(save_folder.glob("*.csv")) - {save_folder / n for n in tables}:
+        stale.unlink()
     for tmp, final in temporary:
         os.replace(tmp, final)
+
+
+@contextmanager
+def folder_lock(save_folder: Path):
+    """Hold an exclusive lock on ``save_folder`` (a second data prep waits, and says so).
+
+    The lock is on the folder itself (``flock`` of its descriptor): no lock file is left behind.
+    """
+    save_folder.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(save_folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"Waiting for another data prep writing to {save_folder} to finish...")
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def _options_fingerprint(data_folder: Path, docs_files: list[Path], options: dict) -> dict:
@@ -334,12 +414,16 @@ def prepare_deepmine(
     skip_bad: bool = False,
     key_file=None,
     jobs: int = 16,
+    enrol_utts: int = ENROL_UTTS,
+    min_seconds: float = MIN_SECONDS,
+    free_text_id: str = FREE_TEXT_ID,
 ) -> dict[str, Path]:
     """Validate the corpus in ``data_folder`` and write the manifests to ``save_folder``.
 
     Returns the paths of the written CSVs by name (``train``, ``dev_trials``, ...). Raises
     ``DataPrepError`` naming each problem, unless ``skip_bad`` (then they go to rejected.csv).
     Does nothing if the manifests exist and were made from the same lists with the same options.
+    Holds a lock on ``save_folder`` meanwhile: concurrent runs take turns.
     """
     data_folder, save_folder = Path(data_folder), Path(save_folder)
     docs = data_folder / "docs"
@@ -350,32 +434,48 @@ def prepare_deepmine(
     key_list = Path(key_file) if key_file else find_list(docs, KEY_LISTS)
     docs_files = [p for p in (train_list, enrol_list, trial_list, key_list) if p]
     options = dict(
-        dev_speakers=dev_speakers, seed=seed, include_free_text=include_free_text, skip_bad=skip_bad
-    )
-    fingerprint = _options_fingerprint(data_folder, docs_files, options)
-    marker = save_folder / "prep_options.json"
-    if marker.is_file() and json.loads(marker.read_text()) == fingerprint:
-        print(
-            f"Manifests in {save_folder} are up to date (same lists, options): skipping data prep."
-        )
-        return {p.stem: p for p in save_folder.glob("*.csv")}
+        dev_speakers=dev_speakers, seed=seed, include_free_text=include_free_text,
+        skip_bad=skip_bad, enrol_utts=enrol_utts, min_seconds=min_seconds,
+        free_text_id=free_text_id,
+    )  # fmt: skip
+    with folder_lock(save_folder):
+        fingerprint = _options_fingerprint(data_folder, docs_files, options)
+        marker = save_folder / "prep_options.json"
+        if marker.is_file() and json.loads(marker.read_text()) == fingerprint:
+            print(
+                f"Manifests in {save_folder} are up to date (same lists, options): "
+                "skipping data prep."
+            )
+            return {p.stem: p for p in save_folder.glob("*.csv")}
+        lists = (train_list, enrol_list, trial_list, key_list)
+        tables, problems = _manifest_tables(data_folder, lists, options, jobs)
+        _write_all(save_folder, tables, {marker.name: json.dumps(fingerprint, indent=1)})
+    _print_summary(save_folder, tables, problems)
+    return {Path(name).stem: save_folder / name for name in tables}
 
+
+def _manifest_tables(data_folder: Path, lists, options: dict, jobs: int):
+    """Read and check the lists and the audio; the manifest tables by file name, and problems."""
+    train_list, enrol_list, trial_list, key_list = lists
     problems = Problems()
-    train = read_train_labels(train_list, include_free_text, problems)
+    train = read_train_labels(
+        train_list, options["include_free_text"], problems, options["free_text_id"]
+    )
     models, enrol_utts, trials, test_utts, key = {}, {}, [], {}, {}
     if enrol_list and trial_list:
-        models, enrol_utts = read_enrollment(enrol_list, problems)
+        models, enrol_utts = read_enrollment(enrol_list, problems, options["enrol_utts"])
         trials, test_utts = read_trials(trial_list, models, problems)
         if key_list:
             key = read_key(key_list, trials, problems)
-    bad = check_audio(
-        data_folder, train + list(enrol_utts.values()) + list(test_utts.values()), problems, jobs
-    )
-    if problems.items and not skip_bad:
+    utts = train + list(enrol_utts.values()) + list(test_utts.values())
+    bad = check_audio(data_folder, utts, problems, jobs, options["min_seconds"])
+    if problems.items and not options["skip_bad"]:
         raise DataPrepError(problems.message())
 
     train = [u for u in train if u.file_id not in bad]
-    train, dev_models, dev_enrol, dev_test = split_dev(train, dev_speakers, seed)
+    train, dev_models, dev_enrol, dev_test = split_dev(
+        train, options["dev_speakers"], options["seed"]
+    )
     tables = {
         "train.csv": (UTT_FIELDS, _utt_rows(train)),
         "train_noise.csv": (NOISE_FIELDS, [[*row[:3], "wav", ""] for row in _utt_rows(train)]),
@@ -386,12 +486,9 @@ def prepare_deepmine(
     }
     if models:
         tables.update(_eval_tables(models, enrol_utts, trials, test_utts, key, bad, problems))
-    if skip_bad:
+    if options["skip_bad"]:
         tables["rejected.csv"] = (["item", "where", "reason"], [list(p) for p in problems.items])
-    _write_all(save_folder, tables)
-    marker.write_text(json.dumps(fingerprint, indent=1))
-    _print_summary(save_folder, tables, problems)
-    return {Path(name).stem: save_folder / name for name in tables}
+    return tables, problems
 
 
 def _eval_tables(models, enrol_utts, trials, test_utts, key, bad, problems):
@@ -454,7 +551,17 @@ def main(argv=None) -> None:
         "--skip_bad", action="store_true", help="exclude bad files, list them in rejected.csv"
     )
     parser.add_argument("--key_file", help="trial key (default: docs/trials_key.txt if present)")
-    parser.add_argument("--jobs", type=int, default=16, help="threads reading wav headers")
+    parser.add_argument("--jobs", type=int, default=16, help="threads reading the audio")
+    parser.add_argument(
+        "--enrol_utts", type=int, default=ENROL_UTTS,
+        help="enrollment utterances per model (0: any number)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--min_seconds", type=float, default=MIN_SECONDS, help="shortest usable file (seconds)"
+    )
+    parser.add_argument(
+        "--free_text_id", default=FREE_TEXT_ID, help="phrase id of free-text training lines"
+    )
     args = parser.parse_args(argv)
     try:
         prepare_deepmine(**vars(args))

@@ -32,6 +32,9 @@ PHRASES = {
     "10": "There is no such thing as a free lunch.",
 }
 
+#: The phrase id of a free-text line in the training list (no pass-phrase).
+FREE_TEXT_ID = "FT"
+
 #: Trial conditions: (same speaker, same phrase) for each label.
 CONDITIONS = {"TC": (True, True), "TW": (True, False), "IC": (False, True), "IW": (False, False)}
 _CONDITION_OF = {matches: label for label, matches in CONDITIONS.items()}
@@ -81,7 +84,7 @@ def read_list(path: Path) -> list[ListLine]:
     report a bad line precisely.
     """
     lines = []
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:  # a byte-order mark is not part of an id
         for lineno, text in enumerate(handle, start=1):
             fields = tuple(text.split())
             if not fields or (lineno == 1 and fields[0].lower().endswith("-id")):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import hashlib
 import json
 import multiprocessing
 import sys
@@ -33,7 +34,14 @@ from scipy import signal
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_prep.layout import PHRASES, SAMPLE_RATE, condition_of, phrase_language, wav_path
+from data_prep.layout import (
+    FREE_TEXT_ID,
+    PHRASES,
+    SAMPLE_RATE,
+    condition_of,
+    phrase_language,
+    wav_path,
+)
 
 ESPEAK_RATE, ESPEAK_PITCH, ESPEAK_RANGE = 1, 3, 4  # espeak_PARAMETER enum values
 ESPEAK_SYNCHRONOUS = 2  # AUDIO_OUTPUT_SYNCHRONOUS
@@ -76,6 +84,12 @@ TRAIN_FREE_TEXT = {
     "T09": ("persian", "شب ها هوا کمی سرد می شود."),
     "T10": ("persian", "لطفا چراغ اتاق را خاموش کن."),
 }
+
+
+def texts_digest() -> str:
+    """A digest of every sentence the corpus can say: a corpus made from other texts is stale."""
+    texts = json.dumps([PHRASES, FREE_TEXT, TRAIN_FREE_TEXT], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(texts.encode()).hexdigest()[:16]
 
 
 def utterance_text(phrase_id: str) -> tuple[str, str]:
@@ -451,12 +465,17 @@ def _train_free_text(seed, speakers, per_speaker, first_number):
     return utterances
 
 
+def _listed_phrase(phrase_id: str) -> str:
+    """The phrase id a docs list gives: free-text sentences are all ``FREE_TEXT_ID``."""
+    return phrase_id if phrase_id in PHRASES else FREE_TEXT_ID
+
+
 def _write_docs(out: Path, plan: CorpusPlan) -> None:
     """The docs/ lists of the layout, plus the trial key that real data keeps secret."""
     docs = out / "docs"
     docs.mkdir(parents=True, exist_ok=True)
     train_lines = ["train-file-id speaker-id phrase-id"] + [
-        f"{u.file_id} {plan.train_speaker_ids[u.speaker]} {u.phrase_id}"
+        f"{u.file_id} {plan.train_speaker_ids[u.speaker]} {_listed_phrase(u.phrase_id)}"
         for u in sorted(plan.train, key=lambda u: u.file_id)
     ]
     model_lines = ["model-id phrase-id enroll-file-id1 enroll-file-id2 enroll-file-id3"] + [
@@ -520,6 +539,7 @@ def synthesize_corpus(
         free_text=free_text,
         free_text_trials=free_text_trials,
         free_text_train=free_text_train,
+        texts=texts_digest(),
     )
     done_marker = out / "synth_options.json"
     if done_marker.is_file() and json.loads(done_marker.read_text()) == options:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 import yaml
@@ -22,6 +23,21 @@ from speechbrain.utils.distributed import if_main_process
 from speechbrain.utils.logger import get_logger
 
 logger = get_logger(__name__)
+
+
+class CheckpointLoadError(RuntimeError):
+    """A checkpoint that cannot be loaded, with the files that are not whole ``torch.save`` zips.
+
+    torch's own message ("failed finding central directory") names no file.
+    """
+
+    def __init__(self, folder: Path, error: Exception):
+        damaged = [p.name for p in sorted(Path(folder).glob("*.ckpt")) if not zipfile.is_zipfile(p)]
+        what = f"damaged (truncated?) file(s): {', '.join(damaged)}" if damaged else str(error)
+        super().__init__(
+            f"cannot load checkpoint {folder}: {what}. Delete that folder to resume from an "
+            f"earlier checkpoint. ({type(error).__name__}: {error})"
+        )
 
 
 class AtomicCheckpointer(Checkpointer):
@@ -61,6 +77,13 @@ class AtomicCheckpointer(Checkpointer):
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder)
         return removed
+
+    def _call_load_hooks(self, checkpoint):
+        """Load as SpeechBrain does; a failure names the checkpoint and its damaged files."""
+        try:
+            return super()._call_load_hooks(checkpoint)
+        except Exception as error:
+            raise CheckpointLoadError(checkpoint.path, error) from error
 
     def recover_if_possible(self, *args, **kwargs):
         """Clean up interrupted saves, then recover as SpeechBrain does."""

@@ -30,9 +30,11 @@ from speechbrain.utils.distributed import run_on_main
 from speechbrain.utils.logger import get_logger
 from tqdm import tqdm
 
+from data_prep.audio_checks import check_finite, check_waveform
 from data_prep.deepmine_prepare import prepare_deepmine
 from data_prep.layout import PHRASES
 from data_prep.synth_deepmine import synthesize_corpus
+from recipes.checkpointing import CheckpointLoadError
 from recipes.sampling import PhraseBatchSampler, collate_readable, log_bad_audio
 from recipes.scoring import EmbeddingTable
 from recipes.speaker_model import (
@@ -73,6 +75,8 @@ def prepare_data(hparams) -> None:
             "seed": hparams["seed"],
             "include_free_text": hparams["include_free_text"],
             "skip_bad": hparams["skip_bad"],
+            "enrol_utts": hparams["enrol_utts"],
+            "min_seconds": hparams["min_audio_seconds"],
         },
     )
 
@@ -117,6 +121,7 @@ def dataio_prep(hparams):
             sig = read_audio({"file": wav, "start": start, "stop": start + crop})
             if sig.numel() == 0:
                 raise ValueError(f"no samples from {start} (prepared duration {duration} s)")
+            check_finite(sig, wav)  # one NaN would poison the weights
         except Exception as error:  # soundfile, torchaudio and our own errors alike
             if not skip_bad:
                 raise RuntimeError(f"cannot read training audio {wav}: {error}") from error
@@ -127,8 +132,13 @@ def dataio_prep(hparams):
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
     def eval_audio(wav):
-        """The whole utterance, capped at ``max_eval_seconds`` to bound memory."""
-        return read_audio({"file": wav, "start": 0, "stop": max_eval})
+        """The whole utterance, capped at ``max_eval_seconds`` to bound memory.
+
+        Checked as data prep checks it (the file may have changed since): a silent or
+        non-finite file stops scoring with its name, never a score.
+        """
+        sig = read_audio({"file": wav, "start": 0, "stop": max_eval})
+        return check_waveform(sig, rate, wav, hparams["min_audio_seconds"])
 
     target_type = hparams["target_type"]
     if target_type not in ("speaker", "speaker_phrase", "speaker+phrase"):
@@ -266,7 +276,10 @@ def phrase_branch_settings(hparams, n_phrases: int) -> dict | None:
 
 def checkpoint_state(checkpoint, name: str) -> dict:
     """One module's state dict from a checkpoint folder (tensors only: no code runs)."""
-    return torch.load(checkpoint.path / f"{name}.ckpt", map_location="cpu", weights_only=True)
+    try:
+        return torch.load(checkpoint.path / f"{name}.ckpt", map_location="cpu", weights_only=True)
+    except Exception as error:  # torch's message does not name the file
+        raise CheckpointLoadError(checkpoint.path, error) from error
 
 
 def configured_embedder(hparams, n_phrases: int) -> WavLMSpeakerEmbedder:

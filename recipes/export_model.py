@@ -193,6 +193,8 @@ HYPERPARAMS = """\
 # HyperPyYAML files are code: load only folders you trust.
 
 sample_rate: {sample_rate}
+max_eval_seconds: {max_eval_seconds}       # longer test files are cut (logged), as in training
+min_audio_seconds: {min_audio_seconds}       # shorter, silent or non-finite files are refused
 # verify_* accept a trial when score >= threshold. Thresholds were calibrated on the dev trials
 # (speakers unseen in training), per operating point and number of enrollment utterances.
 operating_point: {operating_point}          # eer | min_dcf
@@ -238,6 +240,8 @@ def hyperparams_text(hparams, settings, thresholds, head_class, head_kwargs, tex
     return HYPERPARAMS.format(
         module=module,
         sample_rate=hparams["sample_rate"],
+        max_eval_seconds=hparams["max_eval_seconds"],
+        min_audio_seconds=hparams["min_audio_seconds"],
         operating_point=hparams["export_operating_point"],
         thresholds=json.dumps(thresholds),
         wavlm_config=json.dumps(settings["wavlm_config"]),

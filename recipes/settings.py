@@ -38,6 +38,8 @@ RANGES = {
     "crop_seconds": (0, True),
     "max_eval_seconds": (0, True),
     "dev_speakers": (1, False),
+    "enrol_utts": (0, False),
+    "min_audio_seconds": (0, False),
     "phrase_loss_weight": (0, False),
     "cohort_top_k": (1, False),
     "cohort_utts_per_speaker": (1, False),

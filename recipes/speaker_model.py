@@ -404,6 +404,37 @@ class Verdict(NamedTuple):
     phrase: str | None  # the enrolled pass-phrase the test was checked against ("custom": none)
 
 
+class AudioRefused(ValueError):
+    """An audio file (named in the message) that cannot be scored: never a score, never accepted."""
+
+
+def audio_refusal(wav: torch.Tensor, sample_rate: int, min_seconds: float) -> str | None:
+    """Why a mono waveform cannot be scored (too short, non-finite, no signal), or None.
+
+    The same checks, levels and wording as ``data_prep/audio_checks.py`` (tested to agree); a
+    twin on purpose: an exported folder carries this file alone.
+    """
+    if wav.numel() < min_seconds * sample_rate:
+        return f"too short ({wav.numel() / sample_rate:.3f} s, minimum {min_seconds} s)"
+    finite = torch.isfinite(wav)
+    if not bool(finite.all()):
+        first = int((~finite).nonzero()[0, 0])
+        return (
+            f"{int((~finite).sum())} non-finite sample(s) (NaN or inf), the first at "
+            f"{first / sample_rate:.3f} s"
+        )
+    frame = max(1, int(0.025 * sample_rate))
+    frames = wav[: wav.numel() // frame * frame].double().reshape(-1, frame)
+    power = float((frames - frames.mean(1, keepdim=True)).pow(2).mean(1).max())
+    loudest = 10 * math.log10(max(power, 1e-20))
+    if loudest < -60:
+        return (
+            f"no speech energy (silence): the loudest 25 ms frame is at {loudest:.0f} dBFS, "
+            "below -60 dBFS"
+        )
+    return None
+
+
 class TDSVSpeakerRecognition(SpeakerRecognition):
     """Speaker verification with a trained TDSV model (``SpeakerRecognition``'s methods).
 
@@ -446,15 +477,22 @@ class TDSVSpeakerRecognition(SpeakerRecognition):
         ``operating_point`` is "eer" or "min_dcf" (default: ``hparams.operating_point``). For more
         enrollment utterances than were calibrated, the largest calibrated count is used.
         """
+        count = self.calibrated_count(n_enrol, operating_point)
+        if count is None:
+            return None
+        point = operating_point or self.hparams.operating_point
+        return float(self.hparams.thresholds[point][str(count)])
+
+    def calibrated_count(self, n_enrol: int, operating_point: str | None = None) -> int | None:
+        """The enrollment count whose threshold ``threshold(n_enrol)`` uses (None: uncalibrated)."""
         table = getattr(self.hparams, "thresholds", None)
         if not table:
             return None
         point = operating_point or self.hparams.operating_point
         if point not in table:
             raise ValueError(f"operating point {point!r}: the model has {sorted(table)}")
-        by_count = {int(n): float(t) for n, t in table[point].items()}
-        usable = [n for n in by_count if n <= n_enrol] or [min(by_count)]
-        return by_count[max(usable)]
+        counts = sorted(int(n) for n in table[point])
+        return max([n for n in counts if n <= n_enrol] or counts[:1])
 
     def verify_batch(self, wavs1, wavs2, wav1_lens=None, wav2_lens=None, threshold=None):
         """Cosine scores ``[B, 1]`` of pairs and decisions (None without any threshold)."""
@@ -594,6 +632,16 @@ class TDSVSpeakerRecognition(SpeakerRecognition):
         changes = [f"resampled {rate} -> {target} Hz"] if rate != target else []
         if signal.dim() > 1 and signal.shape[1] > 1:
             changes.append(f"down-mixed {signal.shape[1]} channels to mono")
+        wav = self.audio_normalizer(signal, rate)
+        limit = getattr(self.hparams, "max_eval_seconds", None)
+        if limit and wav.shape[0] > limit * target:
+            changes.append(
+                f"cut from {wav.shape[0] / target:.1f} s to {limit} s (max_eval_seconds)"
+            )
+            wav = wav[: int(limit * target)]
         if changes:
             logger.warning("%s: %s", path, ", ".join(changes))
-        return self.audio_normalizer(signal, rate).to(self.device)
+        refusal = audio_refusal(wav, target, getattr(self.hparams, "min_audio_seconds", 0.3))
+        if refusal:
+            raise AudioRefused(f"{path}: {refusal}")
+        return wav.to(self.device)

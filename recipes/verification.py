@@ -9,6 +9,8 @@ by ``recipes.scoring`` and reported by ``recipes.verification_report``.
 
 from __future__ import annotations
 
+import json
+import logging
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -21,6 +23,8 @@ from recipes.experiment import best_checkpoint, checkpoint_embedder, embed_table
 from recipes.fusion import apply_fusion, stored_or_learned_fusion, trial_scores
 from recipes.scoring import EmbeddingTable, group_means, trial_metrics
 from recipes.verification_report import write_report
+
+logger = logging.getLogger(__name__)
 
 
 def check_trial_ids(split: str, utt_ids, models: pd.DataFrame, trials: pd.DataFrame) -> None:
@@ -37,31 +41,101 @@ def check_trial_ids(split: str, utt_ids, models: pd.DataFrame, trials: pd.DataFr
 
 
 def cached_embeddings(embed, dataset, cache_prefix: Path) -> dict[str, EmbeddingTable]:
-    """The utterance tables of ``dataset``, from the cache when it has them.
+    """The utterance tables of ``dataset``, from the cache where its audio has not changed.
 
     Tables: ``"speaker"``, and the phrase branch's outputs when the model has one.
     ``embed(dataset)`` computes them (``experiment.embed_tables`` with a checkpoint's model, or a
-    loaded model folder's ``pretrained.embed_dataset``). The speaker table is
-    cached as ``<prefix>.npy``, the others as ``<prefix>.<name>.npy``.
+    loaded model folder's ``pretrained.embed_dataset``). The speaker table is cached as
+    ``<prefix>.npy``, the others as ``<prefix>.<name>.npy``, and ``<prefix>.sources.json``
+    (written last) records each utterance's file (path, size, modification time): an utterance
+    whose file changed, or another corpus with the same ids, is embedded again (the log says how
+    many), never scored with the embeddings of other audio. The embedding settings are checked
+    per folder by ``embedding_cache``.
     """
     prefix = Path(cache_prefix)
-    names = [p.name[len(prefix.name) + 1 : -len(".ids.txt")] for p in _cached_parts(prefix)]
-    if Path(f"{prefix}.npy").is_file():
-        tables = {"speaker": EmbeddingTable.load(prefix)}
-        tables.update({name: EmbeddingTable.load(f"{prefix}.{name}") for name in names})
-        if all(set(t.ids) >= set(dataset.data_ids) for t in tables.values()):
+    sources = utterance_sources(dataset)
+    tables, unchanged = _cached_tables(prefix, sources)
+    if tables is not None:
+        stale = [uid for uid in dataset.data_ids if uid not in unchanged]
+        if not stale:
             return tables
-    tables = embed(dataset)
+        logger.info(
+            "embeddings in %s: %d of %d utterance(s) changed on disk since they were cached: "
+            "embedding them again", prefix, len(stale), len(sources),
+        )  # fmt: skip
+        fresh = embed(dataset.filtered_sorted(key_test={"id": set(stale).__contains__}))
+        tables = {name: _merged(tables[name], table) for name, table in fresh.items()}
+    else:
+        tables = embed(dataset)
     if sb.utils.distributed.if_main_process():
         prefix.parent.mkdir(parents=True, exist_ok=True)
         for name, table in tables.items():
             table.save(prefix if name == "speaker" else f"{prefix}.{name}")
+        record = Path(f"{prefix}.sources.json")
+        record.with_suffix(".tmp").write_text(json.dumps(sources))
+        record.with_suffix(".tmp").replace(record)
     return tables
 
 
-def _cached_parts(prefix: Path) -> list[Path]:
-    """The id files of a cache entry's non-speaker tables (``<prefix>.<name>.ids.txt``)."""
-    return sorted(prefix.parent.glob(f"{prefix.name}.*.ids.txt"))
+def utterance_sources(dataset) -> dict[str, list]:
+    """Each utterance's file identity: ``[resolved path, size, modification time (ns)]``."""
+    sources = {}
+    for uid in dataset.data_ids:
+        path = Path(dataset.data[uid]["wav"])
+        try:
+            info = path.stat()
+        except OSError as error:
+            raise FileNotFoundError(f"utterance {uid}: cannot read {path}: {error}") from error
+        sources[uid] = [str(path.resolve()), info.st_size, info.st_mtime_ns]
+    return sources
+
+
+def _cached_tables(prefix: Path, sources: dict) -> tuple[dict | None, set]:
+    """The cached tables (None when there are none) and the ids whose file is the one cached."""
+    record = Path(f"{prefix}.sources.json")
+    if not (record.is_file() and Path(f"{prefix}.npy").is_file()):
+        return None, set()
+    cached_sources = json.loads(record.read_text())
+    parts = prefix.parent.glob(f"{prefix.name}.*.ids.txt")  # the non-speaker tables
+    names = [p.name[len(prefix.name) + 1 : -len(".ids.txt")] for p in parts]
+    tables = {"speaker": EmbeddingTable.load(prefix)}
+    tables.update({name: EmbeddingTable.load(f"{prefix}.{name}") for name in names})
+    common = set.intersection(*(set(t.ids) for t in tables.values()))
+    unchanged = {
+        uid
+        for uid, source in sources.items()
+        if uid in common and cached_sources.get(uid) == source
+    }
+    return tables, unchanged
+
+
+def _merged(old: EmbeddingTable, new: EmbeddingTable) -> EmbeddingTable:
+    """``old`` with the rows of ``new`` replacing (or added to) its rows of the same ids."""
+    keep = [i for i, uid in enumerate(old.ids) if uid not in set(new.ids)]
+    ids = [old.ids[i] for i in keep] + list(new.ids)
+    return EmbeddingTable(ids, np.concatenate([old.matrix[keep], new.matrix]))
+
+
+def embedding_cache(folder: Path, hparams) -> Path:
+    """``folder``, emptied of cached embeddings made with other embedding settings.
+
+    The settings that change an embedding besides the model (the folder is per checkpoint or
+    model): the length cap, the precision and the sample rate.
+    """
+    folder = Path(folder)
+    settings = {k: hparams[k] for k in ("max_eval_seconds", "eval_precision", "sample_rate")}
+    record = folder / "settings.json"
+    if record.is_file() and json.loads(record.read_text()) != settings:
+        logger.info(
+            "embeddings in %s were made with %s, not %s: embedding again",
+            folder, record.read_text().strip(), settings,
+        )  # fmt: skip
+        for cached in folder.glob("*.sources.json"):
+            cached.unlink()  # the tables without their record are never read
+    if sb.utils.distributed.if_main_process():
+        folder.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(settings))
+    return folder
 
 
 def speaker_cohort(table: EmbeddingTable, speakers: pd.Series) -> np.ndarray:
@@ -106,7 +180,9 @@ def checkpoint_scoring(hparams, data, run_opts: dict) -> CheckpointScoring:
         precision=hparams["eval_precision"],
         progress=not run_opts.get("noprogressbar"),
     )
-    cache = Path(hparams["output_folder"]) / "embeddings" / checkpoint.path.name
+    cache = embedding_cache(
+        Path(hparams["output_folder"]) / "embeddings" / checkpoint.path.name, hparams
+    )
     fusion = recipe_fusion_source(hparams, checkpoint, data.phrase_labels)
     return CheckpointScoring(checkpoint, embedder, embed, cache, fusion)
 

@@ -30,16 +30,20 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import math
 import os
+import shlex
 import sys
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
+import soundfile as sf
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_prep.audio_checks import declared_wav_frames, waveform_problem
 from recipes.experiment import best_checkpoint, dataio_prep, prepare_data
 from recipes.metrics import verification_metrics
 from recipes.pretrained import embed_dataset, load_verifier
@@ -48,6 +52,7 @@ from recipes.speaker_model import SDSV_COSTS, bayes_threshold
 from recipes.verification import (
     FusionSource,
     check_splits,
+    embedding_cache,
     run_verification,
     score_splits,
 )
@@ -91,9 +96,8 @@ def verify_recipe(argv, model=None) -> None:
         getattr(verifier.hparams, "phrase_labels", None),
         {"model": name},
     )
-    results = score_splits(
-        embed, hparams, splits, cohort_set, folder / "embeddings", folder, fusion
-    )
+    cache = embedding_cache(folder / "embeddings", hparams)
+    results = score_splits(embed, hparams, splits, cohort_set, cache, folder, fusion)
     for split, metrics in results.items():
         if "pooled" in metrics:
             pooled = metrics["pooled"]
@@ -134,11 +138,15 @@ class Pair(NamedTuple):
 def read_pairs(path: Path, audio_root: Path) -> list[Pair]:
     """The trials of a pairs file; every problem (file:line) reported at once."""
     pairs, problems = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        fields = line.split()
-        if not fields or fields[0].startswith("#"):
-            continue
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         where = f"{path}:{number}"
+        try:
+            fields = shlex.split(line, comments=True)  # "quoted paths/with spaces.wav"
+        except ValueError as error:
+            problems.append(f"{where}: {error} in {line.strip()!r}")
+            continue
+        if not fields:
+            continue
         if len(fields) not in (2, 3) or (len(fields) == 3 and fields[0] not in LABELS):
             problems.append(f"{where}: expected '[label] enrol test', got {line.strip()!r}")
             continue
@@ -204,8 +212,33 @@ def decision_note(verifier, n_enrol: int, args) -> str:
     calibrated = verifier.threshold(n_enrol)
     if calibrated is None:
         return "no calibrated threshold in this model: scores only (use --threshold)"
-    point = verifier.hparams.operating_point
-    return f"threshold {calibrated:.4f} (dev {point} point, {n_enrol}-utterance enrollment)"
+    point, count = verifier.hparams.operating_point, verifier.calibrated_count(n_enrol)
+    nearest = "" if count == n_enrol else f", the nearest calibrated count to {n_enrol}"
+    return f"threshold {calibrated:.4f} (dev {point} point, {count}-utterance enrollment{nearest})"
+
+
+def unusable_audio(paths) -> list[str]:
+    """``"path: reason"`` for each file that cannot be scored (checked before a model loads).
+
+    The checks of data prep (``audio_checks.waveform_problem``) at the file's own sample rate,
+    channels averaged; the model's loader checks again after resampling.
+    """
+    problems = []
+    for path in dict.fromkeys(paths):
+        try:
+            samples, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        except (RuntimeError, sf.LibsndfileError) as error:
+            problems.append(f"{path}: unreadable audio ({str(error).strip()})")
+            continue
+        declared = declared_wav_frames(path)
+        reason = waveform_problem(samples.mean(axis=1), rate)
+        if declared is not None and declared > len(samples):
+            reason = (
+                f"truncated: the header declares {declared} samples, the file holds {len(samples)}"
+            )
+        if reason:
+            problems.append(f"{path}: {reason}")
+    return problems
 
 
 def verify_files(args) -> None:
@@ -217,6 +250,9 @@ def verify_files(args) -> None:
         if missing:
             raise SystemExit(f"no such file: {', '.join(missing)}")
         pairs = [Pair(None, [Path(p) for p in args.enrol], Path(t), t) for t in args.test]
+    problems = unusable_audio(path for pair in pairs for path in [*pair.enrol, pair.test])
+    if problems:
+        raise SystemExit("refused, nothing scored:\n" + "\n".join(problems))
     verifier = load_verifier(args.model, {"device": args.device})
     if args.operating_point:
         verifier.hparams.operating_point = args.operating_point
@@ -275,6 +311,14 @@ def parse_arguments(argv) -> argparse.Namespace:
         files.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.enrol and not args.test:
         files.error("--enrol needs --test")
+    if args.pairs and args.test:
+        files.error("--test goes with --enrol; a --pairs file names its own test files")
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        files.error(f"--threshold must be a finite number, not {args.threshold}")
+    if args.out:
+        out = Path(args.out)
+        if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+            files.error(f"--out {out}: not a writable file path (checked before scoring)")
     if not 0 < args.p_target < 1 or args.c_miss <= 0 or args.c_fa <= 0:
         files.error("--p_target must be in (0, 1), --c_miss and --c_fa positive")
     return args

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import shutil
 import subprocess
 import sys
@@ -155,6 +157,63 @@ def _break_duplicate(root):
     return "trn_000002", "duplicate id (first at", "train_labels.txt:35"
 
 
+def _break_truncated(root):
+    path = root / "wav/train/trn_000007.wav"
+    write_wav(path, seconds=3.0)
+    path.write_bytes(path.read_bytes()[: 44 + 2 * 16000])  # the header still says 3 s
+    return "trn_000007.wav", "truncated: the header declares 3.000 s", "train_labels.txt:8"
+
+
+def _break_silent(root):
+    sf.write(root / "wav/train/trn_000008.wav", np.zeros(16000), 16000, subtype="PCM_16")
+    return "trn_000008.wav", "no speech energy", "train_labels.txt:9"
+
+
+def _break_nonfinite(root):
+    samples = np.random.default_rng(0).uniform(-0.1, 0.1, 16000).astype(np.float32)
+    samples[8000] = np.nan
+    sf.write(root / "wav/train/trn_000009.wav", samples, 16000, subtype="FLOAT")
+    return "trn_000009.wav", "1 non-finite sample(s) (NaN or inf), the first at 0.500 s", ":10"
+
+
+def _break_short(root):
+    write_wav(root / "wav/train/trn_000010.wav", seconds=0.01)
+    return "trn_000010.wav", "too short (0.010 s, minimum 0.3 s)", "train_labels.txt:11"
+
+
+def _list_edit(name, docs_list, old, new, culprit, reason, where):
+    """A breakage that edits one docs list: ``old`` replaced by ``new`` (None: ``new`` appended)."""
+
+    def breakage(root):
+        path = root / "docs" / docs_list
+        text = path.read_text()
+        path.write_text(text + new + "\n" if old is None else text.replace(old, new))
+        return culprit, reason, where
+
+    breakage.__name__ = f"_break_{name}"
+    return breakage
+
+
+LIST_BREAKAGES = [
+    _list_edit("trial_fields", "trials.txt", None, "model_00000 evl_000003 target",
+               "model_00000 evl_000003 target", "expected 2 fields", "trials.txt:5"),
+    _list_edit("enrol_count", "model_enrollment.txt", None, "model_00002 06 enr_000007 enr_000008",
+               "model_00002 06", "expected 5 fields (model id, phrase id, 3 enrollment", ":4"),
+    _list_edit("shared_enrollment", "model_enrollment.txt", None,
+               "model_00003 01 enr_000009 enr_000003 enr_000010",
+               "enr_000003", "already enrolled in model_00000", "model_enrollment.txt:4"),
+    _list_edit("model_phrase", "model_enrollment.txt", None,
+               "model_00004 11 enr_000011 enr_000012 enr_000013",
+               "11", "unknown phrase id (expected pass-phrases 01-10)", "model_enrollment.txt:4"),
+    _list_edit("train_phrase", "train_labels.txt", None, "trn_000100 spk_000002 O1", "O1",
+               "unknown phrase id (expected pass-phrases 01-10 or 'FT'", "train_labels.txt:35"),
+    _list_edit("key_label", "trials_key.txt", "evl_000002 nontarget IC", "evl_000002 target IC",
+               "target IC", "target type contradicts the trial type", "trials_key.txt:3"),
+    _list_edit("key_fields", "trials_key.txt", "evl_000003 nontarget TW", "evl_000003 TW",
+               "model_00001 evl_000003 TW", "expected 4 fields", "trials_key.txt:4"),
+]  # fmt: skip
+
+
 BREAKAGES = [
     _break_missing,
     _break_empty,
@@ -163,6 +222,11 @@ BREAKAGES = [
     _break_header,
     _break_unknown_model,
     _break_duplicate,
+    _break_truncated,
+    _break_silent,
+    _break_nonfinite,
+    _break_short,
+    *LIST_BREAKAGES,
 ]
 
 
@@ -254,3 +318,62 @@ def test_not_a_corpus_folder(tmp_path):
     with pytest.raises(DataPrepError, match=r"train_labels\.txt not found"):
         prepare_deepmine(tmp_path, tmp_path / "prep")
     shutil.rmtree(tmp_path / "prep", ignore_errors=True)
+
+
+def test_a_byte_order_mark_is_not_part_of_an_id(tmp_path):
+    root = make_miniature(tmp_path / "corpus")
+    for name in ("trials.txt", "model_enrollment.txt"):  # headerless, as some tools write them
+        path = root / "docs" / name
+        path.write_text("\ufeff" + "\n".join(path.read_text().splitlines()[1:]) + "\n")
+    prepare_deepmine(root, tmp_path / "prep", dev_speakers=1)
+    trials = _csv(tmp_path / "prep", "eval_trials.csv")
+    assert list(trials.model_id) == ["model_00000", "model_00000", "model_00001"]
+
+
+def test_any_enrollment_count_when_allowed(tmp_path):
+    root = make_miniature(tmp_path / "corpus")
+    with open(root / "docs" / "model_enrollment.txt", "a") as handle:
+        handle.write("model_00002 06 enr_000001\n")
+    with pytest.raises(DataPrepError, match="3 enrollment utterance"):
+        prepare_deepmine(root, tmp_path / "prep", dev_speakers=1)
+    # Allowed, the shared utterance is still an error: one file, one model.
+    with pytest.raises(DataPrepError, match="enr_000001: utterance already enrolled"):
+        prepare_deepmine(root, tmp_path / "prep", dev_speakers=1, enrol_utts=0)
+
+
+def test_concurrent_runs_take_turns_and_leave_no_temporary_files(tmp_path):
+    root = make_miniature(tmp_path / "corpus")
+    prep = tmp_path / "prep"
+    commands = [
+        [sys.executable, "data_prep/deepmine_prepare.py", "--data_folder", str(root),
+         "--save_folder", str(prep), "--dev_speakers", str(n)]
+        for n in (1, 2)
+    ]  # fmt: skip
+    runs = [subprocess.Popen(c, stdout=subprocess.PIPE, text=True) for c in commands]
+    outputs = [run.communicate()[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert not list(prep.glob(".*")), list(prep.glob(".*"))
+    # Whichever ran last, the folder holds its complete output, consistent with its marker.
+    dev_speakers = json.loads((prep / "prep_options.json").read_text())["dev_speakers"]
+    assert len(_csv(prep, "dev_enrol.csv")) == 2 * dev_speakers
+
+
+def test_a_failed_write_leaves_the_previous_manifests(tmp_path, monkeypatch):
+    root = make_miniature(tmp_path / "corpus")
+    prep = tmp_path / "prep"
+    prepare_deepmine(root, prep, dev_speakers=1)
+    before = {p.name: p.read_bytes() for p in prep.iterdir()}
+
+    writers = []
+
+    def writer_on_a_filling_disk(handle):
+        writers.append(handle)
+        if len(writers) == 3:  # two manifests are written, the third finds the disk full
+            raise OSError(28, "No space left on device")
+        return real_writer(handle)
+
+    real_writer = csv.writer
+    monkeypatch.setattr(csv, "writer", writer_on_a_filling_disk)
+    with pytest.raises(OSError, match="No space"):
+        prepare_deepmine(root, prep, dev_speakers=2)
+    assert {p.name: p.read_bytes() for p in prep.iterdir()} == before

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 
 import numpy as np
 import soundfile as sf
 
-from data_prep.layout import PHRASES, read_list
-from data_prep.synth_deepmine import TRAIN_FREE_TEXT, plan_corpus, synthesize_corpus
+from data_prep import synth_deepmine
+from data_prep.layout import FREE_TEXT_ID, PHRASES, read_list
+from data_prep.synth_deepmine import plan_corpus, synthesize_corpus
 from tests.conftest import TINY
 
 
@@ -31,8 +33,8 @@ def test_layout_matches_the_real_task1_folder(tiny_corpus):
     per_speaker = len(PHRASES) * TINY["reps"] + TINY["free_text_train"]
     assert len(train) == TINY["speakers"] * per_speaker
     phrases = {line.fields[2] for line in train}
-    assert set(PHRASES) <= phrases <= set(PHRASES) | set(TRAIN_FREE_TEXT)
-    free_text = sum(line.fields[2] in TRAIN_FREE_TEXT for line in train)
+    assert phrases == set(PHRASES) | {FREE_TEXT_ID}  # free text is listed as such, like real data
+    free_text = sum(line.fields[2] == FREE_TEXT_ID for line in train)
     assert free_text == TINY["speakers"] * TINY["free_text_train"]
     assert len({line.fields[1] for line in train}) == TINY["speakers"]
     models = read_list(docs / "model_enrollment.txt")
@@ -106,3 +108,10 @@ def test_written_key_matches_trials(tiny_corpus):
     key = [line.fields for line in read_list(tiny_corpus / "docs" / "trials_key.txt")]
     assert [k[:2] for k in key] == trials
     assert all((k[2] == "target") == (k[3] == "TC") for k in key)
+
+
+def test_a_corpus_of_other_texts_is_not_reused(tiny_corpus, monkeypatch):
+    marker = json.loads((tiny_corpus / "synth_options.json").read_text())
+    assert marker["texts"] == synth_deepmine.texts_digest()
+    monkeypatch.setitem(synth_deepmine.TRAIN_FREE_TEXT, "T01", ("english", "Another sentence."))
+    assert synth_deepmine.texts_digest() != marker["texts"]  # so the options differ: resynthesis
