@@ -49,6 +49,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -131,12 +132,12 @@ def _expect_fields(
     return ok
 
 
-def _first_occurrence(key: str, seen: dict[str, str], line: ListLine, problems: Problems) -> bool:
+def _first_occurrence(key, seen: dict, line: ListLine, problems: Problems) -> bool:
     """False (and a problem) if ``key`` was already defined on an earlier line."""
     if key in seen:
-        problems.add(key, line.where, f"duplicate id (first at {seen[key]})")
+        problems.add(key, line.where, f"duplicate id (first at {seen[key].where})")
         return False
-    seen[key] = line.where
+    seen[key] = line  # its place is formatted only for a message: 10M lines in a trial list
     return True
 
 
@@ -201,7 +202,7 @@ def read_enrollment(path: Path, problems: Problems, enrol_utts: int = ENROL_UTTS
 
 
 def read_trials(path: Path, models: dict, problems: Problems):
-    """Trials ``[(model_id, test_id, where)]`` and the test utterances they name."""
+    """Trials ``[(model_id, test_id, ListLine)]`` and the test utterances they name."""
     trials, utts, seen = [], {}, {}
     for line in read_list(path):
         if not _expect_fields(line, 2, problems):
@@ -212,8 +213,9 @@ def read_trials(path: Path, models: dict, problems: Problems):
             continue
         if not _first_occurrence(f"{model_id} {test_id}", seen, line, problems):
             continue
-        trials.append((model_id, test_id, line.where))
-        utts.setdefault(test_id, Utt(test_id, "evaluation", line.where))
+        trials.append((model_id, test_id, line))
+        if test_id not in utts:
+            utts[test_id] = Utt(test_id, "evaluation", line.where)
     return trials, utts
 
 
@@ -242,10 +244,84 @@ def read_key(path: Path, trials: list, problems: Problems) -> dict[tuple[str, st
             problems.add(" ".join(pair), line.where, "key names a trial that is not in the trials")
         elif _first_occurrence(" ".join(pair), seen, line, problems):
             key[pair] = condition
-    for model_id, test_id, where in trials:
+    for model_id, test_id, line in trials:
         if (model_id, test_id) not in named:
-            problems.add(f"{model_id} {test_id}", where, f"trial has no entry in {path}")
+            problems.add(f"{model_id} {test_id}", line.where, f"trial has no entry in {path}")
     return key
+
+
+def read_trial_lists(trial_list: Path, key_list, models: dict, problems: Problems):
+    """Trials (``model_id``, ``test_id``, ``condition``: "" without a key) and their tests.
+
+    A well-formed pair of lists (the usual case) is read and checked column-wise by pandas: 10M
+    trials in seconds, where reading them line by line took minutes
+    (``tests/benchmarks/bench_scale.py``). Any irregular line sends both lists through the
+    line-by-line readers, whose messages name each bad line.
+    """
+    fast = _well_formed_trials(trial_list, key_list, models)
+    if fast is not None:
+        return fast
+    trials, test_utts = read_trials(trial_list, models, problems)
+    key = read_key(key_list, trials, problems) if key_list else {}
+    frame = pd.DataFrame([t[:2] for t in trials], columns=["model_id", "test_id"], dtype=str)
+    frame["condition"] = [key.get(t[:2], "") for t in trials]
+    return frame, test_utts
+
+
+def _list_columns(path: Path, names: list[str]):
+    """``(columns, header lines)`` of a list whose lines all have exactly the fields ``names``.
+
+    Single-space separated; None when any line does not fit (a blank line included).
+    """
+    try:
+        frame = pd.read_csv(
+            path, sep=" ", header=None, names=[*names, "_extra"], dtype=str, quoting=csv.QUOTE_NONE,
+            encoding="utf-8-sig", keep_default_na=False, skip_blank_lines=False, engine="c",
+        )  # fmt: skip
+    except (pd.errors.ParserError, UnicodeDecodeError):
+        return None
+    header = int(len(frame) > 0 and str(frame.iat[0, 0]).lower().endswith("-id"))
+    frame = frame.iloc[header:]
+    columns = frame[names]
+    if columns.isna().any(axis=None) or (columns == "").any(axis=None):
+        return None
+    if frame["_extra"].notna().any() and (frame["_extra"].fillna("") != "").any():
+        return None
+    return columns.reset_index(drop=True), header
+
+
+def _well_formed_trials(trial_list: Path, key_list, models: dict):
+    """``read_trial_lists``'s result when both lists pass every check column-wise, else None."""
+    read = _list_columns(trial_list, ["model_id", "test_id"])
+    if read is None:
+        return None
+    trials, header = read
+    if not trials["model_id"].isin(models).all() or trials.duplicated().any():
+        return None
+    trials["condition"] = ""
+    if key_list:
+        read = _list_columns(key_list, ["model_id", "test_id", "label", "condition"])
+        if read is None:
+            return None
+        key = read[0]
+        if (
+            not key["condition"].isin(["TC", "TW", "IC", "IW"]).all()
+            or not ((key["label"] == "target") == (key["condition"] == "TC")).all()
+            or not key["label"].isin(["target", "nontarget"]).all()
+            or len(key) != len(trials)
+            or key[["model_id", "test_id"]].duplicated().any()
+        ):
+            return None
+        merged = trials[["model_id", "test_id"]].merge(key, how="left", on=["model_id", "test_id"])
+        if merged["condition"].isna().any():
+            return None
+        trials["condition"] = merged["condition"].to_numpy()
+    first = trials.index[~trials["test_id"].duplicated()]
+    test_ids = trials["test_id"].to_numpy()
+    test_utts = {
+        test_ids[i]: Utt(test_ids[i], "evaluation", f"{trial_list}:{i + 1 + header}") for i in first
+    }
+    return trials, test_utts
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,7 +435,10 @@ def _write_all(save_folder: Path, tables: dict[str, tuple[list[str], list[list]]
             with open(tmp, "w", newline="", encoding="utf-8") as handle:
                 writer = csv.writer(handle)
                 writer.writerow(header)
-                writer.writerows(rows)
+                if isinstance(rows, pd.DataFrame):
+                    rows.to_csv(handle, header=False, index=False, lineterminator="\r\n")
+                else:
+                    writer.writerows(rows)
         ((name, text),) = marker.items()
         tmp = save_folder / f".{name}.{os.getpid()}.tmp"
         temporary.append((tmp, save_folder / name))
@@ -413,7 +492,7 @@ def prepare_deepmine(
     include_free_text: bool = False,
     skip_bad: bool = False,
     key_file=None,
-    jobs: int = 16,
+    jobs: int | None = None,
     enrol_utts: int = ENROL_UTTS,
     min_seconds: float = MIN_SECONDS,
     free_text_id: str = FREE_TEXT_ID,
@@ -423,8 +502,10 @@ def prepare_deepmine(
     Returns the paths of the written CSVs by name (``train``, ``dev_trials``, ...). Raises
     ``DataPrepError`` naming each problem, unless ``skip_bad`` (then they go to rejected.csv).
     Does nothing if the manifests exist and were made from the same lists with the same options.
-    Holds a lock on ``save_folder`` meanwhile: concurrent runs take turns.
+    Holds a lock on ``save_folder`` meanwhile: concurrent runs take turns. ``jobs`` threads read
+    the audio (default: one per CPU core; more pay off only on network storage).
     """
+    jobs = jobs or min(16, os.cpu_count() or 1)
     data_folder, save_folder = Path(data_folder), Path(save_folder)
     docs = data_folder / "docs"
     train_list = docs / "train_labels.txt"
@@ -461,12 +542,10 @@ def _manifest_tables(data_folder: Path, lists, options: dict, jobs: int):
     train = read_train_labels(
         train_list, options["include_free_text"], problems, options["free_text_id"]
     )
-    models, enrol_utts, trials, test_utts, key = {}, {}, [], {}, {}
+    models, enrol_utts, trials, test_utts = {}, {}, None, {}
     if enrol_list and trial_list:
         models, enrol_utts = read_enrollment(enrol_list, problems, options["enrol_utts"])
-        trials, test_utts = read_trials(trial_list, models, problems)
-        if key_list:
-            key = read_key(key_list, trials, problems)
+        trials, test_utts = read_trial_lists(trial_list, key_list, models, problems)
     utts = train + list(enrol_utts.values()) + list(test_utts.values())
     bad = check_audio(data_folder, utts, problems, jobs, options["min_seconds"])
     if problems.items and not options["skip_bad"]:
@@ -485,13 +564,13 @@ def _manifest_tables(data_folder: Path, lists, options: dict, jobs: int):
         "dev_trials.csv": (TRIAL_FIELDS, [list(t) for t in dev_trials(dev_models, dev_test)]),
     }
     if models:
-        tables.update(_eval_tables(models, enrol_utts, trials, test_utts, key, bad, problems))
+        tables.update(_eval_tables(models, enrol_utts, trials, test_utts, bad, problems))
     if options["skip_bad"]:
         tables["rejected.csv"] = (["item", "where", "reason"], [list(p) for p in problems.items])
     return tables, problems
 
 
-def _eval_tables(models, enrol_utts, trials, test_utts, key, bad, problems):
+def _eval_tables(models, enrol_utts, trials: pd.DataFrame, test_utts, bad, problems):
     """The official enrollment models and trials, minus what bad files make unusable."""
     usable_models = {}
     for model_id, (phrase_id, enrol_ids, where) in models.items():
@@ -504,14 +583,12 @@ def _eval_tables(models, enrol_utts, trials, test_utts, key, bad, problems):
                 where,
                 "enrollment model has no usable audio: model and its trials dropped",
             )
-    kept = [(m, t) for m, t, _ in trials if m in usable_models and t not in bad]
+    kept = trials[trials["model_id"].isin(usable_models) & ~trials["test_id"].isin(bad)]
     used_enrol = {f for _, ids in usable_models.values() for f in ids}
-    used_test = {t for _, t in kept}
-    trial_rows = []
-    for model_id, test_id in kept:
-        condition = key.get((model_id, test_id), "")
-        label = int(condition == "TC") if condition else ""
-        trial_rows.append([model_id, test_id, label, condition])
+    used_test = set(kept["test_id"].unique())
+    labelled = kept["condition"] != ""
+    label = np.where(labelled, (kept["condition"] == "TC").astype(int).astype(str), "")
+    trial_rows = kept.assign(label=label)[TRIAL_FIELDS]  # written by pandas: 10M rows
     return {
         "eval_enrol.csv": (
             MODEL_FIELDS,
@@ -551,7 +628,7 @@ def main(argv=None) -> None:
         "--skip_bad", action="store_true", help="exclude bad files, list them in rejected.csv"
     )
     parser.add_argument("--key_file", help="trial key (default: docs/trials_key.txt if present)")
-    parser.add_argument("--jobs", type=int, default=16, help="threads reading the audio")
+    parser.add_argument("--jobs", type=int, help="threads reading the audio (default: cores)")
     parser.add_argument(
         "--enrol_utts", type=int, default=ENROL_UTTS,
         help="enrollment utterances per model (0: any number)",

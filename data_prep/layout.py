@@ -13,8 +13,8 @@ adds ``docs/trials_key.txt`` ("model-id evaluation-file-id target|nontarget TC|T
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 SAMPLE_RATE = 16000
 
@@ -63,9 +63,11 @@ def wav_path(root: Path, subdir: str, file_id: str) -> Path:
     return Path(root) / "wav" / WAV_SUBDIRS[subdir] / f"{file_id}.wav"
 
 
-@dataclass(frozen=True)
-class ListLine:
-    """One data line of a whitespace-separated docs list, with its origin for error messages."""
+class ListLine(NamedTuple):
+    """One data line of a whitespace-separated docs list, with its origin for error messages.
+
+    A named tuple, not a dataclass: a 10M-line trial list makes 10M of them.
+    """
 
     path: Path
     lineno: int
@@ -83,13 +85,13 @@ def read_list(path: Path) -> list[ListLine]:
     Blank lines are ignored; every other line is kept with its line number so that callers can
     report a bad line precisely.
     """
-    lines = []
+    lines, path = [], Path(path)
     with open(path, encoding="utf-8-sig") as handle:  # a byte-order mark is not part of an id
         for lineno, text in enumerate(handle, start=1):
             fields = tuple(text.split())
             if not fields or (lineno == 1 and fields[0].lower().endswith("-id")):
                 continue
-            lines.append(ListLine(Path(path), lineno, fields))
+            lines.append(ListLine(path, lineno, fields))
     return lines
 
 

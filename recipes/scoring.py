@@ -127,8 +127,9 @@ def score_trials(
     With ``score_norm`` "s-norm" or "as-norm", ``cohort`` (one embedding per training speaker)
     normalizes them.
     """
-    unknown = sorted(set(trials["model_id"]) - set(models["model_id"]))
-    if unknown:
+    known = trials["model_id"].isin(models["model_id"]).to_numpy()  # no Python loop over trials
+    if not known.all():
+        unknown = sorted(set(trials["model_id"][~known]))
         raise KeyError(f"{len(unknown)} trial model id(s) are not enrollment models: {unknown[:5]}")
     model_table = enrollment_models(table, models)
     m_rows = model_table.rows(trials["model_id"], "model")

@@ -39,6 +39,7 @@ RANGES = {
     "max_eval_seconds": (0, True),
     "dev_speakers": (1, False),
     "enrol_utts": (0, False),
+    "total_steps": (1, False),  # or null: derived from the data
     "min_audio_seconds": (0, False),
     "phrase_loss_weight": (0, False),
     "cohort_top_k": (1, False),

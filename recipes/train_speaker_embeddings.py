@@ -31,11 +31,11 @@ from speechbrain.utils.logger import get_logger
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recipes.experiment import RecipeData, dataio_prep, prepare_data, train_loader_options
-from recipes.fusion import apply_fusion, learn_fusion, trial_scores
-from recipes.scoring import EmbeddingTable, metrics_by_condition
+from recipes.schedules import derive_total_steps
+from recipes.scoring import EmbeddingTable
 from recipes.settings import load_checked_hparams
 from recipes.speaker_model import per_utterance, phrase_outputs
-from recipes.verification import run_verification
+from recipes.verification import dev_pass_metrics, run_verification
 
 logger = get_logger(__name__)
 
@@ -240,11 +240,7 @@ class SpeakerBrain(sb.core.Brain):
         )
 
     def _dev_metrics(self) -> dict:
-        """Pooled EER / minDCF of the dev trials from this epoch's outputs.
-
-        The score is the system's: the speaker score, or with a fusion its LLR (the fusion learned
-        on these same dev trials: three numbers, so the selection is not noticeably optimistic).
-        """
+        """Pooled EER / minDCF of the dev trials from this epoch's outputs (dev_pass_metrics)."""
         tables = {name: EmbeddingTable.from_dict(d) for name, d in self.embeddings.items()}
         models, trials = self.dev.models, self.dev.trials
         if self.debug:  # --debug embeds only a few batches: score the trials they cover
@@ -253,17 +249,10 @@ class SpeakerBrain(sb.core.Brain):
             trials = trials[
                 trials["model_id"].isin(models["model_id"]) & trials["test_id"].isin(done)
             ]
-        if trials.empty:
-            return {"EER": 100.0, "minDCF": 1.0}
-        parts = trial_scores(tables, models, trials, self.phrase_labels)
-        scores = parts.speaker
-        if self.hparams.fusion != "none" and (trials["condition"] == "TW").any():
-            fusion = learn_fusion(parts, trials["condition"], self.hparams.fusion_prior)
-            scores = apply_fusion(fusion, parts, self.hparams.fusion)
-        pooled = metrics_by_condition(scores, trials["condition"]).get("pooled")
-        if pooled is None:
-            return {"EER": 100.0, "minDCF": 1.0}
-        return {"EER": round(pooled["eer"], 3), "minDCF": round(pooled["min_dcf"], 4)}
+        return dev_pass_metrics(
+            tables, models, trials, self.phrase_labels, self.hparams.fusion,
+            self.hparams.fusion_prior,
+        )  # fmt: skip
 
     def _progress_stats(self, epoch) -> dict:
         """What the log says about the schedule at the end of an epoch."""
@@ -331,6 +320,7 @@ def main(argv) -> None:
         train, stage=sb.Stage.TRAIN, **train_loader_options(hparams, train)
     )
     brain.use_data(len(train_loader), splits["dev"])
+    derive_total_steps(hparams, len(train_loader))
     brain.fit(
         brain.hparams.epoch_counter,
         train_loader,

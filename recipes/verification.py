@@ -20,8 +20,8 @@ import pandas as pd
 import speechbrain as sb
 
 from recipes.experiment import best_checkpoint, checkpoint_embedder, embed_tables, run_device
-from recipes.fusion import apply_fusion, stored_or_learned_fusion, trial_scores
-from recipes.scoring import EmbeddingTable, group_means, trial_metrics
+from recipes.fusion import apply_fusion, learn_fusion, stored_or_learned_fusion, trial_scores
+from recipes.scoring import EmbeddingTable, group_means, metrics_by_condition, trial_metrics
 from recipes.verification_report import write_report
 
 logger = logging.getLogger(__name__)
@@ -283,6 +283,25 @@ def learned_fusion(hparams, splits: dict, scores: dict, source: FusionSource | N
     path = source.path.with_name(f"{source.path.stem}_{hparams['score_norm']}.json")
     conditions = splits["dev"].trials["condition"]
     return stored_or_learned_fusion(path, scores["dev"], conditions, hparams["fusion_prior"], stamp)
+
+
+def dev_pass_metrics(tables, models, trials, phrase_labels, fusion: str, prior: float) -> dict:
+    """Pooled ``{"EER", "minDCF"}`` of the dev trials from utterance tables: one validation pass.
+
+    The score is the system's: the speaker score, or with a fusion its LLR (the fusion learned
+    on these same dev trials: three numbers, so the selection is not noticeably optimistic).
+    ``tests/benchmarks/bench_scale.py`` times it at the real corpus's counts.
+    """
+    if trials.empty:
+        return {"EER": 100.0, "minDCF": 1.0}
+    parts = trial_scores(tables, models, trials, phrase_labels)
+    scores = parts.speaker
+    if fusion != "none" and (trials["condition"] == "TW").any():
+        scores = apply_fusion(learn_fusion(parts, trials["condition"], prior), parts, fusion)
+    pooled = metrics_by_condition(scores, trials["condition"]).get("pooled")
+    if pooled is None:
+        return {"EER": 100.0, "minDCF": 1.0}
+    return {"EER": round(pooled["eer"], 3), "minDCF": round(pooled["min_dcf"], 4)}
 
 
 def report_name(split: str, hparams, phrase_scored: bool) -> str:

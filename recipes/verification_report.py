@@ -38,7 +38,7 @@ import matplotlib.pyplot as plt
 def breakdown(scores, trials: pd.DataFrame, key: pd.Series, llr: bool = False) -> dict:
     """Pooled metrics within each value of ``key`` (one value per trial)."""
     results = {}
-    for value in sorted(set(key)):
+    for value in sorted(key.dropna().unique()):  # not set(key): a Python loop over 10M trials
         keep = (key == value).to_numpy()
         pooled = metrics_by_condition(scores[keep], trials["condition"].to_numpy()[keep], llr)
         if "pooled" in pooled:
@@ -55,7 +55,8 @@ def write_report(output_folder, split, trials, scores, metrics, models=None, par
     folder = Path(output_folder)
     folder.mkdir(parents=True, exist_ok=True)
     scores = np.asarray(scores)
-    columns = [trials["model_id"], trials["test_id"], _formatted(scores)]
+    score_text = _formatted(scores)
+    columns = [trials["model_id"], trials["test_id"], score_text]
     if parts is not None and parts.phrase is not None:
         columns += [_formatted(parts.speaker), _formatted(parts.phrase), _formatted(parts.content)]
     if (trials["condition"] != "").all():
@@ -67,10 +68,12 @@ def write_report(output_folder, split, trials, scores, metrics, models=None, par
     if models is not None and metrics:
         phrase = trials["model_id"].map(models.set_index("model_id")["phrase_id"])
         report["by_phrase"] = breakdown(scores, trials, phrase, llr)
-        report["by_language"] = breakdown(scores, trials, phrase.map(phrase_language), llr)
+        language = {p: phrase_language(p) for p in phrase.dropna().unique()}
+        report["by_language"] = breakdown(scores, trials, phrase.map(language), llr)
     (folder / f"verification_{split}.json").write_text(json.dumps(report, indent=2))
     if split.startswith("eval"):  # answer.txt, or answer_<tags>.txt
-        np.savetxt(folder / f"{split.replace('eval', 'answer', 1)}.txt", scores, fmt="%.6f")
+        answer = folder / f"{split.replace('eval', 'answer', 1)}.txt"
+        answer.write_text("".join(f"{text}\n" for text in score_text))  # formatted once
     if metrics:
         speaker_only = parts.speaker if parts is not None and llr else None
         plot_det(
@@ -106,15 +109,17 @@ def plot_det(path, split, scores, conditions, metrics, speaker_only=None) -> Non
             continue
         targets, nontargets = condition_pair(scores, conditions, impostors)
         m = metrics[name]
-        line = _det_curve(det, targets, nontargets, f"{name}: EER {m['eer']:.2f} %, "
-                          f"minDCF {m['min_dcf']:.3f}")  # fmt: skip
+        points = operating_points(targets, nontargets)
+        (line,) = det.plot(*_det_xy(points), label=f"{name}: EER {m['eer']:.2f} %, "
+                           f"minDCF {m['min_dcf']:.3f}")  # fmt: skip
         eer_point = norm.ppf(np.clip(m["eer"] / 100, DET_CLIP, 1 - DET_CLIP))
         det.plot(eer_point, eer_point, "o", color=line.get_color())
-        x, y = _det_xy(targets, nontargets, m["min_dcf_threshold"])
+        x, y = _det_xy(points, m["min_dcf_threshold"])
         det.plot(x, y, "s", color=line.get_color(), fillstyle="none", markersize=8)
         if speaker_only is not None:
-            reference = condition_pair(speaker_only, conditions, impostors)
-            _det_curve(det, *reference, f"{name}, speaker score only", "--", line.get_color())
+            reference = operating_points(*condition_pair(speaker_only, conditions, impostors))
+            det.plot(*_det_xy(reference), "--", label=f"{name}, speaker score only",
+                     color=line.get_color())  # fmt: skip
         panel = figure.add_subplot(next(panels))
         panel.hist(targets, bins, histtype="step", density=True, label="TC")
         panel.hist(nontargets, bins, histtype="step", density=True, label="+".join(impostors))
@@ -138,21 +143,25 @@ def plot_det(path, split, scores, conditions, metrics, speaker_only=None) -> Non
 DET_CLIP = 1e-4
 
 
-def _det_xy(targets, nontargets, threshold=None):
-    """Normal-deviate false-alarm and miss rates: the whole curve, or the point at ``threshold``."""
-    points = operating_points(targets, nontargets)
-    x = norm.ppf(np.clip(points.p_fa, DET_CLIP, 1 - DET_CLIP))
-    y = norm.ppf(np.clip(points.p_miss, DET_CLIP, 1 - DET_CLIP))
-    if threshold is None:
-        return x, y
-    at = np.searchsorted(points.thresholds, threshold)
-    return x[at], y[at]
+def _det_xy(points, threshold=None):
+    """Normal-deviate false-alarm and miss rates: the curve, or its point at ``threshold``.
 
-
-def _det_curve(axes, targets, nontargets, label, style="-", color=None):
-    """Draw one DET curve; returns its line."""
-    (line,) = axes.plot(*_det_xy(targets, nontargets), style, label=label, color=color)
-    return line
+    ``points`` are ``metrics.operating_points``. The curve keeps about 2,000 of its points,
+    evenly spaced along both deviate axes: the same line at any plotting resolution, where 10M
+    trials gave 10M points to transform and draw.
+    """
+    if threshold is not None:
+        at = min(np.searchsorted(points.thresholds, threshold), points.p_fa.size - 1)
+        chosen = np.array([at])
+    else:
+        grid = norm.cdf(np.linspace(-4, 4, 1000))
+        size = points.p_miss.size
+        along_miss = np.searchsorted(points.p_miss, grid)  # p_miss rises with the threshold
+        along_fa = size - 1 - np.searchsorted(points.p_fa[::-1], grid)  # p_fa falls
+        chosen = np.unique(np.clip(np.r_[0, along_miss, along_fa, size - 1], 0, size - 1))
+    x = norm.ppf(np.clip(points.p_fa[chosen], DET_CLIP, 1 - DET_CLIP))
+    y = norm.ppf(np.clip(points.p_miss[chosen], DET_CLIP, 1 - DET_CLIP))
+    return (x, y) if threshold is None else (x[0], y[0])
 
 
 def format_table(split, metrics) -> str:

@@ -377,3 +377,13 @@ def test_a_failed_write_leaves_the_previous_manifests(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         prepare_deepmine(root, prep, dev_speakers=2)
     assert {p.name: p.read_bytes() for p in prep.iterdir()} == before
+
+
+def test_column_wise_trial_reading_equals_the_line_by_line_reader(
+    tiny_corpus, tmp_path, monkeypatch
+):
+    fast = prepare_deepmine(tiny_corpus, tmp_path / "fast", dev_speakers=2)
+    monkeypatch.setattr("data_prep.deepmine_prepare._well_formed_trials", lambda *args: None)
+    slow = prepare_deepmine(tiny_corpus, tmp_path / "slow", dev_speakers=2)
+    for name in ("eval_trials", "eval_test", "eval_enrol", "eval_enrol_utts"):
+        assert fast[name].read_bytes() == slow[name].read_bytes(), name

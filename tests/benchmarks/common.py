@@ -114,10 +114,26 @@ def count_host_syncs(brain, batches) -> collections.Counter:
     return counter.sites
 
 
-def peak_memory_mb(device: str) -> float:
-    """Peak GPU memory allocated, or this process's peak RSS on CPU."""
+def peak_memory_mb(device: str = "cpu") -> float:
+    """Peak GPU memory allocated, or the process's peak resident memory on CPU (``peak_rss_mb``)."""
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
+    return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of the running process (MB).
+
+    ``VmHWM`` of ``/proc/self/status`` where there is one: on Linux ``ru_maxrss`` carries the
+    parent's peak over a fork + exec, so a script started by a big process reported that one's.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -1,0 +1,32 @@
+"""The learning-rate schedule's length, derived from the data when the YAML leaves it null."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recipes.schedules import WarmAndExpDecayToEnd, derive_total_steps
+
+
+def _lrs(schedule, steps: int) -> list[float]:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    rates = []
+    for _ in range(steps):
+        schedule(optimizer)
+        rates.append(optimizer.param_groups[0]["lr"])
+    return rates
+
+
+def test_derived_length_counts_optimizer_steps_and_frozen_epochs():
+    schedules = {
+        "wavlm": WarmAndExpDecayToEnd(lr=1.0, n_warmup_steps=10, decay_factor=0.1),
+        "head": WarmAndExpDecayToEnd(lr=1.0, n_warmup_steps=10, decay_factor=0.1),
+        "fixed": WarmAndExpDecayToEnd(lr=1.0, n_warmup_steps=10, total_steps=50),
+    }
+    hparams = {"number_of_epochs": 4, "grad_accumulation_factor": 2, "freeze_wavlm_epochs": 1,
+               "lr_schedulers": schedules}  # fmt: skip
+    # 101 batches -> 51 optimizer steps per epoch; WavLM's optimizer steps in 3 of the 4 epochs.
+    assert derive_total_steps(hparams, 101) == {"wavlm": 153, "head": 204}
+    assert schedules["fixed"].decay_steps == 40  # a number set in the YAML is kept
+    rates = _lrs(schedules["head"], 205)
+    assert rates[10] == 1.0 and rates[204] == pytest.approx(0.1)  # lr * decay_factor at the end
