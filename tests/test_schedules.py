@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from recipes.schedules import WarmAndExpDecayToEnd, derive_total_steps
+from tests.helpers import load_yaml
 
 
 def _lrs(schedule, steps: int) -> list[float]:
@@ -30,3 +31,20 @@ def test_derived_length_counts_optimizer_steps_and_frozen_epochs():
     assert schedules["fixed"].decay_steps == 40  # a number set in the YAML is kept
     rates = _lrs(schedules["head"], 205)
     assert rates[10] == 1.0 and rates[204] == pytest.approx(0.1)  # lr * decay_factor at the end
+
+
+@pytest.mark.parametrize("name", ["synthetic_demo.yaml", "wavlm_td.yaml"])
+def test_both_recipes_derive_their_length(tmp_path, tiny_wavlm_dir, name):
+    hparams = load_yaml(
+        name,
+        {"output_folder": str(tmp_path), "data_folder": str(tmp_path), "noise_csv": None,
+         "wavlm_source": tiny_wavlm_dir, "wavlm_hidden_size": 96},
+    )  # fmt: skip
+    assert hparams["total_steps"] is None
+    derived = derive_total_steps(hparams, 128)
+    epochs = hparams["number_of_epochs"]
+    accumulation = hparams["grad_accumulation_factor"]
+    assert derived["head"] == epochs * -(-128 // accumulation)
+    assert derived["wavlm"] == (epochs - hparams["freeze_wavlm_epochs"]) * -(-128 // accumulation)
+    if name == "synthetic_demo.yaml":  # the 1024 the demo had by hand (its README numbers)
+        assert derived == {"wavlm": 1024, "head": 1024}
