@@ -114,3 +114,15 @@ def test_an_unpadded_batch_takes_the_unmasked_path_to_the_same_features(tiny_wav
     with torch.no_grad():
         masked, unmasked = wavlm(wavs, torch.ones(3)), wavlm(wavs, None)
     assert torch.allclose(masked, unmasked, atol=1e-5)
+
+
+def test_the_transformers_baseline_of_bench_train_trains(tiny_wavlm_dir):
+    from tests.benchmarks.bench_train import transformers_step, transformers_trainer
+
+    model, optimizer = transformers_trainer(tiny_wavlm_dir, False, False, "cpu")
+    head = model.objective.weight if hasattr(model, "objective") else model.classifier.weight
+    before = head.detach().clone()
+    scaler = torch.amp.GradScaler(enabled=False)
+    for batch, _ in training_batches(4, 2, bucketing=True):
+        transformers_step(model, optimizer, scaler, batch, "fp32", "cpu")
+    assert torch.isfinite(head).all() and not torch.equal(before, head)

@@ -17,6 +17,8 @@ One table row per setting; all rows also go to a JSON file. Data loading is not 
     python tests/benchmarks/bench_train.py --models base_plus --steps 20 --batch_size 16  # GPU
     python tests/benchmarks/bench_train.py --models base_plus --precisions fp32 \
         --grad_checkpointing off --bucketing on        # one row (the options select the grid)
+    python tests/benchmarks/bench_train.py --implementations recipe transformers --rounds 2 \
+        --precisions fp32 --grad_checkpointing off --bucketing on    # against WavLMForXVector
 """
 
 from __future__ import annotations
@@ -51,9 +53,15 @@ def frozen_cnn(model: str, choice: str) -> bool:
 
 
 def run_setting(model_dir, model, precision, checkpointing, bucketing, args, tmp) -> dict:
-    """Time ``args.steps`` training steps after ``args.warmup`` untimed ones."""
+    """Time ``args.steps`` training steps of the recipe after ``args.warmup`` untimed ones.
+
+    Beside ``transformers`` rows, the recipe trains the speaker model alone (no phrase branch),
+    as ``WavLMForXVector`` does.
+    """
     run_opts = {"device": args.device, "precision": precision}
     freeze_cnn = frozen_cnn(model, args.freeze_cnn)
+    speaker_only = "transformers" in args.implementations
+    overrides = {"phrase_branch": False, "fusion": "none"} if speaker_only else {}
     brain = training_brain(
         model_dir,
         model,
@@ -62,27 +70,98 @@ def run_setting(model_dir, model, precision, checkpointing, bucketing, args, tmp
         gradient_checkpointing=checkpointing,
         freeze_cnn=freeze_cnn,
         augment=False,
+        **overrides,
     )
+
+    def step(batch):
+        brain.step += 1
+        brain.fit_batch(batch)
+
+    return timed_steps(
+        step, args, bucketing,
+        {"implementation": "recipe", "model": model, "precision": precision,
+         "frozen_cnn": freeze_cnn, "grad_checkpointing": checkpointing},
+    )  # fmt: skip
+
+
+#: The demo's x-vector head sizes, in ``WavLMForXVector``'s configuration names.
+HF_HEAD = {
+    "tdnn_dim": [256, 256, 256, 256, 768],
+    "tdnn_kernel": [5, 3, 3, 1, 1],
+    "tdnn_dilation": [1, 2, 3, 1, 1],
+    "xvector_output_dim": 192,
+    "num_labels": 50,
+}
+
+
+def transformers_trainer(model_dir, freeze_cnn: bool, checkpointing: bool, device):
+    """``transformers.WavLMForXVector`` and a plain AdamW on it, as a user would fine-tune it.
+
+    The same WavLM, its own x-vector head (the demo's sizes) and built-in AM-softmax loss.
+    """
+    from transformers import WavLMConfig, WavLMForXVector
+
+    config = WavLMConfig.from_pretrained(model_dir, use_weighted_layer_sum=True, layerdrop=0.0,
+                                         **HF_HEAD)  # fmt: skip
+    model = WavLMForXVector.from_pretrained(model_dir, config=config).to(device).train()
+    if freeze_cnn:
+        model.freeze_feature_encoder()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return model, optimizer
+
+
+def transformers_step(model, optimizer, scaler, batch, precision: str, device) -> None:
+    """One training step as the ``transformers`` docs do it: attention mask, labels, loss."""
+    wavs, lens = batch.sig
+    valid = (lens * wavs.shape[1]).round().long()
+    mask = (torch.arange(wavs.shape[1])[None] < valid[:, None]).long()
+    # Wav2Vec2FeatureExtractor(do_normalize=True): each utterance to zero mean, unit variance.
+    count = valid[:, None].clamp(min=1)
+    mean = (wavs * mask).sum(1, keepdim=True) / count
+    std = (((wavs - mean) * mask) ** 2).sum(1, keepdim=True).div(count).sqrt()
+    wavs = (wavs - mean) / (std + 1e-7) * mask
+    labels = batch.class_encoded.data.reshape(-1)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    with torch.autocast(torch.device(device).type, dtype, enabled=dtype is not None):
+        loss = model(wavs.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def run_transformers(model_dir, model, precision, checkpointing, bucketing, args) -> dict:
+    """``run_setting`` for ``transformers.WavLMForXVector`` trained with a plain loop."""
+    freeze_cnn = frozen_cnn(model, args.freeze_cnn)
+    hf_model, optimizer = transformers_trainer(model_dir, freeze_cnn, checkpointing, args.device)
+    scaler = torch.amp.GradScaler(enabled=precision == "fp16")
+    return timed_steps(
+        lambda batch: transformers_step(hf_model, optimizer, scaler, batch, precision, args.device),
+        args, bucketing,
+        {"implementation": "transformers", "model": model, "precision": precision,
+         "frozen_cnn": freeze_cnn, "grad_checkpointing": checkpointing},
+    )  # fmt: skip
+
+
+def timed_steps(step, args, bucketing: bool, row: dict) -> dict:
+    """Time ``args.steps`` calls of ``step(batch)`` after ``args.warmup`` untimed ones."""
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    audio, seconds = 0.0, 0.0
-    for index, (batch, batch_audio) in enumerate(
-        training_batches(args.batch_size, args.warmup + args.steps, bucketing)
-    ):
+    audio = 0.0
+    batches = training_batches(args.batch_size, args.warmup + args.steps, bucketing)
+    for index, (batch, batch_audio) in enumerate(batches):
         if index == args.warmup:
             synchronize(args.device)
             start = time.perf_counter()
-        brain.step += 1
-        brain.fit_batch(batch)
+        step(batch)
         if index >= args.warmup:
             audio += batch_audio
     synchronize(args.device)
     seconds = time.perf_counter() - start
     return {
-        "model": model,
-        "precision": precision,
-        "frozen_cnn": freeze_cnn,
-        "grad_checkpointing": checkpointing,
+        **row,
         "bucketing": bucketing,
         "batch_size": args.batch_size,
         "steps_per_s": args.steps / seconds,
@@ -112,6 +191,14 @@ def main() -> None:
         default="auto",
         help="auto: frozen for base_plus (as wavlm_td.yaml), trained for tiny (as the demo)",
     )
+    parser.add_argument(
+        "--implementations",
+        nargs="+",
+        choices=["recipe", "transformers"],
+        default=["recipe"],
+        help="transformers: WavLMForXVector with a plain AdamW loop, rows next to the recipe's",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="repeat the grid (interleaved)")
     parser.add_argument("--json", default="bench_train.json")
     args = parser.parse_args()
     precisions = args.precisions or (
@@ -119,24 +206,31 @@ def main() -> None:
     )
     rows = []
     print(
-        "| model | precision | frozen CNN | grad ckpt | bucketing "
+        "| implementation | model | precision | frozen CNN | grad ckpt | bucketing "
         "| steps/s | utts/s | audio s/s | peak MB |"
     )
-    print("|---|---|---|---|---|---:|---:|---:|---:|")
+    print("|---|---|---|---|---|---|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         dirs = model_dirs(tmp, args.models)
-        for model, precision, checkpointing, bucketing in itertools.product(
+        grid = itertools.product(
+            range(args.rounds),
             args.models,
             precisions,
             [choice == "on" for choice in args.grad_checkpointing],
             [choice == "on" for choice in args.bucketing],
-        ):
-            row = run_setting(dirs[model], model, precision, checkpointing, bucketing, args, tmp)
+            args.implementations,  # innermost: the two ways of a setting run back to back
+        )
+        for _, model, precision, checkpointing, bucketing, implementation in grid:
+            setting = (dirs[model], model, precision, checkpointing, bucketing, args)
+            if implementation == "transformers":
+                row = run_transformers(*setting)
+            else:
+                row = run_setting(*setting, tmp)
             rows.append(row)
             print(
-                f"| {model} | {precision} | {row['frozen_cnn']} | {checkpointing} | {bucketing} | "
-                f"{row['steps_per_s']:.2f} | {row['utts_per_s']:.1f} | "
-                f"{row['audio_s_per_s']:.1f} | {row['peak_mb']:.0f} |",
+                f"| {implementation} | {model} | {precision} | {row['frozen_cnn']} | "
+                f"{checkpointing} | {bucketing} | {row['steps_per_s']:.2f} | "
+                f"{row['utts_per_s']:.1f} | {row['audio_s_per_s']:.1f} | {row['peak_mb']:.0f} |",
                 flush=True,
             )
     Path(args.json).write_text(json.dumps(rows, indent=1))
