@@ -35,6 +35,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from speechbrain.utils.logger import get_logger
 from transformers import WavLMConfig, WavLMForXVector
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -55,8 +56,11 @@ from recipes.speaker_model import (
     WavLMSpeakerEmbedder,
     XVectorHead,
     phrase_outputs,
+    speaker_embedding,
 )
 from recipes.verification import checkpoint_scoring, scored, split_embeddings
+
+logger = get_logger(__name__)
 
 #: The smallest cosine between an exported and the original embedding that passes the check.
 MIN_COSINE = 0.9999
@@ -320,11 +324,14 @@ def export(hparams, run_opts) -> Path:
         hf.save_pretrained(staging / "hf")
         hparams["wavlm"].feature_extractor.save_pretrained(staging / "hf")
         checks.update(_check_hf(staging / "hf", hf, trained.speaker, wavs))
+    else:
+        logger.warning("hf/ not written: %s", NO_HF_FOLDER.format(head=hparams["head_type"]))
     facts = {
         "checkpoint": checkpoint.path.name,
         "checkpoint_meta": checkpoint.meta,
         "wavlm_source": hparams["wavlm_source"],
         "head": head_class,
+        "hf_folder": isinstance(embedder.head, XVectorHead),
         "target_type": hparams["target_type"],
         "training_classes": len(class_encoder),
         "thresholds": thresholds,
@@ -372,7 +379,8 @@ class TrainingModules:
     @torch.no_grad()
     def speaker(self, wav: torch.Tensor) -> torch.Tensor:
         """Speaker embedding ``[1, D]`` of one waveform, as training computes it."""
-        return self.head(self.wavlm(wav[None])).squeeze(1)
+        features, hidden = self.wavlm(wav[None], return_hidden=True)
+        return speaker_embedding(self.head, features, None, hidden).squeeze(1)
 
     @torch.no_grad()
     def phrase_logp(self, wav: torch.Tensor) -> torch.Tensor:
@@ -411,18 +419,33 @@ def _check_hf(folder: Path, hf, trained, wavs) -> dict:
     return {"hf_min_cosine": cosine, "hf_feature_extractor_min_cosine": own_cosine}
 
 
+#: Why a head other than the x-vector one gets no ``hf/`` folder (log line and model card).
+NO_HF_FOLDER = (
+    "transformers' WavLMForXVector holds only the x-vector head, not the {head} head: "
+    "use this SpeechBrain folder"
+)
+
+
 def _scoring_note(facts: dict) -> str:
-    """What the model card's scores are, and what the HF folder cannot do."""
+    """What the model card's scores are, and what the HF folder (if any) cannot do."""
+    if not facts["hf_folder"]:
+        hf = f"No `hf/` folder: {NO_HF_FOLDER.format(head=facts['head'].rsplit('.', 1)[-1])}."
+    elif facts["fusion"]:
+        hf = (
+            "The phrase check needs this SpeechBrain folder: `hf/` is the speaker embedder "
+            "alone (`WavLMForXVector` has no phrase branch)."
+        )
+    else:
+        hf = ""
     if not facts["fusion"]:
-        return "Scores are cosines of speaker embeddings (speaker verification only)."
+        return f"Scores are cosines of speaker embeddings (speaker verification only). {hf}".strip()
     return (
         f"Scores are calibrated log-likelihood ratios (fusion `{facts['fusion']['kind']}`, "
         "learned on the dev trials) of the speaker score and the pass-phrase score (the phrase "
         "branch's log-posterior of the enrolled phrase, over the classes "
         f"{', '.join(facts['phrase_labels'])}); decisions are taken at the Bayes threshold of the "
-        "SdSV costs. The phrase check needs this SpeechBrain folder: `hf/` is the speaker "
-        "embedder alone (`WavLMForXVector` has no phrase branch)."
-    )
+        f"SdSV costs. {hf}"
+    ).strip()
 
 
 def model_card(facts: dict, folder: Path) -> str:
@@ -461,11 +484,12 @@ def model_card(facts: dict, folder: Path) -> str:
     ]
     for n, value in thresholds["eer"].items():
         lines.append(f"| {n} | {value:.4f} | {thresholds['min_dcf'][n]:.4f} |")
-    lines += ["", "## Use", "", USAGE.format(folder=folder).rstrip(), ""]
+    usage = SB_USAGE + (HF_USAGE if facts["hf_folder"] else "") + CLI_USAGE
+    lines += ["", "## Use", "", usage.format(folder=folder).rstrip(), ""]
     return "\n".join(lines)
 
 
-USAGE = """\
+SB_USAGE = """\
 SpeechBrain (offline, this folder only):
 
 ```python
@@ -480,6 +504,9 @@ print(verdict.speaker_score, verdict.phrase_score, verdict.score, verdict.accept
 embeddings = verifier.encode_batch(wavs)  # [batch, 1, dim]
 ```
 
+"""
+#: The model card's Hugging Face part (only for a folder with ``hf/``).
+HF_USAGE = """\
 Hugging Face `transformers` (x-vector head only):
 
 ```python
@@ -494,6 +521,8 @@ with torch.no_grad():
     embedding = model(**inputs).embeddings  # compare with torch.cosine_similarity
 ```
 
+"""
+CLI_USAGE = """\
 Command line (from the recipe repository):
 
 ```

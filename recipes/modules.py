@@ -4,6 +4,8 @@
   all hidden layers, LayerDrop switched off (it returns fewer hidden states on random steps, which
   breaks a layer-weighted sum), optional gradient checkpointing, and features that do not depend
   on padding (``speaker_model.wavlm_features``), so utterances can be batched at evaluation.
+- ``L2SP``: the squared distance of WavLM's weights from their pretrained values (L2-SP), a
+  regularizer added to the loss when fine-tuning (the TdSV 2024 winner's recipe).
 - ``MarginSoftmax``: SpeechBrain's ``LogSoftmaxWrapper`` around ``AngularMargin`` (AM-Softmax) or
   ``AdditiveAngularMargin`` (AAM), with a fixed, learnable or AdaCos-style adaptive scale and an
   optional margin warm-up.
@@ -76,6 +78,8 @@ class WavLMEncoder(WavLM):
         num_states = self.model.config.num_hidden_layers + 1
         self.layer_logits = nn.Parameter(torch.zeros(num_states)) if layer_weighting else None
         self.output_size = self.model.config.hidden_size
+        #: Hidden states WavLM returns (CNN output + one per layer): MHFA's key layer weights.
+        self.num_states = num_states
 
     def extract_features(self, wav, wav_lens=None):
         """Hidden states of WavLM that do not depend on padding (see ``wavlm_features``)."""
@@ -105,6 +109,26 @@ class WavLMEncoder(WavLM):
         if self.layer_logits is None:
             return []
         return F.softmax(self.layer_logits.detach().float(), dim=0).tolist()
+
+
+class L2SP:
+    """``weight`` x the squared L2 distance of ``parameters`` from their values now.
+
+    L2-SP (Li, Grandvalet and Davoine, ICML 2018): fine-tuning pulled toward the pretrained
+    weights instead of toward zero. Create it before a checkpoint is recovered, so that "now" is
+    the pretrained model. One multi-tensor subtraction and norm (a few kernels for all of WavLM's
+    tensors, no host sync); the copies cost one more set of WavLM's weights in memory.
+    """
+
+    def __init__(self, parameters, weight: float):
+        self.parameters = list(parameters)
+        self.anchors = [p.detach().clone() for p in self.parameters]
+        self.weight = weight
+
+    def __call__(self) -> torch.Tensor:
+        """The penalty (a 0-d tensor with gradients toward the anchors)."""
+        distances = torch._foreach_norm(torch._foreach_sub(self.parameters, self.anchors))
+        return self.weight * torch.stack(distances).float().pow(2).sum()
 
 
 class MarginSoftmax(nn.Module):

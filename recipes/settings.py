@@ -18,7 +18,7 @@ from recipes.scoring import METHODS
 #: Enumerated settings and their allowed values.
 CHOICES = {
     "target_type": ("speaker", "speaker_phrase", "speaker+phrase"),
-    "head_type": ("xvector", "ecapa"),
+    "head_type": ("xvector", "ecapa", "mhfa"),
     "margin_type": ("am", "aam"),
     "scale_mode": ("fixed", "learnable", "adaptive"),
     "batch_sampler": ("random", "phrase", "dynamic"),
@@ -42,6 +42,7 @@ RANGES = {
     "total_steps": (1, False),  # or null: derived from the data
     "min_audio_seconds": (0, False),
     "phrase_loss_weight": (0, False),
+    "l2sp_weight": (0, False),
     "cohort_top_k": (1, False),
     "cohort_utts_per_speaker": (1, False),
 }
@@ -69,6 +70,8 @@ def settings_problems(hparams) -> list[str]:
     no_layer_weights = isinstance(wavlm, dict) and wavlm.get("layer_weighting") is False
     if hparams.get("phrase_branch") and no_layer_weights:
         problems.append("phrase_branch: True needs the WavLM encoder's layer_weighting: True")
+    if hparams.get("head_type") == "mhfa" and no_layer_weights:
+        problems.append("head_type: 'mhfa' needs the WavLM encoder's layer_weighting: True")
     return problems
 
 

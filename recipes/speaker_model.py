@@ -115,6 +115,77 @@ def weighted_layer_sum(layer_logits: torch.Tensor, hidden: torch.Tensor) -> torc
     return torch.einsum("l,lbth->bth", weights, hidden)
 
 
+def valid_frame_mask(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """``[B, T]`` True on the valid frames of ``x`` ``[B, T, ...]`` (relative ``lengths``)."""
+    frames = torch.arange(x.shape[1], device=x.device)
+    if lengths is None:
+        return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    valid = torch.round(lengths.to(x.device) * x.shape[1]).long().clamp(min=1)
+    return frames[None, :] < valid[:, None]
+
+
+class MHFAHead(nn.Module):
+    """Multi-head factorized attentive pooling (MHFA; Peng, Stafylakis et al., SLT 2022).
+
+    The backend of the TdSV 2024 winning system. Values are one learnable weighting of WavLM's
+    layers (the encoder's ``layer_weighting``: the ``frames`` this head is called with), keys
+    another (this head's ``key_layer_logits`` over the stacked ``hidden`` states); both are
+    compressed to ``compression_dim``; each of ``heads`` attention heads pools the compressed
+    values over time with its own softmax weights (computed from the keys), and the per-head
+    means, concatenated, are projected to the embedding. The softmax runs over each utterance's
+    valid frames only, so a batched utterance gets the embedding it gets alone.
+    Returns ``[B, 1, embedding_dim]`` like the other heads.
+    """
+
+    #: Called as ``head(frames, lengths, hidden)``: it needs the stacked hidden states.
+    takes_hidden_states = True
+
+    def __init__(
+        self,
+        input_size: int,
+        num_states: int,
+        compression_dim: int = 128,
+        heads: int = 32,
+        embedding_dim: int = 256,
+    ):
+        super().__init__()
+        self.key_layer_logits = nn.Parameter(torch.zeros(num_states))
+        self.compress_keys = nn.Linear(input_size, compression_dim)
+        self.compress_values = nn.Linear(input_size, compression_dim)
+        self.attention = nn.Linear(compression_dim, heads)
+        self.embedding = nn.Linear(heads * compression_dim, embedding_dim)
+
+    def forward(self, frames, lengths=None, hidden=None) -> torch.Tensor:
+        """Embeddings ``[B, 1, D]`` of values ``frames`` ``[B, T, H]`` and ``hidden`` states.
+
+        ``hidden``: ``[L, B, T, H]``, all of WavLM's; ``lengths``: relative, ``[B]``.
+        """
+        if hidden is None or hidden.shape[0] != self.key_layer_logits.numel():
+            got = None if hidden is None else hidden.shape[0]
+            raise ValueError(
+                f"MHFA needs all {self.key_layer_logits.numel()} hidden states of WavLM, got {got}"
+            )
+        keys = self.compress_keys(weighted_layer_sum(self.key_layer_logits, hidden))
+        values = self.compress_values(frames)
+        logits = self.attention(keys).float()  # [B, T, heads]; softmax in fp32
+        valid = valid_frame_mask(frames, lengths)[..., None]
+        weights = logits.masked_fill(~valid, float("-inf")).softmax(dim=1).to(values.dtype)
+        pooled = torch.einsum("bth,btd->bhd", weights, values)  # each head's mean value
+        return self.embedding(pooled.flatten(1)).unsqueeze(1)
+
+
+def head_takes_hidden_states(head: nn.Module) -> bool:
+    """True for a head (bare or DDP-wrapped) that also reads the stacked hidden states (MHFA)."""
+    return bool(getattr(getattr(head, "module", head), "takes_hidden_states", False))
+
+
+def speaker_embedding(head: nn.Module, frames, lengths, hidden=None) -> torch.Tensor:
+    """``head`` on the layer-weighted ``frames``; a head that takes them also gets ``hidden``."""
+    if head_takes_hidden_states(head):
+        return head(frames, lengths, hidden)
+    return head(frames, lengths)
+
+
 class PhraseBranch(nn.Module):
     """Pass-phrase classifier on WavLM's hidden states ``[L, B, T, H]``.
 
@@ -292,8 +363,8 @@ class WavLMSpeakerEmbedder(nn.Module):
         phrase_branch: nn.Module | None = None,
     ):
         super().__init__()
-        if phrase_branch is not None and not layer_weighting:
-            raise ValueError("the phrase branch needs all hidden states (layer_weighting)")
+        if (phrase_branch is not None or head_takes_hidden_states(head)) and not layer_weighting:
+            raise ValueError("the phrase branch and MHFA need all hidden states (layer_weighting)")
         self.model = WavLMModel(WavLMConfig(**wavlm_config))
         mask_cnn_padding(self.model)
         self.normalize_wav = normalize_wav
@@ -317,7 +388,7 @@ class WavLMSpeakerEmbedder(nn.Module):
             else hidden
         )
         lengths = frame_lengths(self.model, wav_lens, wavs.shape[1], speaker.shape[1])
-        outputs = {"speaker": self.head(speaker, lengths)}
+        outputs = {"speaker": speaker_embedding(self.head, speaker, lengths, hidden)}
         if with_phrase and self.phrase_branch is not None:
             outputs.update(phrase_outputs(*self.phrase_branch(hidden, lengths)))
         return outputs

@@ -31,10 +31,16 @@ from speechbrain.utils.logger import get_logger
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recipes.experiment import RecipeData, dataio_prep, prepare_data, train_loader_options
+from recipes.modules import L2SP
 from recipes.schedules import derive_total_steps
 from recipes.scoring import EmbeddingTable
 from recipes.settings import load_checked_hparams
-from recipes.speaker_model import per_utterance, phrase_outputs
+from recipes.speaker_model import (
+    head_takes_hidden_states,
+    per_utterance,
+    phrase_outputs,
+    speaker_embedding,
+)
 from recipes.verification import dev_pass_metrics, run_verification
 
 logger = get_logger(__name__)
@@ -71,11 +77,12 @@ class SpeakerBrain(sb.core.Brain):
             wavs, lens = self.hparams.wav_augment(wavs, lens)
         encoder_lens = lens if padded else None
         with_phrase = "phrase_branch" in self.modules
+        with_hidden = with_phrase or head_takes_hidden_states(self.modules.embedding_model)
         with torch.no_grad() if stage == sb.Stage.TRAIN and self.wavlm_frozen() else nullcontext():
-            encoded = self.modules.wavlm(wavs, encoder_lens, return_hidden=with_phrase)
-        feats, hidden = encoded if with_phrase else (encoded, None)
+            encoded = self.modules.wavlm(wavs, encoder_lens, return_hidden=with_hidden)
+        feats, hidden = encoded if with_hidden else (encoded, None)
         feat_lens = self.unwrapped("wavlm").frame_lengths(lens, wavs.shape[1], feats.shape[1])
-        embeddings = self.modules.embedding_model(feats, feat_lens)
+        embeddings = speaker_embedding(self.modules.embedding_model, feats, feat_lens, hidden)
         phrase = self.modules.phrase_branch(hidden, feat_lens) if with_phrase else None
         if stage != sb.Stage.TRAIN:
             if phrase is None:
@@ -107,7 +114,23 @@ class SpeakerBrain(sb.core.Brain):
         if "phrase_branch" in logits:  # plain cross-entropy: posteriors are what is scored
             branch_loss = F.cross_entropy(logits["phrase_branch"].float(), phrase_targets[:, 0])
             loss = loss + weight * branch_loss
+        if self.l2sp is not None:
+            loss = loss + self.l2sp()
         return loss
+
+    l2sp = None
+
+    def on_fit_start(self):
+        """Record WavLM's pretrained weights for L2-SP (``l2sp_weight``), then SpeechBrain's start.
+
+        Before SpeechBrain's start, which recovers a checkpoint: a resumed run is pulled toward
+        the pretrained weights too, not toward the ones it resumed from.
+        """
+        weight = getattr(self.hparams, "l2sp_weight", 0.0)
+        if weight > 0:
+            wavlm = self.unwrapped("wavlm").model
+            self.l2sp = L2SP((p for p in wavlm.parameters() if p.requires_grad), weight)
+        super().on_fit_start()
 
     def _targets(self, targets):
         """Targets repeated like the batch when augmentation adds copies of it."""

@@ -24,6 +24,7 @@ from scipy.signal import resample_poly
 from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMForXVector
 
 from recipes.export_model import enrolment_thresholds, hf_xvector_model
+from recipes.pretrained import load_verifier
 from recipes.scoring import EmbeddingTable, score_trials
 from recipes.speaker_model import TDSVSpeakerRecognition, WavLMSpeakerEmbedder, XVectorHead
 from recipes.tiny_wavlm import TINY
@@ -148,6 +149,12 @@ def _dev_pair(out: Path, corpus: Path, condition: str | None = None):
     return enrol_ids, trial["test_id"], trial, _wav_paths(out, "dev", corpus)
 
 
+def _model_phrase(out: Path, model_id: str) -> str:
+    """The enrolled phrase id of a dev model."""
+    models = pd.read_csv(out / "prep" / "dev_enrol.csv", dtype=str).set_index("model_id")
+    return models.loc[model_id, "phrase_id"]
+
+
 @pytest.mark.slow
 def test_export_folder_is_complete_and_self_checked(exported):
     _, folder = exported
@@ -218,8 +225,7 @@ def test_cli_enrollment_reproduces_the_recipe_trial_score(exported, tiny_corpus)
     out, folder = exported
     enrol_ids, test_id, recipe, wavs = _dev_pair(out, tiny_corpus)
     paths = [wavs[i] for i in [*enrol_ids, test_id]]
-    model_phrase = pd.read_csv(out / "prep" / "dev_enrol.csv", dtype=str).set_index("model_id")
-    phrase = model_phrase.loc[recipe["model_id"], "phrase_id"]
+    phrase = _model_phrase(out, recipe["model_id"])
     result = cli("--model", folder, "--enrol", *paths[:-1], "--test", paths[-1], "--phrase", phrase)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LLR threshold 2.2925 (Bayes: p_target 0.01, c_miss 10.0, c_fa 1.0)" in result.stdout
@@ -239,8 +245,7 @@ def test_cli_rejects_another_pass_phrase_and_says_why(exported, tiny_corpus):
     assert recipe["score"] < speaker_llr  # the phrase score lowered the LLR of this TW trial
     # A threshold between the two: the speaker alone would be accepted, the phrase is wrong.
     threshold = (recipe["score"] + speaker_llr) / 2
-    model_phrase = pd.read_csv(out / "prep" / "dev_enrol.csv", dtype=str).set_index("model_id")
-    phrase = model_phrase.loc[recipe["model_id"], "phrase_id"]
+    phrase = _model_phrase(out, recipe["model_id"])
     paths = [wavs[i] for i in [*enrol_ids, test_id]]
     result = cli(
         "--model", folder, "--enrol", *paths[:-1], "--test", paths[-1],
@@ -328,3 +333,26 @@ def test_a_plain_hf_xvector_model_scores_the_recipe_trials(hf_xvector_dir, tiny_
     enrolled = torch.stack([embedding(u) for u in enrol.loc[model_id, "enrol_ids"].split()])
     expected = F.cosine_similarity(enrolled.mean(0), embedding(test_id), dim=0)
     assert float(score) == pytest.approx(float(expected), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_an_mhfa_model_exports_a_self_checked_speechbrain_folder_without_hf(tmp_path, tiny_corpus):
+    out = tmp_path / "mhfa"
+    mhfa = ("--head_type", "mhfa")
+    run_script("train_speaker_embeddings.py", out, tiny_corpus, *mhfa, "--number_of_epochs", "1")
+    output = run_script("export_model.py", out, tiny_corpus, *mhfa)
+    folder = out / "export"
+    assert "hf/ not written: transformers' WavLMForXVector holds only the x-vector head" in output
+    assert not (folder / "hf").exists()
+    facts = json.loads((folder / "export.json").read_text())
+    assert facts["head"] == "tdsv_speaker_model.MHFAHead" and not facts["hf_folder"]
+    assert set(facts["checks"]) == {"speechbrain_min_cosine", "phrase_max_logp_difference"}
+    assert facts["checks"]["speechbrain_min_cosine"] > 0.9999
+    card = (folder / "README.md").read_text()
+    assert "No `hf/` folder" in card and "WavLMForXVector.from_pretrained" not in card
+    enrol_ids, test_id, trial, wav = _dev_pair(out, tiny_corpus)
+    phrase = _model_phrase(out, trial["model_id"])
+    verifier = load_verifier(folder)
+    verdict = verifier.verify_trial([wav[i] for i in enrol_ids], wav[test_id], phrase=phrase)
+    assert verdict.speaker_score == pytest.approx(trial["speaker"], abs=1e-4)
+    assert verdict.score == pytest.approx(trial["score"], abs=1e-3)

@@ -31,6 +31,7 @@ BAD_VALUES = {
     "max_eval_seconds": -1.0,
     "dev_speakers": 0,
     "phrase_loss_weight": -0.5,
+    "l2sp_weight": -0.01,
     "cohort_top_k": 0,
     "cohort_utts_per_speaker": 0,
     "fusion_prior": 1.5,
@@ -55,6 +56,8 @@ def test_impossible_combinations_are_named():
     no_layers = "wavlm: !new:recipes.modules.WavLMEncoder\n    layer_weighting: False"
     problems = settings_problems(raw_settings(demo, no_layers))
     assert problems == ["phrase_branch: True needs the WavLM encoder's layer_weighting: True"]
+    problems = settings_problems(raw_settings(demo, no_layers + "\nhead_type: mhfa"))
+    assert "head_type: 'mhfa' needs the WavLM encoder's layer_weighting: True" in problems
     assert (
         settings_problems(raw_settings(ROOT / "hparams" / "wavlm_td.yaml", {"data_folder": "x"}))
         == []

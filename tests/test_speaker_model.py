@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 
-from recipes.modules import WavLMEncoder
-from recipes.speaker_model import MaskedGroupNorm, XVectorHead
+from recipes.modules import L2SP, WavLMEncoder
+from recipes.speaker_model import MaskedGroupNorm, MHFAHead, XVectorHead, speaker_embedding
 from tests.helpers import load_yaml
 
 LENGTHS = (48000, 37001, 21111, 16003, 8000)
@@ -29,7 +29,7 @@ def padded(seed=0):
     return wavs, batch, torch.tensor(LENGTHS) / max(LENGTHS)
 
 
-@pytest.mark.parametrize("head_type", ["xvector", "ecapa"])
+@pytest.mark.parametrize("head_type", ["xvector", "ecapa", "mhfa"])
 def test_a_batched_utterance_gets_the_embedding_it_gets_alone(tmp_path, tiny_wavlm_dir, head_type):
     hparams = load_yaml(
         "synthetic_demo.yaml",
@@ -42,9 +42,8 @@ def test_a_batched_utterance_gets_the_embedding_it_gets_alone(tmp_path, tiny_wav
     def embed(wav, wav_lens, features):
         hidden = features(wav, wav_lens)
         frames = wavlm.frame_lengths(wav_lens, wav.shape[1], hidden.shape[-2])
-        if hidden.dim() == 4:
-            hidden = torch.einsum("l,lbth->bth", F.softmax(wavlm.layer_logits, 0), hidden)
-        return F.normalize(head(hidden, frames).squeeze(1), dim=-1)
+        weighted = torch.einsum("l,lbth->bth", F.softmax(wavlm.layer_logits, 0), hidden)
+        return F.normalize(speaker_embedding(head, weighted, frames, hidden).squeeze(1), dim=-1)
 
     with torch.no_grad():
         alone = torch.cat([embed(w[None], None, wavlm.extract_features) for w in wavs])
@@ -52,7 +51,7 @@ def test_a_batched_utterance_gets_the_embedding_it_gets_alone(tmp_path, tiny_wav
         # SpeechBrain's own feature code on the same model: padding leaks in.
         plain = embed(batch, lens, lambda w, n: Wav2Vec2.extract_features(wavlm, w, n))
     ours, theirs = (alone - batched).abs().max(), (alone - plain).abs().max()
-    if head_type == "xvector":  # no padding in its convolutions: exact
+    if head_type != "ecapa":  # no padding in x-vector convolutions or MHFA's attention: exact
         assert ours < 1e-5 and theirs > 20 * ours  # (the test can tell the difference)
     else:  # ECAPA's "same"-padded convolutions see padding at an utterance's end (0.5 s in 3 s:
         # cosine 0.9988, measured), so only the WavLM part is padding-free
@@ -110,3 +109,47 @@ def test_a_frozen_cnn_is_left_out_of_the_backward_pass(tmp_path, tiny_wavlm_dir,
     cnn_grad = wavlm.model.feature_extractor.conv_layers[0].conv.weight.grad
     assert (cnn_grad is None) is freeze_cnn
     assert wavlm.model.encoder.layers[0].attention.out_proj.weight.grad.abs().max() > 0
+
+
+def test_mhfa_attends_over_valid_frames_only_and_each_head_pools_on_its_own():
+    head = MHFAHead(12, num_states=4, compression_dim=8, heads=3, embedding_dim=6).eval()
+    hidden = torch.randn(4, 1, 40, 12)
+    frames = hidden.mean(0)
+    padding = 100 * torch.ones(4, 1, 25, 12)
+    with torch.no_grad():
+        alone = head(frames, None, hidden)
+        padded_out = head(
+            torch.cat([frames, padding[0]], 1),
+            torch.tensor([40 / 65]),
+            torch.cat([hidden, padding], 2),
+        )
+        assert alone.shape == (1, 1, 6) and torch.allclose(alone, padded_out, atol=1e-5)
+        # the keys' layer weights matter: another weighting, another embedding
+        head.key_layer_logits[0] = 5.0
+        assert (head(frames, None, hidden) - alone).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="MHFA needs all 4 hidden states"):
+        head(frames, None, hidden[:2])
+
+
+def test_l2sp_is_zero_at_the_pretrained_weights_and_pulls_back_toward_them(
+    tmp_path, tiny_wavlm_dir
+):
+    wavlm = WavLMEncoder(tiny_wavlm_dir, str(tmp_path), freeze_feature_extractor=True)
+    trainable = [p for p in wavlm.model.parameters() if p.requires_grad]
+    cnn = next(wavlm.model.feature_extractor.parameters())
+    l2sp = L2SP(trainable, weight=0.01)
+    assert l2sp().item() == 0.0 and all(p is not cnn for p in l2sp.parameters)
+    pretrained = [p.detach().clone() for p in trainable]
+    with torch.no_grad():
+        for p in trainable:
+            p.add_(torch.randn_like(p) * 0.01)
+    penalty = l2sp()
+    moved = sum(float((p - q).pow(2).sum()) for p, q in zip(trainable, pretrained, strict=True))
+    assert penalty.item() == pytest.approx(0.01 * moved, rel=1e-4)
+    penalty.backward()
+    for p, q in zip(trainable, pretrained, strict=True):  # gradient = 2 w (theta - theta_0)
+        assert torch.allclose(p.grad, 0.02 * (p.detach() - q), atol=1e-8)
+    with torch.no_grad():  # a small step against the gradient brings the weights closer
+        for p in trainable:
+            p.sub_(10.0 * p.grad)
+    assert l2sp().item() < penalty.item()

@@ -35,6 +35,7 @@ SMALL_HEAD = {"emb_dim": 64}  # the YAML's head widths stay; a smaller embedding
         ("ecapa", "am", "learnable", "speaker+phrase"),
         ("ecapa", "aam", "fixed", "speaker"),
         ("xvector", "am", "learnable", "speaker+phrase"),
+        ("mhfa", "aam", "fixed", "speaker_phrase"),
     ],
 )
 def test_every_variant_builds_and_backpropagates(
@@ -74,16 +75,22 @@ def brain_stage(name):
     return getattr(sb.Stage, name)
 
 
-def test_real_yaml_loads_with_a_local_wavlm(tmp_path, tiny_wavlm_dir):
-    hparams = load_yaml(
+def real_yaml(tmp_path, tiny_wavlm_dir, **overrides):
+    """``hparams/wavlm_td.yaml`` with the tiny local WavLM in place of WavLM Base+."""
+    return load_yaml(
         "wavlm_td.yaml",
         {
             "data_folder": str(tmp_path / "data"),
             "output_folder": str(tmp_path / "out"),
             "wavlm_source": tiny_wavlm_dir,
             "wavlm_hidden_size": 96,
+            **overrides,
         },
     )
+
+
+def test_real_yaml_loads_with_a_local_wavlm(tmp_path, tiny_wavlm_dir):
+    hparams = real_yaml(tmp_path, tiny_wavlm_dir)
     wavlm = hparams["wavlm"]
     assert wavlm.model.config.layerdrop == 0.0 and not wavlm.freeze
     frozen = [p.requires_grad for p in wavlm.model.feature_extractor.parameters()]
@@ -92,6 +99,23 @@ def test_real_yaml_loads_with_a_local_wavlm(tmp_path, tiny_wavlm_dir):
     embeddings = hparams["embedding_model"](features, torch.tensor([1.0, 0.7]))
     assert embeddings.shape == (2, 1, hparams["emb_dim"])
     assert hparams["number_of_epochs"] >= 10 and hparams["precision"] == "fp16"
+
+
+def test_real_yaml_with_mhfa_and_l2sp_runs_a_training_step(tmp_path, tiny_wavlm_dir):
+    """``wavlm_td.yaml --head_type mhfa`` with a local WavLM: one optimizer step, L2-SP on."""
+    hparams = real_yaml(tmp_path, tiny_wavlm_dir, head_type="mhfa", noise_csv=None)
+    assert hparams["l2sp_weight"] == 0.01
+    cpu = {"device": "cpu", "precision": "fp32", "eval_precision": "fp32"}
+    brain = build_brain(hparams, cpu, n_classes=3, n_phrases=2)
+    brain.hparams.epoch_counter.current = 2  # past the frozen-WavLM warm-up
+    brain.on_fit_start()
+    assert brain.l2sp is not None and brain.l2sp().item() == 0.0
+    keys = brain.modules.embedding_model.key_layer_logits
+    assert keys.abs().max() == 0  # MHFA's key layer weights start uniform
+    loss = brain.fit_batch(fake_batch())
+    assert torch.isfinite(loss)
+    assert brain.l2sp().item() > 0  # WavLM moved away from its pretrained weights
+    assert keys.abs().max() > 0  # and the keys' layer weights learn
 
 
 def epoch_losses(log: Path) -> list[float]:

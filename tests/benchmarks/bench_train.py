@@ -6,6 +6,7 @@ Runs real ``fit_batch`` calls (forward, margin loss, backward, both optimizers) 
 - the demo's tiny WavLM, and a WavLM Base+ sized model (same ``WavLMConfig`` as
   ``microsoft/wavlm-base-plus``, random weights);
 - each precision the device supports (CPU: fp32, bf16; CUDA: fp32, fp16, bf16);
+- the speaker head (``--heads``: x-vector, ECAPA-TDNN, MHFA; the demo YAML's sizes);
 - the CNN frozen as each model's YAML has it (Base+ as ``wavlm_td.yaml``: frozen), or as asked;
 - gradient checkpointing off / on;
 - utterance lengths drawn like DeepMine's (1.5-5 s) batched at random (padding) or sorted by length
@@ -19,6 +20,8 @@ One table row per setting; all rows also go to a JSON file. Data loading is not 
         --grad_checkpointing off --bucketing on        # one row (the options select the grid)
     python tests/benchmarks/bench_train.py --implementations recipe transformers --rounds 2 \
         --precisions fp32 --grad_checkpointing off --bucketing on    # against WavLMForXVector
+    python tests/benchmarks/bench_train.py --heads xvector ecapa mhfa --rounds 2 \
+        --precisions fp32 --grad_checkpointing off --bucketing on    # the three heads
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def frozen_cnn(model: str, choice: str) -> bool:
     return choice == "yes"
 
 
-def run_setting(model_dir, model, precision, checkpointing, bucketing, args, tmp) -> dict:
+def run_setting(model_dir, model, precision, checkpointing, bucketing, head, args, tmp) -> dict:
     """Time ``args.steps`` training steps of the recipe after ``args.warmup`` untimed ones.
 
     Beside ``transformers`` rows, the recipe trains the speaker model alone (no phrase branch),
@@ -70,8 +73,10 @@ def run_setting(model_dir, model, precision, checkpointing, bucketing, args, tmp
         gradient_checkpointing=checkpointing,
         freeze_cnn=freeze_cnn,
         augment=False,
+        head_type=head,
         **overrides,
     )
+    head_params = trainable_parameters(brain.modules.embedding_model)
 
     def step(batch):
         brain.step += 1
@@ -79,9 +84,15 @@ def run_setting(model_dir, model, precision, checkpointing, bucketing, args, tmp
 
     return timed_steps(
         step, args, bucketing,
-        {"implementation": "recipe", "model": model, "precision": precision,
+        {"implementation": "recipe", "model": model, "head": head, "head_params": head_params,
+         "trainable_params": trainable_parameters(brain.modules), "precision": precision,
          "frozen_cnn": freeze_cnn, "grad_checkpointing": checkpointing},
     )  # fmt: skip
+
+
+def trainable_parameters(module: torch.nn.Module) -> int:
+    """The number of trainable parameters of ``module``."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 #: The demo's x-vector head sizes, in ``WavLMForXVector``'s configuration names.
@@ -140,7 +151,10 @@ def run_transformers(model_dir, model, precision, checkpointing, bucketing, args
     return timed_steps(
         lambda batch: transformers_step(hf_model, optimizer, scaler, batch, precision, args.device),
         args, bucketing,
-        {"implementation": "transformers", "model": model, "precision": precision,
+        {"implementation": "transformers", "model": model, "head": "xvector",
+         "head_params": sum(p.numel() for n, p in hf_model.named_parameters()
+                            if not n.startswith("wavlm.") and p.requires_grad),
+         "trainable_params": trainable_parameters(hf_model), "precision": precision,
          "frozen_cnn": freeze_cnn, "grad_checkpointing": checkpointing},
     )  # fmt: skip
 
@@ -198,6 +212,13 @@ def main() -> None:
         default=["recipe"],
         help="transformers: WavLMForXVector with a plain AdamW loop, rows next to the recipe's",
     )
+    parser.add_argument(
+        "--heads",
+        nargs="+",
+        choices=["xvector", "ecapa", "mhfa"],
+        default=["xvector"],
+        help="speaker heads of the recipe rows (transformers rows: its x-vector head only)",
+    )
     parser.add_argument("--rounds", type=int, default=1, help="repeat the grid (interleaved)")
     parser.add_argument("--json", default="bench_train.json")
     args = parser.parse_args()
@@ -206,10 +227,10 @@ def main() -> None:
     )
     rows = []
     print(
-        "| implementation | model | precision | frozen CNN | grad ckpt | bucketing "
-        "| steps/s | utts/s | audio s/s | peak MB |"
+        "| implementation | model | head | head params | trainable params | precision "
+        "| frozen CNN | grad ckpt | bucketing | steps/s | utts/s | audio s/s | peak MB |"
     )
-    print("|---|---|---|---|---|---|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---|---|---|---|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         dirs = model_dirs(tmp, args.models)
         grid = itertools.product(
@@ -218,17 +239,20 @@ def main() -> None:
             precisions,
             [choice == "on" for choice in args.grad_checkpointing],
             [choice == "on" for choice in args.bucketing],
-            args.implementations,  # innermost: the two ways of a setting run back to back
-        )
-        for _, model, precision, checkpointing, bucketing, implementation in grid:
-            setting = (dirs[model], model, precision, checkpointing, bucketing, args)
+            # innermost: the heads and the two ways of a setting run back to back
+            [(implementation, head) for implementation in args.implementations
+             for head in (args.heads if implementation == "recipe" else ["xvector"])],
+        )  # fmt: skip
+        for _, model, precision, checkpointing, bucketing, (implementation, head) in grid:
+            setting = (dirs[model], model, precision, checkpointing, bucketing)
             if implementation == "transformers":
-                row = run_transformers(*setting)
+                row = run_transformers(*setting, args)
             else:
-                row = run_setting(*setting, tmp)
+                row = run_setting(*setting, head, args, tmp)
             rows.append(row)
             print(
-                f"| {implementation} | {model} | {precision} | {row['frozen_cnn']} | "
+                f"| {implementation} | {model} | {head} | {row['head_params'] / 1e6:.2f} M | "
+                f"{row['trainable_params'] / 1e6:.2f} M | {precision} | {row['frozen_cnn']} | "
                 f"{checkpointing} | {bucketing} | {row['steps_per_s']:.2f} | "
                 f"{row['utts_per_s']:.1f} | {row['audio_s_per_s']:.1f} | {row['peak_mb']:.0f} |",
                 flush=True,
