@@ -56,7 +56,7 @@ from recipes.speaker_model import (
     WavLMSpeakerEmbedder,
     XVectorHead,
     phrase_outputs,
-    speaker_embedding,
+    pooled_embedding,
 )
 from recipes.verification import checkpoint_scoring, scored, split_embeddings
 
@@ -380,7 +380,7 @@ class TrainingModules:
     def speaker(self, wav: torch.Tensor) -> torch.Tensor:
         """Speaker embedding ``[1, D]`` of one waveform, as training computes it."""
         features, hidden = self.wavlm(wav[None], return_hidden=True)
-        return speaker_embedding(self.head, features, None, hidden).squeeze(1)
+        return pooled_embedding(self.head, features, None, hidden).squeeze(1)
 
     @torch.no_grad()
     def phrase_logp(self, wav: torch.Tensor) -> torch.Tensor:

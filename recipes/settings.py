@@ -29,6 +29,7 @@ CHOICES = {
     "eval_precision": ("fp32", "fp16", "bf16"),
     "fusion": ("none", "llr", "gate"),  # speaker score, calibrated fusion, hard phrase gate
     "phrase_branch": (True, False),
+    "phrase_pooling": ("xvector", "mhfa"),
 }
 
 #: Numeric settings: (lowest allowed, whether the lowest is excluded).

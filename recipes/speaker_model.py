@@ -179,7 +179,7 @@ def head_takes_hidden_states(head: nn.Module) -> bool:
     return bool(getattr(getattr(head, "module", head), "takes_hidden_states", False))
 
 
-def speaker_embedding(head: nn.Module, frames, lengths, hidden=None) -> torch.Tensor:
+def pooled_embedding(head: nn.Module, frames, lengths, hidden=None) -> torch.Tensor:
     """``head`` on the layer-weighted ``frames``; a head that takes them also gets ``hidden``."""
     if head_takes_hidden_states(head):
         return head(frames, lengths, hidden)
@@ -190,10 +190,14 @@ class PhraseBranch(nn.Module):
     """Pass-phrase classifier on WavLM's hidden states ``[L, B, T, H]``.
 
     Phrase content and speaker identity peak in different WavLM layers, so the branch has its own
-    softmax layer weights, then a small x-vector head (dilated convolutions for temporal context,
-    pooling over valid frames) that gives a phrase embedding, and a linear classifier over the
-    training phrases (plus "other" when free text is trained). The embedding also gives a
-    content-similarity score for pass-phrases that are not training classes.
+    softmax layer weights, then a small pooling head that gives a phrase embedding, and a linear
+    classifier over the training phrases (plus "other" when free text is trained). The embedding
+    also gives a content-similarity score for pass-phrases that are not training classes.
+
+    ``pooling``: "xvector" (dilated convolutions for temporal context, mean and std over valid
+    frames: ``channels``, ``kernel_sizes``, ``dilations``) or "mhfa" (``MHFAHead``: attention
+    heads that can pick out the words that tell phrases apart; ``heads``, ``compression_dim``,
+    its keys from a second layer weighting).
     """
 
     def __init__(
@@ -205,15 +209,24 @@ class PhraseBranch(nn.Module):
         kernel_sizes=(5, 3, 3),
         dilations=(1, 2, 3),
         embedding_dim: int = 128,
+        pooling: str = "xvector",
+        heads: int = 8,
+        compression_dim: int = 64,
     ):
         super().__init__()
         self.layer_logits = nn.Parameter(torch.zeros(num_states))
-        self.head = XVectorHead(input_size, channels, kernel_sizes, dilations, embedding_dim)
+        if pooling == "xvector":
+            self.head = XVectorHead(input_size, channels, kernel_sizes, dilations, embedding_dim)
+        elif pooling == "mhfa":
+            self.head = MHFAHead(input_size, num_states, compression_dim, heads, embedding_dim)
+        else:
+            raise ValueError(f"phrase branch pooling must be xvector or mhfa, not {pooling!r}")
         self.classifier = nn.Sequential(nn.ReLU(), nn.Linear(embedding_dim, n_phrases))
 
     def forward(self, hidden: torch.Tensor, lengths: torch.Tensor | None = None):
         """``(phrase embedding [B, E], phrase logits [B, P])`` of hidden states ``[L, B, T, H]``."""
-        embedding = self.head(weighted_layer_sum(self.layer_logits, hidden), lengths).squeeze(1)
+        frames = weighted_layer_sum(self.layer_logits, hidden)
+        embedding = pooled_embedding(self.head, frames, lengths, hidden).squeeze(1)
         return embedding, self.classifier(embedding)
 
 
@@ -388,7 +401,7 @@ class WavLMSpeakerEmbedder(nn.Module):
             else hidden
         )
         lengths = frame_lengths(self.model, wav_lens, wavs.shape[1], speaker.shape[1])
-        outputs = {"speaker": speaker_embedding(self.head, speaker, lengths, hidden)}
+        outputs = {"speaker": pooled_embedding(self.head, speaker, lengths, hidden)}
         if with_phrase and self.phrase_branch is not None:
             outputs.update(phrase_outputs(*self.phrase_branch(hidden, lengths)))
         return outputs

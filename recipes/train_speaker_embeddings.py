@@ -8,9 +8,9 @@ speaker and phrase scores are fused), keeping the best checkpoint by it; then th
 is scored (``recipes/verification.py``). Everything is wired in the YAML; the data side lives in
 ``recipes/experiment.py``.
 
-    python recipes/train_speaker_embeddings.py hparams/synthetic_demo.yaml            # CPU demo
-    python recipes/train_speaker_embeddings.py hparams/wavlm_td.yaml --data_folder /data/task1
-    torchrun --nproc_per_node=4 recipes/train_speaker_embeddings.py hparams/wavlm_td.yaml ...
+    python recipes/train_pooled_embeddings.py hparams/synthetic_demo.yaml            # CPU demo
+    python recipes/train_pooled_embeddings.py hparams/wavlm_td.yaml --data_folder /data/task1
+    torchrun --nproc_per_node=4 recipes/train_pooled_embeddings.py hparams/wavlm_td.yaml ...
 
 Rerunning the same command after an interruption resumes from the last checkpoint; a run that
 already finished only re-evaluates.
@@ -39,7 +39,7 @@ from recipes.speaker_model import (
     head_takes_hidden_states,
     per_utterance,
     phrase_outputs,
-    speaker_embedding,
+    pooled_embedding,
 )
 from recipes.verification import dev_pass_metrics, run_verification
 
@@ -82,7 +82,7 @@ class SpeakerBrain(sb.core.Brain):
             encoded = self.modules.wavlm(wavs, encoder_lens, return_hidden=with_hidden)
         feats, hidden = encoded if with_hidden else (encoded, None)
         feat_lens = self.unwrapped("wavlm").frame_lengths(lens, wavs.shape[1], feats.shape[1])
-        embeddings = speaker_embedding(self.modules.embedding_model, feats, feat_lens, hidden)
+        embeddings = pooled_embedding(self.modules.embedding_model, feats, feat_lens, hidden)
         phrase = self.modules.phrase_branch(hidden, feat_lens) if with_phrase else None
         if stage != sb.Stage.TRAIN:
             if phrase is None:

@@ -25,6 +25,7 @@ BAD_VALUES = {
     "eval_precision": "int8",
     "fusion": "bayes",
     "phrase_branch": "yes",
+    "phrase_pooling": "mean",
     "number_of_epochs": 0,
     "batch_size": -4,
     "crop_seconds": 0,

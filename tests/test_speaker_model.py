@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 
 from recipes.modules import L2SP, WavLMEncoder
-from recipes.speaker_model import MaskedGroupNorm, MHFAHead, XVectorHead, speaker_embedding
+from recipes.speaker_model import MaskedGroupNorm, MHFAHead, XVectorHead, pooled_embedding
 from tests.helpers import load_yaml
 
 LENGTHS = (48000, 37001, 21111, 16003, 8000)
@@ -43,7 +43,7 @@ def test_a_batched_utterance_gets_the_embedding_it_gets_alone(tmp_path, tiny_wav
         hidden = features(wav, wav_lens)
         frames = wavlm.frame_lengths(wav_lens, wav.shape[1], hidden.shape[-2])
         weighted = torch.einsum("l,lbth->bth", F.softmax(wavlm.layer_logits, 0), hidden)
-        return F.normalize(speaker_embedding(head, weighted, frames, hidden).squeeze(1), dim=-1)
+        return F.normalize(pooled_embedding(head, weighted, frames, hidden).squeeze(1), dim=-1)
 
     with torch.no_grad():
         alone = torch.cat([embed(w[None], None, wavlm.extract_features) for w in wavs])

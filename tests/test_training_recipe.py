@@ -28,18 +28,18 @@ SMALL_HEAD = {"emb_dim": 64}  # the YAML's head widths stay; a smaller embedding
 
 
 @pytest.mark.parametrize(
-    ("head_type", "margin_type", "scale_mode", "target_type"),
+    ("head_type", "margin_type", "scale_mode", "target_type", "phrase_pooling"),
     [
-        ("xvector", "am", "fixed", "speaker"),
-        ("xvector", "aam", "adaptive", "speaker_phrase"),
-        ("ecapa", "am", "learnable", "speaker+phrase"),
-        ("ecapa", "aam", "fixed", "speaker"),
-        ("xvector", "am", "learnable", "speaker+phrase"),
-        ("mhfa", "aam", "fixed", "speaker_phrase"),
+        ("xvector", "am", "fixed", "speaker", "xvector"),
+        ("xvector", "aam", "adaptive", "speaker_phrase", "mhfa"),
+        ("ecapa", "am", "learnable", "speaker+phrase", "xvector"),
+        ("ecapa", "aam", "fixed", "speaker", "xvector"),
+        ("xvector", "am", "learnable", "speaker+phrase", "xvector"),
+        ("mhfa", "aam", "fixed", "speaker_phrase", "mhfa"),
     ],
 )
 def test_every_variant_builds_and_backpropagates(
-    tmp_path, tiny_wavlm_dir, head_type, margin_type, scale_mode, target_type
+    tmp_path, tiny_wavlm_dir, head_type, margin_type, scale_mode, target_type, phrase_pooling
 ):
     hparams = load_yaml(
         "synthetic_demo.yaml",
@@ -50,6 +50,7 @@ def test_every_variant_builds_and_backpropagates(
             "margin_type": margin_type,
             "scale_mode": scale_mode,
             "target_type": target_type,
+            "phrase_pooling": phrase_pooling,
             "noise_csv": None,
             **SMALL_HEAD,
         },
@@ -69,6 +70,8 @@ def test_every_variant_builds_and_backpropagates(
     assert ("phrase_classifier" in brain.modules) == (target_type == "speaker+phrase")
     outputs = brain.compute_forward(batch, brain_stage("VALID"))
     assert outputs["speaker"].shape == (4, 1, 64) and outputs["phrase_logp"].shape == (4, 2)
+    branch = brain.modules.phrase_branch
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in branch.head.parameters())
 
 
 def brain_stage(name):
