@@ -41,6 +41,20 @@ def test_a_training_step_syncs_only_in_speechbrains_loop_and_hf(brain):
     assert sum(sites.values()) <= 2 * 7, sites
 
 
+def test_mhfa_heads_and_l2sp_add_no_host_sync(tmp_path, tiny_wavlm_dir):
+    """MHFA (speaker head and phrase pooling) and L2-SP run on the device alone."""
+    brain = training_brain(
+        tiny_wavlm_dir, "tiny", tmp_path, {"device": "cpu"},
+        head_type="mhfa", phrase_pooling="mhfa", l2sp_weight=0.01,
+    )  # fmt: skip
+    brain.on_fit_start()  # creates the L2-SP anchors, as fit does
+    assert brain.l2sp is not None
+    sites = count_host_syncs(brain, training_batches(4, 3, bucketing=False))
+    ours = {site: n for (site, _), n in sites.items() if site.startswith("recipes/")}
+    assert sorted(site.split()[-1] for site in ours) == ["check_gradients", "compute_forward"]
+    assert list(ours.values()) == [2, 2], ours
+
+
 def test_gradient_check_drops_only_the_non_finite_gradient(brain):
     """SpeechBrain's semantics: the bad gradient is dropped, the others are kept as they are."""
     params = [p for p in brain.modules.parameters() if p.requires_grad]
