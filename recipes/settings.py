@@ -30,6 +30,7 @@ CHOICES = {
     "fusion": ("none", "llr", "gate"),  # speaker score, calibrated fusion, hard phrase gate
     "phrase_branch": (True, False),
     "phrase_pooling": ("xvector", "mhfa"),
+    "phrase_classifier_type": ("linear", "cosine"),
 }
 
 #: Numeric settings: (lowest allowed, whether the lowest is excluded).
@@ -44,6 +45,7 @@ RANGES = {
     "min_audio_seconds": (0, False),
     "phrase_loss_weight": (0, False),
     "l2sp_weight": (0, False),
+    "phrase_margin": (0, False),
     "cohort_top_k": (1, False),
     "cohort_utts_per_speaker": (1, False),
 }
@@ -71,6 +73,10 @@ def settings_problems(hparams) -> list[str]:
     no_layer_weights = isinstance(wavlm, dict) and wavlm.get("layer_weighting") is False
     if hparams.get("phrase_branch") and no_layer_weights:
         problems.append("phrase_branch: True needs the WavLM encoder's layer_weighting: True")
+    if hparams.get("phrase_margin") and hparams.get("phrase_classifier_type") == "linear":
+        problems.append(
+            f"phrase_margin: {hparams['phrase_margin']!r} needs phrase_classifier_type: cosine"
+        )
     if hparams.get("head_type") == "mhfa" and no_layer_weights:
         problems.append("head_type: 'mhfa' needs the WavLM encoder's layer_weighting: True")
     return problems

@@ -186,18 +186,35 @@ def pooled_embedding(head: nn.Module, frames, lengths, hidden=None) -> torch.Ten
     return head(frames, lengths)
 
 
+class CosineClassifier(nn.Module):
+    """Logits ``scale * cos(embedding, class weight)`` ``[B, C]`` of embeddings ``[B, E]``."""
+
+    def __init__(self, embedding_dim: int, n_classes: int, scale: float = 30.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_classes, embedding_dim))
+        nn.init.xavier_uniform_(self.weight)
+        self.scale = scale
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Scaled cosine logits."""
+        return self.scale * F.normalize(embedding, dim=-1) @ F.normalize(self.weight, dim=-1).T
+
+
 class PhraseBranch(nn.Module):
     """Pass-phrase classifier on WavLM's hidden states ``[L, B, T, H]``.
 
     Phrase content and speaker identity peak in different WavLM layers, so the branch has its own
-    softmax layer weights, then a small pooling head that gives a phrase embedding, and a linear
+    softmax layer weights, then a small pooling head that gives a phrase embedding, and a
     classifier over the training phrases (plus "other" when free text is trained). The embedding
     also gives a content-similarity score for pass-phrases that are not training classes.
 
     ``pooling``: "xvector" (dilated convolutions for temporal context, mean and std over valid
     frames: ``channels``, ``kernel_sizes``, ``dilations``) or "mhfa" (``MHFAHead``: attention
-    heads that can pick out the words that tell phrases apart; ``heads``, ``compression_dim``,
-    its keys from a second layer weighting).
+    heads, ``heads``, ``compression_dim``, its keys from a second layer weighting).
+    ``classifier``: "linear" (ReLU + linear layer, plain cross-entropy) or "cosine" (scaled cosine
+    logits trained with an additive ``margin``, AM-Softmax): a margin makes each phrase a compact
+    cluster, so a sentence the branch never heard lands between them instead of inside one (free
+    text, the open set of wrong phrases). Either way the scores are the posteriors of the logits.
     """
 
     def __init__(
@@ -212,6 +229,9 @@ class PhraseBranch(nn.Module):
         pooling: str = "xvector",
         heads: int = 8,
         compression_dim: int = 64,
+        classifier: str = "linear",
+        scale: float = 30.0,
+        margin: float = 0.0,
     ):
         super().__init__()
         self.layer_logits = nn.Parameter(torch.zeros(num_states))
@@ -221,13 +241,28 @@ class PhraseBranch(nn.Module):
             self.head = MHFAHead(input_size, num_states, compression_dim, heads, embedding_dim)
         else:
             raise ValueError(f"phrase branch pooling must be xvector or mhfa, not {pooling!r}")
-        self.classifier = nn.Sequential(nn.ReLU(), nn.Linear(embedding_dim, n_phrases))
+        if classifier == "linear":
+            if margin:
+                raise ValueError("a margin needs the cosine phrase classifier")
+            self.classifier = nn.Sequential(nn.ReLU(), nn.Linear(embedding_dim, n_phrases))
+        elif classifier == "cosine":
+            self.classifier = CosineClassifier(embedding_dim, n_phrases, scale)
+        else:
+            raise ValueError(f"phrase classifier must be linear or cosine, not {classifier!r}")
+        self.margin_logit = margin * scale if classifier == "cosine" else 0.0
 
     def forward(self, hidden: torch.Tensor, lengths: torch.Tensor | None = None):
         """``(phrase embedding [B, E], phrase logits [B, P])`` of hidden states ``[L, B, T, H]``."""
         frames = weighted_layer_sum(self.layer_logits, hidden)
         embedding = pooled_embedding(self.head, frames, lengths, hidden).squeeze(1)
         return embedding, self.classifier(embedding)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Training loss: cross-entropy, with the additive margin taken off the target's logit."""
+        logits = logits.float()
+        if self.margin_logit:
+            logits = logits - self.margin_logit * F.one_hot(targets, logits.shape[-1])
+        return F.cross_entropy(logits, targets)
 
 
 def phrase_outputs(embedding: torch.Tensor, logits: torch.Tensor) -> dict:

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import speechbrain as sb
 import torch
-import torch.nn.functional as F
 from speechbrain.utils.logger import get_logger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -111,9 +110,9 @@ class SpeakerBrain(sb.core.Brain):
             phrase_targets = self._targets(batch.phrase_encoded.data)
         if "phrase" in logits:
             loss = loss + weight * self.modules.phrase_loss(logits["phrase"], phrase_targets)
-        if "phrase_branch" in logits:  # plain cross-entropy: posteriors are what is scored
-            branch_loss = F.cross_entropy(logits["phrase_branch"].float(), phrase_targets[:, 0])
-            loss = loss + weight * branch_loss
+        if "phrase_branch" in logits:  # its posteriors are what is scored
+            branch = self.unwrapped("phrase_branch")
+            loss = loss + weight * branch.loss(logits["phrase_branch"], phrase_targets[:, 0])
         if self.l2sp is not None:
             loss = loss + self.l2sp()
         return loss

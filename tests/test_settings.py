@@ -26,6 +26,8 @@ BAD_VALUES = {
     "fusion": "bayes",
     "phrase_branch": "yes",
     "phrase_pooling": "mean",
+    "phrase_classifier_type": "softmax",
+    "phrase_margin": -0.2,
     "number_of_epochs": 0,
     "batch_size": -4,
     "crop_seconds": 0,
@@ -57,6 +59,10 @@ def test_impossible_combinations_are_named():
     no_layers = "wavlm: !new:recipes.modules.WavLMEncoder\n    layer_weighting: False"
     problems = settings_problems(raw_settings(demo, no_layers))
     assert problems == ["phrase_branch: True needs the WavLM encoder's layer_weighting: True"]
+    problems = settings_problems(
+        raw_settings(demo, {"phrase_classifier_type": "linear", "phrase_margin": 0.2})
+    )
+    assert problems == ["phrase_margin: 0.2 needs phrase_classifier_type: cosine"]
     problems = settings_problems(raw_settings(demo, no_layers + "\nhead_type: mhfa"))
     assert "head_type: 'mhfa' needs the WavLM encoder's layer_weighting: True" in problems
     assert (

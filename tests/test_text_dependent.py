@@ -21,7 +21,7 @@ from data_prep.synth_deepmine import FREE_TEXT, TRAIN_FREE_TEXT, plan_corpus
 from recipes.fusion import TrialScores, fit_calibration, learn_fusion, stored_or_learned_fusion
 from recipes.metrics import actual_dcf, bayes_threshold, cllr
 from recipes.scoring import EmbeddingTable, score_trials
-from recipes.speaker_model import GATE_PENALTY, LOGP_FLOOR, fused_llr
+from recipes.speaker_model import GATE_PENALTY, LOGP_FLOOR, PhraseBranch, fused_llr
 from recipes.train_speaker_embeddings import build_brain
 from tests.conftest import TINY
 from tests.helpers import load_yaml, run_script
@@ -52,7 +52,8 @@ def tone_batch(phrases, seconds=1.0):
     return PaddedBatch(examples)
 
 
-def test_phrase_branch_learns_on_a_few_batches(tmp_path, tiny_wavlm_dir):
+@pytest.mark.parametrize(("classifier", "margin"), [("linear", 0.0), ("cosine", 0.2)])
+def test_phrase_branch_learns_on_a_few_batches(tmp_path, tiny_wavlm_dir, classifier, margin):
     hparams = load_yaml(
         "synthetic_demo.yaml",
         {
@@ -62,6 +63,8 @@ def test_phrase_branch_learns_on_a_few_batches(tmp_path, tiny_wavlm_dir):
             "augment": False,
             "phrase_loss_weight": 1.0,
             "warmup_steps": 1,  # full learning rates from the first step
+            "phrase_classifier_type": classifier,
+            "phrase_margin": margin,
         },
     )
     brain = build_brain(hparams, {"device": "cpu"}, n_classes=3, n_phrases=2)
@@ -89,6 +92,20 @@ def test_phrase_branch_learns_on_a_few_batches(tmp_path, tiny_wavlm_dir):
     branch = brain.modules.phrase_branch
     assert branch.layer_logits.abs().sum() > 0
     assert not torch.equal(branch.layer_logits, brain.modules.wavlm.layer_logits)
+
+
+def test_the_cosine_phrase_classifier_trains_with_a_margin_and_scores_without():
+    branch = PhraseBranch(3, 8, 4, channels=(8, 8, 8), embedding_dim=6, classifier="cosine",
+                          scale=30.0, margin=0.2)  # fmt: skip
+    embedding, logits = branch(torch.randn(3, 2, 40, 8))
+    weight = torch.nn.functional.normalize(branch.classifier.weight, dim=-1)
+    cosine = torch.nn.functional.normalize(embedding, dim=-1) @ weight.T
+    assert torch.allclose(logits, 30.0 * cosine, atol=1e-5)  # what scoring turns into posteriors
+    targets = torch.tensor([2, 0])
+    by_hand = -torch.log_softmax(30.0 * (cosine - 0.2 * torch.eye(4)[targets]), -1)
+    assert torch.isclose(branch.loss(logits, targets), by_hand[[0, 1], targets].mean(), atol=1e-5)
+    with pytest.raises(ValueError, match="margin needs the cosine"):
+        PhraseBranch(3, 8, 4, margin=0.2)
 
 
 def test_fused_llr_and_bayes_decisions_equal_a_hand_computation():
