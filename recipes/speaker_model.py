@@ -117,11 +117,10 @@ def weighted_layer_sum(layer_logits: torch.Tensor, hidden: torch.Tensor) -> torc
 
 def valid_frame_mask(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     """``[B, T]`` True on the valid frames of ``x`` ``[B, T, ...]`` (relative ``lengths``)."""
-    frames = torch.arange(x.shape[1], device=x.device)
     if lengths is None:
         return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     valid = torch.round(lengths.to(x.device) * x.shape[1]).long().clamp(min=1)
-    return frames[None, :] < valid[:, None]
+    return torch.arange(x.shape[1], device=x.device)[None, :] < valid[:, None]
 
 
 class MHFAHead(nn.Module):
@@ -249,7 +248,7 @@ class PhraseBranch(nn.Module):
             self.classifier = CosineClassifier(embedding_dim, n_phrases, scale)
         else:
             raise ValueError(f"phrase classifier must be linear or cosine, not {classifier!r}")
-        self.margin_logit = margin * scale if classifier == "cosine" else 0.0
+        self.margin_logit = margin * scale  # 0 for the linear classifier (checked above)
 
     def forward(self, hidden: torch.Tensor, lengths: torch.Tensor | None = None):
         """``(phrase embedding [B, E], phrase logits [B, P])`` of hidden states ``[L, B, T, H]``."""

@@ -8,9 +8,9 @@ speaker and phrase scores are fused), keeping the best checkpoint by it; then th
 is scored (``recipes/verification.py``). Everything is wired in the YAML; the data side lives in
 ``recipes/experiment.py``.
 
-    python recipes/train_pooled_embeddings.py hparams/synthetic_demo.yaml            # CPU demo
-    python recipes/train_pooled_embeddings.py hparams/wavlm_td.yaml --data_folder /data/task1
-    torchrun --nproc_per_node=4 recipes/train_pooled_embeddings.py hparams/wavlm_td.yaml ...
+    python recipes/train_speaker_embeddings.py hparams/synthetic_demo.yaml            # CPU demo
+    python recipes/train_speaker_embeddings.py hparams/wavlm_td.yaml --data_folder /data/task1
+    torchrun --nproc_per_node=4 recipes/train_speaker_embeddings.py hparams/wavlm_td.yaml ...
 
 Rerunning the same command after an interruption resumes from the last checkpoint; a run that
 already finished only re-evaluates.
