@@ -152,8 +152,7 @@ def run_transformers(model_dir, model, precision, checkpointing, bucketing, args
         lambda batch: transformers_step(hf_model, optimizer, scaler, batch, precision, args.device),
         args, bucketing,
         {"implementation": "transformers", "model": model, "head": "xvector",
-         "head_params": sum(p.numel() for n, p in hf_model.named_parameters()
-                            if not n.startswith("wavlm.") and p.requires_grad),
+         "head_params": trainable_parameters(hf_model) - trainable_parameters(hf_model.wavlm),
          "trainable_params": trainable_parameters(hf_model), "precision": precision,
          "frozen_cnn": freeze_cnn, "grad_checkpointing": checkpointing},
     )  # fmt: skip
