@@ -9,6 +9,8 @@ any object (WavLM would be downloaded or built), then loads it.
 
 from __future__ import annotations
 
+import json
+
 import ruamel.yaml
 from hyperpyyaml.core import resolve_references
 from ruamel.yaml.constructor import SafeConstructor
@@ -118,6 +120,19 @@ class _PlainConstructor(SafeConstructor):
 _PlainConstructor.add_multi_constructor("!", _untagged)
 
 
+def with_run_options(hparams_file, run_opts, overrides: str) -> str:
+    """``overrides`` plus the run options given on the command line that the YAML also sets.
+
+    SpeechBrain's parser takes its run options (``--grad_accumulation_factor``, ``--precision``,
+    ``--eval_precision``, ...) out of the overrides: the Brain uses the command line's value, but
+    ``hparams`` would keep the YAML's, and everything that reads ``hparams`` (the schedule's
+    length, final scoring, export, ``verify_speakers.py``) would disagree with the Brain.
+    """
+    given = sorted(set(run_opts.overridden_args) & set(raw_settings(hparams_file, overrides)))
+    lines = [f"{key}: {json.dumps(run_opts[key])}" for key in given]
+    return "\n".join([overrides, *lines]).strip() if lines else overrides
+
+
 def load_checked_hparams(argv):
     """SpeechBrain's command line -> ``(hparams_file, run_opts, overrides, hparams)``, checked.
 
@@ -127,6 +142,7 @@ def load_checked_hparams(argv):
     from hyperpyyaml import load_hyperpyyaml
 
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    overrides = with_run_options(hparams_file, run_opts, overrides)
     problems = settings_problems(raw_settings(hparams_file, overrides))
     if problems:
         raise SystemExit(

@@ -301,7 +301,14 @@ class MaskedGroupNorm(nn.GroupNorm):
         """Normalize ``x`` ``[B, C, T]``."""
         if self.valid_frames is None or self.num_groups != self.num_channels:
             return super().forward(x)
-        x = x.float()  # statistics in fp32, as autocast runs GroupNorm
+        # Statistics in fp32, as autocast runs GroupNorm. Autocast must be off here, not only
+        # the input cast: it would run the bmm below in fp16 / bf16, where the sum of squares
+        # of a 20 s utterance overflows fp16 (NaN) and bf16 loses the variance's digits.
+        with torch.autocast(x.device.type, enabled=False):
+            return self._masked_norm(x.float())
+
+    def _masked_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalization of fp32 ``x`` over its valid frames (autocast off)."""
         frames = torch.arange(x.shape[-1], device=x.device)
         mask = (frames[None, :] < self.valid_frames[:, None]).to(x.dtype)[:, :, None]  # [B,T,1]
         # This tensor is the largest of the model ([B, 512, samples / 5]), so the statistics are
