@@ -320,6 +320,23 @@ def run_device(run_opts: dict) -> torch.device:
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def usable_precision(precision: str, device) -> str:
+    """``precision`` where ``device`` runs it as autocast; else fp32, with a log line.
+
+    A run trained on a GPU in fp16 and rescored or exported on a CPU would otherwise run fp16
+    CPU autocast: slow, and refused by SpeechBrain's own Brain. A GPU without bf16 likewise.
+    """
+    device = torch.device(device)
+    if precision == "fp16" and device.type == "cpu":
+        reason = "the CPU has no fast fp16 autocast (SpeechBrain refuses it there)"
+    elif precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        reason = "this GPU has no bf16"
+    else:
+        return precision
+    logger.warning("eval_precision %s on %s: %s; evaluating in fp32", precision, device, reason)
+    return "fp32"
+
+
 @torch.no_grad()
 def embed_tables(model, dataset, loader_kwargs: dict, device, precision="fp32", progress=True):
     """Tables of every utterance of ``dataset``: ``"speaker"`` and the phrase branch's outputs.

@@ -30,6 +30,7 @@ import json
 import shutil
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -45,9 +46,10 @@ from recipes.experiment import (
     dataio_prep,
     phrase_branch_settings,
     prepare_data,
+    run_device,
     wavlm_settings,
 )
-from recipes.pretrained import EXPORTED_MODULE, load_verifier
+from recipes.pretrained import EXPORTED_MODULE, embed_dataset, load_verifier
 from recipes.scoring import metrics_by_condition, score_trials, trial_metrics
 from recipes.settings import load_checked_hparams
 from recipes.speaker_model import (
@@ -58,7 +60,7 @@ from recipes.speaker_model import (
     phrase_outputs,
     pooled_embedding,
 )
-from recipes.verification import checkpoint_scoring, scored, split_embeddings
+from recipes.verification import checkpoint_scoring, embedding_cache, scored, split_embeddings
 
 logger = get_logger(__name__)
 
@@ -96,6 +98,33 @@ def split_metrics(per_split: dict, splits: dict, fused: bool) -> dict:
         if metrics:
             results[split] = metrics
     return results
+
+
+def exported_calibration(folder: Path, hparams, data, run, run_opts: dict):
+    """``(thresholds, fusion or None, metrics)`` of the model in ``folder``, as it embeds.
+
+    The folder's model embeds the dev and eval utterances (cached under the checkpoint's
+    ``export/`` embeddings); the fusion is learned on them (stored beside the recipe's as
+    ``<checkpoint>_export``), and the metrics are without score normalization.
+    """
+    verifier = load_verifier(folder, {"device": str(run_device(run_opts))})
+    embed = partial(
+        embed_dataset,
+        verifier,
+        loader_kwargs=hparams["eval_dataloader_options"],
+        progress=not run_opts.get("noprogressbar"),
+    )
+    cache = embedding_cache(run.cache / "export", {**hparams, "eval_precision": "fp32"})
+    tables = split_embeddings(embed, data.splits, cache)
+    dev = data.splits["dev"]
+    thresholds = enrolment_thresholds(tables["dev"]["speaker"], dev.models, dev.trials)
+    source = run.fusion._replace(
+        path=run.fusion.path.with_name(f"{run.fusion.path.stem}_export.json"),
+        stamp={**run.fusion.stamp, "embedded_by": "export"},
+    )
+    card_hparams = {**hparams, "score_norm": "none"}  # the model card: raw (or fused) scores
+    per_split, fusion = scored(embed, card_hparams, data.splits, None, cache, source)
+    return thresholds, fusion, split_metrics(per_split, data.splits, fused=fusion is not None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -279,51 +308,70 @@ def check_agreement(what: str, cosine: float) -> None:
 
 
 def export(hparams, run_opts) -> Path:
-    """Export the best checkpoint of the run described by ``hparams``; return the folder."""
+    """Export the best checkpoint of the run described by ``hparams``; return the folder.
+
+    The folder is first written without its calibration; the dev thresholds, the fusion and the
+    model card's metrics are then computed with that folder's own model (fp32, one utterance at
+    a time, as a user's ``verify_*`` calls run it), not with the recipe's batched
+    ``eval_precision`` embeddings, and written in.
+    """
     prepare_data(hparams)
     data = dataio_prep(hparams)
-    splits, class_encoder, n_phrases = data.splits, data.class_encoder, len(data.phrase_encoder)
     run = checkpoint_scoring(hparams, data, run_opts)
-    checkpoint, embedder, embed, cache = run.checkpoint, run.embedder, run.embed, run.cache
-    tables = split_embeddings(embed, splits, cache)
-    thresholds = enrolment_thresholds(tables["dev"]["speaker"], *splits["dev"][1:])
-    card_hparams = {**hparams, "score_norm": "none"}  # the model card: raw (or fused) scores
-    per_split, fusion = scored(embed, card_hparams, splits, None, cache, run.fusion)
-    metrics = split_metrics(per_split, splits, fused=fusion is not None)
-    embedder = embedder.cpu()
-
-    settings = wavlm_settings(hparams["wavlm"])
-    head_class, head_kwargs = head_spec(hparams)
-    text_dependent = None
-    if fusion is not None:
-        text_dependent = {
-            "phrase_branch": phrase_branch_settings(hparams, n_phrases),
-            "phrase_labels": data.phrase_labels,
-            "fusion": {**fusion, "kind": hparams["fusion"]},
-        }
-    wavs = reference_utterances(splits["dev"][0])
-    trained = TrainingModules(hparams, checkpoint, n_phrases)
-
     out = Path(hparams["export_folder"])
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        facts = write_folder(staging, hparams, data, run, run_opts)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing partial is left behind
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    staging.chmod(0o755)  # mkdtemp makes it private; a model folder is for sharing
+    staging.rename(out)
+    print(f"exported {facts['checkpoint']} to {out}: {json.dumps(facts['checks'])}")
+    return out
+
+
+def write_folder(staging: Path, hparams, data, run, run_opts: dict) -> dict:
+    """Write and self-check the export of ``run``'s checkpoint in ``staging``; its facts."""
+    class_encoder, n_phrases = data.class_encoder, len(data.phrase_encoder)
+    checkpoint, embedder = run.checkpoint, run.embedder.cpu()
+    settings = wavlm_settings(hparams["wavlm"])
+    head_class, head_kwargs = head_spec(hparams)
+    branch = phrase_branch_settings(hparams, n_phrases) if hparams["fusion"] != "none" else None
+    wavs = reference_utterances(data.splits["dev"].utterances)
+    trained = TrainingModules(hparams, checkpoint, n_phrases)
+
     torch.save(embedder.state_dict(), staging / "embedding_model.ckpt")
     shutil.copyfile(Path(__file__).with_name("speaker_model.py"), staging / EXPORTED_MODULE)
-    (staging / "hyperparams.yaml").write_text(
-        hyperparams_text(hparams, settings, thresholds, head_class, head_kwargs, text_dependent)
-    )
+
+    def write_hyperparams(thresholds, text_dependent):
+        """The folder's ``hyperparams.yaml`` with these thresholds and text-dependent settings."""
+        (staging / "hyperparams.yaml").write_text(
+            hyperparams_text(hparams, settings, thresholds, head_class, head_kwargs, text_dependent)
+        )
+
+    uncalibrated = None if branch is None else {"phrase_branch": branch, "phrase_labels": None}
+    write_hyperparams({}, uncalibrated)
+    thresholds, fusion, metrics = exported_calibration(staging, hparams, data, run, run_opts)
+    text_dependent = None
+    if fusion is not None:
+        text_dependent = {
+            "phrase_branch": branch,
+            "phrase_labels": data.phrase_labels,
+            "fusion": {**fusion, "kind": hparams["fusion"]},
+        }
+    write_hyperparams(thresholds, text_dependent)
     class_encoder.save(staging / "label_encoder.txt")
     checks = {"speechbrain_min_cosine": _check_speechbrain(staging, trained.speaker, wavs)}
     if text_dependent is not None:
         checks["phrase_max_logp_difference"] = _check_phrase_branch(staging, trained, wavs)
     if isinstance(embedder.head, XVectorHead):
-        labels = [class_encoder.ind2lab[i] for i in range(len(class_encoder))]
-        classifier = hparams["classifier"](out_neurons=len(class_encoder))
-        classifier.load_state_dict(checkpoint_state(checkpoint, "classifier"))
-        hf = hf_xvector_model(embedder, classifier, labels)
-        hf.save_pretrained(staging / "hf")
-        hparams["wavlm"].feature_extractor.save_pretrained(staging / "hf")
-        checks.update(_check_hf(staging / "hf", hf, trained.speaker, wavs))
+        checks.update(
+            write_hf_folder(staging / "hf", hparams, embedder, run, class_encoder, trained, wavs)
+        )
     else:
         logger.warning("hf/ not written: %s", NO_HF_FOLDER.format(head=hparams["head_type"]))
     facts = {
@@ -342,13 +390,8 @@ def export(hparams, run_opts) -> Path:
         "checks": checks,
     }
     (staging / "export.json").write_text(json.dumps(facts, indent=2))
-    (staging / "README.md").write_text(model_card(facts, out))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.chmod(0o755)  # mkdtemp makes it private; a model folder is for sharing
-    staging.rename(out)
-    print(f"exported {checkpoint.path.name} to {out}: {json.dumps(checks)}")
-    return out
+    (staging / "README.md").write_text(model_card(facts, Path(hparams["export_folder"])))
+    return facts
 
 
 def _check_speechbrain(folder: Path, trained, wavs) -> float:
@@ -405,12 +448,33 @@ def _check_phrase_branch(folder: Path, trained: TrainingModules, wavs) -> float:
     return worst
 
 
-def _check_hf(folder: Path, hf, trained, wavs) -> dict:
-    """The HF model on the recipe's input normalization (must agree) and on its own (reported)."""
+def write_hf_folder(folder: Path, hparams, run, class_encoder) -> WavLMForXVector:
+    """Write the checkpoint's ``WavLMForXVector`` copy (x-vector head) to ``folder``; the model."""
+    labels = [class_encoder.ind2lab[i] for i in range(len(class_encoder))]
+    classifier = hparams["classifier"](out_neurons=len(class_encoder))
+    classifier.load_state_dict(checkpoint_state(run.checkpoint, "classifier"))
+    hf = hf_xvector_model(run.embedder, classifier, labels)
+    hf.save_pretrained(folder)
+    hparams["wavlm"].feature_extractor.save_pretrained(folder)
+    return hf
+
+
+def recipe_input(wav: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """``[1, T]`` model input of a waveform ``[T]`` as the recipe feeds WavLM.
+
+    Zero mean, unit variance (eps 1e-5) when the model's feature extractor says ``do_normalize``
+    (the tiny demo WavLM); the raw waveform otherwise (WavLM Base+).
+    """
+    wav = wav[None]
+    return F.layer_norm(wav, wav.shape[1:]) if normalize else wav
+
+
+def _check_hf(folder: Path, hf, trained, wavs, normalize: bool) -> dict:
+    """The HF model on the recipe's input (must agree) and on its own extractor's (reported)."""
 
     def same_input(wav):
-        wav = F.layer_norm(wav[None], wav[None].shape[1:])
-        return hf(input_values=wav).embeddings
+        """HF's embedding of ``wav`` normalized as the recipe normalizes it."""
+        return hf(input_values=recipe_input(wav, normalize)).embeddings
 
     cosine = min_cosine(trained, same_input, wavs)
     check_agreement("WavLMForXVector", cosine)

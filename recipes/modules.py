@@ -14,11 +14,15 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import constants, snapshot_download
 from speechbrain.integrations.huggingface.wavlm import WavLM
 from speechbrain.nnet.losses import AdditiveAngularMargin, AngularMargin, LogSoftmaxWrapper
+from speechbrain.utils.distributed import run_once_per_node
+from speechbrain.utils.logger import get_logger
 from torch import nn
 
 from recipes.speaker_model import (
@@ -27,6 +31,8 @@ from recipes.speaker_model import (
     wavlm_features,
     weighted_layer_sum,
 )
+
+logger = get_logger(__name__)
 
 
 class WavLMEncoder(WavLM):
@@ -57,7 +63,7 @@ class WavLMEncoder(WavLM):
         **kwargs,
     ):
         super().__init__(
-            source,
+            local_wavlm_source(source),
             save_path,
             freeze_feature_extractor=freeze_feature_extractor,
             output_all_hiddens=layer_weighting,
@@ -65,7 +71,16 @@ class WavLMEncoder(WavLM):
         )
         if self.output_norm:
             raise ValueError("output_norm is not supported (it would normalize over padding)")
+        stored = {p.dtype for p in self.model.parameters()} - {torch.float32}
+        if stored:  # transformers 5 loads with dtype="auto": a half checkpoint stays half
+            logger.info("WavLM %s is stored in %s: its weights are trained in fp32", source, stored)
+            self.model.float()  # mixed precision is autocast's job; GradScaler needs fp32 weights
         self.model.config.layerdrop = 0.0
+        masked_spec_embed = getattr(self.model, "masked_spec_embed", None)
+        if masked_spec_embed is not None and not self.model.config.apply_spec_augment:
+            # Used only by SpecAugment, which SpeechBrain's wrapper switches off: a trainable
+            # parameter outside the forward would break DDP (and L2-SP would still move it).
+            masked_spec_embed.requires_grad_(False)
         if freeze_feature_extractor:
             # SpeechBrain only sets requires_grad=False on the CNN's parameters; HF then still
             # makes the waveform require grad, and autograd keeps the CNN's activations and
@@ -109,6 +124,45 @@ class WavLMEncoder(WavLM):
         if self.layer_logits is None:
             return []
         return F.softmax(self.layer_logits.detach().float(), dim=0).tolist()
+
+
+def local_wavlm_source(source) -> str:
+    """``source`` as a local model directory: itself, or a hub id's Hugging Face cache snapshot.
+
+    A hub id is downloaded once into the standard Hugging Face cache (``HF_HOME`` /
+    ``HF_HUB_CACHE``), shared by every run and output folder: by one process per machine while
+    the others wait, then read from the cache by all. With ``HF_HUB_OFFLINE=1`` (or no network)
+    it is read from the cache alone. SpeechBrain's wrapper would otherwise ask the hub for the
+    file list on every start (no offline use) and keep a copy under each run's ``save_path``.
+    """
+    if Path(source).is_dir():
+        return str(source)
+    run_once_per_node(_download, args=[source])
+    try:
+        return _hub_snapshot(source, local_files_only=True)
+    except Exception as error:  # huggingface_hub's errors do not say what was asked for
+        raise FileNotFoundError(
+            f"wavlm_source {source!r} is not a local directory and is not in the Hugging Face "
+            f"cache ({constants.HF_HUB_CACHE}); download it once with network access, or set "
+            f"wavlm_source to a local copy ({type(error).__name__}: {error})"
+        ) from error
+
+
+def _download(repo_id: str) -> None:
+    """Bring ``repo_id`` into the Hugging Face cache; a failure is left to the cache lookup."""
+    try:
+        _hub_snapshot(repo_id)
+    except Exception as error:  # no network: the cache may hold it (HF_HUB_OFFLINE or not)
+        logger.warning("cannot download %s (%s): looking in the local cache", repo_id, error)
+
+
+def _hub_snapshot(repo_id: str, local_files_only: bool = False) -> str:
+    """The cache folder of ``repo_id``'s config, feature extractor and weights (one format)."""
+    kwargs = {"repo_id": repo_id, "local_files_only": local_files_only}
+    folder = snapshot_download(allow_patterns=["*.json", "*.safetensors"], **kwargs)
+    if not any(Path(folder).glob("*.safetensors")):  # older repos hold only .bin weights
+        folder = snapshot_download(allow_patterns=["*.json", "*.bin"], **kwargs)
+    return folder
 
 
 class L2SP:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 
 import ruamel.yaml
+import torch
 from hyperpyyaml.core import resolve_references
 from ruamel.yaml.constructor import SafeConstructor
 
@@ -149,6 +150,10 @@ def load_checked_hparams(argv):
             f"error: {len(problems)} bad setting(s) in {hparams_file} or the command line:\n  "
             + "\n  ".join(problems)
         )
+    # Before the YAML builds anything: a hub model is downloaded by one process per machine
+    # while the others wait, which needs the process group (a no-op without torchrun).
+    if not torch.distributed.is_initialized():
+        sb.utils.distributed.ddp_init_group(run_opts)
     with open(hparams_file, encoding="utf-8") as handle:
         hparams = load_hyperpyyaml(handle, overrides)
     return hparams_file, run_opts, overrides, hparams

@@ -44,26 +44,31 @@ def wavlm_base_plus_config() -> WavLMConfig:
     return WavLMConfig(feat_extract_norm="group", do_stable_layer_norm=False, layerdrop=0.0)
 
 
-def save_wavlm(out, config: WavLMConfig, seed: int = 0) -> str:
+def save_wavlm(
+    out, config: WavLMConfig, seed: int = 0, do_normalize: bool = True, dtype=torch.float32
+) -> str:
     """Save a randomly initialized WavLM with ``config`` to ``out`` (atomically); return the path.
 
-    Does nothing if ``out`` already holds a model with the same config, so concurrent processes
-    (several DDP ranks) and repeated runs are safe.
+    ``do_normalize``: the feature extractor's waveform normalization (WavLM Base+ has none);
+    ``dtype``: the stored weights' type (hub checkpoints are sometimes fp16). Does nothing if
+    ``out`` already holds that model, so concurrent processes (several DDP ranks) and repeated
+    runs are safe.
     """
     out = Path(out)
-    wanted = {**config.to_diff_dict(), "init_seed": seed}
+    wanted = {**config.to_diff_dict(), "init_seed": seed, "do_normalize": do_normalize,
+              "stored_dtype": str(dtype)}  # fmt: skip
     stamp = out / "build.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         return str(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     torch.manual_seed(seed)
-    WavLMModel(config).save_pretrained(tmp)
+    WavLMModel(config).to(dtype).save_pretrained(tmp)
     Wav2Vec2FeatureExtractor(
         feature_size=1,
         sampling_rate=16000,
         padding_value=0.0,
-        do_normalize=True,
+        do_normalize=do_normalize,
         return_attention_mask=True,
     ).save_pretrained(tmp)
     (tmp / "build.json").write_text(json.dumps(wanted))
@@ -74,6 +79,21 @@ def save_wavlm(out, config: WavLMConfig, seed: int = 0) -> str:
     except OSError:  # another process got there first with the same model
         shutil.rmtree(tmp, ignore_errors=True)
     return str(out)
+
+
+def save_to_hub_cache(cache, repo_id: str, config: WavLMConfig, **options) -> Path:
+    """A random WavLM laid out in a Hugging Face hub cache as ``repo_id`` (a stand-in for the hub).
+
+    ``cache/models--ORG--NAME/snapshots/REV/`` with ``refs/main`` naming REV: what
+    ``huggingface_hub`` finds with ``HF_HUB_CACHE=cache HF_HUB_OFFLINE=1``. ``options`` go to
+    ``save_wavlm``. Returns the snapshot folder.
+    """
+    repo = Path(cache) / f"models--{repo_id.replace('/', '--')}"
+    revision = "0" * 40
+    snapshot = Path(save_wavlm(repo / "snapshots" / revision, config, **options))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
 
 
 def build_tiny_wavlm(out, seed: int = 0, **overrides) -> str:

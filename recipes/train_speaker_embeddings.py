@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import speechbrain as sb
@@ -56,6 +55,11 @@ class SpeakerBrain(sb.core.Brain):
         super().__init__(*args, **kwargs)
         self.phrase_labels = list(phrase_labels or [])
         self.steps_per_epoch, self.dev = 1, None
+        # WavLM's own trainable weights (not the frozen CNN, not the layer weights): frozen in
+        # the warm-up epochs by requires_grad, so they are fixed here, before any freezing.
+        self.wavlm_weights = [
+            p for p in self.unwrapped("wavlm").model.parameters() if p.requires_grad
+        ]
 
     def use_data(self, steps_per_epoch: int, dev) -> None:
         """What training needs from the data: batches per epoch (margin warm-up), dev ``Split``."""
@@ -77,8 +81,9 @@ class SpeakerBrain(sb.core.Brain):
         encoder_lens = lens if padded else None
         with_phrase = "phrase_branch" in self.modules
         with_hidden = with_phrase or head_takes_hidden_states(self.modules.embedding_model)
-        with torch.no_grad() if stage == sb.Stage.TRAIN and self.wavlm_frozen() else nullcontext():
-            encoded = self.modules.wavlm(wavs, encoder_lens, return_hidden=with_hidden)
+        # In the warm-up epochs WavLM's weights do not require gradients (set_wavlm_frozen):
+        # autograd keeps nothing of its pass, but its layer weights still learn.
+        encoded = self.modules.wavlm(wavs, encoder_lens, return_hidden=with_hidden)
         feats, hidden = encoded if with_hidden else (encoded, None)
         feat_lens = self.unwrapped("wavlm").frame_lengths(lens, wavs.shape[1], feats.shape[1])
         embeddings = pooled_embedding(self.modules.embedding_model, feats, feat_lens, hidden)
@@ -113,7 +118,7 @@ class SpeakerBrain(sb.core.Brain):
         if "phrase_branch" in logits:  # its posteriors are what is scored
             branch = self.unwrapped("phrase_branch")
             loss = loss + weight * branch.loss(logits["phrase_branch"], phrase_targets[:, 0])
-        if self.l2sp is not None:
+        if self.l2sp is not None and not self.wavlm_frozen():
             loss = loss + self.l2sp()
         return loss
 
@@ -127,8 +132,7 @@ class SpeakerBrain(sb.core.Brain):
         """
         weight = getattr(self.hparams, "l2sp_weight", 0.0)
         if weight > 0:
-            wavlm = self.unwrapped("wavlm").model
-            self.l2sp = L2SP((p for p in wavlm.parameters() if p.requires_grad), weight)
+            self.l2sp = L2SP(self.wavlm_weights, weight)
         super().on_fit_start()
 
     def _targets(self, targets):
@@ -147,19 +151,47 @@ class SpeakerBrain(sb.core.Brain):
         )
 
     def _wrap_distributed(self):
-        """SpeechBrain's DDP wrapping; on CPU (gloo) without SyncBatchNorm, which needs GPUs."""
-        if not (self.distributed_launch and str(self.device).startswith("cpu")):
-            return super()._wrap_distributed()
+        """SpeechBrain's DDP wrapping (``distributed_wrapped``) of every module that trains."""
+        if not self.distributed_launch:
+            return super()._wrap_distributed()  # DataParallel, or nothing
         for name, module in self.modules.items():
             if any(p.requires_grad for p in module.parameters()):
-                self.modules[name] = torch.nn.parallel.DistributedDataParallel(
-                    module, find_unused_parameters=self.find_unused_parameters
-                )
+                self.modules[name] = self.distributed_wrapped(module)
         return None
+
+    def distributed_wrapped(self, module):
+        """``module`` in DDP as SpeechBrain wraps it; on CPU (gloo) without SyncBatchNorm.
+
+        DDP registers the parameters that require gradients when it is built, so WavLM is
+        wrapped again when its warm-up ends (``set_wavlm_frozen``).
+        """
+        on_gpu = str(self.device).startswith("cuda")
+        if on_gpu:
+            module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        return torch.nn.parallel.DistributedDataParallel(
+            module,
+            device_ids=[self.device] if on_gpu else None,
+            find_unused_parameters=self.find_unused_parameters,
+        )
 
     def wavlm_frozen(self) -> bool:
         """True during the head-only warm-up epochs."""
         return self.hparams.epoch_counter.current <= self.hparams.freeze_wavlm_epochs
+
+    def set_wavlm_frozen(self, frozen: bool) -> None:
+        """Freeze or unfreeze WavLM's weights (``wavlm_weights``) by ``requires_grad``.
+
+        Not by ``no_grad``: the encoder's layer weights must learn in the warm-up too. Under DDP
+        every parameter that requires a gradient must get one in every step, so WavLM's wrapper
+        is rebuilt (on every process, at the same epoch) when the set changes.
+        """
+        if all(p.requires_grad != frozen for p in self.wavlm_weights):
+            return
+        for parameter in self.wavlm_weights:
+            parameter.requires_grad_(not frozen)
+        if isinstance(self.modules["wavlm"], torch.nn.parallel.DistributedDataParallel):
+            self.modules["wavlm"] = self.distributed_wrapped(self.unwrapped("wavlm"))
+        logger.info("WavLM %s", "frozen (warm-up: the head learns)" if frozen else "unfrozen")
 
     def init_optimizers(self):
         """Two optimizers: WavLM at a small learning rate, everything else at a large one.
@@ -167,13 +199,12 @@ class SpeakerBrain(sb.core.Brain):
         The layer weights belong to our encoder, not to the HF model, so they learn at the
         head's rate: they start uniform and must move in few steps.
         """
-        wavlm_params = [p for p in self.unwrapped("wavlm").model.parameters() if p.requires_grad]
-        wavlm_ids = {id(p) for p in wavlm_params}
+        wavlm_ids = {id(p) for p in self.wavlm_weights}
         head_params = [
             p for p in self.modules.parameters() if p.requires_grad and id(p) not in wavlm_ids
         ]
         self.optimizers_dict = {
-            "wavlm": self.hparams.wavlm_opt_class(wavlm_params),
+            "wavlm": self.hparams.wavlm_opt_class(self.wavlm_weights),
             "head": self.hparams.head_opt_class(head_params),
         }
         self.optimizer = self.optimizers_dict["head"]  # for SpeechBrain code that expects one
@@ -230,6 +261,7 @@ class SpeakerBrain(sb.core.Brain):
         """Start collecting embeddings for validation and test; reset the data-wait timer."""
         self.embeddings = {}
         if stage == sb.Stage.TRAIN:
+            self.set_wavlm_frozen(self.wavlm_frozen())
             self._data_wait, self._first_batch_start, self._last_batch_end = 0.0, None, None
 
     def data_wait_share(self) -> float:
@@ -327,8 +359,7 @@ def brain_for_data(hparams, run_opts, data: RecipeData) -> SpeakerBrain:
 
 def main(argv) -> None:
     """Prepare data, train, then evaluate the best checkpoint on the dev (and eval) trials."""
-    hparams_file, run_opts, overrides, hparams = load_checked_hparams(argv)
-    sb.utils.distributed.ddp_init_group(run_opts)
+    hparams_file, run_opts, overrides, hparams = load_checked_hparams(argv)  # + process group
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"],
         hyperparams_to_save=hparams_file,

@@ -19,7 +19,13 @@ import numpy as np
 import pandas as pd
 import speechbrain as sb
 
-from recipes.experiment import best_checkpoint, checkpoint_embedder, embed_tables, run_device
+from recipes.experiment import (
+    best_checkpoint,
+    checkpoint_embedder,
+    embed_tables,
+    run_device,
+    usable_precision,
+)
 from recipes.fusion import apply_fusion, learn_fusion, stored_or_learned_fusion, trial_scores
 from recipes.scoring import EmbeddingTable, group_means, metrics_by_condition, trial_metrics
 from recipes.verification_report import write_report
@@ -172,16 +178,19 @@ def checkpoint_scoring(hparams, data, run_opts: dict) -> CheckpointScoring:
     checkpoint = best_checkpoint(hparams["checkpointer"])
     check_splits(data.splits)
     embedder = checkpoint_embedder(hparams, checkpoint, len(data.phrase_encoder))
+    device = run_device(run_opts)
+    precision = usable_precision(hparams["eval_precision"], device)
     embed = partial(
         embed_tables,
         embedder,
         loader_kwargs=hparams["eval_dataloader_options"],
-        device=run_device(run_opts),
-        precision=hparams["eval_precision"],
+        device=device,
+        precision=precision,
         progress=not run_opts.get("noprogressbar"),
     )
     cache = embedding_cache(
-        Path(hparams["output_folder"]) / "embeddings" / checkpoint.path.name, hparams
+        Path(hparams["output_folder"]) / "embeddings" / checkpoint.path.name,
+        {**hparams, "eval_precision": precision},
     )
     fusion = recipe_fusion_source(hparams, checkpoint, data.phrase_labels)
     return CheckpointScoring(checkpoint, embedder, embed, cache, fusion)

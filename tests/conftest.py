@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# The suite is the CPU's, on a machine with GPUs too: no test, and no process a test starts,
+# sees one (``tests/benchmarks/gpu_smoke.py`` is the GPU's check). Set before torch meets CUDA.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import numpy as np
 import pytest

@@ -33,6 +33,7 @@ def run_script(script, out, corpus, *extra):
         "--emb_dim", "64",
         "--cohort_utts_per_speaker", "2",
         "--noprogressbar",
+        "--device", "cpu",  # also on a machine with a GPU: the suite is the CPU's
         *extra,
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
@@ -58,3 +59,12 @@ def fake_batch(n=4, seconds=1.0):
         for i in range(n)
     ]
     return PaddedBatch(examples)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for a process group's rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

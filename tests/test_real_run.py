@@ -1,5 +1,7 @@
-"""The user's real run, reproduced on the CPU: run options on the command line, half precision,
-a hub id from the Hugging Face cache, DDP with a frozen warm-up and L2-SP, sharded scoring.
+"""The user's real run (GPU, fp16, hub model, torchrun, command-line settings) on the CPU.
+
+Run options on the command line, half precision, a hub id from the Hugging Face cache, DDP with
+a frozen warm-up and L2-SP, sharded scoring.
 
 fp16 / bf16 CPU autocast stands in for CUDA's, gloo for NCCL, a local folder laid out as the
 Hugging Face cache (``HF_HUB_OFFLINE=1``) for the hub.
@@ -7,7 +9,12 @@ Hugging Face cache (``HF_HUB_OFFLINE=1``) for the hub.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,7 +23,8 @@ import torch.nn.functional as F
 from recipes.schedules import derive_total_steps
 from recipes.settings import load_checked_hparams
 from recipes.speaker_model import MaskedGroupNorm
-from tests.helpers import ROOT
+from recipes.tiny_wavlm import build_tiny_wavlm
+from tests.helpers import ROOT, free_port
 
 DEMO = str(ROOT / "hparams" / "synthetic_demo.yaml")
 
@@ -26,7 +34,8 @@ DEMO = str(ROOT / "hparams" / "synthetic_demo.yaml")
 # ------------------------------------------------------------------------------------------------
 def test_command_line_run_options_reach_the_hparams(tmp_path, caplog):
     argv = [DEMO, "--output_folder", str(tmp_path), "--grad_accumulation_factor", "2",
-            "--eval_precision", "bf16", "--max_grad_norm=3.5", "--number_of_epochs", "1"]  # fmt: skip
+            "--eval_precision", "bf16", "--max_grad_norm=3.5",
+            "--number_of_epochs", "1"]  # fmt: skip
     _, run_opts, overrides, hparams = load_checked_hparams(argv)
     assert run_opts["grad_accumulation_factor"] == 2  # the Brain's value ...
     assert hparams["grad_accumulation_factor"] == 2  # ... is the one everything else reads
@@ -64,3 +73,82 @@ def test_masked_group_norm_matches_group_norm_under_autocast(dtype, seconds):
     for row, valid in enumerate((frames, frames // 2)):
         expected = F.group_norm(x[row : row + 1, :, :valid], 512, norm.weight, norm.bias, norm.eps)
         assert (y[row : row + 1, :, :valid] - expected).abs().max() < 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# 3 and 9. The frozen warm-up: the layer weights learn, WavLM does not; DDP with L2-SP and a
+# WavLM that has SpecAugment's masked_spec_embed (as Base+: mask_time_prob 0.05)
+# ------------------------------------------------------------------------------------------------
+WARM_UP_STEPS = """
+import json, os, sys
+import torch
+import speechbrain as sb
+from recipes.train_speaker_embeddings import build_brain
+from tests.helpers import fake_batch, load_yaml
+
+output_folder, wavlm_source, find_unused = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+distributed = "RANK" in os.environ
+if distributed:
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+hparams = load_yaml("wavlm_td.yaml", {
+    "data_folder": "unused", "output_folder": output_folder, "wavlm_source": wavlm_source,
+    "wavlm_hidden_size": 96, "noise_csv": None, "emb_dim": 32, "augment": False,
+    "warmup_steps": 1,
+})
+run_opts = {"device": "cpu", "precision": "fp32", "eval_precision": "fp32",
+            "distributed_backend": "gloo", "find_unused_parameters": find_unused}
+brain = build_brain(hparams, run_opts, n_classes=3, n_phrases=2)
+brain.on_fit_start()
+wavlm = brain.unwrapped("wavlm")
+report = {"masked_spec_embed_trains": wavlm.model.masked_spec_embed.requires_grad}
+for epoch, steps in ((1, 2), (2, 3)):  # freeze_wavlm_epochs: 1
+    brain.hparams.epoch_counter.current = epoch
+    brain.on_stage_start(sb.Stage.TRAIN, epoch)
+    layers = wavlm.layer_logits.detach().clone()
+    weights = [p.detach().clone() for p in brain.wavlm_weights]
+    losses = [float(brain.fit_batch(fake_batch())) for _ in range(steps)]
+    report[epoch] = {
+        "losses": losses,
+        "layer_weights_moved": bool((wavlm.layer_logits != layers).any()),
+        "wavlm_moved": any(bool((p != w).any()) for p, w in zip(brain.wavlm_weights, weights)),
+        "l2sp": float(brain.l2sp()),
+    }
+print("REPORT", json.dumps(report))
+"""
+
+
+def _warm_up_report(tmp_path, wavlm_dir, find_unused=False, distributed=False) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if distributed:  # one gloo process: DDP's reducer checks as with many
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(free_port()))  # fmt: skip
+    command = [sys.executable, "-c", WARM_UP_STEPS, str(tmp_path), wavlm_dir, str(int(find_unused))]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    line = next(x for x in result.stdout.splitlines() if x.startswith("REPORT "))
+    return json.loads(line.removeprefix("REPORT "))
+
+
+@pytest.fixture(scope="module")
+def masked_wavlm_dir(tmp_path_factory) -> str:
+    """The tiny WavLM with Base+'s SpecAugment setting, hence a ``masked_spec_embed``."""
+    return build_tiny_wavlm(tmp_path_factory.mktemp("wavlm") / "masked", mask_time_prob=0.05)
+
+
+def test_frozen_warm_up_trains_the_layer_weights_not_wavlm(tmp_path, masked_wavlm_dir):
+    report = _warm_up_report(tmp_path, masked_wavlm_dir)
+    assert not report["masked_spec_embed_trains"]  # SpecAugment is off: never in the forward
+    frozen, unfrozen = report["1"], report["2"]
+    assert frozen["layer_weights_moved"] and not frozen["wavlm_moved"]
+    assert frozen["l2sp"] == 0.0  # nothing moved WavLM from its pretrained weights
+    assert unfrozen["wavlm_moved"] and unfrozen["layer_weights_moved"] and unfrozen["l2sp"] > 0
+    assert all(math.isfinite(x) for x in frozen["losses"] + unfrozen["losses"])
+
+
+@pytest.mark.parametrize("find_unused", [False, True])
+def test_ddp_with_frozen_warm_up_and_l2sp_trains_through_the_unfreezing(
+    tmp_path, masked_wavlm_dir, find_unused
+):
+    report = _warm_up_report(tmp_path, masked_wavlm_dir, find_unused, distributed=True)
+    assert report["1"]["layer_weights_moved"] and not report["1"]["wavlm_moved"]
+    assert report["2"]["wavlm_moved"] and len(report["2"]["losses"]) == 3

@@ -23,7 +23,7 @@ import yaml
 from data_prep.deepmine_prepare import prepare_deepmine
 from recipes.checkpointing import AtomicCheckpointer
 from tests.conftest import TINY
-from tests.helpers import ROOT, fake_batch, load_yaml, run_script
+from tests.helpers import ROOT, fake_batch, free_port, load_yaml, run_script
 
 SLOW_SAVE = textwrap.dedent(
     """
@@ -231,14 +231,6 @@ def test_loading_a_checkpoint_never_runs_code_from_it(tmp_path):
     assert not marker.exists()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_with_torchrun_on_cpu(tmp_path, tiny_corpus):
     out = tmp_path / "exp"
@@ -246,11 +238,11 @@ def test_two_processes_with_torchrun_on_cpu(tmp_path, tiny_corpus):
         str(ROOT / "hparams" / "synthetic_demo.yaml"), "--output_folder", str(out),
         "--data_folder", str(tiny_corpus), "--synthetic_corpus", "null", "--dev_speakers", "2",
         "--crop_seconds", "1.0", "--batch_size", "8", "--noise_csv", "null", "--emb_dim", "64",
-        "--noprogressbar",
+        "--noprogressbar", "--device", "cpu",
     ]  # fmt: skip
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-        f"--master_port={_free_port()}", str(ROOT / "recipes" / "train_speaker_embeddings.py"),
+        f"--master_port={free_port()}", str(ROOT / "recipes" / "train_speaker_embeddings.py"),
         *common, "--distributed_backend", "gloo", "--number_of_epochs", "1",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
