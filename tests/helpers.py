@@ -15,7 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_script(script, out, corpus, *extra):
     """Run a recipe script on the demo YAML, scaled down for the tiny corpus; its output."""
-    command = [
+    command = run_script_command(script, out, corpus, *extra)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result.stdout + result.stderr
+
+
+def run_script_command(script, out, corpus, *extra) -> list[str]:
+    """The command line of ``run_script``."""
+    return [
         sys.executable,
         str(ROOT / "recipes" / script),
         *(["trials"] if script == "verify_speakers.py" else []),
@@ -36,9 +44,6 @@ def run_script(script, out, corpus, *extra):
         "--device", "cpu",  # also on a machine with a GPU: the suite is the CPU's
         *extra,
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result.stdout + result.stderr
 
 
 def load_yaml(name: str, overrides: dict):

@@ -19,12 +19,15 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import WavLMConfig, WavLMModel
 
+from recipes.experiment import usable_precision
+from recipes.export_model import hf_xvector_model, recipe_input
 from recipes.schedules import derive_total_steps
 from recipes.settings import load_checked_hparams
-from recipes.speaker_model import MaskedGroupNorm
-from recipes.tiny_wavlm import build_tiny_wavlm
-from tests.helpers import ROOT, free_port
+from recipes.speaker_model import MaskedGroupNorm, WavLMSpeakerEmbedder, XVectorHead
+from recipes.tiny_wavlm import TINY, build_tiny_wavlm, save_to_hub_cache
+from tests.helpers import ROOT, free_port, run_script_command
 
 DEMO = str(ROOT / "hparams" / "synthetic_demo.yaml")
 
@@ -152,3 +155,100 @@ def test_ddp_with_frozen_warm_up_and_l2sp_trains_through_the_unfreezing(
     report = _warm_up_report(tmp_path, masked_wavlm_dir, find_unused, distributed=True)
     assert report["1"]["layer_weights_moved"] and not report["1"]["wavlm_moved"]
     assert report["2"]["wavlm_moved"] and len(report["2"]["losses"]) == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. A hub id: one download into the Hugging Face cache, offline use, fp32 weights
+# ------------------------------------------------------------------------------------------------
+HUB_RUNS = """
+import json, sys
+from pathlib import Path
+from tests.helpers import load_yaml
+
+root, report = Path(sys.argv[1]), {}
+for seed in (1, 2):  # two runs (output folders) of the real YAML with the hub's model id
+    hparams = load_yaml("wavlm_td.yaml", {
+        "data_folder": str(root / "data"), "output_folder": str(root / f"run{seed}"),
+        "wavlm_source": "acme/wavlm-base-plus-tiny", "wavlm_hidden_size": 96,
+    })
+    wavlm = hparams["wavlm"]
+    report[seed] = {
+        "dtypes": sorted({str(p.dtype) for p in wavlm.model.parameters()}),
+        "files_in_run": [str(p) for p in Path(hparams["save_folder"]).rglob("*") if p.is_file()],
+        "normalize_wav": bool(wavlm.normalize_wav),
+        "weight": float(wavlm.model.encoder.layers[0].attention.k_proj.weight[0, 0]),
+    }
+try:
+    load_yaml("wavlm_td.yaml", {"data_folder": "x", "output_folder": str(root / "run3"),
+                                "wavlm_source": "acme/not-downloaded"})
+except FileNotFoundError as error:
+    report["missing"] = str(error)
+print("REPORT", json.dumps(report))
+"""
+
+
+def test_a_hub_id_resolves_offline_from_the_hugging_face_cache(tmp_path):
+    cache = tmp_path / "hf_cache"
+    snapshot = save_to_hub_cache(
+        cache, "acme/wavlm-base-plus-tiny", WavLMConfig(**{**TINY, "mask_time_prob": 0.05}),
+        do_normalize=False, dtype=torch.float16,  # as some hub checkpoints are stored
+    )  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    command = [sys.executable, "-c", HUB_RUNS, str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout.split("REPORT ", 1)[1])
+    stored = WavLMModel.from_pretrained(snapshot).encoder.layers[0].attention.k_proj.weight
+    for seed in ("1", "2"):
+        run = report[seed]
+        assert run["dtypes"] == ["torch.float32"]  # trained in fp32 whatever the checkpoint's
+        assert run["files_in_run"] == []  # no copy of the model in the run's folder
+        assert not run["normalize_wav"]  # the model's own feature extractor setting
+        assert run["weight"] == pytest.approx(float(stored[0, 0].detach()))
+    assert "acme/not-downloaded" in report["missing"] and str(cache) in report["missing"]
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. The export's Hugging Face check feeds the model what the recipe feeds it
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("do_normalize", [False, True])
+def test_hf_check_follows_the_models_own_normalization(do_normalize):
+    torch.manual_seed(0)
+    # WavLM Large's CNN (per-frame LayerNorms, biases) is not invariant to the input's scale, as
+    # Base+'s first GroupNorm is: there a wrong normalization would pass the check unnoticed.
+    config = {**TINY, "feat_extract_norm": "layer", "conv_bias": True}
+    head = XVectorHead(96, (32, 32, 32, 32, 64), embedding_dim=16)
+    embedder = WavLMSpeakerEmbedder(config, head, normalize_wav=do_normalize).eval()
+    hf = hf_xvector_model(embedder, torch.nn.Linear(16, 3, bias=False), ["a", "b", "c"])
+    wav = 0.05 * torch.randn(24000) + 0.01
+    with torch.no_grad():
+        ours = embedder(wav[None]).squeeze(1)
+        fed = hf(input_values=recipe_input(wav, do_normalize)).embeddings
+        other = hf(input_values=recipe_input(wav, not do_normalize)).embeddings
+    assert F.cosine_similarity(ours, fed).min() > 0.9999
+    # The other normalization is measurably off (a random model's embeddings are all alike, so
+    # the gap is relative): the check compares what the recipe computes, not a near miss.
+    assert (ours - other).abs().max() > 5 * (ours - fed).abs().max()
+    assert torch.equal(recipe_input(wav, False)[0], wav)  # Base+: the raw waveform
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. Evaluation precision a device lacks falls back to fp32
+# ------------------------------------------------------------------------------------------------
+def test_eval_precision_a_device_lacks_falls_back_to_fp32(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert usable_precision("fp16", "cpu") == "fp32"
+    assert "eval_precision fp16 on cpu" in caplog.text and "evaluating in fp32" in caplog.text
+    assert usable_precision("bf16", "cpu") == "bf16"  # CPU autocast has bf16 (AMX here)
+    assert usable_precision("fp32", "cpu") == "fp32"
+
+
+# ------------------------------------------------------------------------------------------------
+# 10. The suite asks for no GPU, on a machine with one too
+# ------------------------------------------------------------------------------------------------
+def test_processes_the_tests_start_see_no_gpu():
+    probe = "import torch; print(torch.cuda.device_count(), torch.cuda.is_available())"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.stdout.split() == ["0", "False"]
+    assert not torch.cuda.is_available()
+    assert "--device" in run_script_command("train_speaker_embeddings.py", "out", "corpus")
