@@ -34,7 +34,9 @@ from data_prep.audio_checks import check_finite, check_waveform
 from data_prep.deepmine_prepare import prepare_deepmine
 from data_prep.layout import PHRASES
 from data_prep.synth_deepmine import synthesize_corpus
+from recipes.augmentation import noise_reader
 from recipes.checkpointing import CheckpointLoadError
+from recipes.distributed import gathered, shard
 from recipes.sampling import PhraseBatchSampler, collate_readable, log_bad_audio
 from recipes.scoring import EmbeddingTable
 from recipes.speaker_model import (
@@ -169,7 +171,15 @@ def dataio_prep(hparams):
     train.add_dynamic_item(
         phrase_encoder.encode_label_torch, takes="phrase_label", provides="phrase_encoded"
     )
-    train.set_output_keys(["id", "sig", "class_encoded", "phrase_encoded", "phrase_id"])
+    keys = ["id", "sig", "class_encoded", "phrase_encoded", "phrase_id"]
+    if prefetches_noise(hparams):  # one noise crop per utterance, read by the loader's workers
+        own_list = Path(hparams["noise_csv"]).resolve() == (prep / "train_noise.csv").resolve()
+        reader = noise_reader(
+            hparams["noise_csv"], hparams["data_folder"], rate, crop, check=not own_list
+        )
+        train.add_dynamic_item(reader, takes="id")
+        keys.append("noise")
+    train.set_output_keys(keys)
 
     def eval_utterances(csv_paths) -> DynamicItemDataset:
         """Whole utterances, longest first (less padding per batch)."""
@@ -189,6 +199,12 @@ def dataio_prep(hparams):
     cohort = _cohort_utterances(prep / "train.csv", hparams["cohort_utts_per_speaker"])
     cohort_set = (eval_utterances([cohort]), pd.read_csv(cohort, index_col="ID")["spk_id"])
     return RecipeData(train, splits, cohort_set, class_encoder, phrase_encoder)
+
+
+def prefetches_noise(hparams) -> bool:
+    """True when training adds noise from files read by the loader (``PrefetchedNoise``)."""
+    on = hparams["augment"] and hparams["aug_noise"] and hparams["noise_csv"]
+    return bool(on) and hasattr(hparams["add_noise"], "use")
 
 
 class RecipeData(NamedTuple):
@@ -343,9 +359,11 @@ def embed_tables(model, dataset, loader_kwargs: dict, device, precision="fp32", 
 
     Batches of sorted utterances; a batch without padding goes without lengths (the fused,
     unmasked path: the same features, faster), as in training. ``precision`` (fp16 / bf16)
-    runs the model under autocast, like SpeechBrain's ``eval_precision``.
+    runs the model under autocast, like SpeechBrain's ``eval_precision``. Under ``torchrun``
+    each process embeds its share (``distributed.shard``) and every process gets all tables.
     """
-    loader = sb.dataio.dataloader.make_dataloader(dataset, **loader_kwargs)
+    part = shard(dataset)
+    loader = sb.dataio.dataloader.make_dataloader(part, **loader_kwargs)
     model = model.to(device).eval()
     outputs = {}
     for batch in tqdm(loader, desc="embedding", disable=not progress):
@@ -355,4 +373,5 @@ def embed_tables(model, dataset, loader_kwargs: dict, device, precision="fp32", 
             result = model.embed_all(wavs.to(device), lens.to(device) if padded else None)
         for name, vectors in per_utterance(result).items():
             outputs.setdefault(name, {}).update(zip(batch.id, vectors.cpu().numpy(), strict=True))
-    return {name: EmbeddingTable.from_dict(vectors) for name, vectors in outputs.items()}
+    tables = gathered(outputs, total=len(dataset))
+    return {name: EmbeddingTable.from_dict(vectors) for name, vectors in tables.items()}

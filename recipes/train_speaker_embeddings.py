@@ -28,6 +28,7 @@ from speechbrain.utils.logger import get_logger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from recipes.distributed import gathered, on_main, shard
 from recipes.experiment import RecipeData, dataio_prep, prepare_data, train_loader_options
 from recipes.modules import L2SP
 from recipes.schedules import derive_total_steps
@@ -77,6 +78,9 @@ class SpeakerBrain(sb.core.Brain):
         batch = batch.to(self.device, non_blocking=True)  # asynchronous from pinned memory
         wavs, lens = batch.sig
         if stage == sb.Stage.TRAIN and self.hparams.augment:
+            noise = getattr(batch, "noise", None)  # read by the loader's workers
+            if noise is not None:
+                self.hparams.add_noise.use(*noise)  # recipes/augmentation.py
             wavs, lens = self.hparams.wav_augment(wavs, lens)
         encoder_lens = lens if padded else None
         with_phrase = "phrase_branch" in self.modules
@@ -293,9 +297,25 @@ class SpeakerBrain(sb.core.Brain):
             meta=stats, min_keys=["EER"], num_to_keep=self.hparams.ckpt_num_to_keep
         )
 
+    def make_dataloader(self, dataset, stage, *args, **kwargs):
+        """SpeechBrain's loaders; under ``torchrun`` each process validates on its dev share."""
+        if stage == sb.Stage.VALID:
+            dataset = shard(dataset)  # SpeechBrain would run the whole dev set on every process
+        return super().make_dataloader(dataset, stage, *args, **kwargs)
+
     def _dev_metrics(self) -> dict:
-        """Pooled EER / minDCF of the dev trials from this epoch's outputs (dev_pass_metrics)."""
-        tables = {name: EmbeddingTable.from_dict(d) for name, d in self.embeddings.items()}
+        """Pooled EER / minDCF of the dev trials from this epoch's outputs (dev_pass_metrics).
+
+        Every process's share of the outputs is gathered; the main process scores, and every
+        process gets its numbers (the best checkpoint is chosen by them).
+        """
+        tables = {
+            name: EmbeddingTable.from_dict(d) for name, d in gathered(self.embeddings).items()
+        }
+        return on_main(self._metrics_of, tables)
+
+    def _metrics_of(self, tables: dict) -> dict:
+        """``dev_pass_metrics`` of the dev trials from all of their utterances' tables."""
         models, trials = self.dev.models, self.dev.trials
         if self.debug:  # --debug embeds only a few batches: score the trials they cover
             done = set(tables["speaker"].ids)

@@ -17,8 +17,8 @@ from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
-import speechbrain as sb
 
+from recipes.distributed import main_writes, on_main
 from recipes.experiment import (
     best_checkpoint,
     checkpoint_embedder,
@@ -73,14 +73,18 @@ def cached_embeddings(embed, dataset, cache_prefix: Path) -> dict[str, Embedding
         tables = {name: _merged(tables[name], table) for name, table in fresh.items()}
     else:
         tables = embed(dataset)
-    if sb.utils.distributed.if_main_process():
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        for name, table in tables.items():
-            table.save(prefix if name == "speaker" else f"{prefix}.{name}")
-        record = Path(f"{prefix}.sources.json")
-        record.with_suffix(".tmp").write_text(json.dumps(sources))
-        record.with_suffix(".tmp").replace(record)
+    main_writes(_save_tables, prefix, tables, sources)  # read by every process next time
     return tables
+
+
+def _save_tables(prefix: Path, tables: dict, sources: dict) -> None:
+    """Cache ``tables`` at ``prefix``, the record of their audio files last."""
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    for name, table in tables.items():
+        table.save(prefix if name == "speaker" else f"{prefix}.{name}")
+    record = Path(f"{prefix}.sources.json")
+    record.with_suffix(".tmp").write_text(json.dumps(sources))
+    record.with_suffix(".tmp").replace(record)
 
 
 def utterance_sources(dataset) -> dict[str, list]:
@@ -130,6 +134,12 @@ def embedding_cache(folder: Path, hparams) -> Path:
     """
     folder = Path(folder)
     settings = {k: hparams[k] for k in ("max_eval_seconds", "eval_precision", "sample_rate")}
+    main_writes(_settings_recorded, folder, settings)  # then every process reads the same files
+    return folder
+
+
+def _settings_recorded(folder: Path, settings: dict) -> None:
+    """Record ``settings`` in ``folder``, unlinking caches that other settings made."""
     record = folder / "settings.json"
     if record.is_file() and json.loads(record.read_text()) != settings:
         logger.info(
@@ -138,10 +148,8 @@ def embedding_cache(folder: Path, hparams) -> Path:
         )  # fmt: skip
         for cached in folder.glob("*.sources.json"):
             cached.unlink()  # the tables without their record are never read
-    if sb.utils.distributed.if_main_process():
-        folder.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(settings))
-    return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(settings))
 
 
 def speaker_cohort(table: EmbeddingTable, speakers: pd.Series) -> np.ndarray:
@@ -235,15 +243,24 @@ def split_embeddings(embed, splits: dict, cache: Path) -> dict:
 def score_splits(
     embed, hparams, splits: dict, cohort_set, cache: Path, report_folder, fusion_source=None
 ) -> dict:
-    """Embed (``embed(dataset) -> tables``), score, fuse and report every split (``scored``)."""
+    """Embed (``embed(dataset) -> tables``), score, fuse and report every split; the metrics.
+
+    Under ``torchrun`` every process embeds its share; the main process alone scores, learns
+    the fusion and writes the reports, and every process returns its metrics.
+    """
+    tables, cohort = embedded(embed, hparams, splits, cohort_set, cache)
+    return on_main(_score_and_report, tables, cohort, hparams, splits, report_folder, fusion_source)
+
+
+def _score_and_report(tables, cohort, hparams, splits: dict, report_folder, fusion_source):
+    """Score, fuse and report every split from its tables; ``{split: metrics}``."""
     results = {}
-    per_split, fusion = scored(embed, hparams, splits, cohort_set, cache, fusion_source)
+    per_split, fusion = scored_tables(tables, cohort, hparams, splits, fusion_source)
     for split, (scores, final) in per_split.items():
         models, trials = splits[split].models, splits[split].trials
         metrics = trial_metrics(final, trials, llr=fusion is not None)
-        if sb.utils.distributed.if_main_process():
-            name = report_name(split, hparams, scores.phrase is not None)
-            write_report(report_folder, name, trials, final, metrics, models, scores)
+        name = report_name(split, hparams, scores.phrase is not None)
+        write_report(report_folder, name, trials, final, metrics, models, scores)
         results[split] = metrics
     return results
 
@@ -251,9 +268,17 @@ def score_splits(
 def scored(embed, hparams, splits: dict, cohort_set, cache: Path, fusion_source=None):
     """``({split: (TrialScores, final scores)}, fusion or None)`` of every split.
 
-    With ``fusion`` "llr" or "gate", the fusion is learned on the dev split's trials (or read
-    back from ``fusion_source.path`` when it was learned there from the same model and trials)
-    and the final scores are its LLRs; otherwise they are the speaker scores.
+    ``embedded`` then ``scored_tables``; under ``torchrun`` call those two apart, as
+    ``score_splits`` does, so that only the main process scores.
+    """
+    tables, cohort = embedded(embed, hparams, splits, cohort_set, cache)
+    return scored_tables(tables, cohort, hparams, splits, fusion_source)
+
+
+def embedded(embed, hparams, splits: dict, cohort_set, cache: Path):
+    """``({split: tables}, cohort means or None)``: every utterance the scoring needs, embedded.
+
+    Collective under ``torchrun``: every process embeds its share and gets all tables.
     """
     cohort, norm = None, hparams["score_norm"]
     if norm != "none":
@@ -261,9 +286,20 @@ def scored(embed, hparams, splits: dict, cohort_set, cache: Path, fusion_source=
             raise ValueError(f"score_norm {norm!r} needs the training speakers as a cohort")
         cohort_table = cached_embeddings(embed, cohort_set[0], cache / "cohort")["speaker"]
         cohort = speaker_cohort(cohort_table, cohort_set[1])
-    tables = split_embeddings(embed, splits, cache)
+    return split_embeddings(embed, splits, cache), cohort
+
+
+def scored_tables(tables: dict, cohort, hparams, splits: dict, fusion_source=None):
+    """``scored`` from the utterance tables (``embedded``): trial scores, fusion, final scores.
+
+    With ``fusion`` "llr" or "gate", the fusion is learned on the dev split's trials (or read
+    back from ``fusion_source.path`` when it was learned there from the same model and trials)
+    and the final scores are its LLRs; otherwise they are the speaker scores.
+    """
     labels = fusion_source.phrase_labels if fusion_source else None
-    norm_options = {"cohort": cohort, "score_norm": norm, "top_k": hparams["cohort_top_k"]}
+    norm_options = {
+        "cohort": cohort, "score_norm": hparams["score_norm"], "top_k": hparams["cohort_top_k"]
+    }  # fmt: skip
     scores = {
         split: trial_scores(tables[split], models, trials, labels, **norm_options)
         for split, (_, models, trials) in splits.items()

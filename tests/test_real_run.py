@@ -17,17 +17,22 @@ import subprocess
 import sys
 
 import pytest
+import soundfile
+import speechbrain as sb
 import torch
 import torch.nn.functional as F
+from speechbrain.dataio.batch import PaddedData
 from transformers import WavLMConfig, WavLMModel
 
+from recipes.augmentation import PrefetchedNoise, noise_reader
 from recipes.experiment import usable_precision
 from recipes.export_model import hf_xvector_model, recipe_input
 from recipes.schedules import derive_total_steps
 from recipes.settings import load_checked_hparams
 from recipes.speaker_model import MaskedGroupNorm, WavLMSpeakerEmbedder, XVectorHead
 from recipes.tiny_wavlm import TINY, build_tiny_wavlm, save_to_hub_cache
-from tests.helpers import ROOT, free_port, run_script_command
+from recipes.train_speaker_embeddings import build_brain
+from tests.helpers import ROOT, fake_batch, free_port, load_yaml, run_script_command
 
 DEMO = str(ROOT / "hparams" / "synthetic_demo.yaml")
 
@@ -252,3 +257,69 @@ def test_processes_the_tests_start_see_no_gpu():
     assert result.stdout.split() == ["0", "False"]
     assert not torch.cuda.is_available()
     assert "--device" in run_script_command("train_speaker_embeddings.py", "out", "corpus")
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. Noise files are read by the loader's workers, not in the training step
+# ------------------------------------------------------------------------------------------------
+def test_prefetched_noise_mixes_the_batch_crops_at_the_snr():
+    torch.manual_seed(0)
+    add_noise = PrefetchedNoise(snr_low=10, snr_high=10)
+    clean = torch.sin(torch.arange(16000) / 5.0).repeat(2, 1)
+    crops = torch.randn(2, 12000)  # shorter than the (speed-perturbed) speech: repeated
+    add_noise.use(crops, torch.tensor([1.0, 0.5]))
+    noisy = add_noise(clean, torch.ones(2))
+    factor = 1 / (10 ** (10 / 20) + 1)
+    added = noisy - (1 - factor) * clean
+    for row, valid in enumerate((12000, 6000)):
+        expected = crops[row, :valid].repeat(3)[:16000]
+        assert F.cosine_similarity(added[row], expected, dim=0) > 0.9999
+        ratio = ((1 - factor) * clean[row]).pow(2).mean().sqrt() / added[row].pow(2).mean().sqrt()
+        assert float(ratio) == pytest.approx(10 ** (10 / 20), rel=1e-3)
+
+
+def test_training_step_reads_no_noise_file(tmp_path, tiny_wavlm_dir, monkeypatch):
+    hparams = load_yaml("synthetic_demo.yaml", {
+        "output_folder": str(tmp_path), "wavlm_source": tiny_wavlm_dir, "emb_dim": 32,
+        "aug_speed": False, "aug_drop_freq": False, "aug_drop_chunk": False,
+        "wav_augment": {"augment_prob": 1.0, "min_augmentations": 1, "max_augmentations": 1},
+    })  # fmt: skip
+    brain = build_brain(hparams, {"device": "cpu"}, n_classes=3, n_phrases=2)
+    brain.hparams.epoch_counter.current = 1
+    brain.on_fit_start()
+    batch = fake_batch()
+    batch.noise = PaddedData(torch.randn(4, 8000), torch.ones(4))
+
+    def no_file_reads(*args, **kwargs):
+        raise AssertionError("the training step read an audio file")
+
+    for module in (sb.dataio.dataio, sb.augment.time_domain, soundfile):
+        for name in ("read_audio", "read"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, no_file_reads)
+    mixed, load = [], PrefetchedNoise._load_noise
+
+    def recorded(self, lengths, max_length):
+        mixed.append(max_length)
+        return load(self, lengths, max_length)
+
+    monkeypatch.setattr(PrefetchedNoise, "_load_noise", recorded)
+    assert torch.isfinite(brain.fit_batch(batch))
+    assert mixed  # the batch's own noise crops were mixed in
+
+
+def test_noise_reader_gives_crops_and_checks_a_users_noise_list(tmp_path):
+    lines = ["ID,duration,wav,wav_format,wav_opts"]
+    for i, (seconds, rate) in enumerate([(2.0, 16000), (0.5, 16000), (1.0, 8000)]):
+        soundfile.write(
+            tmp_path / f"n{i}.wav", 0.1 * torch.randn(int(seconds * rate)).numpy(), rate
+        )
+        lines.append(f"n{i},{seconds},$data_root/n{i}.wav,wav,")
+    csv = tmp_path / "noise.csv"
+    csv.write_text("\n".join(lines[:3]) + "\n")
+    reader = noise_reader(csv, tmp_path, 16000, crop_samples=16000, check=True)
+    lengths = {int(reader("utt").numel()) for _ in range(40)}
+    assert lengths == {16000, 8000}  # a crop, or the whole of a shorter file
+    csv.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"noise.csv line 4: .*n2.wav is at 8000 Hz"):
+        noise_reader(csv, tmp_path, 16000, crop_samples=16000, check=True)

@@ -22,6 +22,7 @@ import yaml
 
 from data_prep.deepmine_prepare import prepare_deepmine
 from recipes.checkpointing import AtomicCheckpointer
+from recipes.tiny_wavlm import build_tiny_wavlm
 from tests.conftest import TINY
 from tests.helpers import ROOT, fake_batch, free_port, load_yaml, run_script
 
@@ -233,29 +234,47 @@ def test_loading_a_checkpoint_never_runs_code_from_it(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_with_torchrun_on_cpu(tmp_path, tiny_corpus):
+    """README's multi-GPU command on gloo, scaled to the tiny corpus.
+
+    ``wavlm_td.yaml`` as shipped (a frozen first epoch, L2-SP) and a WavLM that has SpecAugment's
+    ``masked_spec_embed``, as Base+ has.
+    """
     out = tmp_path / "exp"
+    wavlm = build_tiny_wavlm(tmp_path / "masked_wavlm", mask_time_prob=0.05)
     common = [
-        str(ROOT / "hparams" / "synthetic_demo.yaml"), "--output_folder", str(out),
-        "--data_folder", str(tiny_corpus), "--synthetic_corpus", "null", "--dev_speakers", "2",
+        str(ROOT / "hparams" / "wavlm_td.yaml"), "--output_folder", str(out),
+        "--data_folder", str(tiny_corpus), "--dev_speakers", "2",
+        "--wavlm_source", wavlm, "--wavlm_hidden_size", "96",
+        "--precision", "fp32", "--eval_precision", "fp32", "--num_workers", "1",
         "--crop_seconds", "1.0", "--batch_size", "8", "--noise_csv", "null", "--emb_dim", "64",
         "--noprogressbar", "--device", "cpu",
     ]  # fmt: skip
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
         f"--master_port={free_port()}", str(ROOT / "recipes" / "train_speaker_embeddings.py"),
-        *common, "--distributed_backend", "gloo", "--number_of_epochs", "1",
+        *common, "--distributed_backend", "gloo", "--number_of_epochs", "2",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-5000:]
     assert output.count("Wrote manifests") == 1  # data prep ran once, on the main process
+    assert "WavLM frozen" in output and "WavLM unfrozen" in output
     checkpoints = [c for c in (out / "save").glob("CKPT*") if (c / "CKPT.yaml").exists()]
-    assert len(checkpoints) == 1  # written once, by the main process
-    # Each process trained on its own half of the epoch: 168 utterances / 2 processes / 8.
+    assert checkpoints  # written by the main process
+    # Each process trained on its own half of each epoch: 168 utterances / 2 processes / 8.
     utterances = 4 * (10 * TINY["reps"] + TINY["free_text_train"])
-    assert yaml.safe_load((checkpoints[0] / "brain.ckpt").read_text())["optimizer_step"] == (
-        utterances // 2 // 8
+    steps = max(
+        yaml.safe_load((c / "brain.ckpt").read_text())["optimizer_step"] for c in checkpoints
     )
+    assert steps == 2 * (utterances // 2 // 8)
+    # Final scoring embedded each utterance once in all: the two processes' shares add up.
+    shares = re.findall(
+        r"embedded (\d+) of (\d+) utterances on 2 process\(es\): (\d+) \+ (\d+)", output
+    )
+    assert len(shares) == 2  # dev and eval
+    for embedded, total, first, second in shares:
+        assert embedded == total and int(first) + int(second) == int(total)
+        assert abs(int(first) - int(second)) <= 1
     ddp_report = (out / "verification_dev.json").read_text()
     (out / "verification_dev.json").unlink()
     shutil.rmtree(out / "embeddings")  # the single process must embed everything itself
@@ -269,4 +288,4 @@ def test_two_processes_with_torchrun_on_cpu(tmp_path, tiny_corpus):
     # thresholds are compared with a tolerance).
     single_report = json.loads((out / "verification_dev.json").read_text())
     for name, metrics in json.loads(ddp_report)["conditions"].items():
-        assert single_report["conditions"][name] == pytest.approx(metrics, rel=1e-5)
+        assert single_report["conditions"][name] == pytest.approx(metrics, rel=1e-5, abs=1e-6)
