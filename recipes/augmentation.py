@@ -70,6 +70,7 @@ def noise_reader(noise_csv, data_folder, sample_rate: int, crop_samples: int, ch
         for line, (path, _) in enumerate(files, start=2):
             _check_noise_file(noise_csv, line, path, sample_rate)
 
+    @sb.utils.data_pipeline.takes("id")
     @sb.utils.data_pipeline.provides("noise")
     def noise(_utterance_id):
         """One noise crop for an utterance (read in a loader worker)."""

@@ -177,7 +177,7 @@ def dataio_prep(hparams):
         reader = noise_reader(
             hparams["noise_csv"], hparams["data_folder"], rate, crop, check=not own_list
         )
-        train.add_dynamic_item(reader, takes="id")
+        train.add_dynamic_item(reader)
         keys.append("noise")
     train.set_output_keys(keys)
 

@@ -369,9 +369,9 @@ def write_folder(staging: Path, hparams, data, run, run_opts: dict) -> dict:
     if text_dependent is not None:
         checks["phrase_max_logp_difference"] = _check_phrase_branch(staging, trained, wavs)
     if isinstance(embedder.head, XVectorHead):
-        checks.update(
-            write_hf_folder(staging / "hf", hparams, embedder, run, class_encoder, trained, wavs)
-        )
+        hf = write_hf_folder(staging / "hf", hparams, run, class_encoder)
+        normalize = hparams["wavlm"].feature_extractor.do_normalize
+        checks.update(_check_hf(staging / "hf", hf, trained.speaker, wavs, normalize))
     else:
         logger.warning("hf/ not written: %s", NO_HF_FOLDER.format(head=hparams["head_type"]))
     facts = {

@@ -323,3 +323,24 @@ def test_noise_reader_gives_crops_and_checks_a_users_noise_list(tmp_path):
     csv.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"noise.csv line 4: .*n2.wav is at 8000 Hz"):
         noise_reader(csv, tmp_path, 16000, crop_samples=16000, check=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The GPU smoke script runs its steps small on the CPU, so that it works the day a GPU is lent
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_gpu_smoke_script_runs_quick_on_the_cpu(tmp_path, tiny_corpus):
+    out = tmp_path / "smoke.json"
+    command = [sys.executable, str(ROOT / "tests" / "benchmarks" / "gpu_smoke.py"), "--device",
+               "cpu", "--quick", "--json", str(out), "--corpus", str(tiny_corpus)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert set(report) == {"versions", "group_norm", "ddp", "training", "extraction", "end_to_end"}
+    assert all(section["status"] == "ok" for section in report.values())
+    e2e = report["end_to_end"]["result"]
+    assert e2e["frozen_then_unfrozen"] and e2e["export_checks"]["speechbrain_min_cosine"] > 0.9999
+    # 20 training batches of 8 per epoch, accumulated 2 by 2: 10 optimizer steps per epoch.
+    assert e2e["total_steps_line"].startswith("2 epochs x 10 optimizer steps per epoch")
+    assert e2e["reloaded_on_cpu"]["reason"] in ("", "speaker", "wrong pass-phrase")
+    assert report["ddp"]["result"]["masked_spec_embed_trains"] is False

@@ -1,11 +1,14 @@
 """Time per training batch of the recipe's augmentation, above all the noise files it reads.
 
 SpeechBrain's ``AddNoise`` reads one noise file per utterance at every step, through its own
-data loader: with ``num_workers: 0`` in the main process, where the GPU waits for it. This
+data loader, inside the training step. The recipe reads one noise crop per utterance in the
+training loader's workers instead (``recipes/augmentation.py``) and only mixes in the step. This
 writes ``--files`` noise wavs with DeepMine-like durations (1.5-5 s, like the recipe's default
-noise list: other training utterances), then times, in interleaved rounds, ``AddNoise`` alone
-with 0, 1, 2 loader workers (and with white noise: no files) and the whole ``wav_augment`` of
-``hparams/wavlm_td.yaml``.
+noise list: other training utterances), then times, in interleaved rounds: SpeechBrain's
+``AddNoise`` reading the files in the step (0 workers, as the recipe used to); the recipe's
+``PrefetchedNoise`` mixing a batch's crops (what is left in the step); the same with white noise;
+the whole ``wav_augment`` of ``hparams/wavlm_td.yaml``; and, for scale, reading one batch of crops
+(the work that moved to the loader's workers).
 
     python tests/benchmarks/bench_augment.py                      # batch 32 x 3 s, as wavlm_td
 """
@@ -26,6 +29,10 @@ from hyperpyyaml import load_hyperpyyaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
 
+from speechbrain.augment.time_domain import AddNoise
+from speechbrain.dataio.batch import PaddedBatch
+
+from recipes.augmentation import PrefetchedNoise, noise_reader
 from recipes.tiny_wavlm import build_tiny_wavlm
 from tests.benchmarks.common import ROOT, deepmine_lengths, interleaved_ms
 
@@ -43,21 +50,41 @@ def noise_csv(folder: Path, files: int) -> Path:
     return csv
 
 
-def augmentations(csv: Path | None, workers: int, folder: Path, wavlm_dir: str) -> dict:
-    """``wavlm_td.yaml``'s ``add_noise`` (with ``workers`` loader workers) and ``wav_augment``."""
+def augmentations(csv: Path, folder: Path, wavlm_dir: str, wavs: torch.Tensor) -> dict:
+    """The settings timed: callables of (waveforms, lengths)."""
     overrides = {
         "data_folder": str(folder),
         "output_folder": str(folder / "out"),
         "wavlm_source": wavlm_dir,  # the YAML builds its model too: a tiny one, unused here
         "wavlm_hidden_size": 96,
-        "noise_csv": csv and str(csv),
-        "add_noise": {"num_workers": workers},
+        "noise_csv": str(csv),
     }
     with open(ROOT / "hparams" / "wavlm_td.yaml", encoding="utf-8") as handle:
         hparams = load_hyperpyyaml(handle, overrides)
+    crop = wavs.shape[1]
+    reader = noise_reader(csv, folder, 16000, crop, check=False)
+    crops = PaddedBatch([{"noise": reader("u")} for _ in range(wavs.shape[0])]).noise
+    white = PrefetchedNoise(snr_low=5, snr_high=20)
+    prefetched = hparams["add_noise"]
+
+    def with_crops(module):
+        """``module`` on the batch's crops (set before every call, as the Brain does)."""
+
+        def run(waveforms, lengths):
+            module.use(*crops)
+            return module(waveforms, lengths)
+
+        return run
+
+    in_step = AddNoise(csv_file=str(csv), snr_low=5, snr_high=20, num_workers=0)
     return {
-        f"AddNoise, {workers} workers": hparams["add_noise"],
-        f"wav_augment, noise loader {workers} workers": hparams["wav_augment"],
+        "SpeechBrain AddNoise, files read in the step": in_step,
+        "PrefetchedNoise, white noise (no files)": white,
+        "PrefetchedNoise, the batch's crops": with_crops(prefetched),
+        "wav_augment (wavlm_td.yaml), the batch's crops": with_crops(hparams["wav_augment"]),
+        "reading one batch of crops (loader workers)": lambda w, lens: [
+            reader("u") for _ in range(w.shape[0])
+        ],
     }
 
 
@@ -77,13 +104,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         csv = noise_csv(Path(tmp), args.files)
         wavlm_dir = build_tiny_wavlm(Path(tmp) / "tiny")
-        settings = {
-            "AddNoise, white noise (no files)": augmentations(None, 0, Path(tmp), wavlm_dir)[
-                "AddNoise, 0 workers"
-            ]
-        }
-        for workers in (0, 1, 2):
-            settings.update(augmentations(csv, workers, Path(tmp), wavlm_dir))
+        settings = augmentations(csv, Path(tmp), wavlm_dir, wavs)
         rows = interleaved_ms(
             {name: functools.partial(augment, wavs, lens) for name, augment in settings.items()},
             args.rounds,
