@@ -173,7 +173,8 @@ class CheckpointScoring(NamedTuple):
     checkpoint: object  # speechbrain Checkpoint
     embedder: object  # WavLMSpeakerEmbedder with the checkpoint's weights
     embed: object  # dataset -> utterance tables
-    cache: Path  # embeddings of this checkpoint
+    cache: Path  # where embeddings of this checkpoint are cached (see ``embedding_cache``)
+    precision: str  # what ``embed`` runs (``eval_precision``, or fp32 where the device lacks it)
     fusion: FusionSource
 
 
@@ -196,25 +197,17 @@ def checkpoint_scoring(hparams, data, run_opts: dict) -> CheckpointScoring:
         precision=precision,
         progress=not run_opts.get("noprogressbar"),
     )
-    cache = embedding_cache(
-        Path(hparams["output_folder"]) / "embeddings" / checkpoint.path.name,
-        {**hparams, "eval_precision": precision},
-    )
+    cache = Path(hparams["output_folder"]) / "embeddings" / checkpoint.path.name
     fusion = recipe_fusion_source(hparams, checkpoint, data.phrase_labels)
-    return CheckpointScoring(checkpoint, embedder, embed, cache, fusion)
+    return CheckpointScoring(checkpoint, embedder, embed, cache, precision, fusion)
 
 
 def run_verification(hparams, data, run_opts: dict) -> dict:
     """Score the run's best checkpoint on every split; write the reports; return the metrics."""
     run = checkpoint_scoring(hparams, data, run_opts)
+    cache = embedding_cache(run.cache, {**hparams, "eval_precision": run.precision})
     return score_splits(
-        run.embed,
-        hparams,
-        data.splits,
-        data.cohort,
-        run.cache,
-        hparams["output_folder"],
-        run.fusion,
+        run.embed, hparams, data.splits, data.cohort, cache, hparams["output_folder"], run.fusion
     )
 
 

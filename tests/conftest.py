@@ -13,13 +13,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from data_prep.synth_deepmine import synthesize_corpus
+from data_prep.synth_deepmine import SMALL_CORPUS, synthesize_corpus
 from recipes.tiny_wavlm import build_tiny_wavlm
 from tests.helpers import run_script
 
-TINY = dict(
-    speakers=6, eval_speakers=3, reps=4, seed=7, free_text=2, free_text_trials=1, free_text_train=2
-)
+TINY = SMALL_CORPUS  # the tests' corpus
 
 
 @pytest.fixture(scope="session")

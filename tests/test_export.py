@@ -23,12 +23,13 @@ import torch.nn.functional as F
 from scipy.signal import resample_poly
 from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMForXVector
 
+from recipes.experiment import dataio_prep
 from recipes.export_model import enrolment_thresholds, hf_xvector_model
-from recipes.pretrained import load_verifier
+from recipes.pretrained import embed_dataset, load_verifier
 from recipes.scoring import EmbeddingTable, score_trials
 from recipes.speaker_model import TDSVSpeakerRecognition, WavLMSpeakerEmbedder, XVectorHead
 from recipes.tiny_wavlm import TINY
-from tests.helpers import ROOT, run_script
+from tests.helpers import ROOT, load_yaml, run_script
 
 
 def cli(*args, cwd=ROOT):
@@ -356,3 +357,26 @@ def test_an_mhfa_model_exports_a_self_checked_speechbrain_folder_without_hf(tmp_
     verdict = verifier.verify_trial([wav[i] for i in enrol_ids], wav[test_id], phrase=phrase)
     assert verdict.speaker_score == pytest.approx(trial["speaker"], abs=1e-4)
     assert verdict.score == pytest.approx(trial["score"], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_export_calibrates_on_its_own_models_embeddings(trained, tiny_corpus, tmp_path):
+    """Thresholds come from embeddings made as the exported folder makes them.
+
+    That is fp32, one utterance at a time, also when the run evaluates in bf16 (fp16 on a GPU).
+    """
+    out, _ = trained
+    folder = tmp_path / "export_bf16"
+    run_script(
+        "export_model.py", out, tiny_corpus, "--eval_precision", "bf16",
+        "--export_folder", str(folder),
+    )  # fmt: skip
+    facts = json.loads((folder / "export.json").read_text())
+    overrides = {
+        "output_folder": str(out), "data_folder": str(tiny_corpus), "synthetic_corpus": None,
+        "dev_speakers": 2, "emb_dim": 64, "noise_csv": None, "cohort_utts_per_speaker": 2,
+    }  # fmt: skip
+    dev = dataio_prep(load_yaml("synthetic_demo.yaml", overrides)).splits["dev"]
+    tables = embed_dataset(load_verifier(folder), dev.utterances, {"batch_size": 4}, False)
+    expected = enrolment_thresholds(tables["speaker"], dev.models, dev.trials)
+    assert facts["thresholds"] == json.loads(json.dumps(expected))

@@ -331,7 +331,7 @@ def end_to_end(args, context) -> dict:
         "dev_pooled": json.loads(dev_report.read_text())["conditions"]["pooled"],
         "export_checks": facts["checks"],
         "reloaded_on_cpu": json.loads(reload_log.strip().splitlines()[-1]),
-        "export_log_tail": export_log.strip().splitlines()[-1][-300:],
+        "exported": [line for line in export_log.splitlines() if line.startswith("exported ")][-1:],
     }
     check(report["frozen_then_unfrozen"] and report["total_steps_line"], "end to end", report)
     return report
@@ -449,20 +449,10 @@ def run(command: list[str], what: str, env=None) -> str:
 
 
 def synthetic_corpus(folder: Path) -> Path:
-    """A small synthetic DeepMine-layout corpus (6 + 3 speakers, free text)."""
-    from data_prep.synth_deepmine import synthesize_corpus
+    """A small synthetic DeepMine-layout corpus (the tests' ``SMALL_CORPUS``)."""
+    from data_prep.synth_deepmine import SMALL_CORPUS, synthesize_corpus
 
-    return synthesize_corpus(
-        folder,
-        speakers=6,
-        eval_speakers=3,
-        reps=4,
-        seed=7,
-        free_text=2,
-        free_text_trials=1,
-        free_text_train=2,
-        jobs=os.cpu_count() or 1,
-    )
+    return synthesize_corpus(folder, jobs=os.cpu_count() or 1, **SMALL_CORPUS)
 
 
 def print_table(results: dict) -> None:
