@@ -68,10 +68,10 @@ def augmentations(csv: Path, folder: Path, wavlm_dir: str, wavs: torch.Tensor) -
     prefetched = hparams["add_noise"]
 
     def with_crops(module):
-        """``module`` on the batch's crops (set before every call, as the Brain does)."""
+        """``module``, the batch's crops given to the noise before each call (as the Brain)."""
 
         def run(waveforms, lengths):
-            module.use(*crops)
+            prefetched.use(*crops)
             return module(waveforms, lengths)
 
         return run
