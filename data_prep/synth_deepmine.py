@@ -166,6 +166,7 @@ def _init_espeak() -> None:
     )
 
     def on_samples(wav, count, _events):
+        """espeak-ng's synthesis callback: keep a copy of each chunk of samples; 0 to go on."""
         if count > 0:
             chunks.append(np.ctypeslib.as_array(wav, shape=(count,)).copy())
         return 0

@@ -35,6 +35,7 @@ class PhraseBatchSampler(Sampler):
         self.epoch = epoch
 
     def _batches(self) -> list[list[int]]:
+        """The epoch's batches: each phrase's utterances shuffled and cut, the batches shuffled."""
         rng = np.random.default_rng([self.seed, self.epoch])
         batches = []
         for group in self.groups:

@@ -496,6 +496,7 @@ def fused_llr(
     speaker = np.asarray(speaker_scores, dtype=np.float64)
 
     def affine(name, *features):
+        """The calibration ``fusion[name]`` (weights and bias) applied to ``features``."""
         calibration = fusion[name]
         weighted = [w * f for w, f in zip(calibration["weights"], features, strict=True)]
         return calibration["bias"] + np.sum(weighted, axis=0)
