@@ -6,6 +6,7 @@ Trials of a recipe run (SdSV / TdSV protocol, reports per condition):
     python recipes/verify_speakers.py trials hparams/synthetic_demo.yaml
     python recipes/verify_speakers.py trials hparams/wavlm_td.yaml --data_folder /data/task1 \
         --score_norm as-norm
+    python recipes/verify_speakers.py hparams/synthetic_demo.yaml     # the same: "trials"
 
 uses the run's best checkpoint (``--output_folder``), embeds every utterance once (cached under
 ``embeddings/<checkpoint>/``) and writes, per split: ``scores_<split>.txt``,
@@ -282,7 +283,13 @@ def verify_files(args) -> None:
 
 
 def parse_arguments(argv) -> argparse.Namespace:
-    """The ``trials`` or ``files`` command and its arguments."""
+    """The ``trials`` or ``files`` command and its arguments.
+
+    An hparams file as the first argument means ``trials``: ``verify_speakers.py HPARAMS ...``,
+    the way SpeechBrain runs a recipe's scripts (``tests/recipes/DeepMine.csv``).
+    """
+    if argv and str(argv[0]).endswith((".yaml", ".yml")):
+        argv = ["trials", *argv]
     parser = argparse.ArgumentParser(
         description="Speaker verification: score a recipe's trials, or audio files."
     )
