@@ -142,11 +142,7 @@ def dataio_prep(hparams):
         sig = read_audio({"file": wav, "start": 0, "stop": max_eval})
         return check_waveform(sig, rate, wav, hparams["min_audio_seconds"])
 
-    target_type = hparams["target_type"]
-    if target_type not in ("speaker", "speaker_phrase", "speaker+phrase"):
-        raise ValueError(
-            f"target_type must be speaker, speaker_phrase or speaker+phrase: {target_type}"
-        )
+    target_type = hparams["target_type"]  # one of TARGET_TYPES (checked at start-up)
 
     @sb.utils.data_pipeline.takes("spk_id", "phrase_id")
     @sb.utils.data_pipeline.provides("class_label", "phrase_label")
@@ -232,26 +228,41 @@ def _cohort_utterances(train_csv: Path, per_speaker: int) -> Path:
     return path
 
 
-def train_loader_options(hparams, train) -> dict:
-    """Dataloader options for the configured batch sampler (random, phrase or dynamic)."""
-    options = dict(hparams["train_dataloader_options"])
-    kind = hparams["batch_sampler"]
-    if kind == "phrase":  # every batch holds one pass-phrase (the seed's "phrase-level batching")
-        phrase_ids = [train.data[i]["phrase_id"] for i in train.data_ids]
-        sampler = PhraseBatchSampler(phrase_ids, options.pop("batch_size"), seed=hparams["seed"])
-        options.pop("shuffle", None)
-        options["batch_sampler"] = sampler
-    elif kind == "dynamic":
-        options.pop("batch_size")
-        options.pop("shuffle", None)
-        options["batch_sampler"] = hparams["dynamic_batch_sampler"](train)
-    elif kind != "random":
-        raise ValueError(f"batch_sampler must be random, phrase or dynamic, not {kind!r}")
-    if hparams["on_bad_audio"] == "skip":
-        options["collate_fn"] = collate_readable
-    elif hparams["on_bad_audio"] != "fail":
-        raise ValueError(f"on_bad_audio must be fail or skip, not {hparams['on_bad_audio']!r}")
+def _random_batches(options: dict, hparams, train) -> dict:
+    """SpeechBrain's shuffled batches of ``batch_size`` (the loader's own sampler)."""
     return options
+
+
+def _phrase_batches(options: dict, hparams, train) -> dict:
+    """Every batch holds one pass-phrase (the seed's "phrase-level batching")."""
+    phrase_ids = [train.data[i]["phrase_id"] for i in train.data_ids]
+    sampler = PhraseBatchSampler(phrase_ids, options.pop("batch_size"), seed=hparams["seed"])
+    options.pop("shuffle", None)
+    return {**options, "batch_sampler": sampler}
+
+
+def _dynamic_batches(options: dict, hparams, train) -> dict:
+    """SpeechBrain's ``DynamicBatchSampler`` (``dynamic_batch_sampler``: seconds per batch)."""
+    options.pop("batch_size")
+    options.pop("shuffle", None)
+    return {**options, "batch_sampler": hparams["dynamic_batch_sampler"](train)}
+
+
+#: ``batch_sampler``: the training loader's options for each choice (what the settings allow).
+BATCH_SAMPLERS = {"random": _random_batches, "phrase": _phrase_batches, "dynamic": _dynamic_batches}
+#: ``on_bad_audio``: the collate function of each choice (None: SpeechBrain's, which fails).
+BAD_AUDIO_ACTIONS = {"fail": None, "skip": collate_readable}
+#: ``target_type``: what a training class is (``dataio_prep``'s labels).
+TARGET_TYPES = ("speaker", "speaker_phrase", "speaker+phrase")
+
+
+def train_loader_options(hparams, train) -> dict:
+    """Dataloader options for the configured batch sampler (``BATCH_SAMPLERS``) and bad audio."""
+    options = BATCH_SAMPLERS[hparams["batch_sampler"]](
+        dict(hparams["train_dataloader_options"]), hparams, train
+    )
+    collate = BAD_AUDIO_ACTIONS[hparams["on_bad_audio"]]
+    return options if collate is None else {**options, "collate_fn": collate}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -334,6 +345,8 @@ def run_device(run_opts: dict) -> torch.device:
 
 
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16}
+#: ``precision`` / ``eval_precision``: fp32, or autocast to one of ``PRECISIONS``.
+PRECISION_CHOICES = ("fp32", *PRECISIONS)
 
 
 def usable_precision(precision: str, device) -> str:

@@ -53,6 +53,7 @@ from recipes.pretrained import EXPORTED_MODULE, embed_dataset, load_verifier
 from recipes.scoring import metrics_by_condition, score_trials, trial_metrics
 from recipes.settings import load_checked_hparams
 from recipes.speaker_model import (
+    OPERATING_POINTS,
     SDSV_COSTS,
     PhraseBranch,
     WavLMSpeakerEmbedder,
@@ -79,14 +80,14 @@ def enrolment_thresholds(table, models: pd.DataFrame, trials: pd.DataFrame) -> d
     enrollment utterances.
     """
     enrol_lists = models["enrol_ids"].str.split()
-    thresholds = {"eer": {}, "min_dcf": {}}
+    thresholds = {point: {} for point in OPERATING_POINTS}
     for n in range(1, int(enrol_lists.map(len).max()) + 1):
         first_n = models.assign(enrol_ids=enrol_lists.map(lambda ids, n=n: " ".join(ids[:n])))
         pooled = metrics_by_condition(score_trials(table, first_n, trials), trials["condition"])
         if "pooled" not in pooled:
             raise ValueError("the dev trials need targets (TC) and non-targets to calibrate")
-        thresholds["eer"][n] = round(pooled["pooled"]["eer_threshold"], 6)
-        thresholds["min_dcf"][n] = round(pooled["pooled"]["min_dcf_threshold"], 6)
+        for point in OPERATING_POINTS:
+            thresholds[point][n] = round(pooled["pooled"][f"{point}_threshold"], 6)
     return thresholds
 
 

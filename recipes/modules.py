@@ -185,6 +185,12 @@ class L2SP:
         return self.weight * torch.stack(distances).float().pow(2).sum()
 
 
+#: ``margin_type``: AM-Softmax (cos - m) or additive angular margin (cos(theta + m)).
+MARGIN_TYPES = ("am", "aam")
+#: ``scale_mode``: fixed, a trained log-scale, or the AdaCos rule.
+SCALE_MODES = ("fixed", "learnable", "adaptive")
+
+
 class MarginSoftmax(nn.Module):
     """AM-Softmax or AAM-Softmax loss on cosine logits, with scale modes and margin warm-up.
 
@@ -214,8 +220,11 @@ class MarginSoftmax(nn.Module):
         easy_margin=False,
     ):
         super().__init__()
-        if margin_type not in ("am", "aam") or scale_mode not in ("fixed", "learnable", "adaptive"):
-            raise ValueError(f"unknown margin_type {margin_type!r} or scale_mode {scale_mode!r}")
+        if margin_type not in MARGIN_TYPES or scale_mode not in SCALE_MODES:
+            raise ValueError(
+                f"margin_type {margin_type!r} / scale_mode {scale_mode!r}: expected one of "
+                f"{MARGIN_TYPES} / {SCALE_MODES}"
+            )
         if margin_type == "am":
             self.margin_fn = AngularMargin(margin, scale)
         else:

@@ -16,25 +16,36 @@ import torch
 from hyperpyyaml.core import resolve_references
 from ruamel.yaml.constructor import SafeConstructor
 
-from recipes.scoring import METHODS
+from recipes import experiment, modules, scoring, speaker_model
 
-#: Enumerated settings and their allowed values.
-CHOICES = {
-    "target_type": ("speaker", "speaker_phrase", "speaker+phrase"),
-    "head_type": ("xvector", "ecapa", "mhfa"),
-    "margin_type": ("am", "aam"),
-    "scale_mode": ("fixed", "learnable", "adaptive"),
-    "batch_sampler": ("random", "phrase", "dynamic"),
-    "score_norm": METHODS,
-    "on_bad_audio": ("fail", "skip"),
-    "export_operating_point": ("eer", "min_dcf"),
-    "precision": ("fp32", "fp16", "bf16"),
-    "eval_precision": ("fp32", "fp16", "bf16"),
-    "fusion": ("none", "llr", "gate"),  # speaker score, calibrated fusion, hard phrase gate
-    "phrase_branch": (True, False),
-    "phrase_pooling": ("xvector", "mhfa"),
-    "phrase_classifier_type": ("linear", "cosine"),
+#: Enumerated settings: where the code that dispatches on each keeps its choices (module,
+#: attribute: a tuple, or a dict of what each choice does). Read when checking, so a choice added
+#: there is allowed here with no second list. ``head_type`` is checked against the YAML's own
+#: ``heads`` (``choices``).
+REGISTRIES = {
+    "target_type": (experiment, "TARGET_TYPES"),
+    "margin_type": (modules, "MARGIN_TYPES"),
+    "scale_mode": (modules, "SCALE_MODES"),
+    "batch_sampler": (experiment, "BATCH_SAMPLERS"),
+    "score_norm": (scoring, "METHODS"),
+    "on_bad_audio": (experiment, "BAD_AUDIO_ACTIONS"),
+    "export_operating_point": (speaker_model, "OPERATING_POINTS"),
+    "precision": (experiment, "PRECISION_CHOICES"),
+    "eval_precision": (experiment, "PRECISION_CHOICES"),
+    "phrase_pooling": (speaker_model, "PHRASE_POOLINGS"),
+    "phrase_classifier_type": (speaker_model, "PHRASE_CLASSIFIERS"),
 }
+
+
+def choices(hparams) -> dict[str, tuple]:
+    """Every enumerated setting and its allowed values, from the code's own registries."""
+    allowed = {key: tuple(getattr(module, name)) for key, (module, name) in REGISTRIES.items()}
+    allowed["fusion"] = ("none", *speaker_model.DECISION_KINDS)  # none: the speaker score
+    allowed["phrase_branch"] = (True, False)
+    if isinstance(hparams.get("heads"), dict):  # the heads the YAML wires (build_choice)
+        allowed["head_type"] = tuple(hparams["heads"])
+    return allowed
+
 
 #: Numeric settings: (lowest allowed, whether the lowest is excluded).
 RANGES = {
@@ -57,7 +68,7 @@ RANGES = {
 def settings_problems(hparams) -> list[str]:
     """One line per bad setting (empty when all are usable)."""
     problems = []
-    for key, allowed in CHOICES.items():
+    for key, allowed in choices(hparams).items():
         if key in hparams and hparams[key] not in allowed:
             shown = ", ".join(map(str, allowed))
             problems.append(f"{key}: {hparams[key]!r} is not one of {shown}")

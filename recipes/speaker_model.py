@@ -199,6 +199,12 @@ class CosineClassifier(nn.Module):
         return self.scale * F.normalize(embedding, dim=-1) @ F.normalize(self.weight, dim=-1).T
 
 
+#: ``phrase_pooling``: the phrase branch's pooling head.
+PHRASE_POOLINGS = ("xvector", "mhfa")
+#: ``phrase_classifier_type``: plain cross-entropy logits, or scaled cosines with a margin.
+PHRASE_CLASSIFIERS = ("linear", "cosine")
+
+
 class PhraseBranch(nn.Module):
     """Pass-phrase classifier on WavLM's hidden states ``[L, B, T, H]``.
 
@@ -239,7 +245,9 @@ class PhraseBranch(nn.Module):
         elif pooling == "mhfa":
             self.head = MHFAHead(input_size, num_states, compression_dim, heads, embedding_dim)
         else:
-            raise ValueError(f"phrase branch pooling must be xvector or mhfa, not {pooling!r}")
+            raise ValueError(
+                f"phrase branch pooling must be one of {PHRASE_POOLINGS}, not {pooling!r}"
+            )
         if classifier == "linear":
             if margin:
                 raise ValueError("a margin needs the cosine phrase classifier")
@@ -247,7 +255,9 @@ class PhraseBranch(nn.Module):
         elif classifier == "cosine":
             self.classifier = CosineClassifier(embedding_dim, n_phrases, scale)
         else:
-            raise ValueError(f"phrase classifier must be linear or cosine, not {classifier!r}")
+            raise ValueError(
+                f"phrase classifier must be one of {PHRASE_CLASSIFIERS}, not {classifier!r}"
+            )
         self.margin_logit = margin * scale  # 0 for the linear classifier (checked above)
 
     def forward(self, hidden: torch.Tensor, lengths: torch.Tensor | None = None):
@@ -456,13 +466,18 @@ class WavLMSpeakerEmbedder(nn.Module):
 # ------------------------------------------------------------------------------------------------
 #: The phrase class of free-text training utterances (``include_free_text``).
 OTHER_PHRASE = "other"
-#: Fusion kinds: "llr" (calibrated fusion), "gate" (speaker LLR, hard phrase reject), "speaker".
-FUSION_KINDS = ("llr", "gate", "speaker")
+#: How fused decisions are made: "llr" (calibrated fusion), "gate" (speaker LLR, hard phrase
+#: reject); the ``fusion`` setting is one of these or "none" (speaker scores, no fusion).
+DECISION_KINDS = ("llr", "gate")
+#: What ``fused_llr`` computes: a decision kind, or "speaker" (the speaker score calibrated alone).
+FUSION_KINDS = (*DECISION_KINDS, "speaker")
 #: Subtracted from the speaker LLR of a trial that the phrase gate rejects (fusion "gate").
 GATE_PENALTY = 100.0
 #: Phrase log-posteriors are floored here: a target whose phrase the classifier misses should
 #: cost a bounded amount of evidence, not an unbounded one (calibration, Cllr).
 LOGP_FLOOR = -20.0
+#: Operating points of the dev-calibrated thresholds (``export_operating_point``).
+OPERATING_POINTS = ("eer", "min_dcf")
 #: SdSV / TdSV detection costs: the default operating point of Bayes decisions. This constant and
 #: ``bayes_threshold`` are twins of ``recipes.metrics.SDSV_DCF`` / ``bayes_threshold``, on purpose:
 #: this file is copied into exported folders and must not import the repository.

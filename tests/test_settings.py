@@ -9,7 +9,8 @@ import time
 import pytest
 from hyperpyyaml import load_hyperpyyaml
 
-from recipes.settings import CHOICES, raw_settings, settings_problems
+from recipes import experiment, scoring
+from recipes.settings import choices, raw_settings, settings_problems
 from tests.helpers import ROOT
 
 BAD_VALUES = {
@@ -44,11 +45,10 @@ BAD_VALUES = {
 @pytest.mark.parametrize("key", sorted(BAD_VALUES))
 def test_each_setting_is_checked_with_its_allowed_values(key):
     value = BAD_VALUES[key]
-    problems = settings_problems(
-        raw_settings(ROOT / "hparams" / "synthetic_demo.yaml", {key: value})
-    )
+    settings = raw_settings(ROOT / "hparams" / "synthetic_demo.yaml", {key: value})
+    problems = settings_problems(settings)
     assert len(problems) == 1 and problems[0].startswith(f"{key}: {value!r}"), problems
-    allowed = CHOICES.get(key)
+    allowed = choices(settings).get(key)
     assert allowed is None or ", ".join(map(str, allowed)) in problems[0]
 
 
@@ -95,3 +95,15 @@ def test_bad_settings_are_named_before_data_prep(tmp_path):
     assert "fusion: 'bayes' is not one of none, llr, gate" in result.stderr
     assert "number_of_epochs: -1 must be a number >= 1" in result.stderr
     assert not (tmp_path / "nowhere").exists() and not (tmp_path / "exp" / "prep").exists()
+
+
+def test_a_choice_added_where_the_code_dispatches_is_allowed_with_no_second_list(monkeypatch):
+    demo = ROOT / "hparams" / "synthetic_demo.yaml"
+    wanted = {"score_norm": "z-norm", "batch_sampler": "bucket"}
+    assert len(settings_problems(raw_settings(demo, wanted))) == 2
+    monkeypatch.setattr(scoring, "METHODS", (*scoring.METHODS, "z-norm"))
+    monkeypatch.setitem(experiment.BATCH_SAMPLERS, "bucket", experiment.BATCH_SAMPLERS["random"])
+    assert settings_problems(raw_settings(demo, wanted)) == []
+    # A speaker head is chosen among the YAML's own ``heads``: wiring one in allows it.
+    head = "heads:\n    resnet: !name:recipes.speaker_model.XVectorHead\nhead_type: resnet"
+    assert settings_problems(raw_settings(demo, head)) == []
