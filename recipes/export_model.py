@@ -41,6 +41,7 @@ from transformers import WavLMConfig, WavLMForXVector
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from recipes import speaker_model
 from recipes.experiment import (
     checkpoint_state,
     dataio_prep,
@@ -135,10 +136,10 @@ def head_spec(hparams) -> tuple[str, dict]:
     """The head's class path inside the export and its constructor arguments."""
     constructor = hparams["heads"][hparams["head_type"]]
     module, name = constructor.func.__module__, constructor.func.__qualname__
-    if module == "recipes.speaker_model":
+    if module == speaker_model.__name__:
         module = Path(EXPORTED_MODULE).stem
-    elif module.startswith("recipes."):
-        raise ValueError(f"{module}.{name} is not in recipes/speaker_model.py: cannot export it")
+    elif module.startswith(f"{speaker_model.__package__}."):
+        raise ValueError(f"{module}.{name} is not in {speaker_model.__file__}: cannot export it")
     return f"{module}.{name}", dict(constructor.keywords)
 
 
@@ -346,7 +347,7 @@ def write_folder(staging: Path, hparams, data, run, run_opts: dict) -> dict:
     trained = TrainingModules(hparams, checkpoint, n_phrases)
 
     torch.save(embedder.state_dict(), staging / "embedding_model.ckpt")
-    shutil.copyfile(Path(__file__).with_name("speaker_model.py"), staging / EXPORTED_MODULE)
+    shutil.copyfile(speaker_model.__file__, staging / EXPORTED_MODULE)
 
     def write_hyperparams(thresholds, text_dependent):
         """The folder's ``hyperparams.yaml`` with these thresholds and text-dependent settings."""

@@ -17,6 +17,7 @@ import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from transformers import WavLMConfig
@@ -57,24 +58,30 @@ def expected_files(check: str) -> list[str]:
     return re.search(r"file_exists=\[(.*?)\]", check).group(1).split(",")
 
 
-@pytest.mark.slow
-def test_every_row_runs_with_its_debug_flags_and_writes_its_files(tmp_path, tiny_corpus):
-    (tmp_path / "DeepMine_synthetic").symlink_to(tiny_corpus)  # the same corpus options
-    cache = tmp_path / "hf_cache"
+def run_rows(csv_path: Path, root: Path, tmp: Path, corpus: Path) -> None:
+    """Run every row of ``csv_path`` from ``root`` as SpeechBrain's recipe tests do; check files.
+
+    ``tests/tmp/`` of the flags becomes ``tmp``; the synthetic corpus is ``corpus`` (made with the
+    rows' options); ``microsoft/wavlm-base-plus`` comes from a local Hugging Face cache.
+    """
+    (tmp / "DeepMine_synthetic").symlink_to(corpus)
+    cache = tmp / "hf_cache"
     save_to_hub_cache(
         cache, "microsoft/wavlm-base-plus", WavLMConfig(**{**TINY, "mask_time_prob": 0.05}),
         do_normalize=False,
     )  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
-    for number, row in enumerate(rows(), start=2):  # SpeechBrain's recipe ids count from row 2
-        flags = row["test_debug_flags"].replace("tests/tmp/", f"{tmp_path}/")
+    with open(csv_path, encoding="utf-8", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    for number, row in enumerate(table, start=2):  # SpeechBrain's recipe ids count from row 2
+        flags = row["test_debug_flags"].replace("tests/tmp/", f"{tmp}/")
         command = (
             f"{shlex.quote(sys.executable)} {row['Script_file']} {row['Hparam_file']} {flags} "
             "--debug --debug_persistently"
         )
-        env["PYTHONPATH"] = str(ROOT / os.path.dirname(row["Script_file"]))  # as SpeechBrain
+        env["PYTHONPATH"] = str(root / os.path.dirname(row["Script_file"]))  # as SpeechBrain
         result = subprocess.run(
-            command, shell=True, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900
+            command, shell=True, capture_output=True, text=True, cwd=root, env=env, timeout=900
         )
         assert result.returncode == 0, (number, result.stdout[-2000:], result.stderr[-4000:])
         output = re.search(r"--output_folder=(\S+)", flags).group(1)
@@ -83,3 +90,24 @@ def test_every_row_runs_with_its_debug_flags_and_writes_its_files(tmp_path, tiny
             if not os.path.exists(os.path.join(output, name))
         ]  # fmt: skip
         assert missing == [], (number, row["Script_file"], row["Hparam_file"])
+
+
+@pytest.mark.slow
+def test_every_row_runs_with_its_debug_flags_and_writes_its_files(tmp_path, tiny_corpus):
+    run_rows(CSV, ROOT, tmp_path, tiny_corpus)
+
+
+@pytest.mark.slow
+def test_the_upstream_tree_runs_its_rows_in_a_speechbrain_layout(tmp_path, tiny_corpus):
+    """``recipes/upstream_tree.py``'s tree, alone (this repository off the path), runs its rows."""
+    tree = tmp_path / "speechbrain"
+    subprocess.run(
+        [sys.executable, str(ROOT / "recipes" / "upstream_tree.py"), str(tree)],
+        check=True, capture_output=True, cwd=tmp_path,
+    )  # fmt: skip
+    recipe = tree / "recipes" / "DeepMine" / "SpeakerRec"
+    sources = "".join(path.read_text() for path in recipe.rglob("*.py"))
+    assert "from recipes." not in sources and "import recipes" not in sources
+    (tmp_path / "tmp").mkdir()
+    run_rows(tree / "tests" / "recipes" / "DeepMine.csv", tree, tmp_path / "tmp", tiny_corpus)
+    assert (tmp_path / "tmp" / "DeepMine_demo" / "export" / "tdsv_speaker_model.py").is_file()
