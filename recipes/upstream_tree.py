@@ -44,7 +44,7 @@ NOT_COPIED = ("upstream_tree.py",)
 
 def renamed(text: str) -> str:
     """``text`` with the ``recipes`` package renamed to ``PACKAGE`` (imports, YAML tags, names)."""
-    return re.sub(r"(?<![\w/.-])recipes\.(?=[\w\"'])", f"{PACKAGE}.", text)
+    return re.sub(r"(?<![\w/.-])recipes(?=\.[\w\"']|\s+import\b)", PACKAGE, text)
 
 
 def entry_script(text: str) -> str:
