@@ -62,7 +62,12 @@ from recipes.speaker_model import (
     phrase_outputs,
     pooled_embedding,
 )
-from recipes.verification import checkpoint_scoring, embedding_cache, scored, split_embeddings
+from recipes.verification import (
+    checkpoint_scoring,
+    embedding_cache,
+    scored_tables,
+    split_embeddings,
+)
 
 logger = get_logger(__name__)
 
@@ -125,7 +130,7 @@ def exported_calibration(folder: Path, hparams, data, run, run_opts: dict):
         stamp={**run.fusion.stamp, "embedded_by": "export"},
     )
     card_hparams = {**hparams, "score_norm": "none"}  # the model card: raw (or fused) scores
-    per_split, fusion = scored(embed, card_hparams, data.splits, None, cache, source)
+    per_split, fusion = scored_tables(tables, None, card_hparams, data.splits, source)
     return thresholds, fusion, split_metrics(per_split, data.splits, fused=fusion is not None)
 
 

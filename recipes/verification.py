@@ -258,16 +258,6 @@ def _score_and_report(tables, cohort, hparams, splits: dict, report_folder, fusi
     return results
 
 
-def scored(embed, hparams, splits: dict, cohort_set, cache: Path, fusion_source=None):
-    """``({split: (TrialScores, final scores)}, fusion or None)`` of every split.
-
-    ``embedded`` then ``scored_tables``; under ``torchrun`` call those two apart, as
-    ``score_splits`` does, so that only the main process scores.
-    """
-    tables, cohort = embedded(embed, hparams, splits, cohort_set, cache)
-    return scored_tables(tables, cohort, hparams, splits, fusion_source)
-
-
 def embedded(embed, hparams, splits: dict, cohort_set, cache: Path):
     """``({split: tables}, cohort means or None)``: every utterance the scoring needs, embedded.
 
@@ -283,7 +273,7 @@ def embedded(embed, hparams, splits: dict, cohort_set, cache: Path):
 
 
 def scored_tables(tables: dict, cohort, hparams, splits: dict, fusion_source=None):
-    """``scored`` from the utterance tables (``embedded``): trial scores, fusion, final scores.
+    """``({split: (TrialScores, final scores)}, fusion or None)`` from ``embedded``'s tables.
 
     With ``fusion`` "llr" or "gate", the fusion is learned on the dev split's trials (or read
     back from ``fusion_source.path`` when it was learned there from the same model and trials)
