@@ -167,15 +167,7 @@ def dataio_prep(hparams):
     train.add_dynamic_item(
         phrase_encoder.encode_label_torch, takes="phrase_label", provides="phrase_encoded"
     )
-    keys = ["id", "sig", "class_encoded", "phrase_encoded", "phrase_id"]
-    if prefetches_noise(hparams):  # one noise crop per utterance, read by the loader's workers
-        own_list = Path(hparams["noise_csv"]).resolve() == (prep / "train_noise.csv").resolve()
-        reader = noise_reader(
-            hparams["noise_csv"], hparams["data_folder"], rate, crop, check=not own_list
-        )
-        train.add_dynamic_item(reader)
-        keys.append("noise")
-    train.set_output_keys(keys)
+    train.set_output_keys(TRAIN_KEYS)
 
     def eval_utterances(csv_paths) -> DynamicItemDataset:
         """Whole utterances, longest first (less padding per batch)."""
@@ -197,10 +189,25 @@ def dataio_prep(hparams):
     return RecipeData(train, splits, cohort_set, class_encoder, phrase_encoder)
 
 
-def prefetches_noise(hparams) -> bool:
-    """True when training adds noise from files read by the loader (``PrefetchedNoise``)."""
+#: What a training batch holds (``add_noise_crops`` adds ``noise``).
+TRAIN_KEYS = ["id", "sig", "class_encoded", "phrase_encoded", "phrase_id"]
+
+
+def add_noise_crops(train: DynamicItemDataset, hparams) -> None:
+    """Give each training utterance a noise crop, read by the loader's workers.
+
+    For ``PrefetchedNoise`` (``add_noise``), when noise augmentation is on with a noise list.
+    Only training calls this: scoring and export neither read the list nor check its files.
+    """
     on = hparams["augment"] and hparams["aug_noise"] and hparams["noise_csv"]
-    return bool(on) and hasattr(hparams["add_noise"], "use")
+    if not (on and hasattr(hparams["add_noise"], "use")):
+        return
+    prep, rate = Path(hparams["prep_folder"]), hparams["sample_rate"]
+    own_list = Path(hparams["noise_csv"]).resolve() == (prep / "train_noise.csv").resolve()
+    crop = int(hparams["crop_seconds"] * rate)
+    reader = noise_reader(hparams["noise_csv"], hparams["data_folder"], rate, crop, not own_list)
+    train.add_dynamic_item(reader)
+    train.set_output_keys([*TRAIN_KEYS, "noise"])
 
 
 class RecipeData(NamedTuple):

@@ -29,7 +29,13 @@ from speechbrain.utils.logger import get_logger
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recipes.distributed import gathered, on_main, shard
-from recipes.experiment import RecipeData, dataio_prep, prepare_data, train_loader_options
+from recipes.experiment import (
+    RecipeData,
+    add_noise_crops,
+    dataio_prep,
+    prepare_data,
+    train_loader_options,
+)
 from recipes.modules import L2SP
 from recipes.schedules import derive_total_steps
 from recipes.scoring import EmbeddingTable
@@ -388,6 +394,7 @@ def main(argv) -> None:
     prepare_data(hparams)
     data = dataio_prep(hparams)
     train, splits = data.train, data.splits
+    add_noise_crops(train, hparams)  # read by the loader's workers, not in the training step
     brain = brain_for_data(hparams, run_opts, data)
     train_loader = brain.make_dataloader(
         train, stage=sb.Stage.TRAIN, **train_loader_options(hparams, train)
