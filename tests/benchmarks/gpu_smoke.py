@@ -36,14 +36,22 @@ import time
 import traceback
 from pathlib import Path
 
+import speechbrain as sb
 import torch
 import torch.nn.functional as F
+import transformers
+from speechbrain.dataio.batch import PaddedBatch
+from transformers import WavLMConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
 
+from data_prep.synth_deepmine import SMALL_CORPUS, synthesize_corpus
 from recipes.speaker_model import MaskedGroupNorm
 from recipes.tiny_wavlm import TINY, save_to_hub_cache, save_wavlm, wavlm_base_plus_config
+from recipes.train_speaker_embeddings import build_brain
 from tests.benchmarks import common
+from tests.benchmarks.bench_extract import min_cosine, time_extraction, utterances
+from tests.helpers import free_port, load_yaml
 
 #: The hub id the end-to-end run asks for (served from a local Hugging Face cache).
 HUB_ID = "smoke/wavlm-base-plus-random"
@@ -79,8 +87,6 @@ def sizes(quick: bool) -> dict:
 def wavlm_config(quick: bool):
     """The model of every section: Base+ sized (or tiny), with Base+'s SpecAugment setting."""
     if quick:
-        from transformers import WavLMConfig
-
         return WavLMConfig(**{**TINY, "mask_time_prob": 0.05})
     config = wavlm_base_plus_config()
     config.mask_time_prob = 0.05
@@ -92,16 +98,13 @@ def wavlm_config(quick: bool):
 # ------------------------------------------------------------------------------------------------
 def versions(args, context) -> dict:
     """Library versions and the device."""
-    import speechbrain
-    import transformers
-
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
         "transformers": transformers.__version__,
-        "speechbrain": speechbrain.__version__,
+        "speechbrain": sb.__version__,
         "device": common.device_name(args.device),
         "bf16_supported": args.device == "cpu" or torch.cuda.is_bf16_supported(),
     }
@@ -145,7 +148,7 @@ def ddp(args, context) -> dict:
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=1",
-        f"--master_port={common_free_port()}",
+        f"--master_port={free_port()}",
         __file__,
         "--worker",
         "ddp",
@@ -168,8 +171,6 @@ def ddp(args, context) -> dict:
 
 def worker_ddp(args) -> None:
     """The torchrun child: a frozen step, then unfrozen steps with L2-SP; a JSON report."""
-    import speechbrain as sb
-
     size = sizes(args.quick)
     sb.utils.distributed.ddp_init_group({"distributed_backend": args.backend})
     precision = "fp16" if args.device.startswith("cuda") else "fp32"
@@ -250,8 +251,6 @@ def training(args, context) -> list[dict]:
 
 def extraction(args, context) -> list[dict]:
     """Utterances/s of the recipe's batched extraction, and its deviation from one at a time."""
-    from tests.benchmarks.bench_extract import min_cosine, time_extraction, utterances
-
     size, rows = sizes(args.quick), []
     dataset, audio = utterances(size["utterances"])
     embedder = common.demo_embedder(context["model_dir"], size["model"], context["tmp"] / "x")
@@ -388,9 +387,6 @@ def finite(value: float) -> bool:
 
 def real_brain(model_dir, size: dict, folder: Path, run_opts: dict, **overrides):
     """``SpeakerBrain`` as ``hparams/wavlm_td.yaml`` wires it, with the given WavLM folder."""
-    from recipes.train_speaker_embeddings import build_brain
-    from tests.helpers import load_yaml
-
     hparams = load_yaml(
         "wavlm_td.yaml",
         {
@@ -410,8 +406,6 @@ def real_brain(model_dir, size: dict, folder: Path, run_opts: dict, **overrides)
 
 def fixed_batch(batch_size: int, seconds: float):
     """A training batch of equal-length random utterances (training crops are all one length)."""
-    from speechbrain.dataio.batch import PaddedBatch
-
     examples = [
         {
             "id": f"u{i}",
@@ -431,13 +425,6 @@ def device_of_rank(device: str) -> str:
     return device
 
 
-def common_free_port() -> int:
-    """A free loopback port for torchrun's rendezvous."""
-    from tests.helpers import free_port
-
-    return free_port()
-
-
 def run(command: list[str], what: str, env=None) -> str:
     """Run a command from the repository; its output, or a failure with its tail."""
     env = {**(env or os.environ), "PYTHONPATH": str(common.ROOT)}
@@ -450,8 +437,6 @@ def run(command: list[str], what: str, env=None) -> str:
 
 def synthetic_corpus(folder: Path) -> Path:
     """A small synthetic DeepMine-layout corpus (the tests' ``SMALL_CORPUS``)."""
-    from data_prep.synth_deepmine import SMALL_CORPUS, synthesize_corpus
-
     return synthesize_corpus(folder, jobs=os.cpu_count() or 1, **SMALL_CORPUS)
 
 
