@@ -3,11 +3,10 @@
 - Data: ``prepare_data`` (synthesize the demo corpus, write the manifests), ``dataio_prep``
   (datasets, label encoders, ``Split`` per evaluation split, the cohort) and the training
   loader's options.
-- The trained model: ``best_checkpoint`` and ``checkpoint_embedder``, which builds the
-  embedding model (WavLM, layer weights, speaker head, phrase branch) from the hparams and a
-  checkpoint's files: the same ``WavLMSpeakerEmbedder`` that an export ships, so final scoring,
-  ``verify_speakers.py``, ``export_model.py`` and the benchmarks need no Brain;
-  ``embed_tables`` runs it over a dataset in padding-free batches.
+- The model: ``assembled_model`` (the YAML's ``WavLMSpeakerEmbedder`` with its phrase branch,
+  as training builds it), ``best_checkpoint`` and ``checkpoint_model`` (that model with a
+  checkpoint's weights), so final scoring, ``verify_speakers.py``, ``export_model.py`` and the
+  benchmarks need no Brain; ``embed_tables`` runs it over a dataset in padding-free batches.
 
 The training script holds the Brain and ``main``; nothing imports it but tests and training
 benchmarks.
@@ -35,21 +34,13 @@ from data_prep.deepmine_prepare import prepare_deepmine
 from data_prep.layout import PHRASES
 from data_prep.synth_deepmine import synthesize_corpus
 from recipes.augmentation import noise_reader
-from recipes.checkpointing import CheckpointLoadError
+from recipes.checkpointing import MODEL_RECOVERABLE, CheckpointLoadError, check_model_format
 from recipes.distributed import gathered, shard
 from recipes.sampling import PhraseBatchSampler, collate_readable, log_bad_audio
 from recipes.scoring import EmbeddingTable
-from recipes.speaker_model import (
-    OTHER_PHRASE,
-    PhraseBranch,
-    WavLMSpeakerEmbedder,
-    per_utterance,
-)
+from recipes.speaker_model import OTHER_PHRASE, WavLMSpeakerEmbedder, per_utterance
 
 logger = get_logger(__name__)
-
-#: Config entries that describe where a model came from, not what it is.
-BOOKKEEPING = ("_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -286,61 +277,31 @@ def best_checkpoint(checkpointer):
     return checkpoint
 
 
-def wavlm_settings(wavlm) -> dict:
-    """``WavLMSpeakerEmbedder`` arguments that reproduce the recipe's ``WavLMEncoder``.
+def assembled_model(hparams, n_phrases: int) -> WavLMSpeakerEmbedder:
+    """The YAML's ``embedding_model``, with a phrase branch over ``n_phrases`` when configured.
 
-    (``WavLMEncoder`` refuses ``output_norm``, which ``WavLMSpeakerEmbedder`` does not have.)
+    Training builds its model here, and so does loading a checkpoint: one model, one assembly.
     """
-    config = {k: v for k, v in wavlm.model.config.to_diff_dict().items() if k not in BOOKKEEPING}
-    return {
-        "wavlm_config": config,
-        "layer_weighting": wavlm.layer_logits is not None,
-        "normalize_wav": bool(wavlm.normalize_wav),
-    }
-
-
-def phrase_branch_settings(hparams, n_phrases: int) -> dict | None:
-    """``PhraseBranch`` arguments of the configured phrase branch (None without one)."""
-    if not hparams["phrase_branch"]:
-        return None
-    num_states = hparams["wavlm"].model.config.num_hidden_layers + 1
-    return {**hparams["phrase_branch_model"].keywords, "num_states": num_states,
-            "n_phrases": n_phrases}  # fmt: skip
+    branch = None
+    if hparams["phrase_branch"]:
+        branch = hparams["phrase_branch_model"](n_phrases=n_phrases)
+    return hparams["embedding_model"](phrase_branch=branch)
 
 
 def checkpoint_state(checkpoint, name: str) -> dict:
-    """One module's state dict from a checkpoint folder (tensors only: no code runs)."""
+    """One recoverable's state dict from a checkpoint folder (tensors only: no code runs)."""
     try:
         return torch.load(checkpoint.path / f"{name}.ckpt", map_location="cpu", weights_only=True)
     except Exception as error:  # torch's message does not name the file
         raise CheckpointLoadError(checkpoint.path, error) from error
 
 
-def configured_embedder(hparams, n_phrases: int) -> WavLMSpeakerEmbedder:
-    """The embedding model ``hparams`` describe, with fresh weights.
-
-    WavLM comes from its config (``hparams["wavlm"]`` says which), the speaker head and the
-    phrase branch from the YAML's constructors.
-    """
-    branch_settings = phrase_branch_settings(hparams, n_phrases)
-    return WavLMSpeakerEmbedder(
-        head=hparams["heads"][hparams["head_type"]](),
-        phrase_branch=None if branch_settings is None else PhraseBranch(**branch_settings),
-        **wavlm_settings(hparams["wavlm"]),
-    )
-
-
-def checkpoint_embedder(hparams, checkpoint, n_phrases: int) -> WavLMSpeakerEmbedder:
-    """The embedding model of ``checkpoint`` (``configured_embedder`` with its weights; eval)."""
-    embedder = configured_embedder(hparams, n_phrases)
-    state = dict(checkpoint_state(checkpoint, "wavlm"))  # model.* and layer_logits
-    parts = {"head": "embedding_model"}
-    if embedder.phrase_branch is not None:
-        parts["phrase_branch"] = "phrase_branch"
-    for prefix, name in parts.items():
-        state.update({f"{prefix}.{k}": v for k, v in checkpoint_state(checkpoint, name).items()})
-    embedder.load_state_dict(state, strict=True)
-    return embedder.eval()
+def checkpoint_model(hparams, checkpoint, n_phrases: int) -> WavLMSpeakerEmbedder:
+    """The embedding model of ``checkpoint`` (``assembled_model`` with its weights; eval)."""
+    check_model_format(checkpoint.path)
+    model = assembled_model(hparams, n_phrases)
+    model.load_state_dict(checkpoint_state(checkpoint, MODEL_RECOVERABLE), strict=True)
+    return model.eval()
 
 
 def run_device(run_opts: dict) -> torch.device:

@@ -8,8 +8,9 @@
 Writes ``export_folder`` (default ``<output_folder>/export``):
 
 - ``hyperparams.yaml``, ``tdsv_speaker_model.py`` (the model code, a copy of
-  ``recipes/speaker_model.py``) and ``embedding_model.ckpt`` (WavLM, layer weights and head in one
-  state dict): a self-contained SpeechBrain inference folder, loaded offline with
+  ``recipes/speaker_model.py``) and ``embedding_model.ckpt`` (the trained model's state dict, as
+  its checkpoint holds it; WavLM built from its config): a self-contained SpeechBrain inference
+  folder, loaded offline with
   ``foreign_class(source=folder, pymodule_file="tdsv_speaker_model.py",
   classname="TDSVSpeakerRecognition")``;
 - thresholds calibrated on the dev trials (EER and minDCF operating points, for 1 .. N enrollment
@@ -21,7 +22,8 @@ Writes ``export_folder`` (default ``<output_folder>/export``):
   layout exactly).
 
 The export is checked before it is published: the folder is loaded back and its embeddings of a
-few dev utterances must equal the trained model's (and so must the HF model's).
+few dev utterances must equal those of the trained model, the module training ran (and so must
+the HF model's).
 """
 
 from __future__ import annotations
@@ -42,25 +44,15 @@ from transformers import WavLMConfig, WavLMForXVector
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recipes import speaker_model
-from recipes.experiment import (
-    checkpoint_state,
-    dataio_prep,
-    phrase_branch_settings,
-    prepare_data,
-    run_device,
-    wavlm_settings,
-)
+from recipes.experiment import checkpoint_state, dataio_prep, prepare_data, run_device
 from recipes.pretrained import EXPORTED_MODULE, embed_dataset, load_verifier
 from recipes.scoring import metrics_by_condition, score_trials, trial_metrics
 from recipes.settings import load_checked_hparams
 from recipes.speaker_model import (
     OPERATING_POINTS,
     SDSV_COSTS,
-    PhraseBranch,
     WavLMSpeakerEmbedder,
     XVectorHead,
-    phrase_outputs,
-    pooled_embedding,
 )
 from recipes.verification import (
     checkpoint_scoring,
@@ -137,6 +129,20 @@ def exported_calibration(folder: Path, hparams, data, run, run_opts: dict):
 # ------------------------------------------------------------------------------------------------
 # The embedding model
 # ------------------------------------------------------------------------------------------------
+#: Config entries that describe where a model came from, not what it is.
+BOOKKEEPING = ("_name_or_path", "architectures", "transformers_version", "torch_dtype", "dtype")
+
+
+def encoder_settings(model: WavLMSpeakerEmbedder) -> dict:
+    """``WavLMFromConfig`` arguments that rebuild the model's encoder without its model files."""
+    config = model.encoder.model.config.to_diff_dict()
+    return {
+        "wavlm_config": {k: v for k, v in config.items() if k not in BOOKKEEPING},
+        "normalize_wav": bool(model.encoder.normalize_wav),
+        "output_all_hiddens": bool(model.encoder.output_all_hiddens),
+    }
+
+
 def head_spec(hparams) -> tuple[str, dict]:
     """The head's class path inside the export and its constructor arguments."""
     constructor = hparams["heads"][hparams["head_type"]]
@@ -188,17 +194,17 @@ def folded_head_weights(head: XVectorHead) -> dict:
     return {k: v.detach().clone().contiguous() for k, v in weights.items()}
 
 
-def hf_xvector_model(embedder: WavLMSpeakerEmbedder, classifier, labels: list[str]):
-    """The embedder (x-vector head) as a ``WavLMForXVector`` with the same embeddings.
+def hf_xvector_model(model: WavLMSpeakerEmbedder, classifier, labels: list[str]):
+    """The model (x-vector head) as a ``WavLMForXVector`` with the same embeddings.
 
     The cosine classifier's weights become HF's AM-Softmax weights (``objective.weight``) and
     HF's ``classifier`` layer is the identity, so HF's training loss sees our class weights.
     """
-    head = embedder.head
+    head = model.head
     config = WavLMConfig(
         **{
-            **embedder.model.config.to_diff_dict(),
-            "use_weighted_layer_sum": embedder.layer_logits is not None,
+            **model.encoder.model.config.to_diff_dict(),
+            "use_weighted_layer_sum": model.layer_logits is not None,
             "tdnn_dim": [conv.out_channels for conv in head.tdnn],
             "tdnn_kernel": [conv.kernel_size[0] for conv in head.tdnn],
             "tdnn_dilation": [conv.dilation[0] for conv in head.tdnn],
@@ -208,16 +214,16 @@ def hf_xvector_model(embedder: WavLMSpeakerEmbedder, classifier, labels: list[st
             "architectures": ["WavLMForXVector"],
         }
     )
-    model = WavLMForXVector(config)
-    state = {f"wavlm.{k}": v for k, v in embedder.model.state_dict().items()}
+    hf = WavLMForXVector(config)
+    state = {f"wavlm.{k}": v for k, v in model.encoder.model.state_dict().items()}
     state.update(folded_head_weights(head))
-    if embedder.layer_logits is not None:
-        state["layer_weights"] = embedder.layer_logits.detach().clone()
+    if model.layer_logits is not None:
+        state["layer_weights"] = model.layer_logits.detach().clone()
     dim = head.embedding.out_features
     state["classifier.weight"], state["classifier.bias"] = torch.eye(dim), torch.zeros(dim)
     state["objective.weight"] = classifier.weight.detach().t().clone()
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    hf.load_state_dict(state, strict=True)
+    return hf.eval()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,9 +255,10 @@ fusion: {fusion}
 costs: {costs}
 
 embedding_model: !new:{module}.WavLMSpeakerEmbedder
-    wavlm_config: !ref <wavlm_config>
-    layer_weighting: {layer_weighting}
-    normalize_wav: {normalize_wav}
+    encoder: !new:{module}.WavLMFromConfig
+        wavlm_config: !ref <wavlm_config>
+        normalize_wav: {normalize_wav}
+        output_all_hiddens: {output_all_hiddens}
     head: !new:{head_class} {head_kwargs}
     phrase_branch: {phrase_branch}
 
@@ -285,8 +292,8 @@ def hyperparams_text(hparams, settings, thresholds, head_class, head_kwargs, tex
         operating_point=hparams["export_operating_point"],
         thresholds=json.dumps(thresholds),
         wavlm_config=json.dumps(settings["wavlm_config"]),
-        layer_weighting=settings["layer_weighting"],
         normalize_wav=settings["normalize_wav"],
+        output_all_hiddens=settings["output_all_hiddens"],
         head_class=head_class,
         head_kwargs=json.dumps(head_kwargs),
         phrase_branch=branch,
@@ -343,15 +350,18 @@ def export(hparams, run_opts) -> Path:
 
 def write_folder(staging: Path, hparams, data, run, run_opts: dict) -> dict:
     """Write and self-check the export of ``run``'s checkpoint in ``staging``; its facts."""
-    class_encoder, n_phrases = data.class_encoder, len(data.phrase_encoder)
-    checkpoint, embedder = run.checkpoint, run.embedder.cpu()
-    settings = wavlm_settings(hparams["wavlm"])
+    class_encoder, checkpoint, model = data.class_encoder, run.checkpoint, run.model.cpu().eval()
+    settings = encoder_settings(model)
     head_class, head_kwargs = head_spec(hparams)
-    branch = phrase_branch_settings(hparams, n_phrases) if hparams["fusion"] != "none" else None
+    branch = None
+    if model.phrase_branch is not None and hparams["fusion"] != "none":
+        branch = {**hparams["phrase_branch_model"].keywords, "n_phrases": len(data.phrase_encoder)}
     wavs = reference_utterances(data.splits["dev"].utterances)
-    trained = TrainingModules(hparams, checkpoint, n_phrases)
 
-    torch.save(embedder.state_dict(), staging / "embedding_model.ckpt")
+    state = model.state_dict()
+    if branch is None:  # a speaker-only export: the folder's model has no phrase branch
+        state = {k: v for k, v in state.items() if not k.startswith("phrase_branch.")}
+    torch.save(state, staging / "embedding_model.ckpt")
     shutil.copyfile(speaker_model.__file__, staging / EXPORTED_MODULE)
 
     def write_hyperparams(thresholds, text_dependent):
@@ -372,13 +382,13 @@ def write_folder(staging: Path, hparams, data, run, run_opts: dict) -> dict:
         }
     write_hyperparams(thresholds, text_dependent)
     class_encoder.save(staging / "label_encoder.txt")
-    checks = {"speechbrain_min_cosine": _check_speechbrain(staging, trained.speaker, wavs)}
+    speaker = speaker_embedding(model)
+    checks = {"speechbrain_min_cosine": _check_speechbrain(staging, speaker, wavs)}
     if text_dependent is not None:
-        checks["phrase_max_logp_difference"] = _check_phrase_branch(staging, trained, wavs)
-    if isinstance(embedder.head, XVectorHead):
+        checks["phrase_max_logp_difference"] = _check_phrase_branch(staging, model, wavs)
+    if isinstance(model.head, XVectorHead):
         hf = write_hf_folder(staging / "hf", hparams, run, class_encoder)
-        normalize = hparams["wavlm"].feature_extractor.do_normalize
-        checks.update(_check_hf(staging / "hf", hf, trained.speaker, wavs, normalize))
+        checks.update(_check_hf(staging / "hf", hf, speaker, wavs, model.encoder.normalize_wav))
     else:
         logger.warning("hf/ not written: %s", NO_HF_FOLDER.format(head=hparams["head_type"]))
     facts = {
@@ -386,7 +396,7 @@ def write_folder(staging: Path, hparams, data, run, run_opts: dict) -> dict:
         "checkpoint_meta": checkpoint.meta,
         "wavlm_source": hparams["wavlm_source"],
         "head": head_class,
-        "hf_folder": isinstance(embedder.head, XVectorHead),
+        "hf_folder": isinstance(model.head, XVectorHead),
         "target_type": hparams["target_type"],
         "training_classes": len(class_encoder),
         "thresholds": thresholds,
@@ -409,45 +419,31 @@ def _check_speechbrain(folder: Path, trained, wavs) -> float:
     return cosine
 
 
-class TrainingModules:
-    """The recipe's training modules with a checkpoint's weights: what an export must reproduce.
-
-    The YAML's ``WavLMEncoder``, speaker head and a phrase branch. The exported model is a
-    ``WavLMSpeakerEmbedder`` rebuilt from configs; comparing it with these modules checks the
-    rebuild as well as the folder.
-    """
-
-    def __init__(self, hparams, checkpoint, n_phrases: int):
-        self.wavlm, self.head = hparams["wavlm"].eval(), hparams["embedding_model"].eval()
-        self.wavlm.load_state_dict(checkpoint_state(checkpoint, "wavlm"))
-        self.head.load_state_dict(checkpoint_state(checkpoint, "embedding_model"))
-        settings = phrase_branch_settings(hparams, n_phrases)
-        self.branch = None if settings is None else PhraseBranch(**settings).eval()
-        if self.branch is not None:
-            self.branch.load_state_dict(checkpoint_state(checkpoint, "phrase_branch"))
+def speaker_embedding(model: WavLMSpeakerEmbedder):
+    """``wav [T] -> [1, D]``: the trained model's speaker embedding of one waveform."""
 
     @torch.no_grad()
-    def speaker(self, wav: torch.Tensor) -> torch.Tensor:
-        """Speaker embedding ``[1, D]`` of one waveform, as training computes it."""
-        features, hidden = self.wavlm(wav[None], return_hidden=True)
-        return pooled_embedding(self.head, features, None, hidden).squeeze(1)
+    def embed(wav: torch.Tensor) -> torch.Tensor:
+        """The embedding of ``wav``, unbatched."""
+        return model(wav[None]).squeeze(1)
 
-    @torch.no_grad()
-    def phrase_logp(self, wav: torch.Tensor) -> torch.Tensor:
-        """Phrase log-posteriors ``[P]`` of one waveform, as training computes them."""
-        _, hidden = self.wavlm(wav[None], return_hidden=True)
-        return phrase_outputs(*self.branch(hidden))["phrase_logp"][0]
+    return embed
 
 
 #: The largest difference of phrase log-posteriors between export and training that passes.
 MAX_LOGP_DIFFERENCE = 1e-3
 
 
-def _check_phrase_branch(folder: Path, trained: TrainingModules, wavs) -> float:
-    """The folder's phrase log-posteriors must be the trained phrase branch's."""
+@torch.no_grad()
+def _check_phrase_branch(folder: Path, model: WavLMSpeakerEmbedder, wavs) -> float:
+    """The folder's phrase log-posteriors must be the trained model's."""
     verifier = load_verifier(folder)
     worst = max(
-        float((trained.phrase_logp(w) - verifier.embed_waveform(w)["phrase_logp"]).abs().max())
+        float(
+            (model.embed_all(w[None])["phrase_logp"][0] - verifier.embed_waveform(w)["phrase_logp"])
+            .abs()
+            .max()
+        )
         for w in wavs
     )
     if worst > MAX_LOGP_DIFFERENCE:
@@ -460,9 +456,9 @@ def write_hf_folder(folder: Path, hparams, run, class_encoder) -> WavLMForXVecto
     labels = [class_encoder.ind2lab[i] for i in range(len(class_encoder))]
     classifier = hparams["classifier"](out_neurons=len(class_encoder))
     classifier.load_state_dict(checkpoint_state(run.checkpoint, "classifier"))
-    hf = hf_xvector_model(run.embedder, classifier, labels)
+    hf = hf_xvector_model(run.model, classifier, labels)
     hf.save_pretrained(folder)
-    hparams["wavlm"].feature_extractor.save_pretrained(folder)
+    run.model.encoder.feature_extractor.save_pretrained(folder)
     return hf
 
 

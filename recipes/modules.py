@@ -1,9 +1,10 @@
 """Model pieces the YAML wires together, where SpeechBrain has no ready block.
 
-- ``WavLMEncoder``: SpeechBrain's HF ``WavLM`` wrapper plus a learnable softmax-weighted sum of
-  all hidden layers, LayerDrop switched off (it returns fewer hidden states on random steps, which
+- ``WavLMEncoder``: SpeechBrain's HF ``WavLM`` wrapper (any HF id or local directory) returning
+  all hidden states, LayerDrop switched off (it returns fewer hidden states on random steps, which
   breaks a layer-weighted sum), optional gradient checkpointing, and features that do not depend
-  on padding (``speaker_model.wavlm_features``), so utterances can be batched at evaluation.
+  on padding (``speaker_model.wavlm_features``), so utterances can be batched at evaluation. The
+  encoder of ``speaker_model.WavLMSpeakerEmbedder``, which weights the layers.
 - ``L2SP``: the squared distance of WavLM's weights from their pretrained values (L2-SP), a
   regularizer added to the loss when fine-tuning (the TdSV 2024 winner's recipe).
 - ``MarginSoftmax``: SpeechBrain's ``LogSoftmaxWrapper`` around ``AngularMargin`` (AM-Softmax) or
@@ -25,18 +26,13 @@ from speechbrain.utils.distributed import run_once_per_node
 from speechbrain.utils.logger import get_logger
 from torch import nn
 
-from recipes.speaker_model import (
-    frame_lengths,
-    mask_cnn_padding,
-    wavlm_features,
-    weighted_layer_sum,
-)
+from recipes.speaker_model import hidden_state_count, mask_cnn_padding, wavlm_features
 
 logger = get_logger(__name__)
 
 
 class WavLMEncoder(WavLM):
-    """WavLM (any HF id or local directory) returning a learnable weighted sum of its layers.
+    """WavLM (any HF id or local directory) returning padding-free hidden states.
 
     Arguments:
     ---------
@@ -49,7 +45,7 @@ class WavLMEncoder(WavLM):
     gradient_checkpointing : bool
         Recompute transformer activations in the backward pass (less memory, ~30 % more time).
     layer_weighting : bool
-        Weighted sum of all hidden states (True) or the last layer only (False).
+        Return all hidden states, for the model's weighted sum of them (True), or the last one.
 
     """
 
@@ -90,40 +86,15 @@ class WavLMEncoder(WavLM):
             # Non-reentrant checkpointing works with DDP and with frozen inputs.
             self.model.gradient_checkpointing_enable({"use_reentrant": False})
         mask_cnn_padding(self.model)  # after: it takes its layer out of checkpointing
-        num_states = self.model.config.num_hidden_layers + 1
-        self.layer_logits = nn.Parameter(torch.zeros(num_states)) if layer_weighting else None
         self.output_size = self.model.config.hidden_size
         #: Hidden states WavLM returns (CNN output + one per layer): MHFA's key layer weights.
-        self.num_states = num_states
+        self.num_states = hidden_state_count(self.model.config)
 
     def extract_features(self, wav, wav_lens=None):
         """Hidden states of WavLM that do not depend on padding (see ``wavlm_features``)."""
         return wavlm_features(
             self.model, wav, wav_lens, self.normalize_wav, self.output_all_hiddens
         )
-
-    def forward(self, wav, wav_lens=None, return_hidden: bool = False):
-        """Encode a batch of waveforms ``[B, T]`` into frame features ``[B, T', H]``.
-
-        With ``return_hidden``, also the stacked hidden states ``[L, B, T', H]`` they were
-        weighted from (for the phrase branch, which has layer weights of its own). Through
-        ``forward``, so that DDP sees the call.
-        """
-        hidden = super().forward(wav, wav_lens)
-        features = (
-            hidden if self.layer_logits is None else weighted_layer_sum(self.layer_logits, hidden)
-        )
-        return (features, hidden) if return_hidden else features
-
-    def frame_lengths(self, wav_lens, num_samples: int, num_frames: int):
-        """Exact relative lengths of the valid output frames (see ``speaker_model``)."""
-        return frame_lengths(self.model, wav_lens, num_samples, num_frames)
-
-    def layer_weights(self) -> list[float]:
-        """The current softmax layer weights (for logging)."""
-        if self.layer_logits is None:
-            return []
-        return F.softmax(self.layer_logits.detach().float(), dim=0).tolist()
 
 
 def local_wavlm_source(source) -> str:

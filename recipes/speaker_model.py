@@ -4,8 +4,9 @@
   the head of ``transformers.WavLMForXVector`` so that weights can be exchanged with it.
 - ``PhraseBranch``: the pass-phrase classifier on the same WavLM forward pass (its own layer
   weights and pooling head), for text-dependent scoring.
-- ``WavLMSpeakerEmbedder``: WavLM built from its config, weighted layer sum and a speaker head
-  (and optionally the phrase branch): the whole model of an exported folder.
+- ``WavLMSpeakerEmbedder``: WavLM, weighted layer sum, a speaker head and optionally the phrase
+  branch: the one model that training runs, scoring loads and an exported folder ships (there
+  with ``WavLMFromConfig``, WavLM built from its config instead of loaded from model files).
 - ``fused_llr``: speaker and phrase scores -> calibrated log-likelihood ratio (the fusion learned
   by ``recipes/fusion.py``, stored as plain numbers in the exported ``hyperparams.yaml``).
 - ``TDSVSpeakerRecognition``: SpeechBrain's ``SpeakerRecognition`` interface with embeddings
@@ -84,7 +85,8 @@ class XVectorHead(nn.Module):
             for i, o, k, d in zip(in_channels, tdnn_channels, kernel_sizes, dilations, strict=True)
         )
         # BatchNorm after each TDNN layer, as in SpeechBrain's TDNN blocks: without it a head
-        # trained from scratch learns several times slower (measured in the closing note).
+        # trained from scratch learns much slower (docs/results.md "Before text-dependent
+        # scoring").
         # In eval mode it is an affine map per channel, which an export folds into HF's layout.
         self.norms = nn.ModuleList(
             nn.BatchNorm1d(o) if batch_norm else nn.Identity() for o in tdnn_channels
@@ -274,9 +276,17 @@ class PhraseBranch(nn.Module):
         return F.cross_entropy(logits, targets)
 
 
-def phrase_outputs(embedding: torch.Tensor, logits: torch.Tensor) -> dict:
-    """What is kept per utterance for scoring: log-posteriors and the phrase embedding."""
-    return {"phrase_logp": F.log_softmax(logits.float(), dim=-1), "phrase_embedding": embedding}
+def scoring_outputs(outputs: dict) -> dict:
+    """What is kept per utterance for scoring, from the model's ``all_outputs``.
+
+    The speaker embedding and, with a phrase branch, the phrase log-posteriors (fp32) and the
+    phrase embedding.
+    """
+    kept = {"speaker": outputs["speaker"]}
+    if "phrase_logits" in outputs:
+        kept["phrase_logp"] = F.log_softmax(outputs["phrase_logits"].float(), dim=-1)
+        kept["phrase_embedding"] = outputs["phrase_embedding"]
+    return kept
 
 
 def per_utterance(outputs: dict) -> dict:
@@ -290,8 +300,9 @@ def per_utterance(outputs: dict) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Padding-free batches. WavLM computes two statistics over time that padding would change: the
 # waveform normalization (SpeechBrain's wrapper normalizes the padded row) and the GroupNorm of the
-# first CNN layer (one group per channel, over all frames). A 2.3 s utterance padded to 11 s had
-# cosine 0.37 with itself alone. Both are taken over each utterance's valid part here; everything
+# first CNN layer (one group per channel, over all frames), so a padded utterance's embedding moves
+# far from its own (tests/test_speaker_model.py compares SpeechBrain's features). Both statistics
+# are taken over each utterance's valid part here; everything
 # after is already exact (convolutions without padding keep valid frames apart from padded ones,
 # HF's encoder zeroes padded frames before its positional convolution and masks attention), so a
 # batched utterance gets the embedding it gets alone, and evaluation can run in batches.
@@ -322,9 +333,8 @@ class MaskedGroupNorm(nn.GroupNorm):
         frames = torch.arange(x.shape[-1], device=x.device)
         mask = (frames[None, :] < self.valid_frames[:, None]).to(x.dtype)[:, :, None]  # [B,T,1]
         # This tensor is the largest of the model ([B, 512, samples / 5]), so the statistics are
-        # masked sums as batched matrix products and the output is one fused multiply-add: on
-        # the CPU, at 512 channels, 2.9x (forward) and 1.6x (forward + backward) faster than the
-        # elementwise masked_mean_var form (tests/benchmarks/bench_cnn_norm.py).
+        # masked sums as batched matrix products and the output is one fused multiply-add,
+        # faster than the elementwise masked_mean_var form (tests/benchmarks/bench_cnn_norm.py).
         count = mask.sum(1, keepdim=True).clamp(min=1)
         mean = torch.bmm(x, mask) / count
         var = (torch.bmm(x * x, mask) / count - mean * mean).clamp(min=0)  # fp32, mean ~ 0
@@ -340,7 +350,7 @@ def mask_cnn_padding(model: WavLMModel) -> MaskedGroupNorm | None:
     """Swap the first CNN layer's GroupNorm for a ``MaskedGroupNorm`` (None if it has none).
 
     That layer is also taken out of gradient checkpointing (so call this after enabling it): a
-    recomputation in the backward pass would run without this batch's lengths (measured: torch's
+    recomputation in the backward pass would run without this batch's lengths (tested: torch's
     checkpoint then fails with a recomputation mismatch). It keeps its activations instead.
     """
     layer = model.feature_extractor.conv_layers[0]
@@ -371,7 +381,7 @@ def wavlm_features(model, wav, wav_lens, normalize_wav: bool, all_hiddens: bool)
     """WavLM hidden states (``[L, B, T, H]`` or last ``[B, T, H]``) that ignore padding.
 
     ``wav_lens`` are relative lengths (SpeechBrain's convention); None means no padding, and then
-    torch's fused norms compute the same statistics 2-3x faster than the masked CNN norm
+    torch's fused norms compute the same statistics faster than the masked CNN norm
     (``tests/benchmarks/bench_cnn_norm.py``).
     """
     if wav_lens is None:
@@ -396,66 +406,105 @@ def wavlm_features(model, wav, wav_lens, normalize_wav: bool, all_hiddens: bool)
     return torch.stack(list(out.hidden_states)) if all_hiddens else out.last_hidden_state
 
 
-class WavLMSpeakerEmbedder(nn.Module):
-    """Waveforms ``[B, T]`` -> speaker embeddings ``[B, 1, D]``: WavLM, layer weights, head.
+def hidden_state_count(config: WavLMConfig) -> int:
+    """The hidden states WavLM returns: the CNN's projected output, then one per layer."""
+    return config.num_hidden_layers + 1
 
-    Computes what the training recipe's ``WavLMEncoder`` + embedding head compute, but builds
-    WavLM from a config dict instead of a model folder, so that an exported folder needs only its
-    ``hyperparams.yaml`` (which holds the config) and one state dict.
+
+class WavLMFromConfig(nn.Module):
+    """WavLM built from its config dict: the encoder of an exported folder (no model files).
+
+    It has the state names (``model.*``) and the outputs of the training recipe's
+    ``WavLMEncoder`` (SpeechBrain's Hugging Face wrapper, which loads pretrained weights): both
+    return ``wavlm_features``, so ``WavLMSpeakerEmbedder`` runs either.
 
     Arguments:
     ---------
     wavlm_config : dict
         ``WavLMConfig`` arguments (``config.to_diff_dict()`` of the trained model).
-    head : torch.nn.Module
-        The speaker head, called as ``head(frames [B, T', H], relative_lengths [B])``.
-    layer_weighting : bool
-        Weighted sum of all hidden states (True) or the last one only.
     normalize_wav : bool
         Normalize each waveform to zero mean and unit variance (as the feature extractor says).
-    phrase_branch : PhraseBranch, optional
-        The pass-phrase classifier (``embed_all``); it needs ``layer_weighting``.
+    output_all_hiddens : bool
+        Return all hidden states ``[L, B, T, H]`` (True) or the last one ``[B, T, H]``.
 
     """
 
-    def __init__(
-        self,
-        wavlm_config: dict,
-        head: nn.Module,
-        layer_weighting=True,
-        normalize_wav=True,
-        phrase_branch: nn.Module | None = None,
-    ):
+    def __init__(self, wavlm_config: dict, normalize_wav=True, output_all_hiddens=True):
         super().__init__()
-        if (phrase_branch is not None or head_takes_hidden_states(head)) and not layer_weighting:
-            raise ValueError("the phrase branch and MHFA need all hidden states (layer_weighting)")
         self.model = WavLMModel(WavLMConfig(**wavlm_config))
         mask_cnn_padding(self.model)
-        self.normalize_wav = normalize_wav
-        num_states = self.model.config.num_hidden_layers + 1
-        self.layer_logits = nn.Parameter(torch.zeros(num_states)) if layer_weighting else None
+        self.normalize_wav, self.output_all_hiddens = normalize_wav, output_all_hiddens
+        self.num_states = hidden_state_count(self.model.config)
+
+    def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states of waveforms ``[B, T]`` (relative ``wav_lens``) that ignore padding."""
+        return wavlm_features(
+            self.model, wavs, wav_lens, self.normalize_wav, self.output_all_hiddens
+        )
+
+
+class WavLMSpeakerEmbedder(nn.Module):
+    """Waveforms ``[B, T]`` -> speaker embeddings ``[B, 1, D]``: WavLM, layer weights, head.
+
+    The one embedding model: training runs it (``recipes/train_speaker_embeddings.py``), final
+    scoring and export load its checkpoint, and an exported folder runs it from this file.
+
+    Arguments:
+    ---------
+    encoder : torch.nn.Module
+        WavLM returning padding-free hidden states (``wavlm_features``) and holding the HF model
+        as ``encoder.model``: the recipe's ``WavLMEncoder`` or an export's ``WavLMFromConfig``.
+        With ``encoder.output_all_hiddens`` the frames are a learnable softmax-weighted sum of
+        all hidden states, else the last one.
+    head : torch.nn.Module
+        The speaker head, called as ``head(frames [B, T', H], relative_lengths [B])`` (and the
+        stacked hidden states when it ``takes_hidden_states``, as MHFA does).
+    phrase_branch : PhraseBranch, optional
+        The pass-phrase classifier on the same WavLM pass; it needs all hidden states.
+
+    """
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, phrase_branch: nn.Module | None = None):
+        super().__init__()
+        layer_weighting = bool(encoder.output_all_hiddens)
+        if (phrase_branch is not None or head_takes_hidden_states(head)) and not layer_weighting:
+            raise ValueError("the phrase branch and MHFA need all hidden states (layer_weighting)")
+        self.encoder = encoder
+        states = hidden_state_count(encoder.model.config)
+        self.layer_logits = nn.Parameter(torch.zeros(states)) if layer_weighting else None
         self.head = head
         self.phrase_branch = phrase_branch
 
-    def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor | None = None) -> torch.Tensor:
-        """Speaker embeddings ``[B, 1, D]`` of waveforms ``[B, T]``, relative lengths ``[B]``."""
-        return self.embed_all(wavs, wav_lens, with_phrase=False)["speaker"]
+    def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor | None = None, all_outputs=False):
+        """Speaker embeddings ``[B, 1, D]`` of waveforms ``[B, T]``, relative lengths ``[B]``.
 
-    def embed_all(self, wavs, wav_lens=None, with_phrase: bool = True) -> dict:
-        """Speaker embedding ``[B, 1, D]`` and the phrase branch's outputs, from one WavLM pass."""
-        hidden = wavlm_features(
-            self.model, wavs, wav_lens, self.normalize_wav, self.layer_logits is not None
-        )
-        speaker = (
-            weighted_layer_sum(self.layer_logits, hidden)
-            if self.layer_logits is not None
-            else hidden
-        )
-        lengths = frame_lengths(self.model, wav_lens, wavs.shape[1], speaker.shape[1])
-        outputs = {"speaker": pooled_embedding(self.head, speaker, lengths, hidden)}
-        if with_phrase and self.phrase_branch is not None:
-            outputs.update(phrase_outputs(*self.phrase_branch(hidden, lengths)))
+        With ``all_outputs``, a dict: ``"speaker"`` and, with a phrase branch, its
+        ``"phrase_embedding"`` ``[B, E]`` and ``"phrase_logits"`` ``[B, P]``, from one WavLM
+        pass (training calls it so, through ``forward``, so that DDP sees every parameter).
+        """
+        hidden = self.encoder(wavs, wav_lens)
+        frames = hidden
+        if self.layer_logits is not None:
+            frames = weighted_layer_sum(self.layer_logits, hidden)
+        lengths = frame_lengths(self.encoder.model, wav_lens, wavs.shape[1], frames.shape[1])
+        speaker = pooled_embedding(self.head, frames, lengths, hidden)
+        if not all_outputs:
+            return speaker
+        outputs = {"speaker": speaker}
+        if self.phrase_branch is not None:
+            embedding, logits = self.phrase_branch(hidden, lengths)
+            outputs.update(phrase_embedding=embedding, phrase_logits=logits)
         return outputs
+
+    def embed_all(self, wavs, wav_lens=None) -> dict:
+        """What is scored per utterance (``scoring_outputs``), from one WavLM pass."""
+        return scoring_outputs(self(wavs, wav_lens, all_outputs=True))
+
+    def layer_weights(self) -> list[float]:
+        """The current softmax layer weights of the speaker frames (for logging)."""
+        if self.layer_logits is None:
+            return []
+        return F.softmax(self.layer_logits.detach().float(), dim=0).tolist()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -28,10 +28,12 @@ from speechbrain.utils.logger import get_logger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from recipes.checkpointing import MODEL_RECOVERABLE
 from recipes.distributed import gathered, on_main, shard
 from recipes.experiment import (
     RecipeData,
     add_noise_crops,
+    assembled_model,
     dataio_prep,
     prepare_data,
     train_loader_options,
@@ -40,12 +42,7 @@ from recipes.modules import L2SP
 from recipes.schedules import derive_total_steps
 from recipes.scoring import EmbeddingTable
 from recipes.settings import load_checked_hparams
-from recipes.speaker_model import (
-    head_takes_hidden_states,
-    per_utterance,
-    phrase_outputs,
-    pooled_embedding,
-)
+from recipes.speaker_model import per_utterance, scoring_outputs
 from recipes.verification import dev_pass_metrics, run_verification
 
 logger = get_logger(__name__)
@@ -64,16 +61,14 @@ class SpeakerBrain(sb.core.Brain):
         self.steps_per_epoch, self.dev = 1, None
         # WavLM's own trainable weights (not the frozen CNN, not the layer weights): frozen in
         # the warm-up epochs by requires_grad, so they are fixed here, before any freezing.
-        self.wavlm_weights = [
-            p for p in self.unwrapped("wavlm").model.parameters() if p.requires_grad
-        ]
+        self.wavlm_weights = [p for p in self.model().encoder.model.parameters() if p.requires_grad]
 
     def use_data(self, steps_per_epoch: int, dev) -> None:
         """What training needs from the data: batches per epoch (margin warm-up), dev ``Split``."""
         self.steps_per_epoch, self.dev = max(1, steps_per_epoch), dev
 
     def compute_forward(self, batch, stage):
-        """Waveforms -> embeddings ``[B, 1, D]`` (+ class logits when training).
+        """The model's outputs (``WavLMSpeakerEmbedder``); when training, embeddings and logits.
 
         A batch without padding (every utterance fills the crop, or a batch of one) goes to the
         encoder without lengths, so it takes the faster unmasked path. This is read from the lengths
@@ -88,32 +83,23 @@ class SpeakerBrain(sb.core.Brain):
             if noise is not None:
                 self.hparams.add_noise.use(*noise)  # recipes/augmentation.py
             wavs, lens = self.hparams.wav_augment(wavs, lens)
-        encoder_lens = lens if padded else None
-        with_phrase = "phrase_branch" in self.modules
-        with_hidden = with_phrase or head_takes_hidden_states(self.modules.embedding_model)
         # In the warm-up epochs WavLM's weights do not require gradients (set_wavlm_frozen):
         # autograd keeps nothing of its pass, but its layer weights still learn.
-        encoded = self.modules.wavlm(wavs, encoder_lens, return_hidden=with_hidden)
-        feats, hidden = encoded if with_hidden else (encoded, None)
-        feat_lens = self.unwrapped("wavlm").frame_lengths(lens, wavs.shape[1], feats.shape[1])
-        embeddings = pooled_embedding(self.modules.embedding_model, feats, feat_lens, hidden)
-        phrase = self.modules.phrase_branch(hidden, feat_lens) if with_phrase else None
+        outputs = self.modules.embedding_model(wavs, lens if padded else None, all_outputs=True)
         if stage != sb.Stage.TRAIN:
-            if phrase is None:
-                return embeddings
-            return {"speaker": embeddings, **phrase_outputs(*phrase)}
+            return scoring_outputs(outputs)
+        embeddings = outputs["speaker"]
         logits = {"class": self.modules.classifier(embeddings)}
         if "phrase_classifier" in self.modules:
             logits["phrase"] = self.modules.phrase_classifier(embeddings)
-        if phrase is not None:
-            logits["phrase_branch"] = phrase[1]
+        if "phrase_logits" in outputs:
+            logits["phrase_branch"] = outputs["phrase_logits"]
         return embeddings, logits
 
     def compute_objectives(self, predictions, batch, stage):
         """Margin softmax loss (+ phrase losses) when training; else keep outputs for scoring."""
         if stage != sb.Stage.TRAIN:
-            outputs = predictions if isinstance(predictions, dict) else {"speaker": predictions}
-            for name, vectors in per_utterance(outputs).items():
+            for name, vectors in per_utterance(predictions).items():
                 vectors = vectors.cpu().numpy()
                 self.embeddings.setdefault(name, {}).update(zip(batch.id, vectors, strict=True))
             return torch.zeros((), device=self.device)
@@ -126,7 +112,7 @@ class SpeakerBrain(sb.core.Brain):
         if "phrase" in logits:
             loss = loss + weight * self.modules.phrase_loss(logits["phrase"], phrase_targets)
         if "phrase_branch" in logits:  # its posteriors are what is scored
-            branch = self.unwrapped("phrase_branch")
+            branch = self.model().phrase_branch
             loss = loss + weight * branch.loss(logits["phrase_branch"], phrase_targets[:, 0])
         if self.l2sp is not None and not self.wavlm_frozen():
             loss = loss + self.l2sp()
@@ -160,24 +146,32 @@ class SpeakerBrain(sb.core.Brain):
             else module
         )
 
+    def model(self):
+        """The ``WavLMSpeakerEmbedder`` being trained (without its DDP wrapper)."""
+        return self.unwrapped("embedding_model")
+
     def _wrap_distributed(self):
-        """SpeechBrain's DDP wrapping (``distributed_wrapped``) of every module that trains."""
+        """SpeechBrain's DDP wrapping (``distributed_wrapped``) of every module that trains.
+
+        On a GPU, BatchNorm layers become SyncBatchNorm first, as SpeechBrain does (once: the
+        model is wrapped again when the warm-up ends).
+        """
         if not self.distributed_launch:
             return super()._wrap_distributed()  # DataParallel, or nothing
         for name, module in self.modules.items():
             if any(p.requires_grad for p in module.parameters()):
+                if str(self.device).startswith("cuda"):
+                    module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
                 self.modules[name] = self.distributed_wrapped(module)
         return None
 
     def distributed_wrapped(self, module):
-        """``module`` in DDP as SpeechBrain wraps it; on CPU (gloo) without SyncBatchNorm.
+        """``module`` in DDP as SpeechBrain wraps it (on CPU, gloo).
 
-        DDP registers the parameters that require gradients when it is built, so WavLM is
-        wrapped again when its warm-up ends (``set_wavlm_frozen``).
+        DDP registers the parameters that require gradients when it is built, so the model is
+        wrapped again when WavLM's warm-up ends (``set_wavlm_frozen``).
         """
         on_gpu = str(self.device).startswith("cuda")
-        if on_gpu:
-            module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
         return torch.nn.parallel.DistributedDataParallel(
             module,
             device_ids=[self.device] if on_gpu else None,
@@ -192,15 +186,16 @@ class SpeakerBrain(sb.core.Brain):
         """Freeze or unfreeze WavLM's weights (``wavlm_weights``) by ``requires_grad``.
 
         Not by ``no_grad``: the encoder's layer weights must learn in the warm-up too. Under DDP
-        every parameter that requires a gradient must get one in every step, so WavLM's wrapper
-        is rebuilt (on every process, at the same epoch) when the set changes.
+        every parameter that requires a gradient must get one in every step, so the model's
+        wrapper is rebuilt (on every process, at the same epoch) when the set changes.
         """
         if all(p.requires_grad != frozen for p in self.wavlm_weights):
             return
         for parameter in self.wavlm_weights:
             parameter.requires_grad_(not frozen)
-        if isinstance(self.modules["wavlm"], torch.nn.parallel.DistributedDataParallel):
-            self.modules["wavlm"] = self.distributed_wrapped(self.unwrapped("wavlm"))
+        model = self.modules["embedding_model"]
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            self.modules["embedding_model"] = self.distributed_wrapped(model.module)
         logger.info("WavLM %s", "frozen (warm-up: the head learns)" if frozen else "unfrozen")
 
     def init_optimizers(self):
@@ -349,21 +344,17 @@ def build_brain(hparams, run_opts, n_classes: int, n_phrases: int, phrase_labels
 
     ``phrase_labels`` name the phrase classes (default: ``n_phrases`` numbered ones).
     """
-    modules = dict(hparams["modules"])
-    modules["classifier"] = hparams["classifier"](out_neurons=n_classes)
-    modules["loss"] = hparams["loss"](n_classes=n_classes)
+    modules = {
+        "classifier": hparams["classifier"](out_neurons=n_classes),
+        "loss": hparams["loss"](n_classes=n_classes),
+    }
     if hparams["target_type"] == "speaker+phrase":
         modules["phrase_classifier"] = hparams["phrase_classifier"](out_neurons=n_phrases)
         modules["phrase_loss"] = hparams["phrase_loss"](n_classes=n_phrases)
-    if hparams["phrase_branch"]:
-        num_states = hparams["wavlm"].model.config.num_hidden_layers + 1
-        modules["phrase_branch"] = hparams["phrase_branch_model"](
-            num_states=num_states, n_phrases=n_phrases
-        )
+    modules = {MODEL_RECOVERABLE: assembled_model(hparams, n_phrases), **modules}
     checkpointer = hparams["checkpointer"]
-    for name in ("classifier", "loss", "phrase_classifier", "phrase_loss", "phrase_branch"):
-        if name in modules:
-            checkpointer.add_recoverable(name, modules[name])
+    for name, module in modules.items():
+        checkpointer.add_recoverable(name, module)
     brain = SpeakerBrain(
         modules=modules,
         hparams=hparams,

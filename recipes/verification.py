@@ -11,23 +11,26 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
+from speechbrain.utils.checkpoints import Checkpoint
 
 from recipes.distributed import main_writes, on_main
 from recipes.experiment import (
     best_checkpoint,
-    checkpoint_embedder,
+    checkpoint_model,
     embed_tables,
     run_device,
     usable_precision,
 )
 from recipes.fusion import apply_fusion, learn_fusion, stored_or_learned_fusion, trial_scores
 from recipes.scoring import EmbeddingTable, group_means, metrics_by_condition, trial_metrics
+from recipes.speaker_model import WavLMSpeakerEmbedder
 from recipes.verification_report import write_report
 
 logger = logging.getLogger(__name__)
@@ -170,9 +173,9 @@ class FusionSource(NamedTuple):
 class CheckpointScoring(NamedTuple):
     """A run's best checkpoint, ready to score: its model, how to embed, where things go."""
 
-    checkpoint: object  # speechbrain Checkpoint
-    embedder: object  # WavLMSpeakerEmbedder with the checkpoint's weights
-    embed: object  # dataset -> utterance tables
+    checkpoint: Checkpoint
+    model: WavLMSpeakerEmbedder  # with the checkpoint's weights
+    embed: Callable  # dataset -> utterance tables
     cache: Path  # where embeddings of this checkpoint are cached (see ``embedding_cache``)
     precision: str  # what ``embed`` runs (``eval_precision``, or fp32 where the device lacks it)
     fusion: FusionSource
@@ -182,16 +185,16 @@ def checkpoint_scoring(hparams, data, run_opts: dict) -> CheckpointScoring:
     """The one path from a run to scores: best checkpoint, trial ids checked, its model, caches.
 
     ``data`` is ``experiment.dataio_prep``'s. The model is built from the hparams and the
-    checkpoint (``experiment.checkpoint_embedder``): no Brain, the same model an export ships.
+    checkpoint (``experiment.checkpoint_model``): no Brain, the same model an export ships.
     """
     checkpoint = best_checkpoint(hparams["checkpointer"])
     check_splits(data.splits)
-    embedder = checkpoint_embedder(hparams, checkpoint, len(data.phrase_encoder))
+    model = checkpoint_model(hparams, checkpoint, len(data.phrase_encoder))
     device = run_device(run_opts)
     precision = usable_precision(hparams["eval_precision"], device)
     embed = partial(
         embed_tables,
-        embedder,
+        model,
         loader_kwargs=hparams["eval_dataloader_options"],
         device=device,
         precision=precision,
@@ -199,7 +202,7 @@ def checkpoint_scoring(hparams, data, run_opts: dict) -> CheckpointScoring:
     )
     cache = Path(hparams["output_folder"]) / "embeddings" / checkpoint.path.name
     fusion = recipe_fusion_source(hparams, checkpoint, data.phrase_labels)
-    return CheckpointScoring(checkpoint, embedder, embed, cache, precision, fusion)
+    return CheckpointScoring(checkpoint, model, embed, cache, precision, fusion)
 
 
 def run_verification(hparams, data, run_opts: dict) -> dict:

@@ -27,7 +27,12 @@ from recipes.experiment import dataio_prep
 from recipes.export_model import enrolment_thresholds, hf_xvector_model
 from recipes.pretrained import embed_dataset, load_verifier
 from recipes.scoring import EmbeddingTable, score_trials
-from recipes.speaker_model import TDSVSpeakerRecognition, WavLMSpeakerEmbedder, XVectorHead
+from recipes.speaker_model import (
+    TDSVSpeakerRecognition,
+    WavLMFromConfig,
+    WavLMSpeakerEmbedder,
+    XVectorHead,
+)
 from recipes.tiny_wavlm import TINY
 from tests.helpers import ROOT, load_yaml, run_script
 
@@ -43,7 +48,8 @@ def tiny_embedder(batch_norm=True, layer_weighting=True, seed=0) -> WavLMSpeaker
     """A random tiny embedder whose BatchNorms have non-trivial statistics (eval mode)."""
     torch.manual_seed(seed)
     head = XVectorHead(96, (32, 32, 32, 32, 64), embedding_dim=16, batch_norm=batch_norm)
-    embedder = WavLMSpeakerEmbedder(TINY, head, layer_weighting=layer_weighting)
+    encoder = WavLMFromConfig(TINY, output_all_hiddens=layer_weighting)
+    embedder = WavLMSpeakerEmbedder(encoder, head)
     for norm in head.norms:
         if isinstance(norm, torch.nn.BatchNorm1d):
             for tensor in (norm.running_mean, norm.weight, norm.bias):

@@ -29,7 +29,12 @@ from recipes.experiment import usable_precision
 from recipes.export_model import hf_xvector_model, recipe_input
 from recipes.schedules import derive_total_steps
 from recipes.settings import load_checked_hparams
-from recipes.speaker_model import MaskedGroupNorm, WavLMSpeakerEmbedder, XVectorHead
+from recipes.speaker_model import (
+    MaskedGroupNorm,
+    WavLMFromConfig,
+    WavLMSpeakerEmbedder,
+    XVectorHead,
+)
 from recipes.tiny_wavlm import TINY, build_tiny_wavlm, save_to_hub_cache
 from recipes.train_speaker_embeddings import build_brain
 from tests.helpers import ROOT, fake_batch, free_port, load_yaml, run_script_command
@@ -107,17 +112,17 @@ run_opts = {"device": "cpu", "precision": "fp32", "eval_precision": "fp32",
             "distributed_backend": "gloo", "find_unused_parameters": find_unused}
 brain = build_brain(hparams, run_opts, n_classes=3, n_phrases=2)
 brain.on_fit_start()
-wavlm = brain.unwrapped("wavlm")
-report = {"masked_spec_embed_trains": wavlm.model.masked_spec_embed.requires_grad}
+model = brain.model()
+report = {"masked_spec_embed_trains": model.encoder.model.masked_spec_embed.requires_grad}
 for epoch, steps in ((1, 2), (2, 3)):  # freeze_wavlm_epochs: 1
     brain.hparams.epoch_counter.current = epoch
     brain.on_stage_start(sb.Stage.TRAIN, epoch)
-    layers = wavlm.layer_logits.detach().clone()
+    layers = model.layer_logits.detach().clone()
     weights = [p.detach().clone() for p in brain.wavlm_weights]
     losses = [float(brain.fit_batch(fake_batch())) for _ in range(steps)]
     report[epoch] = {
         "losses": losses,
-        "layer_weights_moved": bool((wavlm.layer_logits != layers).any()),
+        "layer_weights_moved": bool((model.layer_logits != layers).any()),
         "wavlm_moved": any(bool((p != w).any()) for p, w in zip(brain.wavlm_weights, weights)),
         "l2sp": float(brain.l2sp()),
     }
@@ -223,7 +228,8 @@ def test_hf_check_follows_the_models_own_normalization(do_normalize):
     # Base+'s first GroupNorm is: there a wrong normalization would pass the check unnoticed.
     config = {**TINY, "feat_extract_norm": "layer", "conv_bias": True}
     head = XVectorHead(96, (32, 32, 32, 32, 64), embedding_dim=16)
-    embedder = WavLMSpeakerEmbedder(config, head, normalize_wav=do_normalize).eval()
+    encoder = WavLMFromConfig(config, normalize_wav=do_normalize)
+    embedder = WavLMSpeakerEmbedder(encoder, head).eval()
     hf = hf_xvector_model(embedder, torch.nn.Linear(16, 3, bias=False), ["a", "b", "c"])
     wav = 0.05 * torch.randn(24000) + 0.01
     with torch.no_grad():

@@ -21,8 +21,10 @@ import torch
 import yaml
 
 from data_prep.deepmine_prepare import prepare_deepmine
-from recipes.checkpointing import AtomicCheckpointer
+from recipes.checkpointing import AtomicCheckpointer, SplitModelCheckpoint
+from recipes.experiment import assembled_model, checkpoint_model
 from recipes.tiny_wavlm import build_tiny_wavlm
+from recipes.train_speaker_embeddings import build_brain
 from tests.conftest import TINY
 from tests.helpers import ROOT, fake_batch, free_port, load_yaml, run_script
 
@@ -130,8 +132,6 @@ def test_killed_mid_epoch_resumes_from_the_intra_epoch_checkpoint(tmp_path, tiny
 
 
 def test_nonfinite_loss_is_skipped_then_stops_training(tmp_path, tiny_wavlm_dir):
-    from recipes.train_speaker_embeddings import build_brain
-
     hparams = load_yaml(
         "synthetic_demo.yaml",
         {"output_folder": str(tmp_path), "wavlm_source": tiny_wavlm_dir, "noise_csv": None},
@@ -289,3 +289,58 @@ def test_two_processes_with_torchrun_on_cpu(tmp_path, tiny_corpus):
     single_report = json.loads((out / "verification_dev.json").read_text())
     for name, metrics in json.loads(ddp_report)["conditions"].items():
         assert single_report["conditions"][name] == pytest.approx(metrics, rel=1e-5, abs=1e-6)
+
+
+def _split_model_layout(folder: Path) -> None:
+    """Rewrite a checkpoint's model file as recipe versions before the one-module model did.
+
+    ``wavlm.ckpt`` (WavLM as ``model.*``, and ``layer_logits``), a head-only
+    ``embedding_model.ckpt`` and ``phrase_branch.ckpt``.
+    """
+    parts = {"wavlm": {}, "embedding_model": {}, "phrase_branch": {}}
+    for key, value in torch.load(folder / "embedding_model.ckpt", weights_only=True).items():
+        if key == "layer_logits":
+            parts["wavlm"][key] = value
+        else:
+            prefix, rest = key.split(".", 1)
+            name = {"encoder": "wavlm", "head": "embedding_model"}.get(prefix, prefix)
+            parts[name][rest] = value
+    for name, state in parts.items():
+        torch.save(state, folder / f"{name}.ckpt")
+
+
+def test_a_split_model_checkpoint_is_refused_with_how_to_convert_it(tmp_path, tiny_wavlm_dir):
+    overrides = {"output_folder": str(tmp_path), "wavlm_source": tiny_wavlm_dir, "noise_csv": None}
+    hparams = load_yaml("synthetic_demo.yaml", overrides)
+    brain = build_brain(hparams, {"device": "cpu"}, n_classes=3, n_phrases=2)
+    trained = brain.modules.embedding_model.eval()
+    with torch.no_grad():  # away from the seeded initialization, which a fresh load repeats
+        for parameter in trained.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    checkpoint = brain.checkpointer.save_checkpoint(meta={"EER": 1.0})
+    _split_model_layout(checkpoint.path)
+
+    fresh = load_yaml("synthetic_demo.yaml", overrides)
+    with pytest.raises(SplitModelCheckpoint, match=r"python recipes/checkpointing.py \S+CKPT"):
+        checkpoint_model(fresh, checkpoint, n_phrases=2)
+    with pytest.raises(SplitModelCheckpoint):  # resuming training is refused alike
+        build_brain(fresh, {"device": "cpu"}, 3, 2).checkpointer.recover_if_possible()
+
+    converted = subprocess.run(
+        [sys.executable, "recipes/checkpointing.py", str(checkpoint.path)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    assert not (checkpoint.path / "wavlm.ckpt").exists()
+    fresh = load_yaml("synthetic_demo.yaml", overrides)
+    untrained = assembled_model(fresh, n_phrases=2).eval()
+    wav = 0.1 * torch.randn(1, 16000)
+    with torch.no_grad():
+        expected = trained(wav, all_outputs=True)
+        assert not torch.allclose(untrained(wav), expected["speaker"], atol=1e-4)
+        loaded = checkpoint_model(fresh, checkpoint, n_phrases=2)(wav, all_outputs=True)
+    for name, value in expected.items():
+        assert torch.equal(loaded[name], value), name
+    brain = build_brain(load_yaml("synthetic_demo.yaml", overrides), {"device": "cpu"}, 3, 2)
+    with pytest.raises(RuntimeError, match="converted from the split-model layout"):
+        brain.checkpointer.recover_if_possible()

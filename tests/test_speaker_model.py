@@ -7,13 +7,15 @@ over exactly the valid frames.
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 
 from recipes.modules import L2SP, WavLMEncoder
-from recipes.speaker_model import MaskedGroupNorm, MHFAHead, XVectorHead, pooled_embedding
+from recipes.speaker_model import MaskedGroupNorm, MHFAHead, XVectorHead
 from tests.helpers import load_yaml
 
 LENGTHS = (48000, 37001, 21111, 16003, 8000)
@@ -35,21 +37,23 @@ def test_a_batched_utterance_gets_the_embedding_it_gets_alone(tmp_path, tiny_wav
         "synthetic_demo.yaml",
         {"output_folder": str(tmp_path), "wavlm_source": tiny_wavlm_dir, "head_type": head_type},
     )
-    wavlm, head = hparams["wavlm"].eval(), hparams["embedding_model"].eval()
+    model = hparams["embedding_model"]().eval()  # the recipe's model, as training builds it
+    wavlm = model.encoder
     assert isinstance(wavlm.model.feature_extractor.conv_layers[0].layer_norm, MaskedGroupNorm)
     wavs, batch, lens = padded()
 
-    def embed(wav, wav_lens, features):
-        hidden = features(wav, wav_lens)
-        frames = wavlm.frame_lengths(wav_lens, wav.shape[1], hidden.shape[-2])
-        weighted = torch.einsum("l,lbth->bth", F.softmax(wavlm.layer_logits, 0), hidden)
-        return F.normalize(pooled_embedding(head, weighted, frames, hidden).squeeze(1), dim=-1)
+    def embed(wav, wav_lens):
+        return F.normalize(model(wav, wav_lens).squeeze(1), dim=-1)
+
+    def speechbrain_features(wav, wav_lens):
+        return Wav2Vec2.extract_features(wavlm, wav, wav_lens)
 
     with torch.no_grad():
-        alone = torch.cat([embed(w[None], None, wavlm.extract_features) for w in wavs])
-        batched = embed(batch, lens, wavlm.extract_features)
+        alone = torch.cat([embed(w[None], None) for w in wavs])
+        batched = embed(batch, lens)
         # SpeechBrain's own feature code on the same model: padding leaks in.
-        plain = embed(batch, lens, lambda w, n: Wav2Vec2.extract_features(wavlm, w, n))
+        with mock.patch.object(wavlm, "extract_features", speechbrain_features):
+            plain = embed(batch, lens)
     ours, theirs = (alone - batched).abs().max(), (alone - plain).abs().max()
     if head_type != "ecapa":  # no padding in x-vector convolutions or MHFA's attention: exact
         assert ours < 1e-5 and theirs > 20 * ours  # (the test can tell the difference)

@@ -89,9 +89,9 @@ def test_phrase_branch_learns_on_a_few_batches(tmp_path, tiny_wavlm_dir, classif
     after = phrase_loss()
     assert after < 0.5 * before, (before, after)
     # One WavLM pass serves both: the branch has its own layer weights, and they learned.
-    branch = brain.modules.phrase_branch
-    assert branch.layer_logits.abs().sum() > 0
-    assert not torch.equal(branch.layer_logits, brain.modules.wavlm.layer_logits)
+    model = brain.modules.embedding_model
+    assert model.phrase_branch.layer_logits.abs().sum() > 0
+    assert not torch.equal(model.phrase_branch.layer_logits, model.layer_logits)
 
 
 def test_the_cosine_phrase_classifier_trains_with_a_margin_and_scores_without():

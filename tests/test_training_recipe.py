@@ -19,7 +19,7 @@ import torch
 from speechbrain.dataio.dataloader import make_dataloader
 
 from data_prep.layout import read_list
-from recipes.experiment import best_checkpoint, checkpoint_embedder, dataio_prep, embed_tables
+from recipes.experiment import best_checkpoint, checkpoint_model, dataio_prep, embed_tables
 from recipes.metrics import eer
 from recipes.train_speaker_embeddings import brain_for_data, build_brain
 from tests.helpers import ROOT, fake_batch, load_yaml, run_script
@@ -63,14 +63,14 @@ def test_every_variant_builds_and_backpropagates(
     loss = brain.compute_objectives(predictions, batch, brain_stage("TRAIN"))
     loss.backward()
     assert torch.isfinite(loss)
-    head = brain.modules.embedding_model
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
-    wavlm_grads = [p.grad for p in brain.modules.wavlm.parameters() if p.requires_grad]
+    model = brain.modules.embedding_model
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.head.parameters())
+    wavlm_grads = [p.grad for p in model.encoder.parameters() if p.requires_grad]
     assert any(g is not None and g.abs().sum() > 0 for g in wavlm_grads)
     assert ("phrase_classifier" in brain.modules) == (target_type == "speaker+phrase")
     outputs = brain.compute_forward(batch, brain_stage("VALID"))
     assert outputs["speaker"].shape == (4, 1, 64) and outputs["phrase_logp"].shape == (4, 2)
-    branch = brain.modules.phrase_branch
+    branch = model.phrase_branch
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in branch.head.parameters())
 
 
@@ -98,8 +98,7 @@ def test_real_yaml_loads_with_a_local_wavlm(tmp_path, tiny_wavlm_dir):
     assert wavlm.model.config.layerdrop == 0.0 and not wavlm.freeze
     frozen = [p.requires_grad for p in wavlm.model.feature_extractor.parameters()]
     assert not any(frozen)  # the real config freezes the CNN encoder
-    features = wavlm(torch.randn(2, 16000), torch.tensor([1.0, 0.7]))
-    embeddings = hparams["embedding_model"](features, torch.tensor([1.0, 0.7]))
+    embeddings = hparams["embedding_model"]()(torch.randn(2, 16000), torch.tensor([1.0, 0.7]))
     assert embeddings.shape == (2, 1, hparams["emb_dim"])
     assert hparams["number_of_epochs"] >= 10 and hparams["precision"] == "fp16"
 
@@ -113,7 +112,7 @@ def test_real_yaml_with_mhfa_and_l2sp_runs_a_training_step(tmp_path, tiny_wavlm_
     brain.hparams.epoch_counter.current = 2  # past the frozen-WavLM warm-up
     brain.on_fit_start()
     assert brain.l2sp is not None and brain.l2sp().item() == 0.0
-    keys = brain.modules.embedding_model.key_layer_logits
+    keys = brain.modules.embedding_model.head.key_layer_logits
     assert keys.abs().max() == 0  # MHFA's key layer weights start uniform
     loss = brain.fit_batch(fake_batch())
     assert torch.isfinite(loss)
@@ -213,7 +212,7 @@ def test_scoring_model_reproduces_the_trained_brain(trained, tiny_corpus):
     hparams = load_yaml("synthetic_demo.yaml", overrides)
     data = dataio_prep(hparams)
     checkpoint = best_checkpoint(hparams["checkpointer"])
-    model = checkpoint_embedder(hparams, checkpoint, len(data.phrase_encoder))
+    model = checkpoint_model(hparams, checkpoint, len(data.phrase_encoder))
     dev = data.splits["dev"].utterances.filtered_sorted(select_n=12)
     tables = embed_tables(model, dev, {"batch_size": 4}, torch.device("cpu"), progress=False)
     brain = brain_for_data(hparams, {"device": "cpu", "noprogressbar": True}, data)

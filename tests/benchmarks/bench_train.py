@@ -76,7 +76,7 @@ def run_setting(model_dir, model, precision, checkpointing, bucketing, head, arg
         head_type=head,
         **overrides,
     )
-    head_params = trainable_parameters(brain.modules.embedding_model)
+    head_params = trainable_parameters(brain.model().head)
 
     def step(batch):
         brain.step += 1

@@ -15,7 +15,7 @@ from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio.batch import PaddedBatch
 from torch.overrides import TorchFunctionMode
 
-from recipes.experiment import configured_embedder
+from recipes.experiment import assembled_model
 from recipes.tiny_wavlm import build_tiny_wavlm, save_wavlm, wavlm_base_plus_config
 from recipes.train_speaker_embeddings import build_brain
 
@@ -60,9 +60,7 @@ def demo_brain(model_dir, model: str, tmp, run_opts: dict, **overrides):
 def demo_embedder(model_dir, model: str, tmp, **overrides):
     """The demo's embedding model (what scoring and exports run) for a given WavLM."""
     hparams = demo_hparams(model_dir, model, tmp, **overrides)
-    embedder = configured_embedder(hparams, n_phrases=10)
-    embedder.model.load_state_dict(hparams["wavlm"].model.state_dict())  # the folder's weights
-    return embedder.eval()
+    return assembled_model(hparams, n_phrases=10).eval()
 
 
 def deepmine_lengths(count: int, seed: int = 0) -> np.ndarray:

@@ -199,9 +199,8 @@ def worker_ddp(args) -> None:
             float(brain.scaler.get_scale()) if brain.scaler.is_enabled() else None
         )
         report["l2sp"] = float(brain.l2sp())
-        report["masked_spec_embed_trains"] = brain.unwrapped(
-            "wavlm"
-        ).model.masked_spec_embed.requires_grad
+        spec_embed = brain.model().encoder.model.masked_spec_embed
+        report["masked_spec_embed_trains"] = spec_embed.requires_grad
     if sb.utils.distributed.if_main_process():
         Path(args.out).write_text(json.dumps(report))
 
