@@ -107,8 +107,8 @@ def fit_calibration(features: list[np.ndarray], conditions, prior: float) -> dic
     numbers, so the fitted log-odds are posterior log-odds at that prior and subtracting
     logit(prior) leaves the LLR. Within the non-targets each condition present (TW, IC, IW)
     counts equally: a dev list of all pairs is mostly IW, an evaluation list is not, and the
-    calibration should not depend on that mix (measured on the demo: the eval actual DCF came
-    2.5x its minimum with the dev list's mix). Returns ``{"weights", "bias"}``.
+    calibration should not depend on that mix (docs/design.md section 6). Returns
+    ``{"weights", "bias"}``.
     """
     conditions = np.asarray(conditions)
     targets = conditions == "TC"

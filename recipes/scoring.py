@@ -105,7 +105,8 @@ def cosine_trial_scores(
         full = models.matrix[unique_m] @ test_vectors[unique_t].T
         return full[m_inv, t_inv].astype(np.float64)
     scores = np.empty(len(m_rows), dtype=np.float64)
-    # Chunks of 16k trials keep the gathered rows in cache: 2x faster than 256k (1M trials).
+    # Chunks small enough to keep the gathered rows in cache (docs/performance.md, "Scoring a
+    # million trials from cached embeddings").
     for start in range(0, len(m_rows), chunk):
         end = start + chunk
         scores[start:end] = np.einsum(

@@ -142,16 +142,16 @@ python export_model.py hparams/wavlm_td.yaml --data_folder /path/to/task1
 | Release | hyperparams file | dev EER / minDCF | eval EER / minDCF | Model link | GPUs |
 |:---:|:---:|:---:|:---:|:---:|:---:|
 | - | wavlm_td.yaml | (to be measured) | (to be measured) | [model](TODO) / [logs](TODO) | - |
-| - | synthetic_demo.yaml | 1.44 % / 0.114 | 4.32 % / 0.263 | - | CPU (2 cores) |
+| - | synthetic_demo.yaml | in the repository's README ("Results") | (same) | - | CPU (2 cores) |
 
 The demo row is the synthetic corpus with a tiny random WavLM (a check that the recipe runs and
 learns, not a result on real data).
 
 ## Modules (`{PACKAGE}/`)
 
-`experiment` (data side, the checkpoint's embedding model), `modules` (WavLM encoder, margin
-losses), `speaker_model` (heads, phrase branch, fused LLR, the inference interface copied into
-exports), `verification`, `scoring`, `fusion`, `metrics` (scoring and reports), `settings`
+`experiment` (data side, the model's assembly and a checkpoint's model), `modules` (WavLM encoder,
+margin losses), `speaker_model` (heads, phrase branch, fused LLR, the inference interface copied
+into exports), `verification`, `scoring`, `fusion`, `metrics` (scoring and reports), `settings`
 (start-up checks), `distributed`, `augmentation`, `checkpointing`, `schedules`, `sampling`,
 `pretrained`, `tiny_wavlm` (the demo's random WavLM).
 """
