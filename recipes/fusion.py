@@ -10,13 +10,14 @@ speaker score alone cannot reject the enrolled speaker saying another phrase (TW
   score is the *content similarity* instead: the cosine between the mean phrase embedding of the
   enrollment utterances and the test's.
 - **Fusion.** Prior-weighted logistic regressions (scikit-learn), learned on the dev trials, map
-  (speaker score, phrase score) to a calibrated log-likelihood ratio: one for log-posteriors, one
-  for content similarity, and one for the speaker score alone (the "gate" fusion and the reason
-  of a reject). ``gate``: the calibrated speaker LLR, minus a large penalty when the phrase score
-  is below the dev threshold that best separates TC from TW.
+  a trial's named features (``speaker_model.TRIAL_FEATURES``) to a calibrated log-likelihood
+  ratio, one per ``speaker_model.CALIBRATIONS`` entry: for log-posteriors, for content
+  similarity, and the speaker score alone (the "gate" fusion and the reason of a reject).
+  ``gate``: the calibrated speaker LLR, minus a large penalty when the phrase score is below the
+  dev threshold that best separates TC from TW.
 
-The learned numbers are plain JSON, applied by ``recipes.speaker_model.fused_llr``, which
-exported folders carry.
+The learned numbers are plain JSON (each calibration names its features), applied by
+``recipes.speaker_model.fused_llr``, which exported folders carry.
 """
 
 from __future__ import annotations
@@ -34,12 +35,18 @@ from speechbrain.utils.distributed import if_main_process
 
 from recipes.metrics import eer
 from recipes.scoring import EmbeddingTable, score_trials
-from recipes.speaker_model import OTHER_PHRASE, fused_llr, phrase_feature
+from recipes.speaker_model import (
+    CALIBRATIONS,
+    GATE_FEATURES,
+    OTHER_PHRASE,
+    fused_llr,
+    phrase_feature,
+)
 
 logger = logging.getLogger(__name__)
 
 #: Bumped when the way a fusion is learned changes: a stored fusion of another version is relearned.
-FUSION_VERSION = 2
+FUSION_VERSION = 3
 #: Non-target trial conditions (wrong phrase, impostor with the right / wrong phrase).
 NONTARGET_CONDITIONS = ("TW", "IC", "IW")
 #: Inverse regularization of the logistic regressions. Their sample weights sum to 1 (the loss is
@@ -50,17 +57,24 @@ REGULARIZATION_C = 1e4
 
 @dataclass
 class TrialScores:
-    """Per-trial scores of one trial list.
+    """The named features (``speaker_model.TRIAL_FEATURES``) of every trial of one list.
 
-    ``phrase[i]`` is the log-posterior of the model's phrase where ``known[i]``, else the
-    content similarity; ``content`` (the content similarity of every trial) is what the
-    content calibration learns from.
+    ``features["speaker"]`` always; with a phrase branch also "phrase" and "content".
+    ``known[i]``: trial i's enrolled phrase is a class of the phrase classifier.
     """
 
-    speaker: np.ndarray
-    phrase: np.ndarray | None = None
+    features: dict[str, np.ndarray]
     known: np.ndarray | None = None
-    content: np.ndarray | None = None
+
+    @property
+    def speaker(self) -> np.ndarray:
+        """The speaker scores (the final scores without a fusion)."""
+        return self.features["speaker"]
+
+    @property
+    def has_phrase(self) -> bool:
+        """True when the trials have phrase scores (a model with a phrase branch)."""
+        return "phrase" in self.features
 
 
 def has_phrase_outputs(tables: dict) -> bool:
@@ -88,27 +102,28 @@ def trial_scores(
     """
     speaker = score_trials(tables["speaker"], models, trials, **norm)
     if not has_phrase_outputs(tables):
-        return TrialScores(speaker)
+        return TrialScores({"speaker": speaker})
     content = score_trials(tables["phrase_embedding"], models, trials)
     columns = phrase_columns(models, trials, phrase_labels)
     known = columns.notna().to_numpy()
-    phrase = content.copy()
+    logp = np.zeros(len(trials))
     if known.any():
-        logp = tables["phrase_logp"]
-        rows = logp.rows(trials["test_id"].to_numpy()[known], "test")
-        phrase[known] = logp.matrix[rows, columns.to_numpy()[known].astype(np.int64)]
-    return TrialScores(speaker, phrase, known, content)
+        table = tables["phrase_logp"]
+        rows = table.rows(trials["test_id"].to_numpy()[known], "test")
+        logp[known] = table.matrix[rows, columns.to_numpy()[known].astype(np.int64)]
+    phrase = phrase_feature(logp, known, content)
+    return TrialScores({"speaker": speaker, "phrase": phrase, "content": content}, known)
 
 
-def fit_calibration(features: list[np.ndarray], conditions, prior: float) -> dict:
-    """A prior-weighted logistic regression from ``features`` to a log-likelihood ratio.
+def fit_calibration(features: dict, names, conditions, prior: float) -> dict:
+    """A prior-weighted logistic regression from the ``names`` of ``features`` to an LLR.
 
     Targets (TC) count as ``prior`` of the data and non-targets as ``1 - prior``, whatever their
     numbers, so the fitted log-odds are posterior log-odds at that prior and subtracting
     logit(prior) leaves the LLR. Within the non-targets each condition present (TW, IC, IW)
     counts equally: a dev list of all pairs is mostly IW, an evaluation list is not, and the
     calibration should not depend on that mix (docs/design.md section 6). Returns
-    ``{"weights", "bias"}``.
+    ``{"features": names, "weights", "bias"}``.
     """
     conditions = np.asarray(conditions)
     targets = conditions == "TC"
@@ -119,45 +134,46 @@ def fit_calibration(features: list[np.ndarray], conditions, prior: float) -> dic
     for kind in kinds:
         chosen = conditions == kind
         weight[chosen] = (1 - prior) / len(kinds) / chosen.sum()
-    x = np.column_stack(features).astype(np.float64)
+    x = np.column_stack([features[name] for name in names]).astype(np.float64)
     model = LogisticRegression(C=REGULARIZATION_C, max_iter=1000)
     model.fit(x, targets, sample_weight=weight)
     bias = float(model.intercept_[0] - logit(prior))
-    return {"weights": [float(w) for w in model.coef_[0]], "bias": bias}
+    return {"features": list(names), "weights": [float(w) for w in model.coef_[0]], "bias": bias}
 
 
 def learn_fusion(scores: TrialScores, conditions, prior: float) -> dict:
-    """Every calibration of the fusion, learned on labelled (dev) trials.
+    """Every calibration of the fusion (``CALIBRATIONS``), learned on labelled (dev) trials.
 
-    "phrase": speaker score, log-posterior of the enrolled phrase and content similarity;
-    "content": speaker score and content similarity (pass-phrases that are no class);
-    "speaker": the speaker score alone. The gate's phrase thresholds are the EER thresholds of
-    TC against TW trials (same speaker, right or wrong phrase).
+    Each is learned on all the trials, whose phrases are the classifier's own. The gate's
+    thresholds (on ``GATE_FEATURES``) are the EER thresholds of TC against TW trials (same
+    speaker, right or wrong phrase).
     """
     conditions = np.asarray(conditions)
     targets, wrong_phrase = conditions == "TC", conditions == "TW"
-    if scores.phrase is None:
+    if not scores.has_phrase:
         raise ValueError("the fusion needs phrase scores: train with phrase_branch: True")
     if not wrong_phrase.any():
         raise ValueError("learning the fusion needs wrong-phrase (TW) trials in the dev list")
-    logp = phrase_feature(scores.phrase, np.ones(targets.size, bool))
-    speaker, content = scores.speaker, scores.content
+    features = scores.features
+    calibrations = {
+        name: fit_calibration(features, names, conditions, prior)
+        for name, names in CALIBRATIONS.items()
+    }
+    gate = {
+        name: eer(features[f][targets], features[f][wrong_phrase])[1]
+        for name, f in GATE_FEATURES.items()
+    }
     return {
         "prior": prior,
-        "speaker": fit_calibration([speaker], conditions, prior),
-        "phrase": fit_calibration([speaker, logp, content], conditions, prior),
-        "content": fit_calibration([speaker, content], conditions, prior),
-        "gate_threshold": {
-            "phrase": eer(logp[targets], logp[wrong_phrase])[1],
-            "content": eer(content[targets], content[wrong_phrase])[1],
-        },
+        **calibrations,
+        "gate_threshold": gate,
         "fitted_on": {"trials": int(targets.size), "targets": int(targets.sum())},
     }
 
 
 def apply_fusion(fusion: dict, scores: TrialScores, kind: str) -> np.ndarray:
     """The ``kind`` ("llr" or "gate") LLRs of trials."""
-    return fused_llr(fusion, scores.speaker, scores.phrase, scores.known, scores.content, kind)
+    return fused_llr(fusion, scores.features, scores.known, kind)
 
 
 def stored_or_learned_fusion(path: Path, dev: TrialScores, conditions, prior: float, stamp: dict):

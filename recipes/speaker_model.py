@@ -7,8 +7,9 @@
 - ``WavLMSpeakerEmbedder``: WavLM, weighted layer sum, a speaker head and optionally the phrase
   branch: the one model that training runs, scoring loads and an exported folder ships (there
   with ``WavLMFromConfig``, WavLM built from its config instead of loaded from model files).
-- ``fused_llr``: speaker and phrase scores -> calibrated log-likelihood ratio (the fusion learned
-  by ``recipes/fusion.py``, stored as plain numbers in the exported ``hyperparams.yaml``).
+- ``fused_llr``: a trial's named features (``TRIAL_FEATURES``: speaker, phrase and content
+  scores) -> calibrated log-likelihood ratio (the fusion's ``CALIBRATIONS``, learned by
+  ``recipes/fusion.py``, stored as plain numbers in the exported ``hyperparams.yaml``).
 - ``TDSVSpeakerRecognition``: SpeechBrain's ``SpeakerRecognition`` interface with embeddings
   computed one utterance at a time, several enrollment utterances, thresholds calibrated on the
   dev trials (or Bayes decisions on fused LLRs, with the reason of a reject), and audio of any
@@ -509,9 +510,10 @@ class WavLMSpeakerEmbedder(nn.Module):
 
 # ------------------------------------------------------------------------------------------------
 # Text-dependent decisions: a trial is a target only when the enrolled speaker says the enrolled
-# pass-phrase. ``recipes/fusion.py`` learns, on the dev trials, affine maps from (speaker score,
-# phrase score) to calibrated log-likelihood ratios; they are applied here, with numbers only, so
-# that an exported folder needs no scikit-learn and no repository.
+# pass-phrase. ``recipes/fusion.py`` learns, on the dev trials, affine maps from named trial
+# features (``TRIAL_FEATURES``) to calibrated log-likelihood ratios (``CALIBRATIONS``); they are
+# applied here, with numbers only, so that an exported folder needs no scikit-learn and no
+# repository.
 # ------------------------------------------------------------------------------------------------
 #: The phrase class of free-text training utterances (``include_free_text``).
 OTHER_PHRASE = "other"
@@ -520,6 +522,24 @@ OTHER_PHRASE = "other"
 DECISION_KINDS = ("llr", "gate")
 #: What ``fused_llr`` computes: a decision kind, or "speaker" (the speaker score calibrated alone).
 FUSION_KINDS = (*DECISION_KINDS, "speaker")
+#: The scores of a trial a fusion weights, by name, in the order reports list them: "speaker",
+#: the cosine of enrollment model and test (score-normalized if configured); "phrase", the phrase
+#: branch's log-posterior of the enrolled phrase (``phrase_feature``); "content", the cosine of
+#: the enrollment's and the test's phrase embeddings.
+TRIAL_FEATURES = ("speaker", "phrase", "content")
+#: The affine calibrations a fusion learns and the features each weights: "phrase" for trials
+#: whose enrolled phrase is a class of the phrase classifier, "content" for the others (a user's
+#: own pass-phrase), "speaker" the speaker score alone (the gate, the reason of a reject). A new
+#: feature is named in ``TRIAL_FEATURES`` and here, and computed where trials are scored
+#: (``recipes.fusion.trial_scores``; ``TDSVSpeakerRecognition.trial_features`` for one trial):
+#: learning, applying, the stored fusion and the reports follow the names.
+CALIBRATIONS = {
+    "phrase": ("speaker", "phrase", "content"),
+    "content": ("speaker", "content"),
+    "speaker": ("speaker",),
+}
+#: The feature the phrase gate thresholds in each calibration's trials (fusion "gate").
+GATE_FEATURES = {"phrase": "phrase", "content": "content"}
 #: Subtracted from the speaker LLR of a trial that the phrase gate rejects (fusion "gate").
 GATE_PENALTY = 100.0
 #: Phrase log-posteriors are floored here: a target whose phrase the classifier misses should
@@ -538,54 +558,56 @@ def bayes_threshold(p_target: float, c_miss: float, c_fa: float) -> float:
     return math.log(c_fa * (1 - p_target) / (c_miss * p_target))
 
 
-def phrase_feature(phrase_scores, known) -> np.ndarray:
-    """The fusion's phrase feature: floored log-posterior where known, content similarity else."""
-    phrase_scores = np.asarray(phrase_scores, dtype=np.float64)
-    return np.where(np.asarray(known, bool), np.maximum(phrase_scores, LOGP_FLOOR), phrase_scores)
+def phrase_feature(logp, known, content) -> np.ndarray:
+    """The "phrase" feature: the floored log-posterior where ``known``, else ``content``.
+
+    ``known[i]``: trial i's enrolled pass-phrase is a class of the phrase classifier; where it is
+    not, the phrase score *is* the content similarity (and the "content" calibration applies).
+    """
+    known = np.asarray(known, bool)
+    logp = np.maximum(np.asarray(logp, dtype=np.float64), LOGP_FLOOR)
+    return np.where(known, logp, np.asarray(content, dtype=np.float64))
 
 
-def fused_llr(
-    fusion: dict, speaker_scores, phrase_scores=None, known=None, content=None, kind=None
-):
-    """Calibrated LLRs of trials from speaker scores and phrase scores.
+def calibrated(calibration: dict, features) -> np.ndarray:
+    """An affine calibration (``{"features", "weights", "bias"}``) of named trial features."""
+    weighted = [
+        w * np.asarray(features[name], dtype=np.float64)
+        for name, w in zip(calibration["features"], calibration["weights"], strict=True)
+    ]
+    return calibration["bias"] + np.sum(weighted, axis=0)
 
-    ``known[i]`` says that trial i's enrolled pass-phrase is a class of the phrase classifier:
-    its phrase score is then the log-posterior of that phrase, fused with the speaker score and
-    the ``content`` similarity of enrollment and test (which rejects free text that the closed
-    set of classes cannot). Otherwise the phrase score *is* the content similarity, with its own
-    calibration. ``kind`` (default ``fusion["kind"]``): "llr", "gate" or "speaker" (the speaker
-    score alone, calibrated).
+
+def fused_llr(fusion: dict, features, known=None, kind=None) -> np.ndarray:
+    """Calibrated LLRs of trials from their named ``features`` (``TRIAL_FEATURES``).
+
+    ``known[i]`` (default: all) says that trial i's enrolled pass-phrase is a class of the phrase
+    classifier: the "phrase" calibration applies, else the "content" one (``CALIBRATIONS``).
+    ``kind`` (default ``fusion["kind"]``): "llr", "gate" or "speaker" (the speaker score alone,
+    calibrated).
     """
     kind = kind or fusion["kind"]
-    speaker = np.asarray(speaker_scores, dtype=np.float64)
-
-    def affine(name, *features):
-        """The calibration ``fusion[name]`` (weights and bias) applied to ``features``."""
-        calibration = fusion[name]
-        weighted = [w * f for w, f in zip(calibration["weights"], features, strict=True)]
-        return calibration["bias"] + np.sum(weighted, axis=0)
-
+    if kind not in FUSION_KINDS:
+        raise ValueError(f"fusion kind must be one of {FUSION_KINDS}, not {kind!r}")
+    speaker = calibrated(fusion["speaker"], features)
     if kind == "speaker":
-        return affine("speaker", speaker)
+        return speaker
     known = np.ones(speaker.shape, bool) if known is None else np.asarray(known, bool)
-    phrase = phrase_feature(phrase_scores, known)
     if kind == "llr":
-        content = phrase if content is None else np.asarray(content, dtype=np.float64)
         return np.where(
-            known, affine("phrase", speaker, phrase, content), affine("content", speaker, phrase)
+            known, calibrated(fusion["phrase"], features), calibrated(fusion["content"], features)
         )
-    if kind == "gate":
-        gate = fusion["gate_threshold"]
-        below = phrase < np.where(known, gate["phrase"], gate["content"])
-        return affine("speaker", speaker) - GATE_PENALTY * below
-    raise ValueError(f"fusion kind must be one of {FUSION_KINDS}, not {kind!r}")
+    gate = fusion["gate_threshold"]
+    value = {name: np.asarray(features[f], dtype=np.float64) for name, f in GATE_FEATURES.items()}
+    below = np.where(known, value["phrase"] < gate["phrase"], value["content"] < gate["content"])
+    return speaker - GATE_PENALTY * below
 
 
 class Verdict(NamedTuple):
     """The outcome of one text-dependent trial (``TDSVSpeakerRecognition.verify_trial``)."""
 
     speaker_score: float  # cosine of enrollment model and test embedding
-    phrase_score: float | None  # log-posterior of the enrolled phrase, or content similarity
+    phrase_score: float | None  # the "phrase" feature: floored log-posterior, or content similarity
     content_score: float | None  # content similarity of enrollment and test (phrase embeddings)
     score: float  # what the decision thresholds: the fused LLR, or the cosine without a fusion
     threshold: float | None
@@ -764,36 +786,49 @@ class TDSVSpeakerRecognition(SpeakerRecognition):
         model = self.enrolment_model(torch.stack([o["phrase_embedding"] for o in enrol_outputs]))
         return float(F.cosine_similarity(model, test_outputs["phrase_embedding"], dim=0))
 
+    def trial_features(self, enrol_outputs, test_outputs, phrase: str | None) -> dict:
+        """The named features (``TRIAL_FEATURES``) of one trial: ``{"speaker": cosine, ...}``.
+
+        With an enrolled ``phrase`` (a class label, or "custom"), also "phrase" and "content".
+        """
+        model = self.enrolment_model(torch.stack([o["speaker"] for o in enrol_outputs]))
+        features = {"speaker": float(F.cosine_similarity(model, test_outputs["speaker"], dim=0))}
+        if phrase is not None:
+            content = self.content_score(enrol_outputs, test_outputs)
+            logp = self.phrase_score(test_outputs, phrase, content)
+            features["phrase"] = float(phrase_feature([logp], [phrase != "custom"], [content])[0])
+            features["content"] = content
+        return features
+
     def score_trial(self, enrol_outputs, test_outputs, phrase=None, threshold=None, costs=None):
         """A ``Verdict`` from embedded enrollment files and an embedded test file.
 
         ``costs`` (``p_target``, ``c_miss``, ``c_fa``) set the Bayes threshold of the LLR
         (default ``hparams.costs``); ``threshold`` overrides it.
         """
-        model = self.enrolment_model(torch.stack([o["speaker"] for o in enrol_outputs]))
-        speaker = float(F.cosine_similarity(model, test_outputs["speaker"], dim=0))
         n_enrol = len(enrol_outputs)
         if not self.has_fusion():
+            speaker = self.trial_features(enrol_outputs, test_outputs, None)["speaker"]
             threshold = self.threshold(n_enrol) if threshold is None else threshold
             accept = self.decide(speaker, n_enrol, threshold)
             reason = "" if accept or accept is None else "speaker"
             return Verdict(speaker, None, None, speaker, threshold, accept, reason, None)
         phrase = self.enrolled_phrase(enrol_outputs, phrase)
-        content = self.content_score(enrol_outputs, test_outputs)
-        phrase_value = self.phrase_score(test_outputs, phrase, content)
-        fusion = self.hparams.fusion
-        llr = float(
-            fused_llr(fusion, [speaker], [phrase_value], [phrase != "custom"], [content])[0]
-        )
+        features = self.trial_features(enrol_outputs, test_outputs, phrase)
+        fusion, known = self.hparams.fusion, [phrase != "custom"]
+        llr = float(fused_llr(fusion, {k: [v] for k, v in features.items()}, known)[0])
         if threshold is None:
             chosen = {**SDSV_COSTS, **(getattr(self.hparams, "costs", None) or {}), **(costs or {})}
             threshold = bayes_threshold(**chosen)
         accept = llr >= threshold
         reason = ""
         if not accept:
-            speaker_llr = float(fused_llr(fusion, [speaker], kind="speaker")[0])
+            speaker_llr = float(
+                calibrated(fusion["speaker"], {"speaker": [features["speaker"]]})[0]
+            )
             reason = "wrong pass-phrase" if speaker_llr >= threshold else "speaker"
-        return Verdict(speaker, phrase_value, content, llr, threshold, accept, reason, phrase)
+        scores = [features[name] for name in TRIAL_FEATURES]
+        return Verdict(*scores, llr, threshold, accept, reason, phrase)
 
     def verify_trial(self, enrol_paths, test_path, phrase=None, threshold=None, costs=None):
         """A ``Verdict`` for a test file against enrollment files (see ``score_trial``)."""

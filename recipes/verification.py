@@ -255,7 +255,7 @@ def _score_and_report(tables, cohort, hparams, splits: dict, report_folder, fusi
     for split, (scores, final) in per_split.items():
         models, trials = splits[split].models, splits[split].trials
         metrics = trial_metrics(final, trials, llr=fusion is not None)
-        name = report_name(split, hparams, scores.phrase is not None)
+        name = report_name(split, hparams, scores.has_phrase)
         write_report(report_folder, name, trials, final, metrics, models, scores)
         results[split] = metrics
     return results
@@ -305,7 +305,7 @@ def learned_fusion(hparams, splits: dict, scores: dict, source: FusionSource | N
     """The fusion the settings ask for, learned on (or read back for) the dev trials; or None."""
     if hparams["fusion"] == "none":
         return None
-    if source is None or scores["dev"].phrase is None:
+    if source is None or not scores["dev"].has_phrase:
         raise ValueError(
             f"fusion {hparams['fusion']!r} needs a model with a phrase branch "
             "(phrase_branch: True); use --fusion none for speaker scores only"

@@ -3,7 +3,7 @@
 Outputs in the experiment folder (docs/design.md section 5):
 - ``scores_<split>.txt``: ``model test score [speaker phrase content] [label condition]``, one
   trial a line (``score`` is the fused LLR when there is a fusion; with a phrase branch, the
-  speaker score, the phrase score and the content similarity follow it);
+  trial's features follow it, in ``speaker_model.TRIAL_FEATURES`` order);
 - ``verification_<split>.json``: EER / minDCF (with thresholds and trial counts), and for fused
   LLRs the actual DCF at the Bayes threshold and Cllr, for the pooled condition and each TC-vs-X
   pair, and for the pooled condition by phrase and by language;
@@ -28,6 +28,7 @@ import pandas as pd
 from scipy.stats import norm
 
 from data_prep.layout import phrase_language
+from recipes import speaker_model
 from recipes.metrics import operating_points
 from recipes.scoring import CONDITION_PAIRS, condition_pair, metrics_by_condition
 
@@ -49,7 +50,7 @@ def breakdown(scores, trials: pd.DataFrame, key: pd.Series, llr: bool = False) -
 def write_report(output_folder, split, trials, scores, metrics, models=None, parts=None) -> dict:
     """Write the score file, the JSON report, the DET plot (and the answer file for eval).
 
-    ``parts`` (a ``recipes.fusion.TrialScores``) adds the speaker and phrase score columns and,
+    ``parts`` (a ``recipes.fusion.TrialScores``) adds a column per trial feature and,
     when ``scores`` are fused from them, the speaker-only DET curves.
     """
     folder = Path(output_folder)
@@ -57,8 +58,8 @@ def write_report(output_folder, split, trials, scores, metrics, models=None, par
     scores = np.asarray(scores)
     score_text = _formatted(scores)
     columns = [trials["model_id"], trials["test_id"], score_text]
-    if parts is not None and parts.phrase is not None:
-        columns += [_formatted(parts.speaker), _formatted(parts.phrase), _formatted(parts.content)]
+    if parts is not None and parts.has_phrase:  # every feature, in TRIAL_FEATURES order
+        columns += [_formatted(parts.features[name]) for name in speaker_model.TRIAL_FEATURES]
     if (trials["condition"] != "").all():
         columns += [trials["label"], trials["condition"]]
     lines = pd.concat([c.reset_index(drop=True) for c in columns], axis=1)

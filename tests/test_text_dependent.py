@@ -18,19 +18,31 @@ import torch
 from speechbrain.dataio.batch import PaddedBatch
 
 from data_prep.synth_deepmine import FREE_TEXT, TRAIN_FREE_TEXT, plan_corpus
+from recipes import speaker_model
 from recipes.fusion import TrialScores, fit_calibration, learn_fusion, stored_or_learned_fusion
 from recipes.metrics import actual_dcf, bayes_threshold, cllr
 from recipes.scoring import EmbeddingTable, score_trials
-from recipes.speaker_model import GATE_PENALTY, LOGP_FLOOR, PhraseBranch, fused_llr
+from recipes.speaker_model import (
+    GATE_PENALTY,
+    LOGP_FLOOR,
+    PhraseBranch,
+    fused_llr,
+    phrase_feature,
+)
 from recipes.train_speaker_embeddings import build_brain
+from recipes.verification_report import write_report
 from tests.conftest import TINY
 from tests.helpers import load_yaml, run_script
 
 FUSION = {
     "kind": "llr",
-    "speaker": {"weights": [8.0], "bias": -5.0},
-    "phrase": {"weights": [7.0, 0.5, 2.0], "bias": -5.0},
-    "content": {"weights": [6.0, 3.0], "bias": -6.0},
+    "speaker": {"features": ["speaker"], "weights": [8.0], "bias": -5.0},
+    "phrase": {
+        "features": ["speaker", "phrase", "content"],
+        "weights": [7.0, 0.5, 2.0],
+        "bias": -5.0,
+    },
+    "content": {"features": ["speaker", "content"], "weights": [6.0, 3.0], "bias": -6.0},
     "gate_threshold": {"phrase": -2.0, "content": 0.4},
 }
 
@@ -110,10 +122,13 @@ def test_the_cosine_phrase_classifier_trains_with_a_margin_and_scores_without():
 
 def test_fused_llr_and_bayes_decisions_equal_a_hand_computation():
     speaker = np.array([0.95, 0.95, 0.2, 1.0, 0.6])
-    phrase = np.array([-0.01, -30.0, -0.02, 0.95, 0.1])  # log-posteriors; the last two content
+    logp = np.array([-0.01, -30.0, -0.02, -50.0, -50.0])  # the last two: no class, not used
     known = np.array([True, True, True, False, False])
     content = np.array([0.5, 0.5, 0.9, 0.95, 0.1])
-    llr = fused_llr(FUSION, speaker, phrase, known, content)
+    phrase = phrase_feature(logp, known, content)
+    assert list(phrase) == [-0.01, LOGP_FLOOR, -0.02, 0.95, 0.1]  # floored; content where unknown
+    features = {"speaker": speaker, "phrase": phrase, "content": content}
+    llr = fused_llr(FUSION, features, known)
     expected = [
         -5.0 + 7.0 * 0.95 + 0.5 * -0.01 + 2.0 * 0.5,
         -5.0 + 7.0 * 0.95 + 0.5 * LOGP_FLOOR + 2.0 * 0.5,  # floored log-posterior
@@ -125,7 +140,7 @@ def test_fused_llr_and_bayes_decisions_equal_a_hand_computation():
     threshold = bayes_threshold(0.01, 10.0, 1.0)
     assert threshold == pytest.approx(math.log(0.99 / 0.1))
     assert list(llr >= threshold) == [True, False, False, True, False]
-    gate = fused_llr(FUSION, speaker, phrase, known, content, kind="gate")
+    gate = fused_llr(FUSION, features, known, kind="gate")
     speaker_llr = -5.0 + 8.0 * speaker
     below = np.array([False, True, False, False, True])
     assert gate == pytest.approx(speaker_llr - GATE_PENALTY * below)
@@ -148,7 +163,7 @@ def test_prior_weighted_calibration_recovers_the_true_llr():
     scores = np.where(targets, 1.0, -1.0) + rng.normal(size=targets.size)
     conditions = np.where(targets, "TC", "IC")
     for prior in (0.01, 0.5):
-        calibration = fit_calibration([scores], conditions, prior)
+        calibration = fit_calibration({"s": scores}, ["s"], conditions, prior)
         assert calibration["weights"][0] == pytest.approx(2.0, abs=0.1)
         assert calibration["bias"] == pytest.approx(0.0, abs=0.1)
 
@@ -160,8 +175,13 @@ def test_calibration_does_not_depend_on_the_mix_of_nontarget_conditions():
     iw = conditions == "IW"
     repeat = np.where(iw, 9, 1)
     calibrations = [
-        fit_calibration([base.speaker], conditions, 0.1),
-        fit_calibration([np.repeat(base.speaker, repeat)], np.repeat(conditions, repeat), 0.1),
+        fit_calibration(base.features, ["speaker"], conditions, 0.1),
+        fit_calibration(
+            {"speaker": np.repeat(base.speaker, repeat)},
+            ["speaker"],
+            np.repeat(conditions, repeat),
+            0.1,
+        ),
     ]
     assert calibrations[0]["weights"][0] == pytest.approx(calibrations[1]["weights"][0], rel=1e-3)
     assert calibrations[0]["bias"] == pytest.approx(calibrations[1]["bias"], abs=1e-3)
@@ -175,15 +195,14 @@ def _dev_like_scores(rng, n=400):
     speaker = np.where(same_speaker, 0.7, 0.1) + 0.1 * rng.normal(size=n)
     phrase = np.where(same_phrase, -0.05, -6.0) + 0.3 * rng.normal(size=n)
     content = np.where(same_phrase, 0.8, 0.1) + 0.1 * rng.normal(size=n)
-    return TrialScores(speaker, np.minimum(phrase, 0), np.ones(n, bool), content), conditions
+    features = {"speaker": speaker, "phrase": np.minimum(phrase, 0), "content": content}
+    return TrialScores(features, np.ones(n, bool)), conditions
 
 
 def test_fusion_separates_wrong_phrase_trials_and_is_stored(tmp_path, caplog):
     scores, conditions = _dev_like_scores(np.random.default_rng(1))
     fusion = learn_fusion(scores, conditions, prior=0.01)
-    llr = fused_llr(
-        {**fusion, "kind": "llr"}, scores.speaker, scores.phrase, scores.known, scores.content
-    )
+    llr = fused_llr({**fusion, "kind": "llr"}, scores.features, scores.known)
     assert llr[conditions == "TC"].min() > llr[conditions == "TW"].max()
     assert fusion["phrase"]["weights"][1] > 0 and fusion["content"]["weights"][1] > 0
     path, stamp = tmp_path / "fusion" / "ckpt_none.json", {"checkpoint": "CKPT+1"}
@@ -193,6 +212,28 @@ def test_fusion_separates_wrong_phrase_trials_and_is_stored(tmp_path, caplog):
         other = stored_or_learned_fusion(path, scores, conditions, 0.01, {"checkpoint": "CKPT+2"})
     assert first == again and json.loads(path.read_text()) == other
     assert "using the one stored" in caplog.text and "learning it again" in caplog.text
+
+
+def test_a_new_trial_feature_is_learned_applied_and_reported(tmp_path, monkeypatch):
+    """A feature named in the schema (and computed) reaches learning, applying and the report."""
+    monkeypatch.setattr(speaker_model, "TRIAL_FEATURES", (*speaker_model.TRIAL_FEATURES, "quality"))
+    phrase_features = (*speaker_model.CALIBRATIONS["phrase"], "quality")
+    monkeypatch.setitem(speaker_model.CALIBRATIONS, "phrase", phrase_features)
+    rng = np.random.default_rng(2)
+    scores, conditions = _dev_like_scores(rng)
+    # A quality measure that tells targets apart a little: the fusion should weight it.
+    scores.features["quality"] = (conditions == "TC") + rng.normal(size=conditions.size)
+    fusion = {**learn_fusion(scores, conditions, prior=0.01), "kind": "llr"}
+    assert fusion["phrase"]["features"] == list(phrase_features)
+    assert fusion["phrase"]["weights"][-1] > 0
+    shifted = {**scores.features, "quality": scores.features["quality"] + 1.0}
+    difference = fused_llr(fusion, shifted) - fused_llr(fusion, scores.features)
+    assert difference == pytest.approx(fusion["phrase"]["weights"][-1])
+    trials = pd.DataFrame({"model_id": "m", "test_id": "t", "label": "x", "condition": conditions})
+    final = fused_llr(fusion, scores.features, scores.known)
+    write_report(tmp_path, "dev", trials, final, {}, parts=scores)
+    columns = pd.read_csv(tmp_path / "scores_dev.txt", sep=" ", header=None).shape[1]
+    assert columns == 3 + 4 + 2  # model test score, speaker phrase content quality, label condition
 
 
 def test_free_text_wrong_phrase_trials_are_in_the_synthetic_corpus():
@@ -240,9 +281,7 @@ def test_recipe_scores_fused_llrs_and_reports_calibration(trained, tiny_corpus):
     assert len(free) > 0 and set(free["condition"]) == {"TW"}
     # The stored fusion reproduces the score file's LLRs from its speaker and phrase columns.
     fusion = json.loads(next((out / "fusion").glob("*_none.json")).read_text())
-    llr = fused_llr(
-        {**fusion, "kind": "llr"}, scores["speaker"], scores["phrase"], content=scores["content"]
-    )
+    llr = fused_llr({**fusion, "kind": "llr"}, scores)  # the score file's feature columns
     assert llr == pytest.approx(scores["score"].to_numpy(), abs=1e-4)
 
 
