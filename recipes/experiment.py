@@ -33,12 +33,16 @@ from data_prep.audio_checks import check_finite, check_waveform
 from data_prep.deepmine_prepare import prepare_deepmine
 from data_prep.layout import PHRASES
 from data_prep.synth_deepmine import synthesize_corpus
-from recipes.augmentation import noise_reader
-from recipes.checkpointing import MODEL_RECOVERABLE, CheckpointLoadError, check_model_format
 from recipes.distributed import gathered, shard
-from recipes.sampling import PhraseBatchSampler, collate_readable, log_bad_audio
-from recipes.scoring import EmbeddingTable
-from recipes.speaker_model import OTHER_PHRASE, WavLMSpeakerEmbedder, per_utterance
+from recipes.evaluation.scoring import EmbeddingTable
+from recipes.model.speaker_model import OTHER_PHRASE, WavLMSpeakerEmbedder, per_utterance
+from recipes.training.augmentation import noise_reader
+from recipes.training.checkpointing import (
+    MODEL_RECOVERABLE,
+    CheckpointLoadError,
+    check_model_format,
+)
+from recipes.training.sampling import PhraseBatchSampler, collate_readable, log_bad_audio
 
 logger = get_logger(__name__)
 

@@ -8,10 +8,9 @@
 Writes ``export_folder`` (default ``<output_folder>/export``):
 
 - ``hyperparams.yaml``, ``tdsv_speaker_model.py`` (the model code, a copy of
-  ``recipes/speaker_model.py``) and ``embedding_model.ckpt`` (the trained model's state dict, as
-  its checkpoint holds it; WavLM built from its config): a self-contained SpeechBrain inference
-  folder, loaded offline with
-  ``foreign_class(source=folder, pymodule_file="tdsv_speaker_model.py",
+  ``recipes/model/speaker_model.py``) and ``embedding_model.ckpt`` (the trained model's state dict,
+  as its checkpoint holds it; WavLM built from its config): a self-contained SpeechBrain inference
+  folder, loaded offline with ``foreign_class(source=folder, pymodule_file="tdsv_speaker_model.py",
   classname="TDSVSpeakerRecognition")``;
 - thresholds calibrated on the dev trials (EER and minDCF operating points, for 1 .. N enrollment
   utterances), recorded in ``hyperparams.yaml`` and used by ``verify_files`` by default;
@@ -43,23 +42,23 @@ from transformers import WavLMConfig, WavLMForXVector
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recipes import speaker_model
-from recipes.experiment import checkpoint_state, dataio_prep, prepare_data, run_device
-from recipes.pretrained import EXPORTED_MODULE, embed_dataset, load_verifier
-from recipes.scoring import metrics_by_condition, score_trials, trial_metrics
-from recipes.settings import load_checked_hparams
-from recipes.speaker_model import (
-    OPERATING_POINTS,
-    SDSV_COSTS,
-    WavLMSpeakerEmbedder,
-    XVectorHead,
-)
-from recipes.verification import (
+from recipes.evaluation.pretrained import EXPORTED_MODULE, embed_dataset, load_verifier
+from recipes.evaluation.scoring import metrics_by_condition, score_trials, trial_metrics
+from recipes.evaluation.verification import (
     checkpoint_scoring,
     embedding_cache,
     scored_tables,
     split_embeddings,
 )
+from recipes.experiment import checkpoint_state, dataio_prep, prepare_data, run_device
+from recipes.model import speaker_model
+from recipes.model.speaker_model import (
+    OPERATING_POINTS,
+    SDSV_COSTS,
+    WavLMSpeakerEmbedder,
+    XVectorHead,
+)
+from recipes.settings import load_checked_hparams
 
 logger = get_logger(__name__)
 
@@ -149,7 +148,7 @@ def head_spec(hparams) -> tuple[str, dict]:
     module, name = constructor.func.__module__, constructor.func.__qualname__
     if module == speaker_model.__name__:
         module = Path(EXPORTED_MODULE).stem
-    elif module.startswith(f"{speaker_model.__package__}."):
+    elif module.split(".")[0] == speaker_model.__name__.split(".")[0]:  # elsewhere in ours
         raise ValueError(f"{module}.{name} is not in {speaker_model.__file__}: cannot export it")
     return f"{module}.{name}", dict(constructor.keywords)
 

@@ -16,7 +16,9 @@ import torch
 from hyperpyyaml.core import resolve_references
 from ruamel.yaml.constructor import SafeConstructor
 
-from recipes import experiment, modules, scoring, speaker_model
+from recipes import experiment
+from recipes.evaluation import scoring
+from recipes.model import modules, speaker_model
 
 #: Enumerated settings: where the code that dispatches on each keeps its choices (module,
 #: attribute: a tuple, or a dict of what each choice does). Read when checking, so a choice added

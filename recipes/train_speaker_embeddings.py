@@ -4,9 +4,9 @@
 WavLM -> weighted sum of its layers -> x-vector (or ECAPA-TDNN) head -> cosine classifier ->
 AM-Softmax / AAM-Softmax, and a pass-phrase branch on the same WavLM pass, trained on random crops;
 validated each epoch by the trial-based EER of a speaker-disjoint dev split (of the fused LLR when
-speaker and phrase scores are fused), keeping the best checkpoint by it; then the best checkpoint
-is scored (``recipes/verification.py``). Everything is wired in the YAML; the data side lives in
-``recipes/experiment.py``.
+speaker and phrase scores are fused), keeping the best checkpoint by it; then the best checkpoint is
+scored (``recipes/evaluation/verification.py``). Everything is wired in the YAML; the data side
+lives in ``recipes/experiment.py``.
 
     python recipes/train_speaker_embeddings.py hparams/synthetic_demo.yaml            # CPU demo
     python recipes/train_speaker_embeddings.py hparams/wavlm_td.yaml --data_folder /data/task1
@@ -28,8 +28,9 @@ from speechbrain.utils.logger import get_logger
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recipes.checkpointing import MODEL_RECOVERABLE
 from recipes.distributed import gathered, on_main, shard
+from recipes.evaluation.scoring import EmbeddingTable
+from recipes.evaluation.verification import dev_pass_metrics, run_verification
 from recipes.experiment import (
     RecipeData,
     add_noise_crops,
@@ -38,12 +39,11 @@ from recipes.experiment import (
     prepare_data,
     train_loader_options,
 )
-from recipes.modules import L2SP
-from recipes.schedules import derive_total_steps
-from recipes.scoring import EmbeddingTable
+from recipes.model.modules import L2SP
+from recipes.model.speaker_model import per_utterance, scoring_outputs
 from recipes.settings import load_checked_hparams
-from recipes.speaker_model import per_utterance, scoring_outputs
-from recipes.verification import dev_pass_metrics, run_verification
+from recipes.training.checkpointing import MODEL_RECOVERABLE
+from recipes.training.schedules import derive_total_steps
 
 logger = get_logger(__name__)
 
@@ -81,7 +81,7 @@ class SpeakerBrain(sb.core.Brain):
         if stage == sb.Stage.TRAIN and self.hparams.augment:
             noise = getattr(batch, "noise", None)  # read by the loader's workers
             if noise is not None:
-                self.hparams.add_noise.use(*noise)  # recipes/augmentation.py
+                self.hparams.add_noise.use(*noise)  # recipes/training/augmentation.py
             wavs, lens = self.hparams.wav_augment(wavs, lens)
         # In the warm-up epochs WavLM's weights do not require gradients (set_wavlm_frozen):
         # autograd keeps nothing of its pass, but its layer weights still learn.

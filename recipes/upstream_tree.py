@@ -60,14 +60,17 @@ def write_recipe(out: Path) -> Path:
     """The recipe folder of the tree; returns it."""
     recipe = out / RECIPE
     (recipe / PACKAGE).mkdir(parents=True)
-    for module in sorted((ROOT / "recipes").glob("*.py")):
-        if module.name in NOT_COPIED:
+    for module in sorted((ROOT / "recipes").rglob("*.py")):
+        relative = module.relative_to(ROOT / "recipes")
+        if module.name in NOT_COPIED or "__pycache__" in relative.parts:
             continue
         text = module.read_text(encoding="utf-8")
-        if module.name in ENTRY_SCRIPTS:
+        if str(relative) in ENTRY_SCRIPTS:
             (recipe / module.name).write_text(entry_script(text), encoding="utf-8")
-        else:
-            (recipe / PACKAGE / module.name).write_text(renamed(text), encoding="utf-8")
+        else:  # the package keeps its subpackages (model/, training/, evaluation/)
+            target = recipe / PACKAGE / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(renamed(text), encoding="utf-8")
     shutil.copytree(ROOT / "data_prep", recipe / "data_prep", ignore=_no_caches)
     (recipe / "hparams").mkdir()
     for hparams in sorted((ROOT / "hparams").glob("*.yaml")):
@@ -102,8 +105,8 @@ def tree_path(path: str) -> str:
     """Where a file of this repository is in the recipe folder."""
     parts = Path(path).parts
     if parts[0] == "recipes":
-        name = parts[-1]
-        return name if name in ENTRY_SCRIPTS else str(Path(PACKAGE, name))
+        inside = Path(*parts[1:])
+        return str(inside) if str(inside) in ENTRY_SCRIPTS else str(Path(PACKAGE, inside))
     return path  # hparams/, data_prep/, README.md keep their place
 
 
@@ -149,11 +152,12 @@ learns, not a result on real data).
 
 ## Modules (`{PACKAGE}/`)
 
-`experiment` (data side, the model's assembly and a checkpoint's model), `modules` (WavLM encoder,
-margin losses), `speaker_model` (heads, phrase branch, fused LLR, the inference interface copied
-into exports), `verification`, `scoring`, `fusion`, `metrics` (scoring and reports), `settings`
-(start-up checks), `distributed`, `augmentation`, `checkpointing`, `schedules`, `sampling`,
-`pretrained`, `tiny_wavlm` (the demo's random WavLM).
+`experiment` (data side, the model's assembly and a checkpoint's model), `settings` (start-up
+checks), `distributed` (evaluation under torchrun); `model/`: `speaker_model` (heads, phrase
+branch, the embedding model, fused LLR, the inference interface copied into exports), `modules`
+(WavLM encoder, margin losses); `training/`: `augmentation`, `sampling`, `schedules`,
+`checkpointing`; `evaluation/`: `verification`, `scoring`, `fusion`, `metrics`,
+`verification_report`, `pretrained`; `tiny_wavlm` (the demo's random WavLM).
 """
 
 

@@ -45,18 +45,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_prep.audio_checks import declared_wav_frames, waveform_problem
-from recipes.experiment import best_checkpoint, dataio_prep, prepare_data
-from recipes.metrics import verification_metrics
-from recipes.pretrained import embed_dataset, load_verifier
-from recipes.settings import load_checked_hparams
-from recipes.speaker_model import SDSV_COSTS, bayes_threshold
-from recipes.verification import (
+from recipes.evaluation.metrics import verification_metrics
+from recipes.evaluation.pretrained import embed_dataset, load_verifier
+from recipes.evaluation.verification import (
     FusionSource,
     check_splits,
     embedding_cache,
     run_verification,
     score_splits,
 )
+from recipes.experiment import best_checkpoint, dataio_prep, prepare_data
+from recipes.model.speaker_model import SDSV_COSTS, bayes_threshold
+from recipes.settings import load_checked_hparams
 
 LABELS = {"1": True, "target": True, "0": False, "nontarget": False}
 

@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from scipy.signal import resample_poly
 from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMForXVector
 
+from recipes.evaluation.pretrained import embed_dataset, load_verifier
+from recipes.evaluation.scoring import EmbeddingTable, score_trials
 from recipes.experiment import dataio_prep
 from recipes.export_model import enrolment_thresholds, hf_xvector_model
-from recipes.pretrained import embed_dataset, load_verifier
-from recipes.scoring import EmbeddingTable, score_trials
-from recipes.speaker_model import (
+from recipes.model.speaker_model import (
     TDSVSpeakerRecognition,
     WavLMFromConfig,
     WavLMSpeakerEmbedder,
@@ -184,7 +184,7 @@ def test_export_folder_is_complete_and_self_checked(exported):
     assert "The phrase check needs this SpeechBrain folder" in card
     # An untouched model: the code in the folder is the repository's.
     assert (folder / "tdsv_speaker_model.py").read_text() == (
-        ROOT / "recipes" / "speaker_model.py"
+        ROOT / "recipes" / "model" / "speaker_model.py"
     ).read_text()
 
 

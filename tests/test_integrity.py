@@ -21,11 +21,11 @@ from data_prep.audio_checks import (
     declared_wav_frames,
     waveform_problem,
 )
-from recipes.checkpointing import CheckpointLoadError
+from recipes.evaluation.scoring import EmbeddingTable
+from recipes.evaluation.verification import cached_embeddings, embedding_cache
 from recipes.experiment import checkpoint_state
-from recipes.scoring import EmbeddingTable
-from recipes.speaker_model import AudioRefused, TDSVSpeakerRecognition, audio_refusal
-from recipes.verification import cached_embeddings, embedding_cache
+from recipes.model.speaker_model import AudioRefused, TDSVSpeakerRecognition, audio_refusal
+from recipes.training.checkpointing import CheckpointLoadError
 from recipes.verify_speakers import PairsFileError, decision_note, read_pairs
 from tests.conftest import write_wav
 from tests.helpers import ROOT

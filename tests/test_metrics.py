@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_curve
 
-from recipes.metrics import eer, min_dcf, verification_metrics
+from recipes.evaluation.metrics import eer, min_dcf, verification_metrics
 
 
 def reference_eer(targets, nontargets) -> float:

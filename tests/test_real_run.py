@@ -24,19 +24,19 @@ import torch.nn.functional as F
 from speechbrain.dataio.batch import PaddedData
 from transformers import WavLMConfig, WavLMModel
 
-from recipes.augmentation import PrefetchedNoise, noise_reader
 from recipes.experiment import usable_precision
 from recipes.export_model import hf_xvector_model, recipe_input
-from recipes.schedules import derive_total_steps
-from recipes.settings import load_checked_hparams
-from recipes.speaker_model import (
+from recipes.model.speaker_model import (
     MaskedGroupNorm,
     WavLMFromConfig,
     WavLMSpeakerEmbedder,
     XVectorHead,
 )
+from recipes.settings import load_checked_hparams
 from recipes.tiny_wavlm import TINY, build_tiny_wavlm, save_to_hub_cache
 from recipes.train_speaker_embeddings import build_brain
+from recipes.training.augmentation import PrefetchedNoise, noise_reader
+from recipes.training.schedules import derive_total_steps
 from tests.helpers import ROOT, fake_batch, free_port, load_yaml, run_script_command
 
 DEMO = str(ROOT / "hparams" / "synthetic_demo.yaml")

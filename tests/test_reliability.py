@@ -21,10 +21,10 @@ import torch
 import yaml
 
 from data_prep.deepmine_prepare import prepare_deepmine
-from recipes.checkpointing import AtomicCheckpointer, SplitModelCheckpoint
 from recipes.experiment import assembled_model, checkpoint_model
 from recipes.tiny_wavlm import build_tiny_wavlm
 from recipes.train_speaker_embeddings import build_brain
+from recipes.training.checkpointing import AtomicCheckpointer, SplitModelCheckpoint
 from tests.conftest import TINY
 from tests.helpers import ROOT, fake_batch, free_port, load_yaml, run_script
 
@@ -34,7 +34,7 @@ SLOW_SAVE = textwrap.dedent(
     sys.path.insert(0, {root!r})
     from speechbrain.utils.checkpoints import (
         mark_as_loader, mark_as_saver, register_checkpoint_hooks)
-    from recipes.checkpointing import AtomicCheckpointer
+    from recipes.training.checkpointing import AtomicCheckpointer
 
     @register_checkpoint_hooks
     class Slow:
@@ -321,13 +321,14 @@ def test_a_split_model_checkpoint_is_refused_with_how_to_convert_it(tmp_path, ti
     _split_model_layout(checkpoint.path)
 
     fresh = load_yaml("synthetic_demo.yaml", overrides)
-    with pytest.raises(SplitModelCheckpoint, match=r"python recipes/checkpointing.py \S+CKPT"):
+    command = r"python -m recipes.training.checkpointing \S+CKPT"
+    with pytest.raises(SplitModelCheckpoint, match=command):
         checkpoint_model(fresh, checkpoint, n_phrases=2)
     with pytest.raises(SplitModelCheckpoint):  # resuming training is refused alike
         build_brain(fresh, {"device": "cpu"}, 3, 2).checkpointer.recover_if_possible()
 
     converted = subprocess.run(
-        [sys.executable, "recipes/checkpointing.py", str(checkpoint.path)],
+        [sys.executable, "-m", "recipes.training.checkpointing", str(checkpoint.path)],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )  # fmt: skip
     assert converted.returncode == 0, converted.stderr[-3000:]

@@ -9,7 +9,7 @@ from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.dataio.sampler import DynamicBatchSampler
 
 from recipes.experiment import train_loader_options
-from recipes.sampling import PhraseBatchSampler, collate_readable
+from recipes.training.sampling import PhraseBatchSampler, collate_readable
 
 PHRASES = ["01"] * 7 + ["06"] * 5 + ["09"] * 10
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recipes.schedules import WarmAndExpDecayToEnd, derive_total_steps
+from recipes.training.schedules import WarmAndExpDecayToEnd, derive_total_steps
 from tests.helpers import load_yaml
 
 

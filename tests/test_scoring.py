@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from recipes.scoring import (
+from recipes.evaluation.scoring import (
     EmbeddingTable,
     cosine_trial_scores,
     metrics_by_condition,
@@ -83,7 +83,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 def test_s_norm_and_as_norm_standardize_each_side():
-    from recipes.scoring import cohort_statistics, normalize_trial_scores
+    from recipes.evaluation.scoring import cohort_statistics, normalize_trial_scores
 
     rng = np.random.default_rng(0)
     cohort = rng.normal(size=(30, 4))

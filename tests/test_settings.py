@@ -9,7 +9,8 @@ import time
 import pytest
 from hyperpyyaml import load_hyperpyyaml
 
-from recipes import experiment, scoring
+from recipes import experiment
+from recipes.evaluation import scoring
 from recipes.settings import choices, raw_settings, settings_problems
 from tests.helpers import ROOT
 
@@ -56,7 +57,7 @@ def test_impossible_combinations_are_named():
     demo = ROOT / "hparams" / "synthetic_demo.yaml"
     problems = settings_problems(raw_settings(demo, {"phrase_branch": False}))
     assert problems == ["fusion: 'llr' needs phrase_branch: True (or none)"]
-    no_layers = "wavlm: !new:recipes.modules.WavLMEncoder\n    layer_weighting: False"
+    no_layers = "wavlm: !new:recipes.model.modules.WavLMEncoder\n    layer_weighting: False"
     problems = settings_problems(raw_settings(demo, no_layers))
     assert problems == ["phrase_branch: True needs the WavLM encoder's layer_weighting: True"]
     problems = settings_problems(
@@ -105,5 +106,5 @@ def test_a_choice_added_where_the_code_dispatches_is_allowed_with_no_second_list
     monkeypatch.setitem(experiment.BATCH_SAMPLERS, "bucket", experiment.BATCH_SAMPLERS["random"])
     assert settings_problems(raw_settings(demo, wanted)) == []
     # A speaker head is chosen among the YAML's own ``heads``: wiring one in allows it.
-    head = "heads:\n    resnet: !name:recipes.speaker_model.XVectorHead\nhead_type: resnet"
+    head = "heads:\n    resnet: !name:recipes.model.speaker_model.XVectorHead\nhead_type: resnet"
     assert settings_problems(raw_settings(demo, head)) == []

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 
-from recipes.modules import L2SP, WavLMEncoder
-from recipes.speaker_model import MaskedGroupNorm, MHFAHead, XVectorHead
+from recipes.model.modules import L2SP, WavLMEncoder
+from recipes.model.speaker_model import MaskedGroupNorm, MHFAHead, XVectorHead
 from tests.helpers import load_yaml
 
 LENGTHS = (48000, 37001, 21111, 16003, 8000)

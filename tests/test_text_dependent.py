@@ -18,11 +18,17 @@ import torch
 from speechbrain.dataio.batch import PaddedBatch
 
 from data_prep.synth_deepmine import FREE_TEXT, TRAIN_FREE_TEXT, plan_corpus
-from recipes import speaker_model
-from recipes.fusion import TrialScores, fit_calibration, learn_fusion, stored_or_learned_fusion
-from recipes.metrics import actual_dcf, bayes_threshold, cllr
-from recipes.scoring import EmbeddingTable, score_trials
-from recipes.speaker_model import (
+from recipes.evaluation.fusion import (
+    TrialScores,
+    fit_calibration,
+    learn_fusion,
+    stored_or_learned_fusion,
+)
+from recipes.evaluation.metrics import actual_dcf, bayes_threshold, cllr
+from recipes.evaluation.scoring import EmbeddingTable, score_trials
+from recipes.evaluation.verification_report import write_report
+from recipes.model import speaker_model
+from recipes.model.speaker_model import (
     GATE_PENALTY,
     LOGP_FLOOR,
     PhraseBranch,
@@ -30,7 +36,6 @@ from recipes.speaker_model import (
     phrase_feature,
 )
 from recipes.train_speaker_embeddings import build_brain
-from recipes.verification_report import write_report
 from tests.conftest import TINY
 from tests.helpers import load_yaml, run_script
 
@@ -206,7 +211,7 @@ def test_fusion_separates_wrong_phrase_trials_and_is_stored(tmp_path, caplog):
     assert llr[conditions == "TC"].min() > llr[conditions == "TW"].max()
     assert fusion["phrase"]["weights"][1] > 0 and fusion["content"]["weights"][1] > 0
     path, stamp = tmp_path / "fusion" / "ckpt_none.json", {"checkpoint": "CKPT+1"}
-    with caplog.at_level(logging.INFO, logger="recipes.fusion"):
+    with caplog.at_level(logging.INFO, logger="recipes.evaluation.fusion"):
         first = stored_or_learned_fusion(path, scores, conditions, 0.01, stamp)
         again = stored_or_learned_fusion(path, scores, conditions, 0.01, stamp)
         other = stored_or_learned_fusion(path, scores, conditions, 0.01, {"checkpoint": "CKPT+2"})

@@ -19,8 +19,8 @@ import torch
 from speechbrain.dataio.dataloader import make_dataloader
 
 from data_prep.layout import read_list
+from recipes.evaluation.metrics import eer
 from recipes.experiment import best_checkpoint, checkpoint_model, dataio_prep, embed_tables
-from recipes.metrics import eer
 from recipes.train_speaker_embeddings import brain_for_data, build_brain
 from tests.helpers import ROOT, fake_batch, load_yaml, run_script
 

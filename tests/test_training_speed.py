@@ -16,7 +16,7 @@ import pytest
 import speechbrain as sb
 import torch
 
-from recipes.modules import MarginSoftmax, WavLMEncoder
+from recipes.model.modules import MarginSoftmax, WavLMEncoder
 from tests.benchmarks.common import count_host_syncs, training_batches, training_brain
 from tests.helpers import load_yaml
 

@@ -1,14 +1,14 @@
 """Time per training batch of the recipe's augmentation, above all the noise files it reads.
 
-SpeechBrain's ``AddNoise`` reads one noise file per utterance at every step, through its own
-data loader, inside the training step. The recipe reads one noise crop per utterance in the
-training loader's workers instead (``recipes/augmentation.py``) and only mixes in the step. This
-writes ``--files`` noise wavs with DeepMine-like durations (1.5-5 s, like the recipe's default
-noise list: other training utterances), then times, in interleaved rounds: SpeechBrain's
-``AddNoise`` reading the files in the step (0 workers, as the recipe used to); the recipe's
-``PrefetchedNoise`` mixing a batch's crops (what is left in the step); the same with white noise;
-the whole ``wav_augment`` of ``hparams/wavlm_td.yaml``; and, for scale, reading one batch of crops
-(the work that moved to the loader's workers).
+SpeechBrain's ``AddNoise`` reads one noise file per utterance at every step, through its own data
+loader, inside the training step. The recipe reads one noise crop per utterance in the training
+loader's workers instead (``recipes/training/augmentation.py``) and only mixes in the step. This
+writes ``--files`` noise wavs with DeepMine-like durations (1.5-5 s, like the recipe's default noise
+list: other training utterances), then times, in interleaved rounds: SpeechBrain's ``AddNoise``
+reading the files in the step (0 workers, as the recipe used to); the recipe's ``PrefetchedNoise``
+mixing a batch's crops (what is left in the step); the same with white noise; the whole
+``wav_augment`` of ``hparams/wavlm_td.yaml``; and, for scale, reading one batch of crops (the work
+that moved to the loader's workers).
 
     python tests/benchmarks/bench_augment.py                      # batch 32 x 3 s, as wavlm_td
 """
@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
 from speechbrain.augment.time_domain import AddNoise
 from speechbrain.dataio.batch import PaddedBatch
 
-from recipes.augmentation import PrefetchedNoise, noise_reader
 from recipes.tiny_wavlm import build_tiny_wavlm
+from recipes.training.augmentation import PrefetchedNoise, noise_reader
 from tests.benchmarks.common import ROOT, deepmine_lengths, interleaved_ms
 
 

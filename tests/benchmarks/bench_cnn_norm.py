@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
 
-from recipes.speaker_model import MaskedGroupNorm, masked_mean_var
+from recipes.model.speaker_model import MaskedGroupNorm, masked_mean_var
 from tests.benchmarks.common import interleaved_ms
 
 

@@ -8,9 +8,9 @@ one (random weights), at each precision the device supports. Reports utterances/
 factor (compute seconds per audio second), peak memory, and how far batched embeddings are from
 one-at-a-time ones (``1 - min cosine``: padding must not change an embedding).
 
-Scoring: 1M trials from cached embeddings (``recipes.scoring.score_trials``, 3-utterance models)
-plus EER / minDCF by condition, for a dense list (1000 models x 1000 tests, like the dev trials)
-and a sparse one (1M random pairs of 20k models and 50k tests).
+Scoring: 1M trials from cached embeddings (``recipes.evaluation.scoring.score_trials``, 3-utterance
+models) plus EER / minDCF by condition, for a dense list (1000 models x 1000 tests, like the dev
+trials) and a sparse one (1M random pairs of 20k models and 50k tests).
 
     python tests/benchmarks/bench_extract.py                                   # CPU
     python tests/benchmarks/bench_extract.py --models base_plus --utterances 512 \
@@ -35,8 +35,8 @@ from speechbrain.dataio.dataset import DynamicItemDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
 
+from recipes.evaluation.scoring import EmbeddingTable, metrics_by_condition, score_trials
 from recipes.experiment import embed_tables
-from recipes.scoring import EmbeddingTable, metrics_by_condition, score_trials
 from tests.benchmarks import common
 
 

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from recipes.metrics import eer, min_dcf
+from recipes.evaluation.metrics import eer, min_dcf
 
 
 def scores(n: int, seed: int = 0):

@@ -19,7 +19,7 @@ from transformers import WavLMModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
 
-from recipes.speaker_model import XVectorHead
+from recipes.model.speaker_model import XVectorHead
 from recipes.tiny_wavlm import wavlm_base_plus_config
 from tests.benchmarks.common import interleaved_ms
 

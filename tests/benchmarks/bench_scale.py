@@ -154,7 +154,7 @@ def draw_trials(counts: dict):
 # ------------------------------------------------------------------------------------------------
 def random_embed(dataset) -> dict:
     """Random model outputs for ``dataset``'s utterances, seeded by the utterance ids."""
-    from recipes.scoring import EmbeddingTable
+    from recipes.evaluation.scoring import EmbeddingTable
 
     ids = list(dataset.data_ids)
     rng = np.random.default_rng(len(ids))
@@ -197,7 +197,7 @@ def stage_data_prep(work: Path, counts: dict) -> dict:
 
 def stage_dev_validation(work: Path, counts: dict) -> dict:
     """One dev validation pass from embeddings: the scores the Brain computes each epoch."""
-    from recipes.verification import dev_pass_metrics
+    from recipes.evaluation.verification import dev_pass_metrics
 
     dev = load_splits(work / "corpus", work / "prep")["dev"]
     tables = random_embed(dev.utterances)
@@ -210,8 +210,8 @@ def _score(work: Path, score_norm: str) -> dict:
     """``score_splits`` on dev and eval as the recipe's final scoring runs it."""
     import pandas as pd
 
+    from recipes.evaluation.verification import FusionSource, score_splits
     from recipes.experiment import _cohort_utterances, _utterances
-    from recipes.verification import FusionSource, score_splits
 
     splits = load_splits(work / "corpus", work / "prep")
     cohort_set = None

@@ -46,7 +46,7 @@ from transformers import WavLMConfig
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
 
 from data_prep.synth_deepmine import SMALL_CORPUS, synthesize_corpus
-from recipes.speaker_model import MaskedGroupNorm
+from recipes.model.speaker_model import MaskedGroupNorm
 from recipes.tiny_wavlm import TINY, save_to_hub_cache, save_wavlm, wavlm_base_plus_config
 from recipes.train_speaker_embeddings import build_brain
 from tests.benchmarks import common
@@ -340,7 +340,7 @@ RELOAD = """
 import json, sys
 from pathlib import Path
 import pandas as pd
-from recipes.pretrained import load_verifier
+from recipes.evaluation.pretrained import load_verifier
 
 folder, corpus = Path(sys.argv[1]), sys.argv[2]
 prep = folder.parent / "prep"

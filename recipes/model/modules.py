@@ -26,7 +26,7 @@ from speechbrain.utils.distributed import run_once_per_node
 from speechbrain.utils.logger import get_logger
 from torch import nn
 
-from recipes.speaker_model import hidden_state_count, mask_cnn_padding, wavlm_features
+from recipes.model.speaker_model import hidden_state_count, mask_cnn_padding, wavlm_features
 
 logger = get_logger(__name__)
 

@@ -17,7 +17,7 @@ speaker score alone cannot reject the enrolled speaker saying another phrase (TW
   dev threshold that best separates TC from TW.
 
 The learned numbers are plain JSON (each calibration names its features), applied by
-``recipes.speaker_model.fused_llr``, which exported folders carry.
+``recipes.model.speaker_model.fused_llr``, which exported folders carry.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from scipy.special import logit
 from sklearn.linear_model import LogisticRegression
 from speechbrain.utils.distributed import if_main_process
 
-from recipes.metrics import eer
-from recipes.scoring import EmbeddingTable, score_trials
-from recipes.speaker_model import (
+from recipes.evaluation.metrics import eer
+from recipes.evaluation.scoring import EmbeddingTable, score_trials
+from recipes.model.speaker_model import (
     CALIBRATIONS,
     GATE_FEATURES,
     OTHER_PHRASE,

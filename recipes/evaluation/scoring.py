@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from recipes.metrics import verification_metrics
+from recipes.evaluation.metrics import verification_metrics
 
 CONDITION_PAIRS = {
     "pooled": ("TW", "IC", "IW"),

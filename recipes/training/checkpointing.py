@@ -12,7 +12,7 @@ The embedding model is one recoverable (``MODEL_RECOVERABLE``). Checkpoints writ
 was (``wavlm.ckpt`` beside a head-only ``embedding_model.ckpt``) are refused with the command
 that converts them for scoring and export:
 
-    python recipes/checkpointing.py results/<experiment>/<seed>/save/CKPT+...
+    python -m recipes.training.checkpointing results/<experiment>/<seed>/save/CKPT+...
 """
 
 from __future__ import annotations
@@ -65,8 +65,9 @@ def check_model_format(folder) -> None:
         raise SplitModelCheckpoint(
             f"checkpoint {folder} holds the model in separate files (wavlm.ckpt, a head-only "
             f"{MODEL_RECOVERABLE}.ckpt, phrase_branch.ckpt), as versions of this recipe before "
-            f"the model was one module wrote it. Convert it for scoring and export with: "
-            f"python recipes/checkpointing.py {folder}"
+            f"the model was one module wrote it. Convert it for scoring and export with (from the "
+            f"repository's root): "
+            f"python -m recipes.training.checkpointing {folder}"
         )
 
 

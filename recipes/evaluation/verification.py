@@ -4,7 +4,7 @@ The code behind ``verify_speakers.py``, the training recipe's final evaluation a
 Each utterance is embedded once (enrollment and test utterances together, longest first, in eval
 mode under the configured precision) and the embeddings are cached next to the checkpoint they
 came from, so rescoring (another score normalization, say) needs no model. Trials are then scored
-by ``recipes.scoring`` and reported by ``recipes.verification_report``.
+by ``recipes.evaluation.scoring`` and reported by ``recipes.evaluation.verification_report``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,19 @@ import pandas as pd
 from speechbrain.utils.checkpoints import Checkpoint
 
 from recipes.distributed import main_writes, on_main
+from recipes.evaluation.fusion import (
+    apply_fusion,
+    learn_fusion,
+    stored_or_learned_fusion,
+    trial_scores,
+)
+from recipes.evaluation.scoring import (
+    EmbeddingTable,
+    group_means,
+    metrics_by_condition,
+    trial_metrics,
+)
+from recipes.evaluation.verification_report import write_report
 from recipes.experiment import (
     best_checkpoint,
     checkpoint_model,
@@ -28,10 +41,7 @@ from recipes.experiment import (
     run_device,
     usable_precision,
 )
-from recipes.fusion import apply_fusion, learn_fusion, stored_or_learned_fusion, trial_scores
-from recipes.scoring import EmbeddingTable, group_means, metrics_by_condition, trial_metrics
-from recipes.speaker_model import WavLMSpeakerEmbedder
-from recipes.verification_report import write_report
+from recipes.model.speaker_model import WavLMSpeakerEmbedder
 
 logger = logging.getLogger(__name__)
 

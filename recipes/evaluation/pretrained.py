@@ -26,8 +26,8 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoFeatureExtractor, AutoModelForAudioXVector
 
-from recipes.scoring import EmbeddingTable
-from recipes.speaker_model import TDSVSpeakerRecognition
+from recipes.evaluation.scoring import EmbeddingTable
+from recipes.model.speaker_model import TDSVSpeakerRecognition
 
 #: The name of the model code inside an exported folder.
 EXPORTED_MODULE = "tdsv_speaker_model.py"

@@ -28,9 +28,9 @@ import pandas as pd
 from scipy.stats import norm
 
 from data_prep.layout import phrase_language
-from recipes import speaker_model
-from recipes.metrics import operating_points
-from recipes.scoring import CONDITION_PAIRS, condition_pair, metrics_by_condition
+from recipes.evaluation.metrics import operating_points
+from recipes.evaluation.scoring import CONDITION_PAIRS, condition_pair, metrics_by_condition
+from recipes.model import speaker_model
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
@@ -50,7 +50,7 @@ def breakdown(scores, trials: pd.DataFrame, key: pd.Series, llr: bool = False) -
 def write_report(output_folder, split, trials, scores, metrics, models=None, parts=None) -> dict:
     """Write the score file, the JSON report, the DET plot (and the answer file for eval).
 
-    ``parts`` (a ``recipes.fusion.TrialScores``) adds a column per trial feature and,
+    ``parts`` (a ``recipes.evaluation.fusion.TrialScores``) adds a column per trial feature and,
     when ``scores`` are fused from them, the speaker-only DET curves.
     """
     folder = Path(output_folder)

@@ -9,7 +9,7 @@
   with ``WavLMFromConfig``, WavLM built from its config instead of loaded from model files).
 - ``fused_llr``: a trial's named features (``TRIAL_FEATURES``: speaker, phrase and content
   scores) -> calibrated log-likelihood ratio (the fusion's ``CALIBRATIONS``, learned by
-  ``recipes/fusion.py``, stored as plain numbers in the exported ``hyperparams.yaml``).
+  ``recipes/evaluation/fusion.py``, stored as plain numbers in the exported ``hyperparams.yaml``).
 - ``TDSVSpeakerRecognition``: SpeechBrain's ``SpeakerRecognition`` interface with embeddings
   computed one utterance at a time, several enrollment utterances, thresholds calibrated on the
   dev trials (or Bayes decisions on fused LLRs, with the reason of a reject), and audio of any
@@ -510,9 +510,9 @@ class WavLMSpeakerEmbedder(nn.Module):
 
 # ------------------------------------------------------------------------------------------------
 # Text-dependent decisions: a trial is a target only when the enrolled speaker says the enrolled
-# pass-phrase. ``recipes/fusion.py`` learns, on the dev trials, affine maps from named trial
-# features (``TRIAL_FEATURES``) to calibrated log-likelihood ratios (``CALIBRATIONS``); they are
-# applied here, with numbers only, so that an exported folder needs no scikit-learn and no
+# pass-phrase. ``recipes/evaluation/fusion.py`` learns, on the dev trials, affine maps from named
+# trial features (``TRIAL_FEATURES``) to calibrated log-likelihood ratios (``CALIBRATIONS``); they
+# are applied here, with numbers only, so that an exported folder needs no scikit-learn and no
 # repository.
 # ------------------------------------------------------------------------------------------------
 #: The phrase class of free-text training utterances (``include_free_text``).
@@ -527,12 +527,12 @@ FUSION_KINDS = (*DECISION_KINDS, "speaker")
 #: branch's log-posterior of the enrolled phrase (``phrase_feature``); "content", the cosine of
 #: the enrollment's and the test's phrase embeddings.
 TRIAL_FEATURES = ("speaker", "phrase", "content")
-#: The affine calibrations a fusion learns and the features each weights: "phrase" for trials
-#: whose enrolled phrase is a class of the phrase classifier, "content" for the others (a user's
-#: own pass-phrase), "speaker" the speaker score alone (the gate, the reason of a reject). A new
-#: feature is named in ``TRIAL_FEATURES`` and here, and computed where trials are scored
-#: (``recipes.fusion.trial_scores``; ``TDSVSpeakerRecognition.trial_features`` for one trial):
-#: learning, applying, the stored fusion and the reports follow the names.
+#: The affine calibrations a fusion learns and the features each weights: "phrase" for trials whose
+#: enrolled phrase is a class of the phrase classifier, "content" for the others (a user's own
+#: pass-phrase), "speaker" the speaker score alone (the gate, the reason of a reject). A new feature
+#: is named in ``TRIAL_FEATURES`` and here, and computed where trials are scored
+#: (``recipes.evaluation.fusion.trial_scores``; ``TDSVSpeakerRecognition.trial_features`` for one
+#: trial): learning, applying, the stored fusion and the reports follow the names.
 CALIBRATIONS = {
     "phrase": ("speaker", "phrase", "content"),
     "content": ("speaker", "content"),
@@ -548,8 +548,8 @@ LOGP_FLOOR = -20.0
 #: Operating points of the dev-calibrated thresholds (``export_operating_point``).
 OPERATING_POINTS = ("eer", "min_dcf")
 #: SdSV / TdSV detection costs: the default operating point of Bayes decisions. This constant and
-#: ``bayes_threshold`` are twins of ``recipes.metrics.SDSV_DCF`` / ``bayes_threshold``, on purpose:
-#: this file is copied into exported folders and must not import the repository.
+#: ``bayes_threshold`` are twins of ``recipes.evaluation.metrics.SDSV_DCF`` / ``bayes_threshold``,
+#: on purpose: this file is copied into exported folders and must not import the repository.
 SDSV_COSTS = {"p_target": 0.01, "c_miss": 10.0, "c_fa": 1.0}
 
 
