@@ -81,7 +81,7 @@ def prepare_data(hparams) -> None:
 class Split(NamedTuple):
     """One evaluation split: its utterances (a dataset), enrollment models and trials."""
 
-    utterances: object  # speechbrain DynamicItemDataset
+    utterances: DynamicItemDataset
     models: pd.DataFrame
     trials: pd.DataFrame
 
@@ -180,8 +180,10 @@ def dataio_prep(hparams):
                 pd.read_csv(prep / f"{split}_trials.csv", dtype=str, keep_default_na=False),
             )
     cohort = _cohort_utterances(prep / "train.csv", hparams["cohort_utts_per_speaker"])
-    cohort_set = (eval_utterances([cohort]), pd.read_csv(cohort, index_col="ID")["spk_id"])
-    return RecipeData(train, splits, cohort_set, class_encoder, phrase_encoder)
+    speakers = pd.read_csv(cohort, index_col="ID")["spk_id"]
+    return RecipeData(
+        train, splits, Cohort(eval_utterances([cohort]), speakers), class_encoder, phrase_encoder
+    )
 
 
 #: What a training batch holds (``add_noise_crops`` adds ``noise``).
@@ -205,12 +207,19 @@ def add_noise_crops(train: DynamicItemDataset, hparams) -> None:
     train.set_output_keys([*TRAIN_KEYS, "noise"])
 
 
+class Cohort(NamedTuple):
+    """Score normalization's cohort: training utterances and the speaker of each."""
+
+    utterances: DynamicItemDataset
+    speakers: pd.Series  # speaker per utterance id
+
+
 class RecipeData(NamedTuple):
     """What ``dataio_prep`` makes: datasets, ``Split`` per split, cohort, label encoders."""
 
     train: DynamicItemDataset
-    splits: dict
-    cohort: tuple  # (dataset, speaker per utterance id)
+    splits: dict[str, Split]
+    cohort: Cohort
     class_encoder: CategoricalEncoder
     phrase_encoder: CategoricalEncoder
 

@@ -91,8 +91,8 @@ def enrolment_thresholds(table, models: pd.DataFrame, trials: pd.DataFrame) -> d
 def split_metrics(per_split: dict, splits: dict, fused: bool) -> dict:
     """Metrics by condition of every labelled split (the model card's numbers)."""
     results = {}
-    for split, (_, final) in per_split.items():
-        metrics = trial_metrics(final, splits[split].trials, llr=fused)
+    for split, scored in per_split.items():
+        metrics = trial_metrics(scored.final, splits[split].trials, llr=fused)
         if metrics:
             results[split] = metrics
     return results

@@ -72,7 +72,7 @@ def verify_recipe(argv, model=None) -> None:
     _, run_opts, _, hparams = load_checked_hparams(argv)
     prepare_data(hparams)
     data = dataio_prep(hparams)
-    splits, cohort_set = data.splits, data.cohort
+    splits, cohort = data.splits, data.cohort
     if model is None:
         best_checkpoint(hparams["checkpointer"])  # a clear error now, not after loading data
         run_verification(hparams, data, run_opts)
@@ -98,7 +98,7 @@ def verify_recipe(argv, model=None) -> None:
         {"model": name},
     )
     cache = embedding_cache(folder / "embeddings", hparams)
-    results = score_splits(embed, hparams, splits, cohort_set, cache, folder, fusion)
+    results = score_splits(embed, hparams, splits, cohort, cache, folder, fusion)
     for split, metrics in results.items():
         if "pooled" in metrics:
             pooled = metrics["pooled"]

@@ -22,6 +22,7 @@ from speechbrain.utils.checkpoints import Checkpoint
 
 from recipes.distributed import main_writes, on_main
 from recipes.evaluation.fusion import (
+    TrialScores,
     apply_fusion,
     learn_fusion,
     stored_or_learned_fusion,
@@ -35,6 +36,7 @@ from recipes.evaluation.scoring import (
 )
 from recipes.evaluation.verification_report import write_report
 from recipes.experiment import (
+    Cohort,
     best_checkpoint,
     checkpoint_model,
     embed_tables,
@@ -235,58 +237,74 @@ def recipe_fusion_source(hparams, checkpoint, phrase_labels) -> FusionSource:
 
 def check_splits(splits: dict) -> None:
     """Every trial and model of every split names known utterances (before any heavy work)."""
-    for split, (utts, models, trials) in splits.items():
-        check_trial_ids(split, utts.data_ids, models, trials)
+    for name, split in splits.items():
+        check_trial_ids(name, split.utterances.data_ids, split.models, split.trials)
 
 
 def split_embeddings(embed, splits: dict, cache: Path) -> dict:
     """The utterance tables of each split (cached under ``cache/<split>``)."""
     return {
-        split: cached_embeddings(embed, utts, cache / split) for split, (utts, *_) in splits.items()
+        name: cached_embeddings(embed, split.utterances, cache / name)
+        for name, split in splits.items()
     }
 
 
 def score_splits(
-    embed, hparams, splits: dict, cohort_set, cache: Path, report_folder, fusion_source=None
+    embed,
+    hparams,
+    splits: dict,
+    cohort: Cohort | None,
+    cache: Path,
+    report_folder,
+    fusion_source=None,
 ) -> dict:
     """Embed (``embed(dataset) -> tables``), score, fuse and report every split; the metrics.
 
     Under ``torchrun`` every process embeds its share; the main process alone scores, learns
     the fusion and writes the reports, and every process returns its metrics.
     """
-    tables, cohort = embedded(embed, hparams, splits, cohort_set, cache)
-    return on_main(_score_and_report, tables, cohort, hparams, splits, report_folder, fusion_source)
+    tables, cohort_means = embedded(embed, hparams, splits, cohort, cache)
+    return on_main(
+        _score_and_report, tables, cohort_means, hparams, splits, report_folder, fusion_source
+    )
 
 
 def _score_and_report(tables, cohort, hparams, splits: dict, report_folder, fusion_source):
     """Score, fuse and report every split from its tables; ``{split: metrics}``."""
     results = {}
     per_split, fusion = scored_tables(tables, cohort, hparams, splits, fusion_source)
-    for split, (scores, final) in per_split.items():
+    for split, scored in per_split.items():
         models, trials = splits[split].models, splits[split].trials
-        metrics = trial_metrics(final, trials, llr=fusion is not None)
-        name = report_name(split, hparams, scores.has_phrase)
-        write_report(report_folder, name, trials, final, metrics, models, scores)
+        metrics = trial_metrics(scored.final, trials, llr=fusion is not None)
+        name = report_name(split, hparams, scored.features.has_phrase)
+        write_report(report_folder, name, trials, scored.final, metrics, models, scored.features)
         results[split] = metrics
     return results
 
 
-def embedded(embed, hparams, splits: dict, cohort_set, cache: Path):
+def embedded(embed, hparams, splits: dict, cohort: Cohort | None, cache: Path):
     """``({split: tables}, cohort means or None)``: every utterance the scoring needs, embedded.
 
     Collective under ``torchrun``: every process embeds its share and gets all tables.
     """
-    cohort, norm = None, hparams["score_norm"]
+    means, norm = None, hparams["score_norm"]
     if norm != "none":
-        if cohort_set is None:
+        if cohort is None:
             raise ValueError(f"score_norm {norm!r} needs the training speakers as a cohort")
-        cohort_table = cached_embeddings(embed, cohort_set[0], cache / "cohort")["speaker"]
-        cohort = speaker_cohort(cohort_table, cohort_set[1])
-    return split_embeddings(embed, splits, cache), cohort
+        cohort_table = cached_embeddings(embed, cohort.utterances, cache / "cohort")["speaker"]
+        means = speaker_cohort(cohort_table, cohort.speakers)
+    return split_embeddings(embed, splits, cache), means
+
+
+class ScoredSplit(NamedTuple):
+    """One split's trials scored: their features and the final scores (fused, or speaker)."""
+
+    features: TrialScores
+    final: np.ndarray
 
 
 def scored_tables(tables: dict, cohort, hparams, splits: dict, fusion_source=None):
-    """``({split: (TrialScores, final scores)}, fusion or None)`` from ``embedded``'s tables.
+    """``({split: ScoredSplit}, fusion or None)`` from ``embedded``'s tables and cohort means.
 
     With ``fusion`` "llr" or "gate", the fusion is learned on the dev split's trials (or read
     back from ``fusion_source.path`` when it was learned there from the same model and trials)
@@ -297,16 +315,16 @@ def scored_tables(tables: dict, cohort, hparams, splits: dict, fusion_source=Non
         "cohort": cohort, "score_norm": hparams["score_norm"], "top_k": hparams["cohort_top_k"]
     }  # fmt: skip
     scores = {
-        split: trial_scores(tables[split], models, trials, labels, **norm_options)
-        for split, (_, models, trials) in splits.items()
+        name: trial_scores(tables[name], split.models, split.trials, labels, **norm_options)
+        for name, split in splits.items()
     }
     fusion = learned_fusion(hparams, splits, scores, fusion_source)
     final = {
-        split: (
+        name: ScoredSplit(
             parts,
             parts.speaker if fusion is None else apply_fusion(fusion, parts, hparams["fusion"]),
         )
-        for split, parts in scores.items()
+        for name, parts in scores.items()
     }
     return final, fusion
 

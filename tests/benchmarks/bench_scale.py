@@ -211,20 +211,20 @@ def _score(work: Path, score_norm: str) -> dict:
     import pandas as pd
 
     from recipes.evaluation.verification import FusionSource, score_splits
-    from recipes.experiment import _cohort_utterances, _utterances
+    from recipes.experiment import Cohort, _cohort_utterances, _utterances
 
     splits = load_splits(work / "corpus", work / "prep")
-    cohort_set = None
+    cohort = None
     if score_norm != "none":
         manifest = _cohort_utterances(work / "prep" / "train.csv", 5)
-        cohort_set = (_utterances([manifest], work / "corpus"),
-                      pd.read_csv(manifest, index_col="ID")["spk_id"])  # fmt: skip
+        cohort = Cohort(_utterances([manifest], work / "corpus"),
+                        pd.read_csv(manifest, index_col="ID")["spk_id"])  # fmt: skip
     hparams = {"score_norm": score_norm, "cohort_top_k": 300, "fusion": "llr",
                "fusion_prior": 0.01}  # fmt: skip
     folder = work / f"scores_{score_norm}"
     source = FusionSource(folder / "fusion.json", PHRASE_LABELS, {"model": "random"})
     start = time.perf_counter()
-    results = score_splits(random_embed, hparams, splits, cohort_set, folder / "cache", folder,
+    results = score_splits(random_embed, hparams, splits, cohort, folder / "cache", folder,
                            source)  # fmt: skip
     seconds = time.perf_counter() - start
     written = sorted(p.name for p in folder.iterdir() if p.is_file())
