@@ -453,8 +453,9 @@ class WavLMSpeakerEmbedder(nn.Module):
     Arguments:
     ---------
     encoder : torch.nn.Module
-        WavLM returning padding-free hidden states (``wavlm_features``) and holding the HF model
-        as ``encoder.model``: the recipe's ``WavLMEncoder`` or an export's ``WavLMFromConfig``.
+        WavLM returning padding-free hidden states (``wavlm_features``), holding the HF model as
+        ``encoder.model`` and counting its hidden states as ``encoder.num_states``: the recipe's
+        ``WavLMEncoder`` or an export's ``WavLMFromConfig``.
         With ``encoder.output_all_hiddens`` the frames are a learnable softmax-weighted sum of
         all hidden states, else the last one.
     head : torch.nn.Module
@@ -471,8 +472,9 @@ class WavLMSpeakerEmbedder(nn.Module):
         if (phrase_branch is not None or head_takes_hidden_states(head)) and not layer_weighting:
             raise ValueError("the phrase branch and MHFA need all hidden states (layer_weighting)")
         self.encoder = encoder
-        states = hidden_state_count(encoder.model.config)
-        self.layer_logits = nn.Parameter(torch.zeros(states)) if layer_weighting else None
+        self.layer_logits = (
+            nn.Parameter(torch.zeros(encoder.num_states)) if layer_weighting else None
+        )
         self.head = head
         self.phrase_branch = phrase_branch
 
@@ -598,8 +600,8 @@ def fused_llr(fusion: dict, features, known=None, kind=None) -> np.ndarray:
             known, calibrated(fusion["phrase"], features), calibrated(fusion["content"], features)
         )
     gate = fusion["gate_threshold"]
-    value = {name: np.asarray(features[f], dtype=np.float64) for name, f in GATE_FEATURES.items()}
-    below = np.where(known, value["phrase"] < gate["phrase"], value["content"] < gate["content"])
+    gated = np.where(known, features[GATE_FEATURES["phrase"]], features[GATE_FEATURES["content"]])
+    below = gated < np.where(known, gate["phrase"], gate["content"])
     return speaker - GATE_PENALTY * below
 
 
@@ -815,17 +817,15 @@ class TDSVSpeakerRecognition(SpeakerRecognition):
             return Verdict(speaker, None, None, speaker, threshold, accept, reason, None)
         phrase = self.enrolled_phrase(enrol_outputs, phrase)
         features = self.trial_features(enrol_outputs, test_outputs, phrase)
-        fusion, known = self.hparams.fusion, [phrase != "custom"]
-        llr = float(fused_llr(fusion, {k: [v] for k, v in features.items()}, known)[0])
+        fusion = self.hparams.fusion
+        llr = float(fused_llr(fusion, features, known=phrase != "custom"))
         if threshold is None:
             chosen = {**SDSV_COSTS, **(getattr(self.hparams, "costs", None) or {}), **(costs or {})}
             threshold = bayes_threshold(**chosen)
         accept = llr >= threshold
         reason = ""
         if not accept:
-            speaker_llr = float(
-                calibrated(fusion["speaker"], {"speaker": [features["speaker"]]})[0]
-            )
+            speaker_llr = float(fused_llr(fusion, features, kind="speaker"))
             reason = "wrong pass-phrase" if speaker_llr >= threshold else "speaker"
         scores = [features[name] for name in TRIAL_FEATURES]
         return Verdict(*scores, llr, threshold, accept, reason, phrase)

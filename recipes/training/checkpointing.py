@@ -48,8 +48,21 @@ class CheckpointLoadError(RuntimeError):
         )
 
 
+def write_metafile(path: Path, meta: dict) -> None:
+    """Write a checkpoint's ``CKPT.yaml`` atomically (temporary file, fsync, rename)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write("# yamllint disable\n")
+        handle.write(yaml.dump(meta))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
 #: The recoverable (and file stem) of the whole ``WavLMSpeakerEmbedder``.
 MODEL_RECOVERABLE = "embedding_model"
+#: The file that marks a checkpoint of the split-model layout (WavLM apart from the head).
+SPLIT_MODEL_FILE = "wavlm.ckpt"
 #: ``CKPT.yaml`` key of a checkpoint converted by ``merge_split_model``: scored, never resumed.
 CONVERTED_KEY = "model_merged_from_split_files"
 
@@ -61,7 +74,7 @@ class SplitModelCheckpoint(RuntimeError):
 def check_model_format(folder) -> None:
     """Refuse a checkpoint whose model is split over ``wavlm`` / head / ``phrase_branch`` files."""
     folder = Path(folder)
-    if (folder / "wavlm.ckpt").exists():
+    if (folder / SPLIT_MODEL_FILE).exists():
         raise SplitModelCheckpoint(
             f"checkpoint {folder} holds the model in separate files (wavlm.ckpt, a head-only "
             f"{MODEL_RECOVERABLE}.ckpt, phrase_branch.ckpt), as versions of this recipe before "
@@ -80,8 +93,8 @@ def merge_split_model(folder) -> Path:
     checkpoint is marked (``CONVERTED_KEY``) and training does not resume from it.
     """
     folder = Path(folder)
-    if not (folder / "wavlm.ckpt").exists():
-        raise FileNotFoundError(f"{folder}: no wavlm.ckpt, nothing to convert")
+    if not (folder / SPLIT_MODEL_FILE).exists():
+        raise FileNotFoundError(f"{folder}: no {SPLIT_MODEL_FILE}, nothing to convert")
 
     def load(name):
         """One of the old files' state dicts (tensors only)."""
@@ -98,8 +111,8 @@ def merge_split_model(folder) -> Path:
         torch.save(model, temporary)
         os.replace(temporary, folder / f"{MODEL_RECOVERABLE}.ckpt")
     meta_path = folder / METAFNAME
-    meta = {**(yaml.safe_load(meta_path.read_text()) or {}), CONVERTED_KEY: True}
-    meta_path.write_text("# yamllint disable\n" + yaml.dump(meta))
+    meta = yaml.safe_load(meta_path.read_text()) or {}
+    write_metafile(meta_path, {**meta, CONVERTED_KEY: True})
     for name in ("phrase_branch", "wavlm"):  # wavlm.ckpt last: it marks the old layout
         (folder / f"{name}.ckpt").unlink(missing_ok=True)
     return folder
@@ -122,13 +135,7 @@ class AtomicCheckpointer(Checkpointer):
         if self._pending_meta is not None:
             path, meta = self._pending_meta
             self._pending_meta = None
-            temporary = path.with_name(f".{path.name}.tmp")
-            with open(temporary, "w", encoding="utf-8") as handle:
-                handle.write("# yamllint disable\n")
-                handle.write(yaml.dump(meta))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
+            write_metafile(path, meta)
         return checkpoint
 
     def remove_incomplete(self) -> list[Path]:
