@@ -8,14 +8,19 @@
   checkpoint's weights), so final scoring, ``verify_speakers.py``, ``export_model.py`` and the
   benchmarks need no Brain; ``embed_tables`` runs it over a dataset in padding-free batches.
 
-The training script holds the Brain and ``main``; nothing imports it but tests and training
-benchmarks.
+Every step takes a small settings object (``CorpusSettings``, ``AudioSettings``,
+``SamplingSettings``, ``ModelWiring``), never ``hparams``: the training script's
+``recipe_settings`` builds them from the YAML's keys by name (and so reads every key its YAML
+sets, SpeechBrain's rule). The training script holds the Brain and ``main``; the other entry
+scripts import only ``recipe_settings`` from it.
 """
 
 from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -48,12 +53,66 @@ logger = get_logger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------
+# The settings each step takes (built from the YAML's keys by name in the training script's
+# ``recipe_settings``: the one place that maps keys to code)
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CorpusSettings:
+    """Where the corpus is and how data prep turns it into manifests (``prepare_data``)."""
+
+    data_folder: str
+    prep_folder: str
+    dev_speakers: int
+    seed: int
+    include_free_text: bool
+    skip_bad: bool
+    enrol_utts: int
+    min_audio_seconds: float
+    synthetic_corpus: dict | None  # data_prep/synth_deepmine.py options; None: a real corpus
+
+
+@dataclass(frozen=True)
+class AudioSettings:
+    """How utterances are read, labelled and checked (``dataio_prep``)."""
+
+    sample_rate: int
+    crop_seconds: float  # training crops
+    max_eval_seconds: float  # the cap on a scored utterance
+    min_audio_seconds: float
+    on_bad_audio: str  # one of BAD_AUDIO_ACTIONS
+    bad_audio_log: str
+    target_type: str  # one of TARGET_TYPES
+    cohort_utts_per_speaker: int
+    save_folder: str  # where the label encoders are kept
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How training batches are drawn (``train_loader_options``)."""
+
+    batch_sampler: str  # one of BATCH_SAMPLERS
+    loader_options: dict  # SpeechBrain's dataloader options (train_dataloader_options)
+    seed: int
+    dynamic_batch_sampler: Callable  # dataset -> DynamicBatchSampler (batch_sampler: dynamic)
+    on_bad_audio: str  # one of BAD_AUDIO_ACTIONS
+
+
+@dataclass(frozen=True)
+class ModelWiring:
+    """How the YAML builds the model, and where the run's checkpoints are."""
+
+    embedding_model: Callable  # phrase_branch -> WavLMSpeakerEmbedder (YAML: embedding_model)
+    phrase_branch_model: Callable | None  # n_phrases -> PhraseBranch; None: no phrase branch
+    checkpointer: object  # SpeechBrain's Checkpointer of the run
+
+
+# ------------------------------------------------------------------------------------------------
 # Data
 # ------------------------------------------------------------------------------------------------
-def prepare_data(hparams) -> None:
+def prepare_data(corpus: CorpusSettings) -> None:
     """Synthesize the demo corpus if configured, then write the manifests (main process only)."""
-    if hparams.get("synthetic_corpus"):
-        folder = Path(hparams["data_folder"])
+    if corpus.synthetic_corpus:
+        folder = Path(corpus.data_folder)
         if not folder.exists():  # a mistyped --data_folder would otherwise pass unnoticed
             logger.warning(
                 "data_folder %s does not exist: synthesizing the demo corpus into it "
@@ -61,19 +120,19 @@ def prepare_data(hparams) -> None:
                 folder,
             )
         run_on_main(
-            synthesize_corpus, kwargs={"out": hparams["data_folder"], **hparams["synthetic_corpus"]}
+            synthesize_corpus, kwargs={"out": corpus.data_folder, **corpus.synthetic_corpus}
         )
     run_on_main(
         prepare_deepmine,
         kwargs={
-            "data_folder": hparams["data_folder"],
-            "save_folder": hparams["prep_folder"],
-            "dev_speakers": hparams["dev_speakers"],
-            "seed": hparams["seed"],
-            "include_free_text": hparams["include_free_text"],
-            "skip_bad": hparams["skip_bad"],
-            "enrol_utts": hparams["enrol_utts"],
-            "min_seconds": hparams["min_audio_seconds"],
+            "data_folder": corpus.data_folder,
+            "save_folder": corpus.prep_folder,
+            "dev_speakers": corpus.dev_speakers,
+            "seed": corpus.seed,
+            "include_free_text": corpus.include_free_text,
+            "skip_bad": corpus.skip_bad,
+            "enrol_utts": corpus.enrol_utts,
+            "min_seconds": corpus.min_audio_seconds,
         },
     )
 
@@ -96,13 +155,13 @@ def _utterances(csv_paths, data_folder) -> DynamicItemDataset:
     return DynamicItemDataset(data)
 
 
-def dataio_prep(hparams):
-    """Datasets, label encoders and trial lists; returns what ``main`` needs to train and score."""
-    prep, rate = Path(hparams["prep_folder"]), hparams["sample_rate"]
-    crop = int(hparams["crop_seconds"] * rate)
-    max_eval = int(hparams["max_eval_seconds"] * rate)
+def dataio_prep(corpus: CorpusSettings, audio: AudioSettings) -> RecipeData:
+    """Datasets, label encoders and trial lists: what training and scoring read."""
+    prep, rate = Path(corpus.prep_folder), audio.sample_rate
+    crop = int(audio.crop_seconds * rate)
+    max_eval = int(audio.max_eval_seconds * rate)
 
-    skip_bad, bad_log = hparams["on_bad_audio"] == "skip", hparams["bad_audio_log"]
+    skip_bad, bad_log = audio.on_bad_audio == "skip", audio.bad_audio_log
 
     @sb.utils.data_pipeline.takes("wav", "duration")
     @sb.utils.data_pipeline.provides("sig")
@@ -135,9 +194,9 @@ def dataio_prep(hparams):
         non-finite file stops scoring with its name, never a score.
         """
         sig = read_audio({"file": wav, "start": 0, "stop": max_eval})
-        return check_waveform(sig, rate, wav, hparams["min_audio_seconds"])
+        return check_waveform(sig, rate, wav, audio.min_audio_seconds)
 
-    target_type = hparams["target_type"]  # one of TARGET_TYPES (checked at start-up)
+    target_type = audio.target_type  # one of TARGET_TYPES (checked at start-up)
 
     @sb.utils.data_pipeline.takes("spk_id", "phrase_id")
     @sb.utils.data_pipeline.provides("class_label", "phrase_label")
@@ -147,13 +206,13 @@ def dataio_prep(hparams):
         yield f"{spk_id}_{phrase}" if target_type == "speaker_phrase" else spk_id
         yield phrase
 
-    train = _utterances([prep / "train.csv"], hparams["data_folder"])
+    train = _utterances([prep / "train.csv"], corpus.data_folder)
     train.add_dynamic_item(train_audio)
     train.add_dynamic_item(labels)
     class_encoder, phrase_encoder = CategoricalEncoder(), CategoricalEncoder()
     for encoder, name in ((class_encoder, "class"), (phrase_encoder, "phrase")):
         # DDP-safe: the main process creates the file, the others wait and load it.
-        path = Path(hparams["save_folder"]) / f"{name}_encoder.txt"
+        path = Path(audio.save_folder) / f"{name}_encoder.txt"
         encoder.load_or_create(path, from_didatasets=[train], output_key=f"{name}_label")
         encoder.ignore_len()  # the classifiers are sized from the encoders themselves
     train.add_dynamic_item(
@@ -166,7 +225,7 @@ def dataio_prep(hparams):
 
     def eval_utterances(csv_paths) -> DynamicItemDataset:
         """Whole utterances, longest first (less padding per batch)."""
-        utts = _utterances(csv_paths, hparams["data_folder"])
+        utts = _utterances(csv_paths, corpus.data_folder)
         utts.add_dynamic_item(eval_audio)
         utts.set_output_keys(["id", "sig"])
         return utts.filtered_sorted(sort_key="duration", reverse=True)
@@ -179,7 +238,7 @@ def dataio_prep(hparams):
                 pd.read_csv(prep / f"{split}_enrol.csv", dtype=str, keep_default_na=False),
                 pd.read_csv(prep / f"{split}_trials.csv", dtype=str, keep_default_na=False),
             )
-    cohort = _cohort_utterances(prep / "train.csv", hparams["cohort_utts_per_speaker"])
+    cohort = _cohort_utterances(prep / "train.csv", audio.cohort_utts_per_speaker)
     speakers = pd.read_csv(cohort, index_col="ID")["spk_id"]
     return RecipeData(
         train, splits, Cohort(eval_utterances([cohort]), speakers), class_encoder, phrase_encoder
@@ -190,19 +249,21 @@ def dataio_prep(hparams):
 TRAIN_KEYS = ["id", "sig", "class_encoded", "phrase_encoded", "phrase_id"]
 
 
-def add_noise_crops(train: DynamicItemDataset, hparams) -> None:
-    """Give each training utterance a noise crop, read by the loader's workers.
+def add_noise_crops(
+    train: DynamicItemDataset, noise_csv, corpus: CorpusSettings, audio: AudioSettings
+) -> None:
+    """Give each training utterance a crop of the noise list ``noise_csv``, read by the workers.
 
-    For ``PrefetchedNoise`` (``add_noise``), when noise augmentation is on with a noise list.
-    Only training calls this: scoring and export neither read the list nor check its files.
+    For ``PrefetchedNoise`` (``add_noise``): the training script passes ``noise_csv`` only when
+    noise augmentation is on. Only training calls this: scoring and export neither read the
+    list nor check its files.
     """
-    on = hparams["augment"] and hparams["aug_noise"] and hparams["noise_csv"]
-    if not (on and hasattr(hparams["add_noise"], "use")):
+    if not noise_csv:
         return
-    prep, rate = Path(hparams["prep_folder"]), hparams["sample_rate"]
-    own_list = Path(hparams["noise_csv"]).resolve() == (prep / "train_noise.csv").resolve()
-    crop = int(hparams["crop_seconds"] * rate)
-    reader = noise_reader(hparams["noise_csv"], hparams["data_folder"], rate, crop, not own_list)
+    prep, rate = Path(corpus.prep_folder), audio.sample_rate
+    own_list = Path(noise_csv).resolve() == (prep / "train_noise.csv").resolve()
+    crop = int(audio.crop_seconds * rate)
+    reader = noise_reader(noise_csv, corpus.data_folder, rate, crop, not own_list)
     train.add_dynamic_item(reader)
     train.set_output_keys([*TRAIN_KEYS, "noise"])
 
@@ -239,24 +300,24 @@ def _cohort_utterances(train_csv: Path, per_speaker: int) -> Path:
     return path
 
 
-def _random_batches(options: dict, hparams, train) -> dict:
+def _random_batches(options: dict, sampling: SamplingSettings, train) -> dict:
     """SpeechBrain's shuffled batches of ``batch_size`` (the loader's own sampler)."""
     return options
 
 
-def _phrase_batches(options: dict, hparams, train) -> dict:
+def _phrase_batches(options: dict, sampling: SamplingSettings, train) -> dict:
     """Every batch holds one pass-phrase (the seed's "phrase-level batching")."""
     phrase_ids = [train.data[i]["phrase_id"] for i in train.data_ids]
-    sampler = PhraseBatchSampler(phrase_ids, options.pop("batch_size"), seed=hparams["seed"])
+    sampler = PhraseBatchSampler(phrase_ids, options.pop("batch_size"), seed=sampling.seed)
     options.pop("shuffle", None)
     return {**options, "batch_sampler": sampler}
 
 
-def _dynamic_batches(options: dict, hparams, train) -> dict:
+def _dynamic_batches(options: dict, sampling: SamplingSettings, train) -> dict:
     """SpeechBrain's ``DynamicBatchSampler`` (``dynamic_batch_sampler``: seconds per batch)."""
     options.pop("batch_size")
     options.pop("shuffle", None)
-    return {**options, "batch_sampler": hparams["dynamic_batch_sampler"](train)}
+    return {**options, "batch_sampler": sampling.dynamic_batch_sampler(train)}
 
 
 #: ``batch_sampler``: the training loader's options for each choice (what the settings allow).
@@ -267,12 +328,10 @@ BAD_AUDIO_ACTIONS = {"fail": None, "skip": collate_readable}
 TARGET_TYPES = ("speaker", "speaker_phrase", "speaker+phrase")
 
 
-def train_loader_options(hparams, train) -> dict:
+def train_loader_options(sampling: SamplingSettings, train) -> dict:
     """Dataloader options for the configured batch sampler (``BATCH_SAMPLERS``) and bad audio."""
-    options = BATCH_SAMPLERS[hparams["batch_sampler"]](
-        dict(hparams["train_dataloader_options"]), hparams, train
-    )
-    collate = BAD_AUDIO_ACTIONS[hparams["on_bad_audio"]]
+    options = BATCH_SAMPLERS[sampling.batch_sampler](dict(sampling.loader_options), sampling, train)
+    collate = BAD_AUDIO_ACTIONS[sampling.on_bad_audio]
     return options if collate is None else {**options, "collate_fn": collate}
 
 
@@ -290,15 +349,15 @@ def best_checkpoint(checkpointer):
     return checkpoint
 
 
-def assembled_model(hparams, n_phrases: int) -> WavLMSpeakerEmbedder:
+def assembled_model(wiring: ModelWiring, n_phrases: int) -> WavLMSpeakerEmbedder:
     """The YAML's ``embedding_model``, with a phrase branch over ``n_phrases`` when configured.
 
     Training builds its model here, and so does loading a checkpoint: one model, one assembly.
     """
     branch = None
-    if hparams["phrase_branch"]:
-        branch = hparams["phrase_branch_model"](n_phrases=n_phrases)
-    return hparams["embedding_model"](phrase_branch=branch)
+    if wiring.phrase_branch_model is not None:
+        branch = wiring.phrase_branch_model(n_phrases=n_phrases)
+    return wiring.embedding_model(phrase_branch=branch)
 
 
 def checkpoint_state(checkpoint, name: str) -> dict:
@@ -309,10 +368,10 @@ def checkpoint_state(checkpoint, name: str) -> dict:
         raise CheckpointLoadError(checkpoint.path, error) from error
 
 
-def checkpoint_model(hparams, checkpoint, n_phrases: int) -> WavLMSpeakerEmbedder:
+def checkpoint_model(wiring: ModelWiring, checkpoint, n_phrases: int) -> WavLMSpeakerEmbedder:
     """The embedding model of ``checkpoint`` (``assembled_model`` with its weights; eval)."""
     check_model_format(checkpoint.path)
-    model = assembled_model(hparams, n_phrases)
+    model = assembled_model(wiring, n_phrases)
     model.load_state_dict(checkpoint_state(checkpoint, MODEL_RECOVERABLE), strict=True)
     return model.eval()
 

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Export the best checkpoint of a run as a model folder for SpeechBrain and Hugging Face.
 
-    python recipes/export_model.py hparams/synthetic_demo.yaml
-    python recipes/export_model.py hparams/wavlm_td.yaml --data_folder /data/task1 \
+    python recipes/export_model.py hparams/export.yaml --output_folder results/synthetic_demo/1986
+    python recipes/export_model.py hparams/export.yaml --output_folder results/wavlm_td/1986 \
         --export_folder models/wavlm_td
 
-Writes ``export_folder`` (default ``<output_folder>/export``):
+The run is read from its record (``<output_folder>/hyperparams.yaml``, written by training): the
+model, the data and the fusion it was trained and scored with. Writes ``export_folder`` (default
+``<output_folder>/export``):
 
 - ``hyperparams.yaml``, ``tdsv_speaker_model.py`` (the model code, a copy of
   ``recipes/model/speaker_model.py``) and ``embedding_model.ckpt`` (the trained model's state dict,
@@ -27,12 +29,15 @@ the HF model's).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import torch
@@ -45,12 +50,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from recipes.evaluation.pretrained import EXPORTED_MODULE, embed_dataset, load_verifier
 from recipes.evaluation.scoring import metrics_by_condition, score_trials, trial_metrics
 from recipes.evaluation.verification import (
+    ScoringSettings,
     checkpoint_scoring,
     embedding_cache,
     scored_tables,
     split_embeddings,
 )
-from recipes.experiment import checkpoint_state, dataio_prep, prepare_data, run_device
+from recipes.experiment import (
+    AudioSettings,
+    checkpoint_state,
+    dataio_prep,
+    prepare_data,
+    run_device,
+)
 from recipes.model import speaker_model
 from recipes.model.speaker_model import (
     OPERATING_POINTS,
@@ -58,9 +70,41 @@ from recipes.model.speaker_model import (
     WavLMSpeakerEmbedder,
     XVectorHead,
 )
-from recipes.settings import load_checked_hparams
+from recipes.settings import load_run, load_step
+from recipes.train_speaker_embeddings import RecipeSettings, recipe_settings
 
 logger = get_logger(__name__)
+
+
+class ExportSettings(NamedTuple):
+    """Where the export goes and its default decision threshold (``hparams/export.yaml``)."""
+
+    folder: Path
+    operating_point: str  # one of OPERATING_POINTS
+
+
+class ExportedRun(NamedTuple):
+    """What an export takes from the run's settings (``exported_run``)."""
+
+    settings: RecipeSettings  # the run's data, scoring and model wiring
+    head: Callable  # the YAML's constructor of the speaker head (heads[head_type])
+    head_type: str
+    classifier: Callable  # out_neurons -> the training classifier (for hf/)
+    wavlm_source: str
+    target_type: str
+
+
+def exported_run(hparams) -> ExportedRun:
+    """The run's settings that an export reads, from its hparams by name."""
+    return ExportedRun(
+        settings=recipe_settings(hparams),
+        head=hparams["heads"][hparams["head_type"]],
+        head_type=hparams["head_type"],
+        classifier=hparams["classifier"],
+        wavlm_source=hparams["wavlm_source"],
+        target_type=hparams["target_type"],
+    )
+
 
 #: The smallest cosine between an exported and the original embedding that passes the check.
 MIN_COSINE = 0.9999
@@ -98,7 +142,7 @@ def split_metrics(per_split: dict, splits: dict, fused: bool) -> dict:
     return results
 
 
-def exported_calibration(folder: Path, hparams, data, run, run_opts: dict):
+def exported_calibration(folder: Path, scoring: ScoringSettings, data, run, run_opts: dict):
     """``(thresholds, fusion or None, metrics)`` of the model in ``folder``, as it embeds.
 
     The folder's model embeds the dev and eval utterances (cached under the checkpoint's
@@ -109,10 +153,10 @@ def exported_calibration(folder: Path, hparams, data, run, run_opts: dict):
     embed = partial(
         embed_dataset,
         verifier,
-        loader_kwargs=hparams["eval_dataloader_options"],
+        loader_kwargs=scoring.loader_options,
         progress=not run_opts.get("noprogressbar"),
     )
-    cache = embedding_cache(run.cache / "export", {**hparams, "eval_precision": "fp32"})
+    cache = embedding_cache(run.cache / "export", scoring.embedding_record("fp32"))
     tables = split_embeddings(embed, data.splits, cache)
     dev = data.splits["dev"]
     thresholds = enrolment_thresholds(tables["dev"]["speaker"], dev.models, dev.trials)
@@ -120,8 +164,8 @@ def exported_calibration(folder: Path, hparams, data, run, run_opts: dict):
         path=run.fusion.path.with_name(f"{run.fusion.path.stem}_export.json"),
         stamp={**run.fusion.stamp, "embedded_by": "export"},
     )
-    card_hparams = {**hparams, "score_norm": "none"}  # the model card: raw (or fused) scores
-    per_split, fusion = scored_tables(tables, None, card_hparams, data.splits, source)
+    card_scoring = dataclasses.replace(scoring, score_norm="none")  # raw (or fused) scores
+    per_split, fusion = scored_tables(tables, None, card_scoring, data.splits, source)
     return thresholds, fusion, split_metrics(per_split, data.splits, fused=fusion is not None)
 
 
@@ -142,9 +186,11 @@ def encoder_settings(model: WavLMSpeakerEmbedder) -> dict:
     }
 
 
-def head_spec(hparams) -> tuple[str, dict]:
-    """The head's class path inside the export and its constructor arguments."""
-    constructor = hparams["heads"][hparams["head_type"]]
+def head_spec(constructor) -> tuple[str, dict]:
+    """The head's class path inside the export and its constructor arguments.
+
+    ``constructor`` is the YAML's (a ``functools.partial`` of the head's class).
+    """
     module, name = constructor.func.__module__, constructor.func.__qualname__
     if module == speaker_model.__name__:
         module = Path(EXPORTED_MODULE).stem
@@ -273,11 +319,15 @@ pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
 """
 
 
-def hyperparams_text(hparams, settings, thresholds, head_class, head_kwargs, text_dependent):
+def hyperparams_text(
+    audio: AudioSettings, operating_point, settings, thresholds, head, text_dependent
+) -> str:
     """The exported ``hyperparams.yaml`` (JSON values are YAML flow collections).
 
+    ``settings``: the encoder's (``encoder_settings``); ``head``: ``(class name, kwargs)``;
     ``text_dependent``: ``{"phrase_branch": kwargs, "phrase_labels", "fusion"}`` or None.
     """
+    head_class, head_kwargs = head
     module = Path(EXPORTED_MODULE).stem
     branch = "null"
     if text_dependent is not None:
@@ -285,10 +335,10 @@ def hyperparams_text(hparams, settings, thresholds, head_class, head_kwargs, tex
     text_dependent = text_dependent or {}
     return HYPERPARAMS.format(
         module=module,
-        sample_rate=hparams["sample_rate"],
-        max_eval_seconds=hparams["max_eval_seconds"],
-        min_audio_seconds=hparams["min_audio_seconds"],
-        operating_point=hparams["export_operating_point"],
+        sample_rate=audio.sample_rate,
+        max_eval_seconds=audio.max_eval_seconds,
+        min_audio_seconds=audio.min_audio_seconds,
+        operating_point=operating_point,
         thresholds=json.dumps(thresholds),
         wavlm_config=json.dumps(settings["wavlm_config"]),
         normalize_wav=settings["normalize_wav"],
@@ -320,22 +370,23 @@ def check_agreement(what: str, cosine: float) -> None:
         raise RuntimeError(f"export check failed: {what} embeddings have cosine {cosine:.6f}")
 
 
-def export(hparams, run_opts) -> Path:
-    """Export the best checkpoint of the run described by ``hparams``; return the folder.
+def export(target: ExportSettings, trained: ExportedRun, run_opts) -> Path:
+    """Export the best checkpoint of the run ``trained`` to ``target``; the folder.
 
     The folder is first written without its calibration; the dev thresholds, the fusion and the
     model card's metrics are then computed with that folder's own model (fp32, one utterance at
     a time, as a user's ``verify_*`` calls run it), not with the recipe's batched
     ``eval_precision`` embeddings, and written in.
     """
-    prepare_data(hparams)
-    data = dataio_prep(hparams)
-    run = checkpoint_scoring(hparams, data, run_opts)
-    out = Path(hparams["export_folder"])
+    settings = trained.settings
+    prepare_data(settings.corpus)
+    data = dataio_prep(settings.corpus, settings.audio)
+    run = checkpoint_scoring(settings.scoring, settings.model, data, run_opts)
+    out = Path(target.folder)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        facts = write_folder(staging, hparams, data, run, run_opts)
+        facts = write_folder(staging, target, trained, data, run, run_opts)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # nothing partial is left behind
         raise
@@ -347,14 +398,16 @@ def export(hparams, run_opts) -> Path:
     return out
 
 
-def write_folder(staging: Path, hparams, data, run, run_opts: dict) -> dict:
+def write_folder(staging: Path, target: ExportSettings, trained: ExportedRun, data, run, run_opts):
     """Write and self-check the export of ``run``'s checkpoint in ``staging``; its facts."""
+    scoring, audio = trained.settings.scoring, trained.settings.audio
     class_encoder, checkpoint, model = data.class_encoder, run.checkpoint, run.model.cpu().eval()
     settings = encoder_settings(model)
-    head_class, head_kwargs = head_spec(hparams)
+    head = head_spec(trained.head)
+    head_class = head[0]
     branch = None
-    if model.phrase_branch is not None and hparams["fusion"] != "none":
-        branch = {**hparams["phrase_branch_model"].keywords, "n_phrases": len(data.phrase_encoder)}
+    if model.phrase_branch is not None and scoring.fusion != "none":
+        branch = dict(model.phrase_branch.config)
     wavs = reference_utterances(data.splits["dev"].utterances)
 
     state = model.state_dict()
@@ -366,18 +419,20 @@ def write_folder(staging: Path, hparams, data, run, run_opts: dict) -> dict:
     def write_hyperparams(thresholds, text_dependent):
         """The folder's ``hyperparams.yaml`` with these thresholds and text-dependent settings."""
         (staging / "hyperparams.yaml").write_text(
-            hyperparams_text(hparams, settings, thresholds, head_class, head_kwargs, text_dependent)
+            hyperparams_text(
+                audio, target.operating_point, settings, thresholds, head, text_dependent
+            )
         )
 
     uncalibrated = None if branch is None else {"phrase_branch": branch, "phrase_labels": None}
     write_hyperparams({}, uncalibrated)
-    thresholds, fusion, metrics = exported_calibration(staging, hparams, data, run, run_opts)
+    thresholds, fusion, metrics = exported_calibration(staging, scoring, data, run, run_opts)
     text_dependent = None
     if fusion is not None:
         text_dependent = {
             "phrase_branch": branch,
             "phrase_labels": data.phrase_labels,
-            "fusion": {**fusion, "kind": hparams["fusion"]},
+            "fusion": {**fusion, "kind": scoring.fusion},
         }
     write_hyperparams(thresholds, text_dependent)
     class_encoder.save(staging / "label_encoder.txt")
@@ -386,27 +441,27 @@ def write_folder(staging: Path, hparams, data, run, run_opts: dict) -> dict:
     if text_dependent is not None:
         checks["phrase_max_logp_difference"] = _check_phrase_branch(staging, model, wavs)
     if isinstance(model.head, XVectorHead):
-        hf = write_hf_folder(staging / "hf", hparams, run, class_encoder)
+        hf = write_hf_folder(staging / "hf", trained.classifier, run, class_encoder)
         checks.update(_check_hf(staging / "hf", hf, speaker, wavs, model.encoder.normalize_wav))
     else:
-        logger.warning("hf/ not written: %s", NO_HF_FOLDER.format(head=hparams["head_type"]))
+        logger.warning("hf/ not written: %s", NO_HF_FOLDER.format(head=trained.head_type))
     facts = {
         "checkpoint": checkpoint.path.name,
         "checkpoint_meta": checkpoint.meta,
-        "wavlm_source": hparams["wavlm_source"],
+        "wavlm_source": trained.wavlm_source,
         "head": head_class,
         "hf_folder": isinstance(model.head, XVectorHead),
-        "target_type": hparams["target_type"],
+        "target_type": trained.target_type,
         "training_classes": len(class_encoder),
         "thresholds": thresholds,
-        "operating_point": hparams["export_operating_point"],
+        "operating_point": target.operating_point,
         "fusion": None if text_dependent is None else text_dependent["fusion"],
         "phrase_labels": data.phrase_labels if text_dependent else None,
         "metrics": metrics,
         "checks": checks,
     }
     (staging / "export.json").write_text(json.dumps(facts, indent=2))
-    (staging / "README.md").write_text(model_card(facts, Path(hparams["export_folder"])))
+    (staging / "README.md").write_text(model_card(facts, Path(target.folder)))
     return facts
 
 
@@ -450,10 +505,13 @@ def _check_phrase_branch(folder: Path, model: WavLMSpeakerEmbedder, wavs) -> flo
     return worst
 
 
-def write_hf_folder(folder: Path, hparams, run, class_encoder) -> WavLMForXVector:
-    """Write the checkpoint's ``WavLMForXVector`` copy (x-vector head) to ``folder``; the model."""
+def write_hf_folder(folder: Path, classifier, run, class_encoder) -> WavLMForXVector:
+    """Write the checkpoint's ``WavLMForXVector`` copy (x-vector head) to ``folder``; the model.
+
+    ``classifier`` builds the training classifier (``out_neurons``), whose weights HF keeps.
+    """
     labels = [class_encoder.ind2lab[i] for i in range(len(class_encoder))]
-    classifier = hparams["classifier"](out_neurons=len(class_encoder))
+    classifier = classifier(out_neurons=len(class_encoder))
     classifier.load_state_dict(checkpoint_state(run.checkpoint, "classifier"))
     hf = hf_xvector_model(run.model, classifier, labels)
     hf.save_pretrained(folder)
@@ -597,10 +655,17 @@ python recipes/verify_speakers.py files --model {folder} --enrol e1.wav e2.wav e
 """
 
 
+def run_replacements(step: dict) -> dict:
+    """The run's settings that ``hparams/export.yaml`` replaces (None: the run's own)."""
+    return {"output_folder": step["output_folder"], "data_folder": step["data_folder"]}
+
+
 def main(argv) -> None:
-    """Parse the recipe's arguments and export."""
-    _, run_opts, _, hparams = load_checked_hparams(argv)
-    export(hparams, run_opts)
+    """Read ``hparams/export.yaml`` and the run it names; export."""
+    run_opts, step = load_step(argv)
+    hparams = load_run(step["run_hparams"], run_replacements(step), run_opts)
+    target = ExportSettings(Path(step["export_folder"]), step["export_operating_point"])
+    export(target, exported_run(hparams), run_opts)
 
 
 if __name__ == "__main__":

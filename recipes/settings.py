@@ -2,14 +2,17 @@
 
 A mistyped choice (``--score_norm asnorm``) or an impossible combination (a fusion without a
 phrase branch) would otherwise surface only when the code that reads it runs, possibly after
-hours of training. ``load_checked_hparams`` (training, scoring and export scripts) checks the
-settings on the YAML text with the command line's overrides applied, before HyperPyYAML builds
-any object (WavLM would be downloaded or built), then loads it.
+hours of training. ``load_checked_hparams`` (the training script) checks the settings on the
+YAML text with the command line's overrides applied, before HyperPyYAML builds any object
+(WavLM would be downloaded or built), then loads it. ``load_step`` and ``load_run`` do the same
+for a step on a trained run (scoring, export): its own small YAML, then the run's record with
+the settings the step replaces.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import ruamel.yaml
 import torch
@@ -153,20 +156,100 @@ def load_checked_hparams(argv):
     Bad settings end the program before the YAML builds anything, with every problem named.
     """
     import speechbrain as sb
-    from hyperpyyaml import load_hyperpyyaml
 
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     overrides = with_run_options(hparams_file, run_opts, overrides)
-    problems = settings_problems(raw_settings(hparams_file, overrides))
-    if problems:
-        raise SystemExit(
-            f"error: {len(problems)} bad setting(s) in {hparams_file} or the command line:\n  "
-            + "\n  ".join(problems)
-        )
+    return hparams_file, run_opts, overrides, checked_hparams(hparams_file, overrides, run_opts)
+
+
+def checked_hparams(hparams_file, overrides: str, run_opts) -> dict:
+    """``hparams_file`` with ``overrides`` (YAML text), checked on its text, then loaded."""
+    import speechbrain as sb
+    from hyperpyyaml import load_hyperpyyaml
+
+    refuse_problems(hparams_file, settings_problems(raw_settings(hparams_file, overrides)))
     # Before the YAML builds anything: a hub model is downloaded by one process per machine
     # while the others wait, which needs the process group (a no-op without torchrun).
     if not torch.distributed.is_initialized():
         sb.utils.distributed.ddp_init_group(run_opts)
     with open(hparams_file, encoding="utf-8") as handle:
-        hparams = load_hyperpyyaml(handle, overrides)
-    return hparams_file, run_opts, overrides, hparams
+        return load_hyperpyyaml(handle, overrides)
+
+
+def check_step_keys(step_file, overrides: str) -> None:
+    """End the program when ``step_file`` is no step's YAML or the command line sets another key.
+
+    A step's settings are few: the run's own (data, model, output folder) come from its record.
+    """
+    with open(step_file, encoding="utf-8") as handle:
+        keys = list(ruamel.yaml.YAML(typ="rt").load(handle))  # tags kept, nothing resolved
+    if "run_hparams" not in keys:
+        raise SystemExit(
+            f"error: {step_file} names no run (run_hparams): pass the step's YAML "
+            "(hparams/verification.yaml or hparams/export.yaml) with --output_folder RUN, "
+            "the output folder of a training run"
+        )
+    given = ruamel.yaml.YAML(typ="safe", pure=True).load(overrides or "{}") or {}
+    if not isinstance(given, dict):  # a stray argument, such as a second YAML
+        raise SystemExit(f"error: unexpected argument(s) after {step_file}: {overrides}")
+    unknown = sorted(set(given) - set(keys))
+    if unknown:
+        raise SystemExit(
+            f"error: {', '.join(unknown)}: not a setting of {step_file} (its settings: "
+            f"{', '.join(keys)}); a run's other settings come from its {RUN_RECORD}"
+        )
+
+
+def refuse_problems(hparams_file, problems: list[str]) -> None:
+    """End the program naming every problem of ``hparams_file`` and its command line, if any."""
+    if problems:
+        raise SystemExit(
+            f"error: {len(problems)} bad setting(s) in {hparams_file} or the command line:\n  "
+            + "\n  ".join(problems)
+        )
+
+
+#: What a run's output folder holds that says how it was trained: SpeechBrain's copy of the
+#: training YAML with the command line's settings applied (``create_experiment_directory``).
+RUN_RECORD = "hyperparams.yaml"
+
+
+def load_step(argv) -> tuple:
+    """SpeechBrain's command line of a step on a trained run -> ``(run_opts, step)``, checked.
+
+    ``argv`` names a step's YAML (``hparams/verification.yaml``, ``hparams/export.yaml``); its
+    keys are few, each set on the command line or null (null: the run's value, see
+    ``load_run``). ``step`` is that YAML loaded.
+    """
+    import speechbrain as sb
+    from hyperpyyaml import load_hyperpyyaml
+
+    step_file, run_opts, overrides = sb.parse_arguments(argv)
+    check_step_keys(step_file, overrides)
+    try:
+        overrides = with_run_options(step_file, run_opts, overrides)
+        given = {k: v for k, v in raw_settings(step_file, overrides).items() if v is not None}
+        refuse_problems(step_file, settings_problems(given))  # null: the run's, checked with it
+        with open(step_file, encoding="utf-8") as handle:
+            return run_opts, load_hyperpyyaml(handle, overrides)
+    except ValueError as error:  # a !PLACEHOLDER left: --output_folder is missing
+        raise SystemExit(f"error: {step_file}: {error} (--output_folder RUN)") from error
+
+
+def load_run(record, replacements: dict, run_opts) -> dict:
+    """The hparams of the run that ``record`` describes, with ``replacements``, checked.
+
+    ``record`` is a run's ``hyperparams.yaml`` (or any experiment YAML): the data, the model
+    and the scoring are the run's own, so a step cannot disagree with what was trained. A None
+    replacement keeps the run's value.
+    """
+    record = Path(record)
+    if not record.is_file():
+        raise SystemExit(
+            f"error: {record} not found: --output_folder must be the output folder of a "
+            f"training run (train first: recipes/train_speaker_embeddings.py writes its "
+            f"{RUN_RECORD})"
+        )
+    replaced = {key: value for key, value in replacements.items() if value is not None}
+    run_overrides = "\n".join(f"{key}: {json.dumps(value)}" for key, value in replaced.items())
+    return checked_hparams(record, run_overrides, run_opts)

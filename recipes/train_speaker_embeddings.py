@@ -21,6 +21,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import speechbrain as sb
 import torch
@@ -30,9 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recipes.distributed import gathered, on_main, shard
 from recipes.evaluation.scoring import EmbeddingTable
-from recipes.evaluation.verification import dev_pass_metrics, run_verification
+from recipes.evaluation.verification import ScoringSettings, dev_pass_metrics, run_verification
 from recipes.experiment import (
+    AudioSettings,
+    CorpusSettings,
+    ModelWiring,
     RecipeData,
+    SamplingSettings,
     add_noise_crops,
     assembled_model,
     dataio_prep,
@@ -339,6 +344,92 @@ class SpeakerBrain(sb.core.Brain):
         return stats
 
 
+class RecipeSettings(NamedTuple):
+    """The settings of every step of a run (``recipe_settings``)."""
+
+    corpus: CorpusSettings
+    audio: AudioSettings
+    sampling: SamplingSettings
+    scoring: ScoringSettings
+    model: ModelWiring
+
+
+def recipe_settings(hparams) -> RecipeSettings:
+    """The settings objects that data prep, loading, sampling, scoring and the model take.
+
+    The one place where the YAML's keys become code, each read by its name: the modules take
+    these small objects, never ``hparams``. ``verify_speakers.py`` and ``export_model.py`` read
+    a run the same way; ``tests/test_recipe_rows.py`` checks that every top-level key of each
+    YAML is read by the script it is passed to.
+    """
+    corpus = CorpusSettings(
+        data_folder=hparams["data_folder"],
+        prep_folder=hparams["prep_folder"],
+        dev_speakers=hparams["dev_speakers"],
+        seed=hparams["seed"],
+        include_free_text=hparams["include_free_text"],
+        skip_bad=hparams["skip_bad"],
+        enrol_utts=hparams["enrol_utts"],
+        min_audio_seconds=hparams["min_audio_seconds"],
+        synthetic_corpus=hparams["synthetic_corpus"],
+    )
+    audio = AudioSettings(
+        sample_rate=hparams["sample_rate"],
+        crop_seconds=hparams["crop_seconds"],
+        max_eval_seconds=hparams["max_eval_seconds"],
+        min_audio_seconds=hparams["min_audio_seconds"],
+        on_bad_audio=hparams["on_bad_audio"],
+        bad_audio_log=hparams["bad_audio_log"],
+        target_type=hparams["target_type"],
+        cohort_utts_per_speaker=hparams["cohort_utts_per_speaker"],
+        save_folder=hparams["save_folder"],
+    )
+    sampling = SamplingSettings(
+        batch_sampler=hparams["batch_sampler"],
+        loader_options=hparams["train_dataloader_options"],
+        seed=hparams["seed"],
+        dynamic_batch_sampler=hparams["dynamic_batch_sampler"],
+        on_bad_audio=hparams["on_bad_audio"],
+    )
+    scoring = ScoringSettings(
+        output_folder=hparams["output_folder"],
+        score_norm=hparams["score_norm"],
+        cohort_top_k=hparams["cohort_top_k"],
+        fusion=hparams["fusion"],
+        fusion_prior=hparams["fusion_prior"],
+        eval_precision=hparams["eval_precision"],
+        loader_options=hparams["eval_dataloader_options"],
+        max_eval_seconds=hparams["max_eval_seconds"],
+        sample_rate=hparams["sample_rate"],
+    )
+    model = ModelWiring(
+        embedding_model=hparams["embedding_model"],
+        phrase_branch_model=hparams["phrase_branch_model"] if hparams["phrase_branch"] else None,
+        checkpointer=hparams["checkpointer"],
+    )
+    return RecipeSettings(corpus, audio, sampling, scoring, model)
+
+
+def noise_list(hparams):
+    """The noise list whose crops the loader's workers read; None when noise is not added.
+
+    Only ``PrefetchedNoise`` takes crops from the loader (``add_noise.use``).
+    """
+    on = hparams["augment"] and hparams["aug_noise"] and hparams["noise_csv"]
+    return hparams["noise_csv"] if on and hasattr(hparams["add_noise"], "use") else None
+
+
+def schedule_lengths(hparams, batches_per_epoch: int) -> dict[str, int]:
+    """``derive_total_steps`` for the YAML's schedules and this run's length (logged)."""
+    return derive_total_steps(
+        hparams["lr_schedulers"],
+        batches_per_epoch,
+        accumulation=hparams["grad_accumulation_factor"],
+        epochs=hparams["number_of_epochs"],
+        frozen_epochs=hparams["freeze_wavlm_epochs"],
+    )
+
+
 def build_brain(hparams, run_opts, n_classes: int, n_phrases: int, phrase_labels=None):
     """Complete the modules whose size depends on the data, and create the Brain.
 
@@ -351,7 +442,8 @@ def build_brain(hparams, run_opts, n_classes: int, n_phrases: int, phrase_labels
     if hparams["target_type"] == "speaker+phrase":
         modules["phrase_classifier"] = hparams["phrase_classifier"](out_neurons=n_phrases)
         modules["phrase_loss"] = hparams["phrase_loss"](n_classes=n_phrases)
-    modules = {MODEL_RECOVERABLE: assembled_model(hparams, n_phrases), **modules}
+    wiring = recipe_settings(hparams).model
+    modules = {MODEL_RECOVERABLE: assembled_model(wiring, n_phrases), **modules}
     checkpointer = hparams["checkpointer"]
     for name, module in modules.items():
         checkpointer.add_recoverable(name, module)
@@ -382,23 +474,25 @@ def main(argv) -> None:
         hyperparams_to_save=hparams_file,
         overrides=overrides,
     )
-    prepare_data(hparams)
-    data = dataio_prep(hparams)
+    settings = recipe_settings(hparams)
+    prepare_data(settings.corpus)
+    data = dataio_prep(settings.corpus, settings.audio)
     train, splits = data.train, data.splits
-    add_noise_crops(train, hparams)  # read by the loader's workers, not in the training step
+    # Read by the loader's workers, not in the training step:
+    add_noise_crops(train, noise_list(hparams), settings.corpus, settings.audio)
     brain = brain_for_data(hparams, run_opts, data)
     train_loader = brain.make_dataloader(
-        train, stage=sb.Stage.TRAIN, **train_loader_options(hparams, train)
+        train, stage=sb.Stage.TRAIN, **train_loader_options(settings.sampling, train)
     )
     brain.use_data(len(train_loader), splits["dev"])
-    derive_total_steps(hparams, len(train_loader))
+    schedule_lengths(hparams, len(train_loader))
     brain.fit(
         brain.hparams.epoch_counter,
         train_loader,
         splits["dev"].utterances,
         valid_loader_kwargs=hparams["eval_dataloader_options"],
     )
-    run_verification(hparams, data, run_opts)
+    run_verification(settings.scoring, settings.model, data, run_opts)
 
 
 if __name__ == "__main__":

@@ -48,8 +48,15 @@ def renamed(text: str) -> str:
 
 
 def entry_script(text: str) -> str:
-    """An entry script for the tree: renamed, with its own folder on ``sys.path``."""
+    """An entry script for the tree: renamed, with its own folder on ``sys.path``.
+
+    An import of another entry script (``recipe_settings`` from the training script) is from
+    the recipe folder, where the entry scripts are, not from the package.
+    """
     text = renamed(text)
+    for script in ENTRY_SCRIPTS:
+        module = Path(script).stem
+        text = text.replace(f"from {PACKAGE}.{module} import", f"from {module} import")
     return text.replace(
         "sys.path.insert(0, str(Path(__file__).resolve().parents[1]))",
         "sys.path.insert(0, str(Path(__file__).resolve().parent))  # the recipe folder",
@@ -136,9 +143,14 @@ synthesizes a small corpus in exactly that layout (no data needed).
 python train_speaker_embeddings.py hparams/wavlm_td.yaml --data_folder /path/to/task1
 python train_speaker_embeddings.py hparams/synthetic_demo.yaml     # CPU demo, synthetic data
 torchrun --nproc_per_node=4 train_speaker_embeddings.py hparams/wavlm_td.yaml --data_folder ...
-python verify_speakers.py hparams/wavlm_td.yaml --data_folder /path/to/task1 --score_norm as-norm
-python export_model.py hparams/wavlm_td.yaml --data_folder /path/to/task1
+python verify_speakers.py hparams/verification.yaml --output_folder results/wavlm_td/1986 \
+    --score_norm as-norm
+python export_model.py hparams/export.yaml --output_folder results/wavlm_td/1986
 ```
+
+Scoring again and exporting are steps on a trained run: their YAMLs hold only their own settings,
+and the run's (data, model, scoring) are read from the run's record, the `hyperparams.yaml` that
+training writes into its output folder.
 
 ## Results
 

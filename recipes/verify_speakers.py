@@ -1,19 +1,22 @@
 #!/usr/bin/env python3
 """Speaker verification: score a recipe's trials (``trials``), or audio files (``files``).
 
-Trials of a recipe run (SdSV / TdSV protocol, reports per condition):
+Trials of a training run (SdSV / TdSV protocol, reports per condition):
 
-    python recipes/verify_speakers.py trials hparams/synthetic_demo.yaml
-    python recipes/verify_speakers.py trials hparams/wavlm_td.yaml --data_folder /data/task1 \
-        --score_norm as-norm
-    python recipes/verify_speakers.py hparams/synthetic_demo.yaml     # the same: "trials"
+    python recipes/verify_speakers.py trials hparams/verification.yaml \
+        --output_folder results/synthetic_demo/1986
+    python recipes/verify_speakers.py trials hparams/verification.yaml \
+        --output_folder results/wavlm_td/1986 --score_norm as-norm
+    python recipes/verify_speakers.py hparams/verification.yaml ...   # the same: "trials"
 
-uses the run's best checkpoint (``--output_folder``), embeds every utterance once (cached under
-``embeddings/<checkpoint>/``) and writes, per split: ``scores_<split>.txt``,
-``verification_<split>.json``, ``det_<split>.png``, and ``answer.txt`` (one score per line in
-``trials.txt`` order) for the eval trials. With ``--model DIR`` (an exported folder or a Hugging
-Face ``*ForXVector`` directory) it scores that model on the same trials instead, writing under
-``<output_folder>/models/<name>/``: other models compared on our protocol.
+reads the run's record (``<output_folder>/hyperparams.yaml``: data, model, scoring), with the
+settings of ``hparams/verification.yaml`` that are not null in place of the run's; uses its best
+checkpoint, embeds every utterance once (cached under ``embeddings/<checkpoint>/``) and writes,
+per split: ``scores_<split>.txt``, ``verification_<split>.json``, ``det_<split>.png``, and
+``answer.txt`` (one score per line in ``trials.txt`` order) for the eval trials. With
+``--model DIR`` (an exported folder or a Hugging Face ``*ForXVector`` directory) it scores that
+model on the same trials instead, writing under ``<output_folder>/models/<name>/``: other models
+compared on our protocol (``--run_hparams hparams/wavlm_td.yaml`` then needs no training run).
 
 Audio files with a trained model (any sample rate and channel count; resampled / down-mixed):
 
@@ -56,7 +59,8 @@ from recipes.evaluation.verification import (
 )
 from recipes.experiment import best_checkpoint, dataio_prep, prepare_data
 from recipes.model.speaker_model import SDSV_COSTS, bayes_threshold
-from recipes.settings import load_checked_hparams
+from recipes.settings import load_run, load_step
+from recipes.train_speaker_embeddings import recipe_settings
 
 LABELS = {"1": True, "target": True, "0": False, "nontarget": False}
 
@@ -64,32 +68,52 @@ LABELS = {"1": True, "target": True, "0": False, "nontarget": False}
 # ------------------------------------------------------------------------------------------------
 # Trials of a recipe
 # ------------------------------------------------------------------------------------------------
-def verify_recipe(argv, model=None) -> None:
-    """Score the recipe's trials with its best checkpoint, or with the model folder ``model``.
+def scoring_replacements(verification: dict) -> dict:
+    """The run's settings that ``hparams/verification.yaml`` replaces (None: the run's own).
 
-    ``argv``: the hparams file and SpeechBrain's options / YAML overrides.
+    The output folder is the run's (where an experiment YAML names the run: the reports').
     """
-    _, run_opts, _, hparams = load_checked_hparams(argv)
-    prepare_data(hparams)
-    data = dataio_prep(hparams)
-    splits, cohort = data.splits, data.cohort
+    return {
+        "output_folder": verification["output_folder"],
+        "data_folder": verification["data_folder"],
+        "score_norm": verification["score_norm"],
+        "cohort_top_k": verification["cohort_top_k"],
+        "fusion": verification["fusion"],
+        "fusion_prior": verification["fusion_prior"],
+        "eval_precision": verification["eval_precision"],
+    }
+
+
+def verify_recipe(argv, model=None) -> None:
+    """Score a run's trials with its best checkpoint, or with the model folder ``model``.
+
+    ``argv``: ``hparams/verification.yaml`` and SpeechBrain's options / overrides of its keys
+    (``--output_folder`` names the run).
+    """
+    run_opts, verification = load_step(argv)
+    hparams = load_run(verification["run_hparams"], scoring_replacements(verification), run_opts)
+    settings = recipe_settings(hparams)
+    scoring = settings.scoring
     if model is None:
-        best_checkpoint(hparams["checkpointer"])  # a clear error now, not after loading data
-        run_verification(hparams, data, run_opts)
+        best_checkpoint(settings.model.checkpointer)  # a clear error now, not after data prep
+    prepare_data(settings.corpus)
+    data = dataio_prep(settings.corpus, settings.audio)
+    if model is None:
+        run_verification(scoring, settings.model, data, run_opts)
         return
-    check_splits(splits)
+    check_splits(data.splits)
     verifier = load_verifier(model, {"device": run_opts.get("device", "cpu")})
-    if hparams["fusion"] != "none" and not getattr(verifier.hparams, "phrase_labels", None):
+    if scoring.fusion != "none" and not getattr(verifier.hparams, "phrase_labels", None):
         raise SystemExit(
-            f"error: fusion: {hparams['fusion']!r} needs a model with a phrase branch, and "
+            f"error: fusion: {scoring.fusion!r} needs a model with a phrase branch, and "
             f"{model} has none: add --fusion none to score its speaker embeddings"
         )
     name = model_name(model)
-    folder = Path(hparams["output_folder"]) / "models" / name
+    folder = Path(scoring.output_folder) / "models" / name
     embed = partial(
         embed_dataset,
         verifier,
-        loader_kwargs=hparams["eval_dataloader_options"],
+        loader_kwargs=scoring.loader_options,
         progress=not run_opts.get("noprogressbar"),
     )
     fusion = FusionSource(
@@ -97,8 +121,8 @@ def verify_recipe(argv, model=None) -> None:
         getattr(verifier.hparams, "phrase_labels", None),
         {"model": name},
     )
-    cache = embedding_cache(folder / "embeddings", hparams)
-    results = score_splits(embed, hparams, splits, cohort, cache, folder, fusion)
+    cache = embedding_cache(folder / "embeddings", scoring.embedding_record())
+    results = score_splits(embed, scoring, data.splits, data.cohort, cache, folder, fusion)
     for split, metrics in results.items():
         if "pooled" in metrics:
             pooled = metrics["pooled"]
@@ -297,10 +321,11 @@ def parse_arguments(argv) -> argparse.Namespace:
     trials = commands.add_parser(
         "trials",
         help="score a recipe's dev / eval trials (reports per condition)",
-        description="Score a recipe run's trials with its best checkpoint or another model. "
-        "Other options are SpeechBrain's and YAML overrides (--data_folder DIR, ...).",
+        description="Score a training run's trials with its best checkpoint or another model. "
+        "Other options are SpeechBrain's and overrides of hparams/verification.yaml "
+        "(--output_folder DIR, --score_norm as-norm, ...).",
     )
-    trials.add_argument("hparams", help="the recipe's hparams file, e.g. hparams/wavlm_td.yaml")
+    trials.add_argument("hparams", help="the scoring step's hparams: hparams/verification.yaml")
     trials.add_argument(
         "--model", help="score this exported folder or HF *ForXVector directory instead"
     )

@@ -34,7 +34,8 @@ from recipes.model.speaker_model import (
     XVectorHead,
 )
 from recipes.tiny_wavlm import TINY
-from tests.helpers import ROOT, load_yaml, run_script
+from recipes.train_speaker_embeddings import recipe_settings
+from tests.helpers import ROOT, experiment_record, load_yaml, run_script, run_script_command
 
 
 def cli(*args, cwd=ROOT):
@@ -307,18 +308,18 @@ def hf_xvector_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_a_plain_hf_xvector_model_scores_the_recipe_trials(hf_xvector_dir, tiny_corpus, tmp_path):
-    out = tmp_path / "exp"
+    out = tmp_path / "exp"  # no run was trained: an experiment YAML names the data
+    experiment = ("--run_hparams", str(experiment_record(tmp_path, tiny_corpus)))
     refused = subprocess.run(
-        [sys.executable, str(ROOT / "recipes" / "verify_speakers.py"), "trials",
-         str(ROOT / "hparams" / "synthetic_demo.yaml"), "--output_folder", str(out),
-         "--data_folder", str(tiny_corpus), "--synthetic_corpus", "null", "--dev_speakers", "2",
-         "--model", str(hf_xvector_dir)],
+        run_script_command("verify_speakers.py", out, tiny_corpus, *experiment,
+                           "--model", str(hf_xvector_dir)),
         capture_output=True, text=True, cwd=ROOT, timeout=600,
     )  # fmt: skip
     assert refused.returncode != 0 and "add --fusion none" in refused.stderr
     output = run_script(
-        "verify_speakers.py", out, tiny_corpus, "--model", hf_xvector_dir, "--fusion", "none"
-    )
+        "verify_speakers.py", out, tiny_corpus, *experiment, "--model", hf_xvector_dir,
+        "--fusion", "none",
+    )  # fmt: skip
     reports = list((out / "models").glob("*/verification_eval.json"))
     assert len(reports) == 1 and "eval: EER" in output
     lines = (reports[0].parent / "scores_eval.txt").read_text().splitlines()
@@ -347,7 +348,7 @@ def test_an_mhfa_model_exports_a_self_checked_speechbrain_folder_without_hf(tmp_
     out = tmp_path / "mhfa"
     mhfa = ("--head_type", "mhfa")
     run_script("train_speaker_embeddings.py", out, tiny_corpus, *mhfa, "--number_of_epochs", "1")
-    output = run_script("export_model.py", out, tiny_corpus, *mhfa)
+    output = run_script("export_model.py", out, tiny_corpus)  # the run's record: MHFA
     folder = out / "export"
     assert "hf/ not written: transformers' WavLMForXVector holds only the x-vector head" in output
     assert not (folder / "hf").exists()
@@ -373,8 +374,12 @@ def test_export_calibrates_on_its_own_models_embeddings(trained, tiny_corpus, tm
     """
     out, _ = trained
     folder = tmp_path / "export_bf16"
+    record = (out / "hyperparams.yaml").read_text()
+    assert "\neval_precision: fp32" in record
+    bf16_run = tmp_path / "bf16_run.yaml"  # the same run, as if it evaluated in bf16
+    bf16_run.write_text(record.replace("\neval_precision: fp32", "\neval_precision: bf16"))
     run_script(
-        "export_model.py", out, tiny_corpus, "--eval_precision", "bf16",
+        "export_model.py", out, tiny_corpus, "--run_hparams", str(bf16_run),
         "--export_folder", str(folder),
     )  # fmt: skip
     facts = json.loads((folder / "export.json").read_text())
@@ -382,7 +387,8 @@ def test_export_calibrates_on_its_own_models_embeddings(trained, tiny_corpus, tm
         "output_folder": str(out), "data_folder": str(tiny_corpus), "synthetic_corpus": None,
         "dev_speakers": 2, "emb_dim": 64, "noise_csv": None, "cohort_utts_per_speaker": 2,
     }  # fmt: skip
-    dev = dataio_prep(load_yaml("synthetic_demo.yaml", overrides)).splits["dev"]
+    settings = recipe_settings(load_yaml("synthetic_demo.yaml", overrides))
+    dev = dataio_prep(settings.corpus, settings.audio).splits["dev"]
     tables = embed_dataset(load_verifier(folder), dev.utterances, {"batch_size": 4}, False)
     expected = enrolment_thresholds(tables["speaker"], dev.models, dev.trials)
     assert facts["thresholds"] == json.loads(json.dumps(expected))

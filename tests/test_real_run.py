@@ -34,9 +34,8 @@ from recipes.model.speaker_model import (
 )
 from recipes.settings import load_checked_hparams
 from recipes.tiny_wavlm import TINY, build_tiny_wavlm, save_to_hub_cache
-from recipes.train_speaker_embeddings import build_brain
+from recipes.train_speaker_embeddings import build_brain, schedule_lengths
 from recipes.training.augmentation import PrefetchedNoise, noise_reader
-from recipes.training.schedules import derive_total_steps
 from tests.helpers import ROOT, fake_batch, free_port, load_yaml, run_script_command
 
 DEMO = str(ROOT / "hparams" / "synthetic_demo.yaml")
@@ -55,7 +54,7 @@ def test_command_line_run_options_reach_the_hparams(tmp_path, caplog):
     assert hparams["eval_precision"] == "bf16" and hparams["max_grad_norm"] == 3.5
     assert "grad_accumulation_factor: 2" in overrides  # saved with the experiment's overrides
     with caplog.at_level(logging.INFO):
-        derived = derive_total_steps(hparams, batches_per_epoch=128)
+        derived = schedule_lengths(hparams, batches_per_epoch=128)
     assert derived == {"wavlm": 64, "head": 64}
     assert "1 epochs x 64 optimizer steps per epoch" in caplog.text
 

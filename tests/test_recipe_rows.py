@@ -11,7 +11,9 @@ offline from a local Hugging Face cache holding a tiny random WavLM under that i
 
 from __future__ import annotations
 
+import ast
 import csv
+import dataclasses
 import os
 import re
 import shlex
@@ -20,6 +22,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import ruamel.yaml
+from speechbrain.core import RunOptions
 from transformers import WavLMConfig
 
 from recipes.tiny_wavlm import TINY, save_to_hub_cache
@@ -51,6 +55,76 @@ def test_rows_are_in_speechbrains_format_and_cover_every_hparams_file():
             assert (ROOT / row[column]).is_file(), (column, row[column])
         assert row["test_debug_flags"] and row["test_debug_checks"].startswith("file_exists=[")
         assert "--output_folder=" in row["test_debug_flags"]
+
+
+def top_level_keys(hparams_file: Path) -> list[str]:
+    """The top-level keys of a HyperPyYAML file (parsed as YAML, tags kept as they are)."""
+    return list(ruamel.yaml.YAML(typ="rt").load(hparams_file.read_text(encoding="utf-8")))
+
+
+def referenced_keys(hparams_file: Path) -> set[str]:
+    """The keys that the file's own references (``!ref <key>``, ``<key[item]>``) read."""
+    return set(re.findall(r"<([A-Za-z_]\w*)", hparams_file.read_text(encoding="utf-8")))
+
+
+def keys_read_by(script: Path) -> set[str]:
+    """The settings a script reads by name, found in its syntax tree.
+
+    ``x["key"]``, ``x.get("key")``, ``getattr(x, "key")``, ``hparams.key``, ``self.hparams.key``.
+    """
+    read = set()
+    for node in ast.walk(ast.parse(script.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+            read.add(node.slice.value)
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[-1], ast.Constant):
+            func = node.func
+            if isinstance(func, ast.Attribute) and func.attr == "get" and len(node.args) <= 2:
+                read.add(node.args[0].value if isinstance(node.args[0], ast.Constant) else None)
+            elif isinstance(func, ast.Name) and func.id == "getattr" and len(node.args) >= 2:
+                read.add(node.args[1].value if isinstance(node.args[1], ast.Constant) else None)
+        elif isinstance(node, ast.Attribute):
+            owner = node.value
+            if (isinstance(owner, ast.Name) and owner.id == "hparams") or (
+                isinstance(owner, ast.Attribute) and owner.attr == "hparams"
+            ):
+                read.add(node.attr)
+    return {key for key in read if isinstance(key, str)}
+
+
+#: Settings that SpeechBrain's Brain reads from ``hparams`` itself (its run options).
+BRAIN_OPTIONS = {field.name for field in dataclasses.fields(RunOptions)}
+
+
+def unread_keys(hparams_file: Path, script: Path) -> list[str]:
+    """Top-level keys of ``hparams_file`` that nothing reads.
+
+    Read: by the file's own references, as the Brain's run options, by name in ``script``; and
+    ``__name`` keys are built for their effect (SpeechBrain's convention).
+    """
+    read = referenced_keys(hparams_file) | BRAIN_OPTIONS | keys_read_by(script)
+    return [k for k in top_level_keys(hparams_file) if k not in read and not k.startswith("__")]
+
+
+@pytest.mark.parametrize("row", rows(), ids=lambda r: f"{r['Script_file']}:{r['Hparam_file']}")
+def test_every_key_of_a_yaml_is_read_by_the_script_it_is_passed_to(row):
+    """The rule of SpeechBrain's ``check_yaml_vs_script``, checked on the syntax tree."""
+    assert unread_keys(ROOT / row["Hparam_file"], ROOT / row["Script_file"]) == []
+
+
+def test_an_unread_key_is_found(tmp_path):
+    """The check above can fail: a key that only a module reads, or that nothing reads."""
+    yaml = tmp_path / "h.yaml"
+    yaml.write_text("lr: 0.1\nopt: !name:torch.optim.Adam {lr: !ref <lr>}\ncrop: 2\nloss: 1\n")
+    script = tmp_path / "train.py"
+    script.write_text(
+        "def f(hparams, self):\n"
+        "    hparams['opt'](); self.hparams.loss\n"
+        "    settings(hparams)  # crop is read in there, not here\n"
+        "    print('crop')\n"
+    )
+    assert unread_keys(yaml, script) == ["crop"]
+    script.write_text(script.read_text() + "    x = hparams.get('crop', 1)\n")
+    assert unread_keys(yaml, script) == []
 
 
 def expected_files(check: str) -> list[str]:

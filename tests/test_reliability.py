@@ -23,7 +23,7 @@ import yaml
 from data_prep.deepmine_prepare import prepare_deepmine
 from recipes.experiment import assembled_model, checkpoint_model
 from recipes.tiny_wavlm import build_tiny_wavlm
-from recipes.train_speaker_embeddings import build_brain
+from recipes.train_speaker_embeddings import build_brain, recipe_settings
 from recipes.training.checkpointing import AtomicCheckpointer, SplitModelCheckpoint
 from tests.conftest import TINY
 from tests.helpers import ROOT, fake_batch, free_port, load_yaml, run_script
@@ -278,8 +278,10 @@ def test_two_processes_with_torchrun_on_cpu(tmp_path, tiny_corpus):
     ddp_report = (out / "verification_dev.json").read_text()
     (out / "verification_dev.json").unlink()
     shutil.rmtree(out / "embeddings")  # the single process must embed everything itself
+    step = [str(ROOT / "hparams" / "verification.yaml"), "--output_folder", str(out),
+            "--noprogressbar", "--device", "cpu"]  # fmt: skip
     single = subprocess.run(
-        [sys.executable, str(ROOT / "recipes" / "verify_speakers.py"), "trials", *common],
+        [sys.executable, str(ROOT / "recipes" / "verify_speakers.py"), "trials", *step],
         capture_output=True, text=True, cwd=ROOT, timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1"},  # as torchrun: batched BLAS sums alike
     )  # fmt: skip
@@ -323,7 +325,7 @@ def test_a_split_model_checkpoint_is_refused_with_how_to_convert_it(tmp_path, ti
     fresh = load_yaml("synthetic_demo.yaml", overrides)
     command = r"python -m recipes.training.checkpointing \S+CKPT"
     with pytest.raises(SplitModelCheckpoint, match=command):
-        checkpoint_model(fresh, checkpoint, n_phrases=2)
+        checkpoint_model(recipe_settings(fresh).model, checkpoint, n_phrases=2)
     with pytest.raises(SplitModelCheckpoint):  # resuming training is refused alike
         build_brain(fresh, {"device": "cpu"}, 3, 2).checkpointer.recover_if_possible()
 
@@ -334,12 +336,13 @@ def test_a_split_model_checkpoint_is_refused_with_how_to_convert_it(tmp_path, ti
     assert converted.returncode == 0, converted.stderr[-3000:]
     assert not (checkpoint.path / "wavlm.ckpt").exists()
     fresh = load_yaml("synthetic_demo.yaml", overrides)
-    untrained = assembled_model(fresh, n_phrases=2).eval()
+    wiring = recipe_settings(fresh).model
+    untrained = assembled_model(wiring, n_phrases=2).eval()
     wav = 0.1 * torch.randn(1, 16000)
     with torch.no_grad():
         expected = trained(wav, all_outputs=True)
         assert not torch.allclose(untrained(wav), expected["speaker"], atol=1e-4)
-        loaded = checkpoint_model(fresh, checkpoint, n_phrases=2)(wav, all_outputs=True)
+        loaded = checkpoint_model(wiring, checkpoint, n_phrases=2)(wav, all_outputs=True)
     for name, value in expected.items():
         assert torch.equal(loaded[name], value), name
     brain = build_brain(load_yaml("synthetic_demo.yaml", overrides), {"device": "cpu"}, 3, 2)

@@ -8,7 +8,7 @@ import pytest
 from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.dataio.sampler import DynamicBatchSampler
 
-from recipes.experiment import train_loader_options
+from recipes.experiment import SamplingSettings, train_loader_options
 from recipes.training.sampling import PhraseBatchSampler, collate_readable
 
 PHRASES = ["01"] * 7 + ["06"] * 5 + ["09"] * 10
@@ -31,32 +31,32 @@ def _dataset():
     return DynamicItemDataset(data)
 
 
-def _hparams(kind):
-    return {
-        "batch_sampler": kind,
-        "seed": 3,
-        "on_bad_audio": "fail",
-        "train_dataloader_options": {"batch_size": 4, "shuffle": True, "num_workers": 0},
-        "dynamic_batch_sampler": functools.partial(
+def _settings(kind, on_bad_audio="fail"):
+    return SamplingSettings(
+        batch_sampler=kind,
+        loader_options={"batch_size": 4, "shuffle": True, "num_workers": 0},
+        seed=3,
+        dynamic_batch_sampler=functools.partial(
             DynamicBatchSampler, max_batch_length=6, num_buckets=2, shuffle=True
         ),
-    }
+        on_bad_audio=on_bad_audio,
+    )
 
 
 def test_loader_options_for_each_sampler():
     dataset = _dataset()
-    assert train_loader_options(_hparams("random"), dataset)["batch_size"] == 4
-    phrase = train_loader_options(_hparams("phrase"), dataset)
+    assert train_loader_options(_settings("random"), dataset)["batch_size"] == 4
+    phrase = train_loader_options(_settings("phrase"), dataset)
     assert isinstance(phrase["batch_sampler"], PhraseBatchSampler) and "batch_size" not in phrase
-    dynamic = train_loader_options(_hparams("dynamic"), dataset)
+    dynamic = train_loader_options(_settings("dynamic"), dataset)
     batches = list(dynamic["batch_sampler"])
     assert sorted(i for b in batches for i in b) == list(range(len(PHRASES)))
     with pytest.raises(KeyError):  # refused with its allowed values at start-up (settings.py)
-        train_loader_options(_hparams("bogus"), dataset)
-    skip = train_loader_options({**_hparams("random"), "on_bad_audio": "skip"}, dataset)
+        train_loader_options(_settings("bogus"), dataset)
+    skip = train_loader_options(_settings("random", "skip"), dataset)
     assert skip["collate_fn"] is collate_readable
     with pytest.raises(KeyError):
-        train_loader_options({**_hparams("random"), "on_bad_audio": "ignore"}, dataset)
+        train_loader_options(_settings("random", "ignore"), dataset)
 
 
 def test_collate_readable_leaves_out_unreadable_examples():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from recipes.train_speaker_embeddings import schedule_lengths
 from recipes.training.schedules import WarmAndExpDecayToEnd, derive_total_steps
 from tests.helpers import load_yaml
 
@@ -24,10 +25,9 @@ def test_derived_length_counts_optimizer_steps_and_frozen_epochs():
         "head": WarmAndExpDecayToEnd(lr=1.0, n_warmup_steps=10, decay_factor=0.1),
         "fixed": WarmAndExpDecayToEnd(lr=1.0, n_warmup_steps=10, total_steps=50),
     }
-    hparams = {"number_of_epochs": 4, "grad_accumulation_factor": 2, "freeze_wavlm_epochs": 1,
-               "lr_schedulers": schedules}  # fmt: skip
     # 101 batches -> 51 optimizer steps per epoch; WavLM's optimizer steps in 3 of the 4 epochs.
-    assert derive_total_steps(hparams, 101) == {"wavlm": 153, "head": 204}
+    derived = derive_total_steps(schedules, 101, accumulation=2, epochs=4, frozen_epochs=1)
+    assert derived == {"wavlm": 153, "head": 204}
     assert schedules["fixed"].decay_steps == 40  # a number set in the YAML is kept
     rates = _lrs(schedules["head"], 205)
     assert rates[10] == 1.0 and rates[204] == pytest.approx(0.1)  # lr * decay_factor at the end
@@ -41,7 +41,7 @@ def test_both_recipes_derive_their_length(tmp_path, tiny_wavlm_dir, name):
          "wavlm_source": tiny_wavlm_dir, "wavlm_hidden_size": 96},
     )  # fmt: skip
     assert hparams["total_steps"] is None
-    derived = derive_total_steps(hparams, 128)
+    derived = schedule_lengths(hparams, 128)
     epochs = hparams["number_of_epochs"]
     accumulation = hparams["grad_accumulation_factor"]
     assert derived["head"] == epochs * -(-128 // accumulation)

@@ -21,8 +21,8 @@ from speechbrain.dataio.dataloader import make_dataloader
 from data_prep.layout import read_list
 from recipes.evaluation.metrics import eer
 from recipes.experiment import best_checkpoint, checkpoint_model, dataio_prep, embed_tables
-from recipes.train_speaker_embeddings import brain_for_data, build_brain
-from tests.helpers import ROOT, fake_batch, load_yaml, run_script
+from recipes.train_speaker_embeddings import brain_for_data, build_brain, recipe_settings
+from tests.helpers import ROOT, experiment_record, fake_batch, load_yaml, run_script
 
 SMALL_HEAD = {"emb_dim": 64}  # the YAML's head widths stay; a smaller embedding keeps it quick
 
@@ -182,13 +182,31 @@ def test_rerun_resumes_and_finished_run_only_reevaluates(trained, tiny_corpus):
 
 
 def test_verify_without_a_checkpoint_says_so(tmp_path, tiny_corpus):
-    command = [
+    verify = [
         sys.executable, str(ROOT / "recipes" / "verify_speakers.py"), "trials",
-        str(ROOT / "hparams" / "synthetic_demo.yaml"), "--output_folder", str(tmp_path / "exp"),
-        "--data_folder", str(tiny_corpus), "--synthetic_corpus", "null", "--dev_speakers", "2",
+        str(ROOT / "hparams" / "verification.yaml"), "--output_folder", str(tmp_path),
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    result = subprocess.run(verify, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode != 0 and "hyperparams.yaml not found" in result.stderr
+    assert "--output_folder must be the output folder of a training run" in result.stderr
+    record = experiment_record(tmp_path, tiny_corpus)  # an experiment, never trained
+    result = subprocess.run(
+        [*verify, "--run_hparams", str(record)], capture_output=True, text=True, cwd=ROOT,
+        timeout=600,
+    )  # fmt: skip
     assert result.returncode != 0 and "no checkpoint with a dev EER" in result.stderr
+    assert not (tmp_path / "exp" / "prep").exists()  # refused before data prep
+    assert "emb_dim: not a setting of" in _stderr([*verify, "--emb_dim", "64"])
+    assert "score_norm: 'asnorm' is not one of" in _stderr([*verify, "--score_norm", "asnorm"])
+    old_style = [*verify[:3], str(ROOT / "hparams" / "synthetic_demo.yaml")]
+    assert "names no run (run_hparams)" in _stderr(old_style)
+
+
+def _stderr(command) -> str:
+    """The standard error of a command that must fail."""
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode != 0
+    return result.stderr
 
 
 @pytest.mark.slow
@@ -210,9 +228,10 @@ def test_scoring_model_reproduces_the_trained_brain(trained, tiny_corpus):
         "dev_speakers": 2, "emb_dim": 64, "noise_csv": None, "cohort_utts_per_speaker": 2,
     }  # fmt: skip
     hparams = load_yaml("synthetic_demo.yaml", overrides)
-    data = dataio_prep(hparams)
-    checkpoint = best_checkpoint(hparams["checkpointer"])
-    model = checkpoint_model(hparams, checkpoint, len(data.phrase_encoder))
+    settings = recipe_settings(hparams)
+    data = dataio_prep(settings.corpus, settings.audio)
+    checkpoint = best_checkpoint(settings.model.checkpointer)
+    model = checkpoint_model(settings.model, checkpoint, len(data.phrase_encoder))
     dev = data.splits["dev"].utterances.filtered_sorted(select_n=12)
     tables = embed_tables(model, dev, {"batch_size": 4}, torch.device("cpu"), progress=False)
     brain = brain_for_data(hparams, {"device": "cpu", "noprogressbar": True}, data)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -37,6 +38,7 @@ from recipes.evaluation.scoring import (
 from recipes.evaluation.verification_report import write_report
 from recipes.experiment import (
     Cohort,
+    ModelWiring,
     best_checkpoint,
     checkpoint_model,
     embed_tables,
@@ -46,6 +48,32 @@ from recipes.experiment import (
 from recipes.model.speaker_model import WavLMSpeakerEmbedder
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """How trials are scored and where the reports go (the YAML's scoring keys)."""
+
+    output_folder: str
+    score_norm: str  # none | s-norm | as-norm (CHOICES in settings.py)
+    cohort_top_k: int  # as-norm: the top-scoring cohort speakers kept
+    fusion: str  # none | llr | gate
+    fusion_prior: float  # the target prior the fusion is calibrated at
+    eval_precision: str  # fp32 | fp16 | bf16 (autocast while embedding)
+    loader_options: dict  # SpeechBrain's dataloader options (eval_dataloader_options)
+    max_eval_seconds: float  # the cap on a scored utterance (changes its embedding)
+    sample_rate: int
+
+    def embedding_record(self, precision: str | None = None) -> dict:
+        """The settings besides the model that change an embedding (see ``embedding_cache``).
+
+        ``precision`` is the one actually run, where the device lacks ``eval_precision``.
+        """
+        return {
+            "max_eval_seconds": self.max_eval_seconds,
+            "eval_precision": precision or self.eval_precision,
+            "sample_rate": self.sample_rate,
+        }
 
 
 def check_trial_ids(split: str, utt_ids, models: pd.DataFrame, trials: pd.DataFrame) -> None:
@@ -141,14 +169,14 @@ def _merged(old: EmbeddingTable, new: EmbeddingTable) -> EmbeddingTable:
     return EmbeddingTable(ids, np.concatenate([old.matrix[keep], new.matrix]))
 
 
-def embedding_cache(folder: Path, hparams) -> Path:
-    """``folder``, emptied of cached embeddings made with other embedding settings.
+def embedding_cache(folder: Path, settings: dict) -> Path:
+    """``folder``, emptied of cached embeddings made with other embedding ``settings``.
 
     The settings that change an embedding besides the model (the folder is per checkpoint or
-    model): the length cap, the precision and the sample rate.
+    model): the length cap, the precision and the sample rate
+    (``ScoringSettings.embedding_record``).
     """
     folder = Path(folder)
-    settings = {k: hparams[k] for k in ("max_eval_seconds", "eval_precision", "sample_rate")}
     main_writes(_settings_recorded, folder, settings)  # then every process reads the same files
     return folder
 
@@ -193,43 +221,45 @@ class CheckpointScoring(NamedTuple):
     fusion: FusionSource
 
 
-def checkpoint_scoring(hparams, data, run_opts: dict) -> CheckpointScoring:
+def checkpoint_scoring(
+    scoring: ScoringSettings, wiring: ModelWiring, data, run_opts: dict
+) -> CheckpointScoring:
     """The one path from a run to scores: best checkpoint, trial ids checked, its model, caches.
 
-    ``data`` is ``experiment.dataio_prep``'s. The model is built from the hparams and the
+    ``data`` is ``experiment.dataio_prep``'s. The model is built from the wiring and the
     checkpoint (``experiment.checkpoint_model``): no Brain, the same model an export ships.
     """
-    checkpoint = best_checkpoint(hparams["checkpointer"])
+    checkpoint = best_checkpoint(wiring.checkpointer)
     check_splits(data.splits)
-    model = checkpoint_model(hparams, checkpoint, len(data.phrase_encoder))
+    model = checkpoint_model(wiring, checkpoint, len(data.phrase_encoder))
     device = run_device(run_opts)
-    precision = usable_precision(hparams["eval_precision"], device)
+    precision = usable_precision(scoring.eval_precision, device)
     embed = partial(
         embed_tables,
         model,
-        loader_kwargs=hparams["eval_dataloader_options"],
+        loader_kwargs=scoring.loader_options,
         device=device,
         precision=precision,
         progress=not run_opts.get("noprogressbar"),
     )
-    cache = Path(hparams["output_folder"]) / "embeddings" / checkpoint.path.name
-    fusion = recipe_fusion_source(hparams, checkpoint, data.phrase_labels)
+    cache = Path(scoring.output_folder) / "embeddings" / checkpoint.path.name
+    fusion = recipe_fusion_source(scoring, checkpoint, data.phrase_labels)
     return CheckpointScoring(checkpoint, model, embed, cache, precision, fusion)
 
 
-def run_verification(hparams, data, run_opts: dict) -> dict:
+def run_verification(scoring: ScoringSettings, wiring: ModelWiring, data, run_opts: dict) -> dict:
     """Score the run's best checkpoint on every split; write the reports; return the metrics."""
-    run = checkpoint_scoring(hparams, data, run_opts)
-    cache = embedding_cache(run.cache, {**hparams, "eval_precision": run.precision})
+    run = checkpoint_scoring(scoring, wiring, data, run_opts)
+    cache = embedding_cache(run.cache, scoring.embedding_record(run.precision))
     return score_splits(
-        run.embed, hparams, data.splits, data.cohort, cache, hparams["output_folder"], run.fusion
+        run.embed, scoring, data.splits, data.cohort, cache, scoring.output_folder, run.fusion
     )
 
 
-def recipe_fusion_source(hparams, checkpoint, phrase_labels) -> FusionSource:
+def recipe_fusion_source(scoring: ScoringSettings, checkpoint, phrase_labels) -> FusionSource:
     """Where the fusion of a recipe checkpoint is stored (``<output_folder>/fusion/``)."""
     return FusionSource(
-        Path(hparams["output_folder"]) / "fusion" / f"{checkpoint.path.name}.json",
+        Path(scoring.output_folder) / "fusion" / f"{checkpoint.path.name}.json",
         phrase_labels,
         {"checkpoint": checkpoint.path.name},
     )
@@ -251,7 +281,7 @@ def split_embeddings(embed, splits: dict, cache: Path) -> dict:
 
 def score_splits(
     embed,
-    hparams,
+    scoring: ScoringSettings,
     splits: dict,
     cohort: Cohort | None,
     cache: Path,
@@ -263,31 +293,32 @@ def score_splits(
     Under ``torchrun`` every process embeds its share; the main process alone scores, learns
     the fusion and writes the reports, and every process returns its metrics.
     """
-    tables, cohort_means = embedded(embed, hparams, splits, cohort, cache)
+    tables, cohort_means = embedded(embed, scoring.score_norm, splits, cohort, cache)
     return on_main(
-        _score_and_report, tables, cohort_means, hparams, splits, report_folder, fusion_source
+        _score_and_report, tables, cohort_means, scoring, splits, report_folder, fusion_source
     )
 
 
-def _score_and_report(tables, cohort, hparams, splits: dict, report_folder, fusion_source):
+def _score_and_report(tables, cohort, scoring, splits: dict, report_folder, fusion_source):
     """Score, fuse and report every split from its tables; ``{split: metrics}``."""
     results = {}
-    per_split, fusion = scored_tables(tables, cohort, hparams, splits, fusion_source)
+    per_split, fusion = scored_tables(tables, cohort, scoring, splits, fusion_source)
     for split, scored in per_split.items():
         models, trials = splits[split].models, splits[split].trials
         metrics = trial_metrics(scored.final, trials, llr=fusion is not None)
-        name = report_name(split, hparams, scored.features.has_phrase)
+        name = report_name(split, scoring, scored.features.has_phrase)
         write_report(report_folder, name, trials, scored.final, metrics, models, scored.features)
         results[split] = metrics
     return results
 
 
-def embedded(embed, hparams, splits: dict, cohort: Cohort | None, cache: Path):
+def embedded(embed, norm: str, splits: dict, cohort: Cohort | None, cache: Path):
     """``({split: tables}, cohort means or None)``: every utterance the scoring needs, embedded.
 
-    Collective under ``torchrun``: every process embeds its share and gets all tables.
+    The cohort is embedded when score normalization ``norm`` needs it. Collective under
+    ``torchrun``: every process embeds its share and gets all tables.
     """
-    means, norm = None, hparams["score_norm"]
+    means = None
     if norm != "none":
         if cohort is None:
             raise ValueError(f"score_norm {norm!r} needs the training speakers as a cohort")
@@ -303,7 +334,7 @@ class ScoredSplit(NamedTuple):
     final: np.ndarray
 
 
-def scored_tables(tables: dict, cohort, hparams, splits: dict, fusion_source=None):
+def scored_tables(tables: dict, cohort, scoring: ScoringSettings, splits: dict, fusion_source=None):
     """``({split: ScoredSplit}, fusion or None)`` from ``embedded``'s tables and cohort means.
 
     With ``fusion`` "llr" or "gate", the fusion is learned on the dev split's trials (or read
@@ -312,36 +343,41 @@ def scored_tables(tables: dict, cohort, hparams, splits: dict, fusion_source=Non
     """
     labels = fusion_source.phrase_labels if fusion_source else None
     norm_options = {
-        "cohort": cohort, "score_norm": hparams["score_norm"], "top_k": hparams["cohort_top_k"]
-    }  # fmt: skip
+        "cohort": cohort,
+        "score_norm": scoring.score_norm,
+        "top_k": scoring.cohort_top_k,
+    }
     scores = {
         name: trial_scores(tables[name], split.models, split.trials, labels, **norm_options)
         for name, split in splits.items()
     }
-    fusion = learned_fusion(hparams, splits, scores, fusion_source)
+    fusion = learned_fusion(scoring, splits, scores, fusion_source)
     final = {
         name: ScoredSplit(
             parts,
-            parts.speaker if fusion is None else apply_fusion(fusion, parts, hparams["fusion"]),
+            parts.speaker if fusion is None else apply_fusion(fusion, parts, scoring.fusion),
         )
         for name, parts in scores.items()
     }
     return final, fusion
 
 
-def learned_fusion(hparams, splits: dict, scores: dict, source: FusionSource | None):
-    """The fusion the settings ask for, learned on (or read back for) the dev trials; or None."""
-    if hparams["fusion"] == "none":
+def learned_fusion(scoring: ScoringSettings, splits: dict, scores: dict, source):
+    """The fusion the settings ask for, learned on (or read back for) the dev trials; or None.
+
+    ``source`` is the model's ``FusionSource`` (None: a model without a phrase branch).
+    """
+    if scoring.fusion == "none":
         return None
     if source is None or not scores["dev"].has_phrase:
         raise ValueError(
-            f"fusion {hparams['fusion']!r} needs a model with a phrase branch "
+            f"fusion {scoring.fusion!r} needs a model with a phrase branch "
             "(phrase_branch: True); use --fusion none for speaker scores only"
         )
-    stamp = {**source.stamp, "score_norm": hparams["score_norm"]}
-    path = source.path.with_name(f"{source.path.stem}_{hparams['score_norm']}.json")
+    stamp = {**source.stamp, "score_norm": scoring.score_norm}
+    path = source.path.with_name(f"{source.path.stem}_{scoring.score_norm}.json")
     conditions = splits["dev"].trials["condition"]
-    return stored_or_learned_fusion(path, scores["dev"], conditions, hparams["fusion_prior"], stamp)
+    return stored_or_learned_fusion(path, scores["dev"], conditions, scoring.fusion_prior, stamp)
 
 
 def dev_pass_metrics(tables, models, trials, phrase_labels, fusion: str, prior: float) -> dict:
@@ -363,14 +399,14 @@ def dev_pass_metrics(tables, models, trials, phrase_labels, fusion: str, prior: 
     return {"EER": round(pooled["eer"], 3), "minDCF": round(pooled["min_dcf"], 4)}
 
 
-def report_name(split: str, hparams, phrase_scored: bool) -> str:
+def report_name(split: str, scoring: ScoringSettings, phrase_scored: bool) -> str:
     """The split's report name, tagged so that runs with other settings do not overwrite it.
 
     Score normalization tags it (``eval_as-norm``); so does a fusion other than the fused LLR of
     a model with a phrase branch: ``eval_gate``, and ``eval_speaker`` for its speaker scores
     alone (``fusion: none``). A speaker-only model's reports keep the plain name.
     """
-    tags = [] if hparams["score_norm"] == "none" else [hparams["score_norm"]]
-    if phrase_scored and hparams["fusion"] != "llr":
-        tags.append("speaker" if hparams["fusion"] == "none" else hparams["fusion"])
+    tags = [] if scoring.score_norm == "none" else [scoring.score_norm]
+    if phrase_scored and scoring.fusion != "llr":
+        tags.append("speaker" if scoring.fusion == "none" else scoring.fusion)
     return "_".join([split, *tags])

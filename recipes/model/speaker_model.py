@@ -242,6 +242,14 @@ class PhraseBranch(nn.Module):
         margin: float = 0.0,
     ):
         super().__init__()
+        # How it was built, so an export rebuilds it from the module itself (JSON values).
+        self.config = {
+            "num_states": num_states, "input_size": input_size, "n_phrases": n_phrases,
+            "channels": list(channels), "kernel_sizes": list(kernel_sizes),
+            "dilations": list(dilations), "embedding_dim": embedding_dim, "pooling": pooling,
+            "heads": heads, "compression_dim": compression_dim, "classifier": classifier,
+            "scale": scale, "margin": margin,
+        }  # fmt: skip
         self.layer_logits = nn.Parameter(torch.zeros(num_states))
         if pooling == "xvector":
             self.head = XVectorHead(input_size, channels, kernel_sizes, dilations, embedding_dim)

@@ -31,17 +31,20 @@ class WarmAndExpDecayToEnd(WarmAndExpDecayLRSchedule):
         self.decay_steps = max(1, total_steps - self.n_warmup_steps)
 
 
-def derive_total_steps(hparams, batches_per_epoch: int) -> dict[str, int]:
+def derive_total_steps(
+    schedules: dict, batches_per_epoch: int, *, accumulation: int, epochs: int, frozen_epochs: int
+) -> dict[str, int]:
     """Set the length of each schedule built with ``total_steps: null``; ``{name: steps}``.
 
-    An optimizer steps once per ``grad_accumulation_factor`` batches, and WavLM's only in the
-    epochs after ``freeze_wavlm_epochs``.
+    ``schedules`` maps optimizer names to their schedules. An optimizer steps once per
+    ``accumulation`` batches, and WavLM's (``"wavlm"``) only in the epochs after the
+    ``frozen_epochs`` of its warm-up.
     """
-    steps_per_epoch = math.ceil(batches_per_epoch / hparams["grad_accumulation_factor"])
-    epochs, derived = hparams["number_of_epochs"], {}
-    for name, schedule in hparams["lr_schedulers"].items():
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
+    derived = {}
+    for name, schedule in schedules.items():
         if getattr(schedule, "derived", False):
-            frozen = hparams.get("freeze_wavlm_epochs", 0) if name == "wavlm" else 0
+            frozen = frozen_epochs if name == "wavlm" else 0
             derived[name] = max(1, (epochs - frozen) * steps_per_epoch)
             schedule.set_total_steps(derived[name])
     if derived:

@@ -210,7 +210,7 @@ def _score(work: Path, score_norm: str) -> dict:
     """``score_splits`` on dev and eval as the recipe's final scoring runs it."""
     import pandas as pd
 
-    from recipes.evaluation.verification import FusionSource, score_splits
+    from recipes.evaluation.verification import FusionSource, ScoringSettings, score_splits
     from recipes.experiment import Cohort, _cohort_utterances, _utterances
 
     splits = load_splits(work / "corpus", work / "prep")
@@ -219,12 +219,15 @@ def _score(work: Path, score_norm: str) -> dict:
         manifest = _cohort_utterances(work / "prep" / "train.csv", 5)
         cohort = Cohort(_utterances([manifest], work / "corpus"),
                         pd.read_csv(manifest, index_col="ID")["spk_id"])  # fmt: skip
-    hparams = {"score_norm": score_norm, "cohort_top_k": 300, "fusion": "llr",
-               "fusion_prior": 0.01}  # fmt: skip
+    scoring = ScoringSettings(
+        output_folder=str(work), score_norm=score_norm, cohort_top_k=300, fusion="llr",
+        fusion_prior=0.01, eval_precision="fp32", loader_options={}, max_eval_seconds=30.0,
+        sample_rate=16000,
+    )  # fmt: skip
     folder = work / f"scores_{score_norm}"
     source = FusionSource(folder / "fusion.json", PHRASE_LABELS, {"model": "random"})
     start = time.perf_counter()
-    results = score_splits(random_embed, hparams, splits, cohort, folder / "cache", folder,
+    results = score_splits(random_embed, scoring, splits, cohort, folder / "cache", folder,
                            source)  # fmt: skip
     seconds = time.perf_counter() - start
     written = sorted(p.name for p in folder.iterdir() if p.is_file())

@@ -311,8 +311,12 @@ def end_to_end(args, context) -> dict:
         env=offline,
     )
     trained_s = time.perf_counter() - start
+    export_args = [  # a step on the run: its other settings come from the run's record
+        str(common.ROOT / "hparams" / "export.yaml"), "--output_folder", str(tmp / "e2e"),
+        "--device", device_of_rank(args.device), "--noprogressbar",
+    ]  # fmt: skip
     export_log = run(
-        [sys.executable, "recipes/export_model.py", *recipe_args], "export", env=offline
+        [sys.executable, "recipes/export_model.py", *export_args], "export", env=offline
     )
     exported_s = time.perf_counter() - start - trained_s
     folder = tmp / "e2e" / "export"
