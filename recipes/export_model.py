@@ -390,12 +390,53 @@ def export(target: ExportSettings, trained: ExportedRun, run_opts) -> Path:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # nothing partial is left behind
         raise
-    if out.exists():
-        shutil.rmtree(out)
     staging.chmod(0o755)  # mkdtemp makes it private; a model folder is for sharing
-    staging.rename(out)
+    published(staging, out)
     print(f"exported {facts['checkpoint']} to {out}: {json.dumps(facts['checks'])}")
     return out
+
+
+#: What marks a folder as an export of this recipe (``write_folder`` writes both).
+EXPORT_MARKERS = ("export.json", EXPORTED_MODULE)
+
+
+def check_export_target(folder: Path, run_folder: Path) -> None:
+    """Refuse an export folder that would replace anything but an earlier export.
+
+    ``folder`` must be new, empty, or an earlier export (``EXPORT_MARKERS``), and neither the
+    experiment folder ``run_folder`` nor a folder holding it: publishing replaces ``folder``.
+    Checked before any work.
+    """
+    folder, run_folder = Path(folder).resolve(), Path(run_folder).resolve()
+    if folder == run_folder or folder in run_folder.parents:
+        raise SystemExit(
+            f"error: export_folder {folder} would replace the experiment {run_folder} (its "
+            f"checkpoints, manifests and reports): give a folder of its own, such as "
+            f"{run_folder / 'export'}"
+        )
+    if folder.exists() and not folder.is_dir():
+        raise SystemExit(f"error: export_folder {folder} is a file, not a folder")
+    earlier_export = all((folder / name).is_file() for name in EXPORT_MARKERS)
+    if folder.is_dir() and any(folder.iterdir()) and not earlier_export:
+        raise SystemExit(
+            f"error: export_folder {folder} holds files that are not an export of this "
+            f"recipe (no {' / '.join(EXPORT_MARKERS)}): empty it, or give another folder"
+        )
+
+
+def published(staging: Path, out: Path) -> None:
+    """Put the finished ``staging`` folder in place of ``out`` (an earlier export, or nothing).
+
+    The earlier export is moved aside, not deleted, until the new one is in place: if this is
+    interrupted, one of the two is complete at ``out`` or beside it.
+    """
+    if not out.exists():
+        staging.rename(out)
+        return
+    previous = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.previous."))
+    out.rename(previous / out.name)
+    staging.rename(out)
+    shutil.rmtree(previous)
 
 
 def write_folder(staging: Path, target: ExportSettings, trained: ExportedRun, data, run, run_opts):
@@ -663,8 +704,9 @@ def run_replacements(step: dict) -> dict:
 def main(argv) -> None:
     """Read ``hparams/export.yaml`` and the run it names; export."""
     run_opts, step = load_step(argv)
-    hparams = load_run(step["run_hparams"], run_replacements(step), run_opts)
     target = ExportSettings(Path(step["export_folder"]), step["export_operating_point"])
+    check_export_target(target.folder, step["output_folder"])  # before any work
+    hparams = load_run(step["run_hparams"], run_replacements(step), run_opts)
     export(target, exported_run(hparams), run_opts)
 
 

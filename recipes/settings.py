@@ -21,6 +21,7 @@ from ruamel.yaml.constructor import SafeConstructor
 
 from recipes import experiment
 from recipes.evaluation import scoring
+from recipes.experiment_lock import hold_experiment_lock
 from recipes.model import modules, speaker_model
 
 #: Enumerated settings: where the code that dispatches on each keeps its choices (module,
@@ -150,24 +151,34 @@ def with_run_options(hparams_file, run_opts, overrides: str) -> str:
     return "\n".join([overrides, *lines]).strip() if lines else overrides
 
 
-def load_checked_hparams(argv):
+def load_checked_hparams(argv, lock: bool = False):
     """SpeechBrain's command line -> ``(hparams_file, run_opts, overrides, hparams)``, checked.
 
     Bad settings end the program before the YAML builds anything, with every problem named.
+    With ``lock`` (an entry script's run), the experiment folder is held first
+    (``experiment_lock``).
     """
     import speechbrain as sb
 
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     overrides = with_run_options(hparams_file, run_opts, overrides)
-    return hparams_file, run_opts, overrides, checked_hparams(hparams_file, overrides, run_opts)
+    hparams = checked_hparams(hparams_file, overrides, run_opts, lock)
+    return hparams_file, run_opts, overrides, hparams
 
 
-def checked_hparams(hparams_file, overrides: str, run_opts) -> dict:
-    """``hparams_file`` with ``overrides`` (YAML text), checked on its text, then loaded."""
+def checked_hparams(hparams_file, overrides: str, run_opts, lock: bool = False) -> dict:
+    """``hparams_file`` with ``overrides`` (YAML text), checked on its text, then loaded.
+
+    With ``lock``, its ``output_folder`` is held for this process before anything is built
+    (the demo YAML builds its WavLM there).
+    """
     import speechbrain as sb
     from hyperpyyaml import load_hyperpyyaml
 
-    refuse_problems(hparams_file, settings_problems(raw_settings(hparams_file, overrides)))
+    settings = raw_settings(hparams_file, overrides)
+    refuse_problems(hparams_file, settings_problems(settings))
+    if lock:
+        hold_experiment_lock(settings["output_folder"])
     # Before the YAML builds anything: a hub model is downloaded by one process per machine
     # while the others wait, which needs the process group (a no-op without torchrun).
     if not torch.distributed.is_initialized():
@@ -241,7 +252,7 @@ def load_run(record, replacements: dict, run_opts) -> dict:
 
     ``record`` is a run's ``hyperparams.yaml`` (or any experiment YAML): the data, the model
     and the scoring are the run's own, so a step cannot disagree with what was trained. A None
-    replacement keeps the run's value.
+    replacement keeps the run's value. The run's output folder is held while the step runs.
     """
     record = Path(record)
     if not record.is_file():
@@ -252,4 +263,4 @@ def load_run(record, replacements: dict, run_opts) -> dict:
         )
     replaced = {key: value for key, value in replacements.items() if value is not None}
     run_overrides = "\n".join(f"{key}: {json.dumps(value)}" for key, value in replaced.items())
-    return checked_hparams(record, run_overrides, run_opts)
+    return checked_hparams(record, run_overrides, run_opts, lock=True)

@@ -468,7 +468,8 @@ def brain_for_data(hparams, run_opts, data: RecipeData) -> SpeakerBrain:
 
 def main(argv) -> None:
     """Prepare data, train, then evaluate the best checkpoint on the dev (and eval) trials."""
-    hparams_file, run_opts, overrides, hparams = load_checked_hparams(argv)  # + process group
+    # Checked, the experiment folder held by this run, the process group set up:
+    hparams_file, run_opts, overrides, hparams = load_checked_hparams(argv, lock=True)
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"],
         hyperparams_to_save=hparams_file,

@@ -165,7 +165,8 @@ learns, not a result on real data).
 ## Modules (`{PACKAGE}/`)
 
 `experiment` (data side, the model's assembly and a checkpoint's model), `settings` (start-up
-checks), `distributed` (evaluation under torchrun); `model/`: `speaker_model` (heads, phrase
+checks, a step's YAML and the run's record), `experiment_lock` (one run per output folder),
+`distributed` (evaluation under torchrun); `model/`: `speaker_model` (heads, phrase
 branch, the embedding model, fused LLR, the inference interface copied into exports), `modules`
 (WavLM encoder, margin losses); `training/`: `augmentation`, `sampling`, `schedules`,
 `checkpointing`; `evaluation/`: `verification`, `scoring`, `fusion`, `metrics`,

@@ -16,17 +16,33 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
 
 from data_prep.deepmine_prepare import prepare_deepmine
+from recipes.evaluation import verification_report
+from recipes.evaluation.pretrained import EXPORTED_MODULE
+from recipes.evaluation.scoring import trial_metrics
+from recipes.evaluation.verification_report import write_report
 from recipes.experiment import assembled_model, checkpoint_model
+from recipes.experiment_lock import LOCK_FILE, FolderInUse, hold_experiment_lock
+from recipes.export_model import EXPORT_MARKERS, check_export_target, published
 from recipes.tiny_wavlm import build_tiny_wavlm
 from recipes.train_speaker_embeddings import build_brain, recipe_settings
 from recipes.training.checkpointing import AtomicCheckpointer, SplitModelCheckpoint
 from tests.conftest import TINY
-from tests.helpers import ROOT, fake_batch, free_port, load_yaml, run_script
+from tests.helpers import (
+    ROOT,
+    experiment_record,
+    fake_batch,
+    free_port,
+    load_yaml,
+    run_script,
+    run_script_command,
+)
 
 SLOW_SAVE = textwrap.dedent(
     """
@@ -348,3 +364,106 @@ def test_a_split_model_checkpoint_is_refused_with_how_to_convert_it(tmp_path, ti
     brain = build_brain(load_yaml("synthetic_demo.yaml", overrides), {"device": "cpu"}, 3, 2)
     with pytest.raises(RuntimeError, match="converted from the split-model layout"):
         brain.checkpointer.recover_if_possible()
+
+
+# ------------------------------------------------------------------------------------------------
+# One run per experiment folder; nothing of a run is destroyed or half-written
+# ------------------------------------------------------------------------------------------------
+# Holds the lock, then forks a child that lives on, as a data loader's worker does.
+HOLD = (
+    "import os, sys, time\n"
+    "from recipes.experiment_lock import hold_experiment_lock\n"
+    "hold_experiment_lock(sys.argv[1])\n"
+    "child = os.fork()\n"
+    "if child == 0:\n"
+    "    time.sleep(120); os._exit(0)\n"
+    "print(child, flush=True); time.sleep(120)\n"
+)
+
+
+def test_a_held_experiment_folder_is_refused_naming_its_holder(tmp_path, tiny_corpus):
+    folder = tmp_path / "exp"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(folder)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    worker = None
+    try:
+        worker = int(holder.stdout.readline())
+        with pytest.raises(FolderInUse, match=rf'"pid": {holder.pid},'):
+            hold_experiment_lock(folder)
+        train = run_script_command("train_speaker_embeddings.py", folder, tiny_corpus)
+        step = run_script_command(
+            "verify_speakers.py", folder, tiny_corpus,
+            "--run_hparams", str(experiment_record(tmp_path, tiny_corpus)),
+        )  # fmt: skip
+        for command in (train, step):
+            result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+            assert result.returncode != 0 and "is in use by another run" in result.stderr
+        assert sorted(p.name for p in folder.iterdir()) == [LOCK_FILE]  # nothing written
+        holder.kill()
+        holder.wait()
+        os.kill(worker, 0)  # its forked worker still runs, and does not hold the lock on:
+        hold_experiment_lock(folder)  # the killed holder's lock went with it, no stale lock
+        assert json.loads((folder / LOCK_FILE).read_text())["pid"] == os.getpid()
+    finally:
+        holder.kill()
+        if worker is not None:
+            os.kill(worker, signal.SIGKILL)
+
+
+def test_an_export_never_replaces_what_is_not_an_export(tmp_path):
+    run = tmp_path / "runs" / "exp"
+    (run / "save").mkdir(parents=True)
+    for target in (run, run.parent, tmp_path):  # the experiment, or a folder holding it
+        with pytest.raises(SystemExit, match="would replace the experiment"):
+            check_export_target(target, run)
+    other = tmp_path / "models"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="holds files that are not an export"):
+        check_export_target(other, run)
+    (tmp_path / "empty").mkdir()
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    for name in EXPORT_MARKERS:
+        (earlier / name).write_text("old")
+    for fine in (run / "export", tmp_path / "new", tmp_path / "empty", earlier):
+        check_export_target(fine, run)
+    staging = tmp_path / ".staging"
+    staging.mkdir()
+    (staging / "export.json").write_text("new")
+    published(staging, earlier)
+    assert (earlier / "export.json").read_text() == "new"
+    assert not (earlier / EXPORTED_MODULE).exists() and not staging.exists()
+    assert not list(tmp_path.glob(".earlier.previous.*"))
+
+
+def _report(folder, scores, labelled=True):
+    """``write_report`` of a small eval list: 2 models x 4 tests."""
+    trials = pd.DataFrame({
+        "model_id": ["m1"] * 4 + ["m2"] * 4, "test_id": [f"t{i}" for i in range(8)],
+        "label": ["1", "0", "0", "0"] * 2, "condition": ["TC", "TW", "IC", "IW"] * 2,
+    })  # fmt: skip
+    if not labelled:
+        trials = trials.assign(label="", condition="")
+    return write_report(folder, "eval", trials, np.asarray(scores), trial_metrics(scores, trials))
+
+
+def test_a_report_is_published_whole_or_not_at_all(tmp_path, monkeypatch):
+    _report(tmp_path, [0.9, 0.1, 0.3, 0.2, 0.8, 0.4, 0.1, 0.0])
+    names = ["answer.txt", "det_eval.png", "scores_eval.txt", "verification_eval.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    before = {name: (tmp_path / name).read_bytes() for name in names}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(verification_report, "plot_det", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        _report(tmp_path, [0.5] * 8)
+    assert {name: (tmp_path / name).read_bytes() for name in names} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == names  # no staging folder left
+    monkeypatch.undo()
+    _report(tmp_path, [0.5] * 8, labelled=False)  # blind: no metrics, so no DET plot
+    assert not (tmp_path / "det_eval.png").exists()  # not the labelled run's plot beside it
+    assert (tmp_path / "answer.txt").read_text().split() == ["0.500000"] * 8

@@ -20,6 +20,8 @@ With score normalization the split name carries it (``scores_eval_as-norm.txt``,
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -51,10 +53,45 @@ def write_report(output_folder, split, trials, scores, metrics, models=None, par
     """Write the score file, the JSON report, the DET plot (and the answer file for eval).
 
     ``parts`` (a ``recipes.evaluation.fusion.TrialScores``) adds a column per trial feature and,
-    when ``scores`` are fused from them, the speaker-only DET curves.
+    when ``scores`` are fused from them, the speaker-only DET curves. The split's files are
+    published together (``published_together``): a failure while writing them (a full disk)
+    leaves the previous ones as they were, never a truncated score file beside an older report.
     """
     folder = Path(output_folder)
     folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=f".report_{split}.") as staging:
+        report = _write_report_files(Path(staging), split, trials, scores, metrics, models, parts)
+        published_together(Path(staging), folder, report_files(split))
+    if metrics:
+        print(format_table(split, metrics))
+    return report
+
+
+def report_files(split: str) -> list[str]:
+    """The names of a split's report files (those it writes; answer file for eval splits)."""
+    names = [f"scores_{split}.txt", f"verification_{split}.json", f"det_{split}.png"]
+    if split.startswith("eval"):  # answer.txt, or answer_<tags>.txt
+        names.append(f"{split.replace('eval', 'answer', 1)}.txt")
+    return names
+
+
+def published_together(staging: Path, folder: Path, names: list[str]) -> None:
+    """Move the files ``names`` from ``staging`` into ``folder``; remove those not written.
+
+    A file of an earlier report that this one does not write (a DET plot of a run that had
+    labels) goes, so the folder never mixes two reports of one split. Renames only: the
+    window in which a reader could see both is that of a few renames.
+    """
+    for name in names:
+        source, target = staging / name, folder / name
+        if source.exists():
+            os.replace(source, target)
+        elif target.exists():
+            target.unlink()
+
+
+def _write_report_files(folder: Path, split, trials, scores, metrics, models, parts) -> dict:
+    """Write a split's report files into ``folder``; the JSON report."""
     scores = np.asarray(scores)
     score_text = _formatted(scores)
     columns = [trials["model_id"], trials["test_id"], score_text]
@@ -72,8 +109,8 @@ def write_report(output_folder, split, trials, scores, metrics, models=None, par
         language = {p: phrase_language(p) for p in phrase.dropna().unique()}
         report["by_language"] = breakdown(scores, trials, phrase.map(language), llr)
     (folder / f"verification_{split}.json").write_text(json.dumps(report, indent=2))
-    if split.startswith("eval"):  # answer.txt, or answer_<tags>.txt
-        answer = folder / f"{split.replace('eval', 'answer', 1)}.txt"
+    if split.startswith("eval"):
+        answer = folder / report_files(split)[-1]
         answer.write_text("".join(f"{text}\n" for text in score_text))  # formatted once
     if metrics:
         speaker_only = parts.speaker if parts is not None and llr else None
@@ -85,7 +122,6 @@ def write_report(output_folder, split, trials, scores, metrics, models=None, par
             metrics,
             speaker_only,
         )
-        print(format_table(split, metrics))
     return report
 
 
