@@ -12,12 +12,15 @@ the settings the step replaces.
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
+from typing import NamedTuple
 
 import ruamel.yaml
 import torch
 from hyperpyyaml.core import resolve_references
-from ruamel.yaml.constructor import SafeConstructor
+from ruamel.yaml.constructor import DuplicateKeyError, SafeConstructor
 
 from recipes import experiment
 from recipes.evaluation import scoring
@@ -47,27 +50,115 @@ def choices(hparams) -> dict[str, tuple]:
     """Every enumerated setting and its allowed values, from the code's own registries."""
     allowed = {key: tuple(getattr(module, name)) for key, (module, name) in REGISTRIES.items()}
     allowed["fusion"] = ("none", *speaker_model.DECISION_KINDS)  # none: the speaker score
-    allowed["phrase_branch"] = (True, False)
     if isinstance(hparams.get("heads"), dict):  # the heads the YAML wires (build_choice)
         allowed["head_type"] = tuple(hparams["heads"])
     return allowed
 
 
-#: Numeric settings: (lowest allowed, whether the lowest is excluded).
+#: Settings that are true or false, and nothing else: YAML reads ``no`` as a string, which
+#: Python would take as true.
+BOOLEANS = (
+    "include_free_text", "skip_bad", "skip_nonfinite_grads", "phrase_branch", "freeze_cnn",
+    "gradient_checkpointing", "augment", "aug_noise", "aug_speed", "aug_drop_freq",
+    "aug_drop_chunk", "use_tensorboard",
+)  # fmt: skip
+
+
+class Range(NamedTuple):
+    """Allowed values of a number: ``low`` / ``high`` (None: unbounded), each excluded or not."""
+
+    low: float | None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+
+    def describe(self) -> str:
+        """The range in words, e.g. "a whole number >= 1", "a number in (0, 1]"."""
+        kind = "a whole number" if self.integer else "a number"
+        if self.high is None:
+            return f"{kind} {'>' if self.low_open else '>='} {self.low}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"{kind} in {left}{self.low}, {self.high}{right}"
+
+    def holds(self, value) -> bool:
+        """Whether ``value`` is of the range's kind and inside it (a bool is no number)."""
+        kinds = int if self.integer else int | float
+        if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+
+#: WavLM's CNN needs this many samples for one frame (its receptive field, 25 ms at 16 kHz: every
+#: released WavLM has the same CNN); a shorter crop or utterance fails inside the model.
+WAVLM_RECEPTIVE_FIELD = 400
+
+#: Numeric settings and their ranges (``total_steps`` may also be null: derived from the data).
 RANGES = {
-    "number_of_epochs": (1, False),
-    "batch_size": (1, False),
-    "crop_seconds": (0, True),
-    "max_eval_seconds": (0, True),
-    "dev_speakers": (1, False),
-    "enrol_utts": (0, False),
-    "total_steps": (1, False),  # or null: derived from the data
-    "min_audio_seconds": (0, False),
-    "phrase_loss_weight": (0, False),
-    "l2sp_weight": (0, False),
-    "phrase_margin": (0, False),
-    "cohort_top_k": (1, False),
-    "cohort_utts_per_speaker": (1, False),
+    "seed": Range(0, integer=True),
+    "dev_speakers": Range(1, integer=True),
+    "enrol_utts": Range(0, integer=True),  # 0: any number of enrollment utterances
+    "sample_rate": Range(1, integer=True),
+    "number_of_epochs": Range(1, integer=True),
+    "batch_size": Range(1, integer=True),
+    "grad_accumulation_factor": Range(1, integer=True),
+    "nonfinite_patience": Range(0, integer=True),
+    "ckpt_num_to_keep": Range(1, integer=True),
+    "freeze_wavlm_epochs": Range(0, integer=True),
+    "warmup_steps": Range(0, integer=True),
+    "total_steps": Range(1, integer=True),
+    "num_workers": Range(0, integer=True),
+    "cohort_top_k": Range(1, integer=True),
+    "cohort_utts_per_speaker": Range(1, integer=True),
+    "emb_dim": Range(1, integer=True),
+    "ckpt_interval_minutes": Range(0),
+    "min_audio_seconds": Range(0),
+    "crop_seconds": Range(0, low_open=True),
+    "max_eval_seconds": Range(0, low_open=True),
+    "max_grad_norm": Range(0, low_open=True),
+    "lr_wavlm": Range(0, low_open=True),
+    "lr_head": Range(0, low_open=True),
+    "weight_decay": Range(0),
+    "l2sp_weight": Range(0),
+    "lr_decay_factor": Range(0, 1, low_open=True),
+    "max_data_wait_share": Range(0, 1),
+    "phrase_loss_weight": Range(0),
+    # A cosine classifier's additive margin: at 1 or more, a target at cosine 1 can no longer
+    # beat an impostor class at cosine 0, and the loss cannot fall (it rises).
+    "phrase_margin": Range(0, 1, high_open=True),
+    "margin": Range(0),  # and below its margin type's MARGIN_LIMITS
+    "scale": Range(0, low_open=True),  # 0 multiplies every logit away: nothing trains
+    "margin_warmup_epochs": Range(0),
+    "fusion_prior": Range(0, 1, low_open=True, high_open=True),
+}
+
+#: The margin below which each margin type can still separate classes: AM subtracts it from the
+#: cosine (< 1, as above), AAM adds it to the angle (< pi/2: cos(theta + m) must stay above 0).
+MARGIN_LIMITS = {"am": 1.0, "aam": math.pi / 2}
+
+#: Paths (``noise_csv`` may be null: no noise list).
+PATHS = (
+    "output_folder", "save_folder", "train_log", "data_folder", "prep_folder", "bad_audio_log",
+    "noise_csv", "run_hparams", "export_folder",
+)  # fmt: skip
+#: The YAML's wiring: objects HyperPyYAML builds from the checked keys (they check their own).
+WIRING = (
+    "train_dataloader_options", "eval_dataloader_options", "dynamic_batch_sampler", "wavlm",
+    "wavlm_hidden_size", "heads", "embedding_head", "embedding_model", "classifier", "loss",
+    "phrase_classifier", "phrase_branch_model", "phrase_loss", "add_noise", "speed_perturb",
+    "drop_freq", "drop_chunk", "wav_augment", "wavlm_opt_class", "head_opt_class",
+    "lr_schedulers", "epoch_counter", "train_logger", "tensorboard_logger", "checkpointer",
+)  # fmt: skip
+#: Settings read as they are, with why. A key of a YAML that is in none of the checked lists
+#: and not here fails ``tests/test_settings.py``: every setting is checked or said to be free.
+FREE = {
+    **dict.fromkeys(PATHS, "a path"),
+    **dict.fromkeys(WIRING, "wiring: an object HyperPyYAML builds"),
+    "experiment": "the experiment's name (part of output_folder)",
+    "wavlm_source": "a Hugging Face id or a local directory (resolved when the YAML is built)",
+    "synthetic_corpus": "data_prep/synth_deepmine.py options (checked there), or null",
 }
 
 
@@ -78,15 +169,35 @@ def settings_problems(hparams) -> list[str]:
         if key in hparams and hparams[key] not in allowed:
             shown = ", ".join(map(str, allowed))
             problems.append(f"{key}: {hparams[key]!r} is not one of {shown}")
-    for key, (low, exclusive) in RANGES.items():
+    for key in BOOLEANS:
+        if key in hparams and not isinstance(hparams[key], bool):
+            problems.append(f"{key}: {hparams[key]!r} must be true or false")
+    for key, allowed in RANGES.items():
         value = hparams.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, int | float) or value < low or (exclusive and value == low):
-            problems.append(f"{key}: {value!r} must be a number {'>' if exclusive else '>='} {low}")
-    prior = hparams.get("fusion_prior")
-    if prior is not None and not (isinstance(prior, int | float) and 0 < prior < 1):
-        problems.append(f"fusion_prior: {prior!r} must be in (0, 1)")
+        if value is not None and not allowed.holds(value):
+            problems.append(f"{key}: {value!r} must be {allowed.describe()}")
+    return problems + combination_problems(hparams)
+
+
+def combination_problems(hparams) -> list[str]:
+    """Settings that are fine alone but not together."""
+    problems = []
+    limit = MARGIN_LIMITS.get(hparams.get("margin_type"))
+    margin = hparams.get("margin")
+    if limit is not None and RANGES["margin"].holds(margin) and margin >= limit:
+        problems.append(
+            f"margin: {margin!r} must be below {limit:.4g} for margin_type "
+            f"{hparams['margin_type']!r}: the loss could not fall"
+        )
+    rate = hparams.get("sample_rate")
+    for key in ("crop_seconds", "min_audio_seconds", "max_eval_seconds"):  # audio lengths
+        seconds = hparams.get(key)
+        usable = RANGES[key].holds(seconds) and RANGES["sample_rate"].holds(rate)
+        if usable and seconds * rate < WAVLM_RECEPTIVE_FIELD:
+            problems.append(
+                f"{key}: {seconds!r} must be at least {WAVLM_RECEPTIVE_FIELD / rate:g} (WavLM's "
+                f"receptive field, {WAVLM_RECEPTIVE_FIELD} samples at sample_rate {rate})"
+            )
     if hparams.get("fusion", "none") != "none" and hparams.get("phrase_branch") is False:
         problems.append(f"fusion: {hparams['fusion']!r} needs phrase_branch: True (or none)")
     wavlm = hparams.get("wavlm")
@@ -108,11 +219,25 @@ def raw_settings(hparams_file, overrides) -> dict:
     References are resolved by HyperPyYAML; tagged nodes (``!new:``, ``!name:``, ...) become
     plain mappings, lists or strings.
     """
-    with open(hparams_file, encoding="utf-8") as handle:
-        text = resolve_references(handle, overrides).getvalue()
+    try:
+        with open(hparams_file, encoding="utf-8") as handle:
+            text = resolve_references(handle, overrides).getvalue()
+    except DuplicateKeyError as error:
+        raise SystemExit(f"error: {duplicate_key_message(error, hparams_file)}") from None
     yaml = ruamel.yaml.YAML(typ="safe", pure=True)
     yaml.Constructor = _PlainConstructor
     return yaml.load(text)
+
+
+def duplicate_key_message(error: DuplicateKeyError, hparams_file) -> str:
+    """A key given twice, named with where (the YAML's line, or the command line)."""
+    key = re.search(r'duplicate key "([^"]*)"', error.problem or "")
+    key = key.group(1) if key else "a key"
+    mark = error.problem_mark
+    where = "on the command line"
+    if mark is not None and mark.name != "<unicode string>":
+        where = f"in {hparams_file} (line {mark.line + 1})"
+    return f"{key} is given twice {where}: give each setting once"
 
 
 def _untagged(loader, suffix, node):
@@ -200,7 +325,10 @@ def check_step_keys(step_file, overrides: str) -> None:
             "(hparams/verification.yaml or hparams/export.yaml) with --output_folder RUN, "
             "the output folder of a training run"
         )
-    given = ruamel.yaml.YAML(typ="safe", pure=True).load(overrides or "{}") or {}
+    try:
+        given = ruamel.yaml.YAML(typ="safe", pure=True).load(overrides or "{}") or {}
+    except DuplicateKeyError as error:
+        raise SystemExit(f"error: {duplicate_key_message(error, step_file)}") from None
     if not isinstance(given, dict):  # a stray argument, such as a second YAML
         raise SystemExit(f"error: unexpected argument(s) after {step_file}: {overrides}")
     unknown = sorted(set(given) - set(keys))

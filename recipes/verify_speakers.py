@@ -351,8 +351,9 @@ def parse_arguments(argv) -> argparse.Namespace:
         out = Path(args.out)
         if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
             files.error(f"--out {out}: not a writable file path (checked before scoring)")
-    if not 0 < args.p_target < 1 or args.c_miss <= 0 or args.c_fa <= 0:
-        files.error("--p_target must be in (0, 1), --c_miss and --c_fa positive")
+    costs_finite = math.isfinite(args.c_miss) and math.isfinite(args.c_fa)
+    if not 0 < args.p_target < 1 or not costs_finite or args.c_miss <= 0 or args.c_fa <= 0:
+        files.error("--p_target must be in (0, 1), --c_miss and --c_fa finite and positive")
     return args
 
 

@@ -197,6 +197,8 @@ def test_cli_checks_arguments_and_audio_before_loading_a_model(tmp_path):
     cases = {
         ("--pairs", tmp_path / "pairs.txt", "--test", good): "--test goes with --enrol",
         ("--enrol", good, "--test", good, "--threshold", "nan"): "--threshold must be a finite",
+        ("--enrol", good, "--test", good, "--c_miss", "inf"): "--c_fa finite and positive",
+        ("--enrol", good, "--test", good, "--c_fa", "nan"): "--c_fa finite and positive",
         ("--enrol", good, "--test", good, "--out", tmp_path / "no/such/dir.txt"): "--out",
         ("--enrol", good, "--test", silent): f"{silent}: no speech energy",
         ("--enrol", truncated, "--test", good): f"{truncated}: truncated: the header declares",
