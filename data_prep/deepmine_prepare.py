@@ -327,6 +327,29 @@ def _well_formed_trials(trial_list: Path, key_list, models: dict):
 # --------------------------------------------------------------------------------------------
 # Audio validation
 # --------------------------------------------------------------------------------------------
+#: The longest file name most file systems take (bytes), ``.wav`` included.
+MAX_FILE_NAME = 255
+
+
+def unsafe_id(file_id: str) -> str | None:
+    """Why an utterance id cannot name a file under the corpus folder; None when it can.
+
+    An id is joined into ``wav/<subdir>/<id>.wav``: a path separator, ``..`` or an absolute path
+    would read (and train on) files outside the data folder; a NUL or an over-long name fails
+    inside a thread pool with a message that names no list line.
+    """
+    if "/" in file_id or "\\" in file_id:
+        return "an utterance id is a file name: no path separators"
+    if ".." in file_id:
+        return "an utterance id is a file name: no '..'"
+    if "\0" in file_id or not file_id.isprintable():
+        return "an utterance id is a file name: no NUL or control characters"
+    size = len(f"{file_id}.wav".encode())
+    if size > MAX_FILE_NAME:
+        return f"too long for a file name ({size} bytes with .wav; the limit is {MAX_FILE_NAME})"
+    return None
+
+
 def check_audio(
     root: Path, utts: list[Utt], problems: Problems, jobs: int, min_seconds: float = MIN_SECONDS
 ) -> set[str]:
@@ -335,11 +358,17 @@ def check_audio(
     Every sample is read (``audio_checks.file_problem``): a truncated, silent or non-finite file
     is named here, not after hours of training or as a perfect score.
     """
+    bad = set()
+    for utt in utts:  # an id becomes a file name: refused before any path is made of it
+        reason = unsafe_id(utt.file_id)
+        if reason:
+            problems.add(repr(utt.file_id), utt.where, reason)
+            bad.add(utt.file_id)
+    utts = [u for u in utts if u.file_id not in bad]
     paths = [wav_path(root, u.subdir, u.file_id) for u in utts]
     check = partial(file_problem, sample_rate=SAMPLE_RATE, min_seconds=min_seconds)
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # libsndfile releases the GIL
         results = list(pool.map(check, paths, chunksize=64))
-    bad = set()
     for utt, path, (duration, reason) in zip(utts, paths, results, strict=True):
         utt.duration = duration
         if reason:

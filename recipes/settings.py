@@ -12,8 +12,10 @@ the settings the step replaces.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -391,4 +393,24 @@ def load_run(record, replacements: dict, run_opts) -> dict:
         )
     replaced = {key: value for key, value in replacements.items() if value is not None}
     run_overrides = "\n".join(f"{key}: {json.dumps(value)}" for key, value in replaced.items())
-    return checked_hparams(record, run_overrides, run_opts, lock=True)
+    hparams = checked_hparams(record, run_overrides, run_opts, lock=True)
+    log_step(hparams["output_folder"])
+    return hparams
+
+
+def log_step(folder) -> None:
+    """Log a step as training logs, with SpeechBrain's logging setup.
+
+    INFO lines go to the console, and everything is appended to the run's ``log.txt``,
+    starting with the step's command line.
+    """
+    import speechbrain as sb
+    from speechbrain.core import DEFAULT_LOG_CONFIG
+
+    if not sb.utils.distributed.if_main_process():
+        return
+    log_file = str(Path(folder) / "log.txt")
+    sb.utils.logger.setup_logging(
+        DEFAULT_LOG_CONFIG, {"handlers": {"file_handler": {"filename": log_file}}}
+    )
+    logging.getLogger(__name__).info("step on %s: %s", folder, " ".join(sys.argv))

@@ -250,6 +250,34 @@ def test_every_problem_is_reported_at_once(tmp_path):
     assert str(error.value).startswith(f"{len(BREAKAGES)} problem(s)")
 
 
+def test_an_id_is_a_file_name_never_a_path(tmp_path):
+    """An id that would read a file outside the corpus, or fail inside a thread pool, is named.
+
+    Each with its list line, for each list an id comes from; the files outside exist.
+    """
+    root = make_miniature(tmp_path / "corpus")
+    write_wav(tmp_path / "outside" / "secret.wav")  # what ../../../outside/secret would read
+    labels = root / "docs" / "train_labels.txt"
+    labels.write_text(labels.read_text() + "../../../outside/secret spk_000002 01\n")
+    enrol = root / "docs" / "model_enrollment.txt"
+    enrol.write_text(enrol.read_text().replace("enr_000006", f"{tmp_path}/outside/secret"))
+    long_id = "e" * 300
+    for name in ("trials.txt", "trials_key.txt"):
+        path = root / "docs" / name
+        path.write_text(path.read_text().replace("evl_000003", long_id))
+    with pytest.raises(DataPrepError) as error:
+        prepare_deepmine(root, tmp_path / "prep", dev_speakers=1)
+    message = str(error.value)
+    for culprit, reason, where in (
+        ("'../../../outside/secret'", "no path separators", "train_labels.txt:35"),
+        (f"'{tmp_path}/outside/secret'", "no path separators", "model_enrollment.txt:3"),
+        (f"'{long_id}'", "too long for a file name (304 bytes", "trials.txt:4"),
+    ):
+        line = next((x for x in message.splitlines() if culprit in x), "")
+        assert reason in line and where in line, message
+    assert not (tmp_path / "prep").exists() or not list((tmp_path / "prep").iterdir())
+
+
 def test_key_must_cover_every_trial(tmp_path):
     root = make_miniature(tmp_path / "corpus")
     key = root / "docs/trials_key.txt"

@@ -145,9 +145,13 @@ def test_short_run_learns_checkpoints_and_reports(trained):
 @pytest.mark.slow
 def test_verify_script_outputs_agree_with_each_other(trained, tiny_corpus):
     out, _ = trained
-    run_script(
+    output = run_script(
         "verify_speakers.py", out, tiny_corpus, "--score_norm", "as-norm", "--cohort_top_k", "2"
     )
+    # The step logs as training does: INFO lines on the console, and into the run's log.txt.
+    log = (out / "log.txt").read_text()
+    assert "fusion: learned on" in output and "fusion: learned on" in log
+    assert "verify_speakers.py trials" in log.split("step on")[-1]
     lines = (out / "scores_eval.txt").read_text().splitlines()
     trials = [line.fields for line in read_list(tiny_corpus / "docs" / "trials.txt")]
     assert [line.split()[:2] for line in lines] == [list(t) for t in trials]
