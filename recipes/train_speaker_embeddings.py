@@ -46,8 +46,9 @@ from recipes.experiment import (
 )
 from recipes.model.modules import L2SP
 from recipes.model.speaker_model import per_utterance, scoring_outputs
-from recipes.settings import load_checked_hparams
+from recipes.settings import load_checked_hparams, raw_settings
 from recipes.training.checkpointing import MODEL_RECOVERABLE
+from recipes.training.resume_guard import guard_data, guard_settings
 from recipes.training.schedules import derive_total_steps
 
 logger = get_logger(__name__)
@@ -470,6 +471,8 @@ def main(argv) -> None:
     """Prepare data, train, then evaluate the best checkpoint on the dev (and eval) trials."""
     # Checked, the experiment folder held by this run, the process group set up:
     hparams_file, run_opts, overrides, hparams = load_checked_hparams(argv, lock=True)
+    given = raw_settings(hparams_file, overrides)  # what this command sets, as plain values
+    guard_settings(hparams["save_folder"], given)  # a resume on other settings: before writing
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"],
         hyperparams_to_save=hparams_file,
@@ -477,6 +480,7 @@ def main(argv) -> None:
     )
     settings = recipe_settings(hparams)
     prepare_data(settings.corpus)
+    guard_data(hparams["save_folder"], given, hparams["prep_folder"])  # ... or on other data
     data = dataio_prep(settings.corpus, settings.audio)
     train, splits = data.train, data.splits
     # Read by the loader's workers, not in the training step:

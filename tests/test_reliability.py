@@ -32,7 +32,17 @@ from recipes.experiment_lock import LOCK_FILE, FolderInUse, hold_experiment_lock
 from recipes.export_model import EXPORT_MARKERS, check_export_target, published
 from recipes.tiny_wavlm import build_tiny_wavlm
 from recipes.train_speaker_embeddings import build_brain, recipe_settings
-from recipes.training.checkpointing import AtomicCheckpointer, SplitModelCheckpoint
+from recipes.training.checkpointing import (
+    AtomicCheckpointer,
+    CheckpointLoadError,
+    SplitModelCheckpoint,
+)
+from recipes.training.resume_guard import (
+    FINGERPRINT_FILE,
+    MANIFESTS,
+    guard_data,
+    guard_settings,
+)
 from tests.conftest import TINY
 from tests.helpers import (
     ROOT,
@@ -467,3 +477,66 @@ def test_a_report_is_published_whole_or_not_at_all(tmp_path, monkeypatch):
     _report(tmp_path, [0.5] * 8, labelled=False)  # blind: no metrics, so no DET plot
     assert not (tmp_path / "det_eval.png").exists()  # not the labelled run's plot beside it
     assert (tmp_path / "answer.txt").read_text().split() == ["0.500000"] * 8
+
+
+# ------------------------------------------------------------------------------------------------
+# A resume on other settings or data is refused, naming what differs
+# ------------------------------------------------------------------------------------------------
+def _prep(folder: Path) -> Path:
+    """A prep folder with the manifests the guard hashes."""
+    folder.mkdir(parents=True)
+    for name in MANIFESTS:
+        (folder / name).write_text(f"ID,duration\n{name},1.0\n")
+    return folder
+
+
+def test_a_resume_on_other_settings_or_data_is_refused_naming_each(tmp_path, caplog):
+    save, prep = tmp_path / "save", _prep(tmp_path / "prep")
+    settings = {"emb_dim": 64, "seed": 1, "lr_head": 0.002, "data_folder": "/corpus",
+                "wavlm": {"hidden": 96}, "__set_seed": [1]}  # fmt: skip
+    guard_settings(save, settings)  # a new run: nothing to compare
+    guard_data(save, settings, prep)  # ... and recorded
+    assert json.loads((save / FINGERPRINT_FILE).read_text())["settings"]["emb_dim"] == 64
+    (save / "CKPT+2026-01-01+00-00-00+00").mkdir()
+    (save / "CKPT+2026-01-01+00-00-00+00" / "CKPT.yaml").write_text("EER: 1.0\n")
+    other = {**settings, "emb_dim": 128, "seed": 2, "__set_seed": [2], "wavlm": {"hidden": 48}}
+    with pytest.raises(SystemExit) as refused:
+        guard_settings(save, other)
+    message = str(refused.value)
+    assert "emb_dim: 64 (now 128)" in message and "seed: 1 (now 2)" in message
+    assert "wavlm" not in message and "__set_seed" not in message  # follow from the settings
+    assert "not damaged: keep them" in message
+    moved = {**settings, "lr_head": 0.001, "data_folder": "/moved/corpus"}
+    with caplog.at_level("WARNING"):
+        guard_settings(save, moved)  # allowed, and said
+        guard_data(save, moved, prep)  # the same manifests: the same data
+    assert "resuming with a changed setting: lr_head: 0.002 (now 0.001)" in caplog.text
+    (prep / "train.csv").write_text("ID,duration\nother,2.0\n")
+    with pytest.raises(SystemExit, match=r"train.csv: other data"):
+        guard_data(save, moved, prep)
+    assert json.loads((save / FINGERPRINT_FILE).read_text())["settings"]["lr_head"] == 0.002
+
+
+@pytest.mark.slow
+def test_resuming_a_run_with_another_model_shape_changes_nothing(trained, tiny_corpus):
+    out, _ = trained
+    record = (out / "hyperparams.yaml").read_bytes()
+    command = [
+        "--emb_dim=32" if arg == "--emb_dim=64" else arg
+        for arg in run_script_command("train_speaker_embeddings.py", out, tiny_corpus)
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "emb_dim: 64 (now 32)" in result.stderr and "keep them" in result.stderr
+    assert (out / "hyperparams.yaml").read_bytes() == record  # the run's record is untouched
+
+
+def test_a_whole_checkpoint_that_does_not_fit_is_not_called_damaged(tmp_path):
+    folder = tmp_path / "CKPT+2026-01-01+00-00-00+00"
+    folder.mkdir()
+    torch.save({"w": torch.ones(3)}, folder / "embedding_model.ckpt")
+    (folder / "brain.ckpt").write_text("step: 4\n")  # SpeechBrain's text recoverables
+    (folder / "counter.ckpt").write_text("2")
+    error = CheckpointLoadError(folder, RuntimeError("size mismatch for head.weight"))
+    assert "do not fit the model these settings build" in str(error)
+    assert "Delete" not in str(error) and "size mismatch for head.weight" in str(error)

@@ -34,18 +34,36 @@ logger = get_logger(__name__)
 
 
 class CheckpointLoadError(RuntimeError):
-    """A checkpoint that cannot be loaded, with the files that are not whole ``torch.save`` zips.
+    """A checkpoint that cannot be loaded: its damaged files, or that it does not fit the model.
 
-    torch's own message ("failed finding central directory") names no file.
+    torch's own message ("failed finding central directory") names no file. Only a damaged
+    checkpoint is worth deleting; a whole one that does not fit was made with other settings.
     """
 
     def __init__(self, folder: Path, error: Exception):
-        damaged = [p.name for p in sorted(Path(folder).glob("*.ckpt")) if not zipfile.is_zipfile(p)]
-        what = f"damaged (truncated?) file(s): {', '.join(damaged)}" if damaged else str(error)
-        super().__init__(
-            f"cannot load checkpoint {folder}: {what}. Delete that folder to resume from an "
-            f"earlier checkpoint. ({type(error).__name__}: {error})"
-        )
+        damaged = [p.name for p in sorted(Path(folder).glob("*.ckpt")) if truncated_zip(p)]
+        if damaged:
+            what = (
+                f"damaged (truncated?) file(s): {', '.join(damaged)}. Delete that folder to "
+                "resume from an earlier checkpoint"
+            )
+        else:
+            what = (
+                "its files are whole, but they do not fit the model these settings build: it "
+                "was made with other settings (its run's hyperparams.yaml has them). Do not "
+                "delete it; use those settings, or another --output_folder"
+            )
+        cause = f"{type(error).__name__}: {error}"
+        super().__init__(f"cannot load checkpoint {folder}: {what}. ({cause})")
+
+
+def truncated_zip(path: Path) -> bool:
+    """Whether ``path`` starts as a ``torch.save`` zip but is not a whole one.
+
+    SpeechBrain's text recoverables (``brain.ckpt``, ``counter.ckpt``) are not zips at all.
+    """
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(path)
 
 
 def write_metafile(path: Path, meta: dict) -> None:
