@@ -183,10 +183,22 @@ def read_pairs(path: Path, audio_root: Path) -> list[Pair]:
     if {pair.label is None for pair in pairs} == {True, False}:
         problems.append(f"{path}: label every line or none")
     if problems:
-        raise PairsFileError("\n".join(problems))
+        raise PairsFileError(capped(problems))
     if not pairs:
         raise PairsFileError(f"{path}: no trials")
     return pairs
+
+
+#: The most problems printed one by one; the rest are counted.
+MAX_PROBLEMS_SHOWN = 20
+
+
+def capped(problems: list[str], limit: int = MAX_PROBLEMS_SHOWN) -> str:
+    """The problems one per line, the first ``limit`` of them, and a count of the rest."""
+    shown = problems[:limit]
+    if len(problems) > limit:
+        shown.append(f"... and {len(problems) - limit} more problem(s)")
+    return "\n".join(shown)
 
 
 class EmbeddingCache:
@@ -201,12 +213,34 @@ class EmbeddingCache:
             self.outputs[path] = self.verifier.embed_file_all(path)
         return self.outputs[path]
 
-    def verdict(self, enrol: list[Path], test: Path, args):
-        """The ``Verdict`` of a test file against its enrollment files."""
+    def verdict(self, enrol: list[Path], test: Path, args, replay: bool = False):
+        """The ``Verdict`` of a test file against its enrollment files.
+
+        A replay (the test's samples are an enrollment file's, ``replay``, or its speaker
+        embedding is practically one's) is rejected, unless ``--allow_replay``.
+        """
         costs = {"p_target": args.p_target, "c_miss": args.c_miss, "c_fa": args.c_fa}
-        return self.verifier.score_trial(
-            [self(p) for p in enrol], self(test), args.phrase, args.threshold, costs
-        )
+        enrolled, tested = [self(p) for p in enrol], self(test)
+        verdict = self.verifier.score_trial(enrolled, tested, args.phrase, args.threshold, costs)
+        replay = replay or any(same_embedding(e, tested) for e in enrolled)
+        if replay and not args.allow_replay:
+            return verdict._replace(accept=False, reason=REPLAY)
+        return verdict
+
+
+#: A test whose speaker embedding has at least this cosine with an enrollment file's is that
+#: file again (two recordings of a voice are far apart at this precision).
+REPLAY_COSINE = 0.9999
+#: The reason a replayed enrollment file is rejected.
+REPLAY = "replay of an enrollment file"
+
+
+def same_embedding(a: dict, b: dict) -> bool:
+    """Whether two files' speaker embeddings are practically identical (``REPLAY_COSINE``)."""
+    cosine = torch.nn.functional.cosine_similarity(
+        a["speaker"].flatten().float(), b["speaker"].flatten().float(), dim=0
+    )
+    return float(cosine) >= REPLAY_COSINE
 
 
 def verdict_text(verdict) -> str:
@@ -217,8 +251,8 @@ def verdict_text(verdict) -> str:
     if verdict.accept is None:
         return " ".join([*fields, "-"])
     fields.append("accept" if verdict.accept else "reject")
-    if verdict.reason == "wrong pass-phrase":
-        fields.append("(wrong pass-phrase)")
+    if verdict.reason in ("wrong pass-phrase", REPLAY):
+        fields.append(f"({verdict.reason})")
     return " ".join(fields)
 
 
@@ -242,11 +276,12 @@ def decision_note(verifier, n_enrol: int, args) -> str:
     return f"threshold {calibrated:.4f} (dev {point} point, {count}-utterance enrollment{nearest})"
 
 
-def unusable_audio(paths) -> list[str]:
+def unusable_audio(paths, digests: dict | None = None) -> list[str]:
     """``"path: reason"`` for each file that cannot be scored (checked before a model loads).
 
     The checks of data prep (``audio_checks.waveform_problem``) at the file's own sample rate,
-    channels averaged; the model's loader checks again after resampling.
+    channels averaged; the model's loader checks again after resampling. ``digests`` (if given)
+    gets a hash of each readable file's samples and rate: the same recording however named.
     """
     problems = []
     for path in dict.fromkeys(paths):
@@ -255,6 +290,8 @@ def unusable_audio(paths) -> list[str]:
         except (RuntimeError, sf.LibsndfileError) as error:
             problems.append(f"{path}: unreadable audio ({str(error).strip()})")
             continue
+        if digests is not None:
+            digests[path] = hashlib.sha1(samples.tobytes() + str(rate).encode()).hexdigest()
         declared = declared_wav_frames(path)
         reason = waveform_problem(samples.mean(axis=1), rate)
         if declared is not None and declared > len(samples):
@@ -266,6 +303,23 @@ def unusable_audio(paths) -> list[str]:
     return problems
 
 
+def repeated_enrollment(pairs: list[Pair], digests: dict) -> list[str]:
+    """A problem for each enrollment that lists one recording twice (by path or by samples).
+
+    Three copies of one file are no 3-utterance model: its threshold would be calibrated for
+    three different recordings.
+    """
+    problems = []
+    for pair in pairs:
+        seen = {}
+        for path in pair.enrol:
+            key = digests.get(path, Path(path).resolve())
+            if key in seen:
+                problems.append(f"the enrollment repeats a recording: {path} is {seen[key]}")
+            seen.setdefault(key, path)
+    return list(dict.fromkeys(problems))
+
+
 def verify_files(args) -> None:
     """Score test files against an enrollment, or every line of a pairs file."""
     if args.pairs:
@@ -275,9 +329,13 @@ def verify_files(args) -> None:
         if missing:
             raise SystemExit(f"no such file: {', '.join(missing)}")
         pairs = [Pair(None, [Path(p) for p in args.enrol], Path(t), t) for t in args.test]
-    problems = unusable_audio(path for pair in pairs for path in [*pair.enrol, pair.test])
+    digests = {}
+    problems = unusable_audio(
+        (path for pair in pairs for path in [*pair.enrol, pair.test]), digests
+    )
+    problems += repeated_enrollment(pairs, digests)
     if problems:
-        raise SystemExit("refused, nothing scored:\n" + "\n".join(problems))
+        raise SystemExit("refused, nothing scored:\n" + capped(problems))
     verifier = load_verifier(args.model, {"device": args.device})
     if args.operating_point:
         verifier.hparams.operating_point = args.operating_point
@@ -287,7 +345,8 @@ def verify_files(args) -> None:
         print(f"enrollment: {len(args.enrol)} file(s); {note}")
     lines, scores = [], []
     for pair in pairs:
-        verdict = cache.verdict(pair.enrol, pair.test, args)
+        replay = digests.get(pair.test) in {digests.get(p) for p in pair.enrol}
+        verdict = cache.verdict(pair.enrol, pair.test, args, replay)
         scores.append(verdict.score)
         lines.append(f"{pair.text} {verdict_text(verdict)}")
     output = "\n".join(lines) + "\n"
@@ -383,6 +442,10 @@ def add_file_arguments(parser) -> None:
     ):
         parser.add_argument(name, type=float, default=default, help=f"{text} (Bayes threshold)")
     parser.add_argument("--out", help="write the scores here instead of printing them")
+    parser.add_argument(
+        "--allow_replay", action="store_true",
+        help="score a test that is an enrollment file again (rejected as a replay by default)",
+    )  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 

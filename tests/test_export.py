@@ -264,6 +264,25 @@ def test_cli_rejects_another_pass_phrase_and_says_why(exported, tiny_corpus):
 
 
 @pytest.mark.slow
+def test_cli_rejects_a_replayed_enrollment_file_and_an_unknown_phrase(exported, tiny_corpus):
+    out, folder = exported
+    enrol_ids, _, recipe, wavs = _dev_pair(out, tiny_corpus)
+    enrol = [wavs[i] for i in enrol_ids]
+    phrase = _model_phrase(out, recipe["model_id"])
+    replayed = cli("--model", folder, "--enrol", *enrol, "--test", enrol[1], "--phrase", phrase)
+    assert replayed.returncode == 0, replayed.stderr[-3000:]
+    assert replayed.stdout.strip().endswith("reject (replay of an enrollment file)")
+    allowed = cli(
+        "--model", folder, "--enrol", *enrol, "--test", enrol[1], "--phrase", phrase,
+        "--allow_replay",
+    )  # fmt: skip
+    assert "replay" not in allowed.stdout.strip().splitlines()[-1]
+    # "1" meant as "01": refused with the hint, not scored as a custom phrase.
+    unknown = cli("--model", folder, "--enrol", *enrol, "--test", enrol[0], "--phrase", "1")
+    assert unknown.returncode != 0 and "did you mean '01'" in unknown.stderr
+
+
+@pytest.mark.slow
 def test_cli_resamples_and_downmixes_and_says_so(exported, tiny_corpus, tmp_path):
     out, folder = exported
     enrol_ids, test_id, _, wavs = _dev_pair(out, tiny_corpus)

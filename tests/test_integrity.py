@@ -193,11 +193,17 @@ def test_cli_checks_arguments_and_audio_before_loading_a_model(tmp_path):
     (tmp_path / "pairs.txt").write_text(f"{good} {good}\n")
     truncated = tmp_path / "truncated.wav"
     truncated.write_bytes(good.read_bytes()[:20000])
+    copy = tmp_path / "copy.wav"  # the same recording under another name
+    copy.write_bytes(good.read_bytes())
+    (tmp_path / "bad_pairs.txt").write_text("only-one-field\n" * 30)  # 30 problems, 20 shown
     not_a_model = tmp_path  # each check below must come before the model folder is read
     cases = {
         ("--pairs", tmp_path / "pairs.txt", "--test", good): "--test goes with --enrol",
         ("--enrol", good, "--test", good, "--threshold", "nan"): "--threshold must be a finite",
         ("--enrol", good, "--test", good, "--c_miss", "inf"): "--c_fa finite and positive",
+        ("--enrol", good, good, "--test", silent): f"repeats a recording: {good} is {good}",
+        ("--enrol", good, copy, "--test", silent): f"repeats a recording: {copy} is {good}",
+        ("--pairs", tmp_path / "bad_pairs.txt"): "... and 10 more problem(s)",
         ("--enrol", good, "--test", good, "--c_fa", "nan"): "--c_fa finite and positive",
         ("--enrol", good, "--test", good, "--out", tmp_path / "no/such/dir.txt"): "--out",
         ("--enrol", good, "--test", silent): f"{silent}: no speech energy",

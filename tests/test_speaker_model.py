@@ -7,6 +7,7 @@ over exactly the valid frames.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -15,7 +16,13 @@ import torch.nn.functional as F
 from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 
 from recipes.model.modules import L2SP, WavLMEncoder
-from recipes.model.speaker_model import MaskedGroupNorm, MHFAHead, XVectorHead
+from recipes.model.speaker_model import (
+    OTHER_PHRASE,
+    MaskedGroupNorm,
+    MHFAHead,
+    TDSVSpeakerRecognition,
+    XVectorHead,
+)
 from tests.helpers import load_yaml
 
 LENGTHS = (48000, 37001, 21111, 16003, 8000)
@@ -157,3 +164,34 @@ def test_l2sp_is_zero_at_the_pretrained_weights_and_pulls_back_toward_them(
         for p in trainable:
             p.sub_(10.0 * p.grad)
     assert l2sp().item() < penalty.item()
+
+
+def _recognizer(labels):
+    """A ``TDSVSpeakerRecognition`` that knows only its phrase classes (no model is loaded)."""
+    verifier = object.__new__(TDSVSpeakerRecognition)
+    verifier.hparams = SimpleNamespace(phrase_labels=labels)
+    return verifier
+
+
+def _outputs(*recognized, labels):
+    """Phrase outputs of files each recognized as one class (its log-posterior near 0)."""
+    return [
+        {"phrase_logp": torch.log_softmax(10.0 * F.one_hot(torch.tensor(labels.index(r)),
+                                                          len(labels)).float(), dim=0)}
+        for r in recognized
+    ]  # fmt: skip
+
+
+def test_the_enrolled_phrase_is_what_was_asked_or_a_named_error():
+    labels = ["01", "06", "10", OTHER_PHRASE]
+    verifier = _recognizer(labels)
+    assert verifier.enrolled_phrase([], "06") == "06"
+    assert verifier.enrolled_phrase([], "custom") == "custom"
+    with pytest.raises(ValueError, match=r"phrase '6' is not a pass-phrase.*did you mean '06'"):
+        verifier.enrolled_phrase([], "6")  # not silently "custom"
+    for unknown in ("99", OTHER_PHRASE):
+        with pytest.raises(ValueError, match="not a pass-phrase of this model"):
+            verifier.enrolled_phrase([], unknown)
+    assert verifier.enrolled_phrase(_outputs("10", "10", "10", labels=labels)) == "10"
+    with pytest.raises(ValueError, match=r"different pass-phrases \(01, 06, 01\)"):
+        verifier.enrolled_phrase(_outputs("01", "06", "01", labels=labels))

@@ -777,12 +777,34 @@ class TDSVSpeakerRecognition(SpeakerRecognition):
         """
         labels = list(self.hparams.phrase_labels)
         if phrase is not None:
-            return phrase if phrase in labels and phrase != OTHER_PHRASE else "custom"
+            return self.checked_phrase(phrase)
+        recognized = [labels[int(o["phrase_logp"].argmax())] for o in enrol_outputs]
+        if len(set(recognized)) > 1:
+            raise ValueError(
+                f"the enrollment files were recognized as different pass-phrases "
+                f"({', '.join(recognized)}): enroll one pass-phrase, or name it (--phrase ID, "
+                "or custom for a phrase the model was not trained on)"
+            )
         posterior = torch.stack([o["phrase_logp"] for o in enrol_outputs]).exp().mean(0)
         best = int(posterior.argmax())
         if posterior[best] < 0.5 or labels[best] == OTHER_PHRASE:
             return "custom"
         return labels[best]
+
+    def checked_phrase(self, phrase: str) -> str:
+        """``phrase`` if it is a pass-phrase of the model or "custom"; else a ValueError.
+
+        An unknown id is refused, not scored as "custom": ``6`` for ``06`` would otherwise
+        switch silently to content similarity.
+        """
+        known = [label for label in self.hparams.phrase_labels if label != OTHER_PHRASE]
+        if phrase == "custom" or phrase in known:
+            return phrase
+        hint = next((f"; did you mean {k!r}?" for k in known if k.lstrip("0") == phrase), "")
+        raise ValueError(
+            f"phrase {phrase!r} is not a pass-phrase of this model ({', '.join(known)}; or "
+            f"custom, for a phrase it was not trained on){hint}"
+        )
 
     def phrase_score(self, test_outputs, phrase: str, content: float) -> float:
         """Log-posterior of ``phrase`` for the test, or the ``content`` similarity for "custom"."""
