@@ -64,6 +64,7 @@ from data_prep.layout import (
     TRIAL_LISTS,
     ListLine,
     condition_of,
+    file_digest,
     find_list,
     phrase_language,
     read_list,
@@ -448,12 +449,40 @@ def _utt_rows(utts: list[Utt]) -> list[list]:
     return rows
 
 
-def _write_all(save_folder: Path, tables: dict[str, tuple[list[str], list[list]]], marker) -> None:
+def _up_to_date(marker: Path, fingerprint: dict) -> bool:
+    """Whether the manifests beside ``marker`` were made from ``fingerprint`` and are as written.
+
+    A deleted, truncated or edited manifest, or a damaged marker, means preparing again (with a
+    line saying why), never skipping: a missing ``eval_trials.csv`` would leave no eval reports.
+    """
+    if not marker.is_file():
+        return False
+    try:
+        record = json.loads(marker.read_text())
+    except (ValueError, UnicodeDecodeError):
+        print(f"{marker} is damaged: preparing again.")
+        return False
+    if not isinstance(record, dict) or record.get("options") != fingerprint:
+        return False
+    changed = [
+        name for name, digest in record.get("manifests", {}).items()
+        if not (marker.parent / name).is_file() or file_digest(marker.parent / name) != digest
+    ]  # fmt: skip
+    if changed:
+        print(
+            f"Manifests missing or changed since written ({', '.join(changed)}): preparing again."
+        )
+    return not changed
+
+
+def _write_all(
+    save_folder: Path, tables: dict[str, tuple[list[str], list[list]]], marker: str, options: dict
+) -> None:
     """Write every CSV under a temporary name, then rename them all: never a partial set.
 
-    ``marker`` (name -> text, the options) is written last; manifests of an earlier run that
-    this one does not make (say ``rejected.csv``) are removed. On any failure the temporary
-    files go and the folder keeps the previous run's complete set.
+    The ``marker`` file (the ``options`` and a hash of each manifest) is written last;
+    manifests of an earlier run that this one does not make (say ``rejected.csv``) are removed.
+    On any failure the temporary files go and the folder keeps the previous run's complete set.
     """
     save_folder.mkdir(parents=True, exist_ok=True)
     temporary = []
@@ -468,10 +497,11 @@ def _write_all(save_folder: Path, tables: dict[str, tuple[list[str], list[list]]
                     rows.to_csv(handle, header=False, index=False, lineterminator="\r\n")
                 else:
                     writer.writerows(rows)
-        ((name, text),) = marker.items()
+        digests = {final.name: file_digest(tmp) for tmp, final in temporary}
+        name = marker
         tmp = save_folder / f".{name}.{os.getpid()}.tmp"
         temporary.append((tmp, save_folder / name))
-        tmp.write_text(text)
+        tmp.write_text(json.dumps({"options": options, "manifests": digests}, indent=1))
     except BaseException:
         for tmp, _ in temporary:
             tmp.unlink(missing_ok=True)
@@ -551,15 +581,15 @@ def prepare_deepmine(
     with folder_lock(save_folder):
         fingerprint = _options_fingerprint(data_folder, docs_files, options)
         marker = save_folder / "prep_options.json"
-        if marker.is_file() and json.loads(marker.read_text()) == fingerprint:
+        if _up_to_date(marker, fingerprint):
             print(
-                f"Manifests in {save_folder} are up to date (same lists, options): "
-                "skipping data prep."
+                f"Manifests in {save_folder} are up to date (same lists, options, and each "
+                "manifest as written): skipping data prep."
             )
             return {p.stem: p for p in save_folder.glob("*.csv")}
         lists = (train_list, enrol_list, trial_list, key_list)
         tables, problems = _manifest_tables(data_folder, lists, options, jobs)
-        _write_all(save_folder, tables, {marker.name: json.dumps(fingerprint, indent=1)})
+        _write_all(save_folder, tables, marker.name, fingerprint)
     _print_summary(save_folder, tables, problems)
     return {Path(name).stem: save_folder / name for name in tables}
 

@@ -13,6 +13,7 @@ adds ``docs/trials_key.txt`` ("model-id evaluation-file-id target|nontarget TC|T
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -101,3 +102,12 @@ def find_list(docs: Path, names: tuple[str, ...]) -> Path | None:
         if (docs / name).is_file():
             return docs / name
     return None
+
+
+def file_digest(path: Path) -> str:
+    """The SHA-1 of a file's bytes: a check that a derived file is as written (not security)."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -314,6 +314,18 @@ def test_skips_work_when_up_to_date_and_redoes_on_change(tmp_path, capsys):
     prepare_deepmine(root, tmp_path / "prep", dev_speakers=2)
     assert "Wrote manifests" in capsys.readouterr().out
     assert len(_csv(tmp_path / "prep", "dev_enrol.csv")) == 4
+    # A deleted or edited manifest, or a damaged marker, is prepared again, never skipped.
+    for damage in (
+        lambda prep: (prep / "eval_trials.csv").unlink(),
+        lambda prep: (prep / "train.csv").write_text("ID,duration\n"),
+        lambda prep: (prep / "prep_options.json").write_text('{"options": {"dev_sp'),
+    ):
+        damage(tmp_path / "prep")
+        prepare_deepmine(root, tmp_path / "prep", dev_speakers=2)
+        out = capsys.readouterr().out
+        assert "Wrote manifests" in out and "preparing again" in out, out
+        assert (tmp_path / "prep" / "eval_trials.csv").is_file()
+        assert len(_csv(tmp_path / "prep", "train.csv")) > 1
 
 
 def test_dev_speakers_must_leave_training_speakers(tmp_path):
@@ -382,7 +394,7 @@ def test_concurrent_runs_take_turns_and_leave_no_temporary_files(tmp_path):
     assert [run.returncode for run in runs] == [0, 0], outputs
     assert not list(prep.glob(".*")), list(prep.glob(".*"))
     # Whichever ran last, the folder holds its complete output, consistent with its marker.
-    dev_speakers = json.loads((prep / "prep_options.json").read_text())["dev_speakers"]
+    dev_speakers = json.loads((prep / "prep_options.json").read_text())["options"]["dev_speakers"]
     assert len(_csv(prep, "dev_enrol.csv")) == 2 * dev_speakers
 
 

@@ -88,6 +88,28 @@ def test_cache_is_not_reused_for_another_corpus_or_other_settings(tmp_path):
     assert len(embed.embedded) == 4
 
 
+@pytest.mark.parametrize("damage", ["npy", "ids", "sources"])
+def test_a_damaged_cache_is_embedded_again_never_used(tmp_path, caplog, damage):
+    cache, embed = embedding_cache(tmp_path / "cache", SETTINGS), CountingEmbedder()
+    dataset = _dataset(tmp_path / "corpus")
+    cached_embeddings(embed, dataset, cache / "eval")
+    files = {"npy": "eval.npy", "ids": "eval.ids.txt", "sources": "eval.sources.json"}
+    path = cache / files[damage]
+    if damage == "ids":  # a line removed
+        path.write_text("\n".join(path.read_text().splitlines()[1:]) + "\n")
+    else:  # truncated
+        path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    embed.embedded.clear()
+    with caplog.at_level("WARNING"):
+        tables = cached_embeddings(embed, dataset, cache / "eval")
+    assert sorted(embed.embedded) == ["u0", "u1", "u2", "u3"]
+    assert f"embedding cache {cache / 'eval'} is damaged" in caplog.text
+    assert sorted(tables["speaker"].ids) == ["u0", "u1", "u2", "u3"]
+    embed.embedded.clear()
+    cached_embeddings(embed, dataset, cache / "eval")  # rewritten whole
+    assert embed.embedded == []
+
+
 def test_declared_frames_catch_a_truncated_copy(tmp_path):
     path = tmp_path / "a.wav"
     write_wav(path, seconds=3.0)

@@ -217,6 +217,15 @@ def test_fusion_separates_wrong_phrase_trials_and_is_stored(tmp_path, caplog):
         other = stored_or_learned_fusion(path, scores, conditions, 0.01, {"checkpoint": "CKPT+2"})
     assert first == again and json.loads(path.read_text()) == other
     assert "using the one stored" in caplog.text and "learning it again" in caplog.text
+    # Another corpus with the same shape (counts, targets): other scores, so learned again.
+    shuffled = TrialScores({k: v[::-1].copy() for k, v in scores.features.items()}, scores.known)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="recipes.evaluation.fusion"):
+        stored_or_learned_fusion(path, shuffled, conditions[::-1], 0.01, {"checkpoint": "CKPT+2"})
+        path.write_text(path.read_text()[:40])  # truncated: damaged, learned again
+        stored_or_learned_fusion(path, scores, conditions, 0.01, stamp)
+    assert caplog.text.count("learning it again") == 2 and "is damaged" in caplog.text
+    assert json.loads(path.read_text())["stamp"]["checkpoint"] == "CKPT+1"
 
 
 def test_a_new_trial_feature_is_learned_applied_and_reported(tmp_path, monkeypatch):

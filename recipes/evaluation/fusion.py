@@ -22,6 +22,7 @@ The learned numbers are plain JSON (each calibration names its features), applie
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -176,17 +177,41 @@ def apply_fusion(fusion: dict, scores: TrialScores, kind: str) -> np.ndarray:
     return fused_llr(fusion, scores.features, scores.known, kind)
 
 
+def scores_digest(dev: TrialScores, conditions: np.ndarray) -> str:
+    """A hash of what a fusion is learned from: every trial's features and condition."""
+    digest = hashlib.sha1()
+    for name in sorted(dev.features):
+        digest.update(name.encode() + np.ascontiguousarray(dev.features[name], "<f8").tobytes())
+    digest.update("\n".join(map(str, conditions)).encode())
+    return digest.hexdigest()
+
+
+def _stored_fusion(path: Path) -> dict | None:
+    """The fusion stored at ``path``; None when there is none, or it is damaged (logged)."""
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        logger.warning("fusion in %s is damaged (%s): learning it again", path, error)
+        return None
+    return stored if isinstance(stored, dict) else None
+
+
 def stored_or_learned_fusion(path: Path, dev: TrialScores, conditions, prior: float, stamp: dict):
     """The fusion stored at ``path``, or one learned now (and stored there) if it is stale.
 
     Stored means learned from the same model and dev trials (``stamp``, the prior, the trial
-    counts) by the same fitting code (``FUSION_VERSION``); either way the log says which.
+    counts and a hash of the dev trials' features and conditions: another corpus of the same
+    shape is other trials) by the same fitting code (``FUSION_VERSION``); either way the log
+    says which. A damaged file is learned again, with a warning.
     """
     conditions = np.asarray(conditions)
     expected = {**stamp, "version": FUSION_VERSION, "prior": prior, "trials": len(conditions)}
     expected["targets"] = int((conditions == "TC").sum())
-    if path.is_file():
-        stored = json.loads(path.read_text())
+    expected["dev_scores"] = scores_digest(dev, conditions)
+    stored = _stored_fusion(path)
+    if stored is not None:
         if stored.get("stamp") == expected:
             logger.info("fusion: using the one stored in %s", path)
             return stored

@@ -144,7 +144,20 @@ def utterance_sources(dataset) -> dict[str, list]:
 
 
 def _cached_tables(prefix: Path, sources: dict) -> tuple[dict | None, set]:
-    """The cached tables (None when there are none) and the ids whose file is the one cached."""
+    """The cached tables (None when there are none) and the ids whose file is the one cached.
+
+    A damaged cache (a truncated ``.npy``, a broken record, ids that do not match the rows) is
+    none: it is embedded again, with a warning naming it, never used.
+    """
+    try:
+        return _read_cached_tables(prefix, sources)
+    except (ValueError, OSError, EOFError, KeyError) as error:  # json, numpy, our own checks
+        logger.warning("embedding cache %s is damaged (%s): embedding again", prefix, error)
+        return None, set()
+
+
+def _read_cached_tables(prefix: Path, sources: dict) -> tuple[dict | None, set]:
+    """``_cached_tables`` without the check for damage."""
     record = Path(f"{prefix}.sources.json")
     if not (record.is_file() and Path(f"{prefix}.npy").is_file()):
         return None, set()

@@ -14,7 +14,6 @@ after data prep (``guard_data``), which then records a new run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 from speechbrain.utils.distributed import ddp_barrier, if_main_process
 from speechbrain.utils.logger import get_logger
 
+from data_prep.layout import file_digest
 from recipes.settings import WIRING
 
 logger = get_logger(__name__)
@@ -50,7 +50,7 @@ def fingerprint(settings: dict, prep_folder=None) -> dict:
     prep = Path(prep_folder) if prep_folder is not None else None
     hashes = {}
     if prep is not None:
-        hashes = {name: _sha256(prep / name) for name in MANIFESTS if (prep / name).is_file()}
+        hashes = {name: file_digest(prep / name) for name in MANIFESTS if (prep / name).is_file()}
     return {"settings": _plain(settings), "manifests": hashes}
 
 
@@ -123,12 +123,3 @@ def differences(recorded: dict, current: dict, compare_data: bool = True):
 def _plain(settings: dict) -> dict:
     """``settings`` as JSON values (what YAML gives: numbers, strings, lists, mappings)."""
     return json.loads(json.dumps(settings, default=str))
-
-
-def _sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
