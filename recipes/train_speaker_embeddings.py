@@ -18,6 +18,7 @@ already finished only re-evaluates.
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,7 @@ from recipes.model.modules import L2SP
 from recipes.model.speaker_model import per_utterance, scoring_outputs
 from recipes.settings import load_checked_hparams, raw_settings
 from recipes.training.checkpointing import MODEL_RECOVERABLE
+from recipes.training.preemption import DISTRIBUTED_CHECK_STEPS, Preemption, exit_code
 from recipes.training.resume_guard import guard_data, guard_settings
 from recipes.training.schedules import derive_total_steps
 
@@ -65,6 +67,7 @@ class SpeakerBrain(sb.core.Brain):
         super().__init__(*args, **kwargs)
         self.phrase_labels = list(phrase_labels or [])
         self.steps_per_epoch, self.dev = 1, None
+        self.preemption = Preemption()
         # WavLM's own trainable weights (not the frozen CNN, not the layer weights): frozen in
         # the warm-up epochs by requires_grad, so they are fixed here, before any freezing.
         self.wavlm_weights = [p for p in self.model().encoder.model.parameters() if p.requires_grad]
@@ -135,7 +138,53 @@ class SpeakerBrain(sb.core.Brain):
         weight = getattr(self.hparams, "l2sp_weight", 0.0)
         if weight > 0:
             self.l2sp = L2SP(self.wavlm_weights, weight)
+        self.preemption.active = True  # SIGTERM / SIGUSR1 / SIGINT: stop at a checkpoint
         super().on_fit_start()
+
+    def fit(self, *args, **kwargs):
+        """SpeechBrain's ``fit`` with the pre-emption handlers installed (restored after it).
+
+        A signal after ``fit`` (final scoring) ends the run at once: nothing is left to save.
+        """
+        previous = self.preemption.install()
+        try:
+            return super().fit(*args, **kwargs)
+        finally:
+            self.preemption.active = False
+            self.preemption.restore(previous)
+
+    def _stop_requested(self) -> int | None:
+        """The signal to stop for, checked at an optimizer step (under torchrun: every few)."""
+        if self.step % self.grad_accumulation_factor:
+            return None  # mid-accumulation: a checkpoint would lose the accumulated gradients
+        if self.distributed_launch and self.optimizer_step % DISTRIBUTED_CHECK_STEPS:
+            return None
+        return self.preemption.requested(self.device, self.distributed_launch)
+
+    def _should_save_intra_epoch_ckpt(self, last_ckpt_time, steps_since_ckpt):
+        """SpeechBrain's interval checkpoints, and one when a stop is requested."""
+        self._stop_signal = self._stop_requested()
+        if self._stop_signal is not None:
+            return True
+        return super()._should_save_intra_epoch_ckpt(last_ckpt_time, steps_since_ckpt)
+
+    _stop_signal = None
+
+    def _save_intra_epoch_ckpt(self):
+        """SpeechBrain's mid-epoch checkpoint; then, if a stop was requested, the exit."""
+        super()._save_intra_epoch_ckpt()
+        if self._stop_signal is not None:
+            self._exit_preempted("mid-epoch checkpoint saved")
+
+    def _exit_preempted(self, what: str) -> None:
+        """Log where the run stopped and exit with the signal's code (``preemption``)."""
+        name = signal.Signals(self._stop_signal).name
+        code = exit_code(self._stop_signal)
+        logger.warning(
+            "%s: %s at epoch %d, step %d; rerun the same command to resume (exit %d)",
+            name, what, self.hparams.epoch_counter.current, self.step, code,
+        )  # fmt: skip
+        raise SystemExit(code)
 
     def _targets(self, targets):
         """Targets repeated like the batch when augmentation adds copies of it."""
@@ -303,6 +352,9 @@ class SpeakerBrain(sb.core.Brain):
         self.checkpointer.save_and_keep_only(
             meta=stats, min_keys=["EER"], num_to_keep=self.hparams.ckpt_num_to_keep
         )
+        self._stop_signal = self.preemption.requested(self.device, self.distributed_launch)
+        if self._stop_signal is not None:  # a signal during validation: after its checkpoint
+            self._exit_preempted("end-of-epoch checkpoint saved")
 
     def make_dataloader(self, dataset, stage, *args, **kwargs):
         """SpeechBrain's loaders; under ``torchrun`` each process validates on its dev share."""

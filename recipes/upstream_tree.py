@@ -169,8 +169,8 @@ checks, a step's YAML and the run's record), `experiment_lock` (one run per outp
 `distributed` (evaluation under torchrun); `model/`: `speaker_model` (heads, phrase
 branch, the embedding model, fused LLR, the inference interface copied into exports), `modules`
 (WavLM encoder, margin losses); `training/`: `augmentation`, `sampling`, `schedules`,
-`checkpointing`, `resume_guard`; `evaluation/`: `verification`, `scoring`, `fusion`, `metrics`,
-`verification_report`, `pretrained`; `tiny_wavlm` (the demo's random WavLM).
+`checkpointing`, `resume_guard`, `preemption`; `evaluation/`: `verification`, `scoring`, `fusion`,
+`metrics`, `verification_report`, `pretrained`; `tiny_wavlm` (the demo's random WavLM).
 """
 
 

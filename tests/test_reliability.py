@@ -157,6 +157,43 @@ def test_killed_mid_epoch_resumes_from_the_intra_epoch_checkpoint(tmp_path, tiny
                 torch.load(file, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow
+def test_sigterm_mid_epoch_saves_a_checkpoint_there_and_exits_143(tmp_path, tiny_corpus):
+    """A scheduler's SIGTERM: the step ends, a mid-epoch checkpoint is saved, the rerun resumes."""
+    out = tmp_path / "exp"
+    command = run_script_command(
+        "train_speaker_embeddings.py", out, tiny_corpus, "--number_of_epochs", "1",
+        "--ckpt_interval_minutes", "0", "--ckpt_interval_steps", "4",
+    )  # fmt: skip
+    command = ["--batch_size=4" if arg == "--batch_size=8" else arg for arg in command]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT
+    )
+    deadline = time.time() + 300
+    while not _intra_epoch_checkpoints(out) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    first = _intra_epoch_checkpoints(out)  # training is under way (its first interval ckpt)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=300)[0]
+    assert first and process.returncode == 143, output[-3000:]
+    assert "SIGTERM: mid-epoch checkpoint saved at epoch 1, step" in output
+    assert "Traceback" not in output
+    stopped = yaml.safe_load((_intra_epoch_checkpoints(out)[-1] / "brain.ckpt").read_text())
+    steps_per_epoch = 4 * (10 * TINY["reps"] + TINY["free_text_train"]) // 4
+    assert 4 <= stopped["step"] < steps_per_epoch  # saved where it stopped, mid-epoch
+    said = re.search(r"checkpoint saved at epoch 1, step (\d+)", output)
+    assert int(said.group(1)) == stopped["step"]
+    last = _intra_epoch_checkpoints(out)[-1]
+    resumed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Loading a checkpoint from {last}" in resumed.stdout + resumed.stderr
+    final = max(
+        (c for c in (out / "save").glob("CKPT*") if (c / "CKPT.yaml").exists()),
+        key=lambda c: yaml.safe_load((c / "CKPT.yaml").read_text())["unixtime"],
+    )
+    assert yaml.safe_load((final / "brain.ckpt").read_text())["optimizer_step"] == steps_per_epoch
+
+
 def test_nonfinite_loss_is_skipped_then_stops_training(tmp_path, tiny_wavlm_dir):
     hparams = load_yaml(
         "synthetic_demo.yaml",
