@@ -156,7 +156,7 @@ def exported_calibration(folder: Path, scoring: ScoringSettings, data, run, run_
         loader_kwargs=scoring.loader_options,
         progress=not run_opts.get("noprogressbar"),
     )
-    cache = embedding_cache(run.cache / "export", scoring.embedding_record("fp32"))
+    cache = embedding_cache(run.cache / "export", run.cache_settings(scoring, "fp32"))
     tables = split_embeddings(embed, data.splits, cache)
     dev = data.splits["dev"]
     thresholds = enrolment_thresholds(tables["dev"]["speaker"], dev.models, dev.trials)

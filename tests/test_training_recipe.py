@@ -18,7 +18,7 @@ import speechbrain as sb
 import torch
 from speechbrain.dataio.dataloader import make_dataloader
 
-from data_prep.layout import read_list
+from data_prep.layout import file_digest, read_list
 from recipes.evaluation.metrics import eer
 from recipes.experiment import best_checkpoint, checkpoint_model, dataio_prep, embed_tables
 from recipes.train_speaker_embeddings import brain_for_data, build_brain, recipe_settings
@@ -171,6 +171,16 @@ def test_verify_script_outputs_agree_with_each_other(trained, tiny_corpus):
     assert list((out / "embeddings").glob("*/eval.npy")) and list(
         (out / "embeddings").glob("*/cohort.npy")
     )
+    # ... and only for its weights: the record names the model file's digest, so a checkpoint
+    # folder whose weights were replaced under the same name is embedded again.
+    records = [
+        (r, out / "save" / r.parent.name / "embedding_model.ckpt")
+        for r in (out / "embeddings").glob("CKPT*/settings.json")
+    ]
+    records = [(r, model) for r, model in records if model.is_file()]  # kept checkpoints
+    assert records
+    for record, model_file in records:
+        assert json.loads(record.read_text())["model"] == file_digest(model_file)
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from speechbrain.utils.checkpoints import Checkpoint
 
+from data_prep.layout import file_digest
 from recipes.distributed import main_writes, on_main
 from recipes.evaluation.fusion import (
     TrialScores,
@@ -46,6 +47,7 @@ from recipes.experiment import (
     usable_precision,
 )
 from recipes.model.speaker_model import WavLMSpeakerEmbedder
+from recipes.training.checkpointing import MODEL_RECOVERABLE
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +234,15 @@ class CheckpointScoring(NamedTuple):
     cache: Path  # where embeddings of this checkpoint are cached (see ``embedding_cache``)
     precision: str  # what ``embed`` runs (``eval_precision``, or fp32 where the device lacks it)
     fusion: FusionSource
+    model_digest: str  # of the checkpoint's model file: its caches are only for these weights
+
+    def cache_settings(self, scoring: ScoringSettings, precision: str | None = None) -> dict:
+        """What the embeddings cached for this checkpoint depend on (``embedding_cache``).
+
+        The embedding settings and the model file's digest: a checkpoint folder whose weights
+        were replaced (another run's copied in under the same name) is embedded again.
+        """
+        return {**scoring.embedding_record(precision or self.precision), "model": self.model_digest}
 
 
 def checkpoint_scoring(
@@ -257,13 +268,14 @@ def checkpoint_scoring(
     )
     cache = Path(scoring.output_folder) / "embeddings" / checkpoint.path.name
     fusion = recipe_fusion_source(scoring, checkpoint, data.phrase_labels)
-    return CheckpointScoring(checkpoint, model, embed, cache, precision, fusion)
+    digest = file_digest(checkpoint.path / f"{MODEL_RECOVERABLE}.ckpt")
+    return CheckpointScoring(checkpoint, model, embed, cache, precision, fusion, digest)
 
 
 def run_verification(scoring: ScoringSettings, wiring: ModelWiring, data, run_opts: dict) -> dict:
     """Score the run's best checkpoint on every split; write the reports; return the metrics."""
     run = checkpoint_scoring(scoring, wiring, data, run_opts)
-    cache = embedding_cache(run.cache, scoring.embedding_record(run.precision))
+    cache = embedding_cache(run.cache, run.cache_settings(scoring))
     return score_splits(
         run.embed, scoring, data.splits, data.cohort, cache, scoring.output_folder, run.fusion
     )
