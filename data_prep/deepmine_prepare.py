@@ -643,6 +643,9 @@ def _eval_tables(models, enrol_utts, trials: pd.DataFrame, test_utts, bad, probl
                 "enrollment model has no usable audio: model and its trials dropped",
             )
     kept = trials[trials["model_id"].isin(usable_models) & ~trials["test_id"].isin(bad)]
+    keyed = kept["condition"] != ""
+    if keyed.any() and not keyed.all():  # a key with gaps (skip_bad: each is a listed problem)
+        kept = kept[keyed]  # those trials go; the split stays labelled, never scored blind
     used_enrol = {f for _, ids in usable_models.values() for f in ids}
     used_test = set(kept["test_id"].unique())
     labelled = kept["condition"] != ""

@@ -284,6 +284,12 @@ def test_key_must_cover_every_trial(tmp_path):
     key.write_text("\n".join(key.read_text().splitlines()[:-1]) + "\n")
     with pytest.raises(DataPrepError, match=r"model_00001 evl_000003: trial has no entry"):
         prepare_deepmine(root, tmp_path / "prep", dev_speakers=1)
+    # Skipped instead: that trial goes, and the others keep their labels (not a blind split).
+    prepare_deepmine(root, tmp_path / "prep", dev_speakers=1, skip_bad=True)
+    trials = _csv(tmp_path / "prep", "eval_trials.csv").to_dict("records")
+    assert len(trials) == 2 and all(t["condition"] and t["label"] for t in trials)
+    assert ("model_00001", "evl_000003") not in {(t["model_id"], t["test_id"]) for t in trials}
+    assert "trial has no entry" in (tmp_path / "prep" / "rejected.csv").read_text()
 
 
 def test_skip_bad_excludes_and_lists_them(tmp_path):
