@@ -21,6 +21,11 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from speechbrain.utils.checkpoints import (
+    mark_as_loader,
+    mark_as_saver,
+    register_checkpoint_hooks,
+)
 
 from data_prep.deepmine_prepare import prepare_deepmine
 from recipes.evaluation import verification_report
@@ -35,6 +40,7 @@ from recipes.train_speaker_embeddings import build_brain, recipe_settings
 from recipes.training.checkpointing import (
     AtomicCheckpointer,
     CheckpointLoadError,
+    CheckpointSaveError,
     SplitModelCheckpoint,
 )
 from recipes.training.resume_guard import (
@@ -98,6 +104,33 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_usable(tmp_path):
     recovered = checkpointer.recover_if_possible()
     assert recovered.meta["step"] == 1
     assert [f for f in (tmp_path / "ckpt").glob("CKPT*")] == [recovered.path]  # cleaned up
+
+
+@register_checkpoint_hooks
+class _DiskFull:
+    """A recoverable whose save fails as torch's does on a full disk."""
+
+    @mark_as_saver
+    def save(self, path):
+        """Write a little, then fail."""
+        Path(path).write_bytes(b"PK\x03\x04partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4076352")
+
+    @mark_as_loader
+    def load(self, path, end_of_epoch=False):
+        """Nothing to load."""
+
+
+def test_a_full_disk_during_a_save_is_named_and_leaves_no_partial_checkpoint(tmp_path):
+    checkpointer = AtomicCheckpointer(tmp_path / "ckpt", {"model": torch.nn.Linear(2, 2)})
+    first = checkpointer.save_checkpoint(meta={"step": 1})
+    checkpointer.add_recoverable("disk", _DiskFull())
+    with pytest.raises(CheckpointSaveError) as error:
+        checkpointer.save_checkpoint(meta={"step": 2})
+    message = str(error.value)
+    assert f"cannot save a checkpoint in {tmp_path / 'ckpt'}" in message and "MiB free" in message
+    assert "unexpected pos" in message and "rerun the same command to resume" in message
+    assert sorted((tmp_path / "ckpt").glob("CKPT*")) == [first.path]  # no partial folder left
 
 
 def _copy_corpus(tiny_corpus, tmp_path) -> Path:

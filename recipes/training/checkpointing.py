@@ -57,6 +57,22 @@ class CheckpointLoadError(RuntimeError):
         super().__init__(f"cannot load checkpoint {folder}: {what}. ({cause})")
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint that could not be written, named with its folder and the disk's free space.
+
+    torch's message for a full disk ("[enforce fail at inline_container.cc:672] . unexpected
+    pos ...") names neither.
+    """
+
+    def __init__(self, folder: Path, error: Exception):
+        free = shutil.disk_usage(folder).free / 2**20 if Path(folder).exists() else float("nan")
+        super().__init__(
+            f"cannot save a checkpoint in {folder} ({free:.0f} MiB free on its disk): "
+            f"{type(error).__name__}: {error}. The earlier checkpoints are intact and the "
+            "incomplete one was removed: free some space and rerun the same command to resume."
+        )
+
+
 def truncated_zip(path: Path) -> bool:
     """Whether ``path`` starts as a ``torch.save`` zip but is not a whole one.
 
@@ -148,12 +164,20 @@ class AtomicCheckpointer(Checkpointer):
         return meta
 
     def save_checkpoint(self, *args, **kwargs):
-        """Save all recoverables, then publish the checkpoint by writing its metafile."""
-        checkpoint = super().save_checkpoint(*args, **kwargs)
-        if self._pending_meta is not None:
-            path, meta = self._pending_meta
+        """Save all recoverables, then publish the checkpoint by writing its metafile.
+
+        A failed save (a full disk) removes the incomplete folder and says where and why.
+        """
+        try:
+            checkpoint = super().save_checkpoint(*args, **kwargs)
+            if self._pending_meta is not None:
+                path, meta = self._pending_meta
+                write_metafile(path, meta)
+        except (OSError, RuntimeError) as error:
+            self.remove_incomplete()
+            raise CheckpointSaveError(self.checkpoints_dir, error) from error
+        finally:
             self._pending_meta = None
-            write_metafile(path, meta)
         return checkpoint
 
     def remove_incomplete(self) -> list[Path]:
