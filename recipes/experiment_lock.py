@@ -43,6 +43,8 @@ def hold_experiment_lock(folder) -> None:
     Only the main process of a ``torchrun`` group takes it; taking it again is a no-op.
     """
     folder = Path(folder).resolve()
+    # RANK, not SpeechBrain's if_main_process: the lock is taken before the process group is
+    # set up, when every process would count as the main one.
     if folder in _HELD or int(os.environ.get("RANK", "0")) != 0:
         return
     folder.mkdir(parents=True, exist_ok=True)

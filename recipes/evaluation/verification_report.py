@@ -70,9 +70,13 @@ def write_report(output_folder, split, trials, scores, metrics, models=None, par
 def report_files(split: str) -> list[str]:
     """The names of a split's report files (those it writes; answer file for eval splits)."""
     names = [f"scores_{split}.txt", f"verification_{split}.json", f"det_{split}.png"]
-    if split.startswith("eval"):  # answer.txt, or answer_<tags>.txt
-        names.append(f"{split.replace('eval', 'answer', 1)}.txt")
-    return names
+    answer = answer_file(split)
+    return names if answer is None else [*names, answer]
+
+
+def answer_file(split: str) -> str | None:
+    """The challenge's answer file of an eval split (``answer.txt``, ``answer_<tags>.txt``)."""
+    return f"{split.replace('eval', 'answer', 1)}.txt" if split.startswith("eval") else None
 
 
 def published_together(staging: Path, folder: Path, names: list[str]) -> None:
@@ -109,8 +113,8 @@ def _write_report_files(folder: Path, split, trials, scores, metrics, models, pa
         language = {p: phrase_language(p) for p in phrase.dropna().unique()}
         report["by_language"] = breakdown(scores, trials, phrase.map(language), llr)
     (folder / f"verification_{split}.json").write_text(json.dumps(report, indent=2))
-    if split.startswith("eval"):
-        answer = folder / report_files(split)[-1]
+    if answer_file(split) is not None:
+        answer = folder / answer_file(split)
         answer.write_text("".join(f"{text}\n" for text in score_text))  # formatted once
     if metrics:
         speaker_only = parts.speaker if parts is not None and llr else None
