@@ -9,7 +9,9 @@ names what is wrong; callers add the file name (or raise ``AudioError``, which c
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import soundfile as sf
@@ -115,26 +117,37 @@ def loudest_frame_dbfs(samples: np.ndarray, sample_rate: int) -> float:
     return 10 * np.log10(max(power, 1e-20))
 
 
-def file_problem(path, sample_rate: int, min_seconds: float = MIN_SECONDS):
-    """``(duration, None)`` for a usable file, else ``(0, reason)``: header, then every sample.
+class FileCheck(NamedTuple):
+    """What ``file_problem`` found: the duration, why the file is unusable, its samples' hash."""
 
-    One open per file; 16-bit PCM (DeepMine's format) is read as integers and scaled, which
-    is twice as fast as libsndfile's float conversion and cannot hold NaN.
+    duration: float
+    reason: str | None
+    digest: str = ""  # SHA-1 of the samples as read: the audio's identity, not its file's
+
+
+def file_problem(path, sample_rate: int, min_seconds: float = MIN_SECONDS) -> FileCheck:
+    """``(duration, None, digest)`` for a usable file, else ``(0, reason, "")``.
+
+    The header is checked, then every sample. One open per file; 16-bit PCM (DeepMine's
+    format) is read as integers and scaled, which is twice as fast as libsndfile's float
+    conversion and cannot hold NaN. The digest of the samples read costs little beside
+    decoding them (data prep records it: the manifests' audio identity).
     """
     path = Path(path)
     try:
         with sf.SoundFile(str(path)) as handle:
             duration, reason = _header_reason(path, handle, sample_rate)
             if reason:
-                return 0.0, reason
+                return FileCheck(0.0, reason)
             integer = handle.subtype == "PCM_16"
             samples = handle.read(dtype="int16" if integer else "float32")
     except (RuntimeError, sf.LibsndfileError) as error:
-        return 0.0, _unreadable(path, error)
+        return FileCheck(0.0, _unreadable(path, error))
+    digest = hashlib.sha1(np.ascontiguousarray(samples).tobytes()).hexdigest()
     if integer:
         samples = samples.astype(np.float32) * np.float32(1 / 32768)
     reason = waveform_problem(samples, sample_rate, min_seconds)
-    return (0.0, reason) if reason else (duration, None)
+    return FileCheck(0.0, reason) if reason else FileCheck(duration, None, digest)
 
 
 def check_waveform(samples, sample_rate: int, name, min_seconds: float = MIN_SECONDS):

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import csv
 import fcntl
+import hashlib
 import json
 import os
 import sys
@@ -94,6 +95,12 @@ class Utt:
     spk_id: str = ""
     phrase_id: str = ""
     duration: float = 0.0
+    digest: str = ""  # of its samples (``audio_checks.FileCheck``), once checked
+
+    @property
+    def manifest_wav(self) -> str:
+        """Its ``wav`` column in a manifest: the path under ``$data_root``."""
+        return wav_path(Path("$data_root"), self.subdir, self.file_id).as_posix()
 
 
 @dataclass
@@ -370,8 +377,8 @@ def check_audio(
     check = partial(file_problem, sample_rate=SAMPLE_RATE, min_seconds=min_seconds)
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # libsndfile releases the GIL
         results = list(pool.map(check, paths, chunksize=64))
-    for utt, path, (duration, reason) in zip(utts, paths, results, strict=True):
-        utt.duration = duration
+    for utt, path, (duration, reason, digest) in zip(utts, paths, results, strict=True):
+        utt.duration, utt.digest = duration, digest
         if reason:
             problems.add(str(path), utt.where, reason)
             bad.add(utt.file_id)
@@ -433,7 +440,7 @@ def _utt_rows(utts: list[Utt]) -> list[list]:
     """Manifest rows for utterances (speaker/phrase blank where unknown, as for eval data)."""
     rows = []
     for u in utts:
-        relative = wav_path(Path("$data_root"), u.subdir, u.file_id).as_posix()
+        relative = u.manifest_wav
         language = phrase_language(u.phrase_id) if u.phrase_id else ""
         rows.append(
             [
@@ -472,15 +479,74 @@ def _up_to_date(marker: Path, fingerprint: dict) -> bool:
         print(
             f"Manifests missing or changed since written ({', '.join(changed)}): preparing again."
         )
-    return not changed
+        return False
+    audio = record.get("audio") or {}
+    wavs = listed_audio(marker.parent)
+    if audio.get("stat") != audio_stamp(fingerprint["data_folder"], wavs):
+        print(
+            f"Audio changed since data prep (the size or time of one of the {len(wavs)} listed "
+            "files, or one is missing): preparing again."
+        )
+        return False
+    return True
+
+
+#: The manifests that list audio files (``wav`` column): what the audio record covers.
+UTTERANCE_MANIFESTS = (
+    "train.csv", "dev_enrol_utts.csv", "dev_test.csv", "eval_enrol_utts.csv", "eval_test.csv",
+)  # fmt: skip
+
+
+def listed_audio(save_folder: Path) -> list[str]:
+    """The ``wav`` column (``$data_root/...``) of every utterance manifest in ``save_folder``."""
+    wavs = set()
+    for name in UTTERANCE_MANIFESTS:
+        if (Path(save_folder) / name).is_file():
+            with open(Path(save_folder) / name, newline="", encoding="utf-8") as handle:
+                wavs.update(row["wav"] for row in csv.DictReader(handle))
+    return sorted(wavs)
+
+
+def audio_stamp(data_folder, wavs: list[str]) -> str:
+    """A hash of each listed file's size and modification time (cheap: one ``stat`` each).
+
+    What tells a rerun, without reading the audio, that a file was replaced since data prep.
+    """
+    digest = hashlib.sha1()
+    for wav in wavs:
+        try:
+            stat = os.stat(wav.replace("$data_root", str(data_folder), 1))
+            digest.update(f"{wav} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{wav} missing\n".encode())
+    return digest.hexdigest()
+
+
+def audio_record(data_folder: Path, utts: list[Utt], tables: dict) -> dict:
+    """What the manifests' audio is: the files, a hash of their samples, and of their stats.
+
+    ``content`` (the samples of every listed file, as data prep read them) is the audio's
+    identity: the same whatever the folder, copy or file times. A run's resume guard compares
+    it (``recipes/training/resume_guard.py``). ``stat`` tells a rerun to prepare again.
+    """
+    listed = sorted({row[2] for n in UTTERANCE_MANIFESTS if n in tables for row in tables[n][1]})
+    digests = {u.manifest_wav: u.digest for u in utts}
+    content = hashlib.sha1("".join(f"{w} {digests[w]}\n" for w in listed).encode())
+    stamp = audio_stamp(data_folder.resolve(), listed)
+    return {"files": len(listed), "content": content.hexdigest(), "stat": stamp}
 
 
 def _write_all(
-    save_folder: Path, tables: dict[str, tuple[list[str], list[list]]], marker: str, options: dict
+    save_folder: Path,
+    tables: dict[str, tuple[list[str], list[list]]],
+    marker: str,
+    options: dict,
+    audio: dict,
 ) -> None:
     """Write every CSV under a temporary name, then rename them all: never a partial set.
 
-    The ``marker`` file (the ``options`` and a hash of each manifest) is written last;
+    The ``marker`` file (the ``options``, a hash of each manifest and the ``audio_record``) is
+    written last;
     manifests of an earlier run that this one does not make (say ``rejected.csv``) are removed.
     On any failure the temporary files go and the folder keeps the previous run's complete set.
     """
@@ -501,7 +567,8 @@ def _write_all(
         name = marker
         tmp = save_folder / f".{name}.{os.getpid()}.tmp"
         temporary.append((tmp, save_folder / name))
-        tmp.write_text(json.dumps({"options": options, "manifests": digests}, indent=1))
+        record = {"options": options, "manifests": digests, "audio": audio}
+        tmp.write_text(json.dumps(record, indent=1))
     except BaseException:
         for tmp, _ in temporary:
             tmp.unlink(missing_ok=True)
@@ -588,14 +655,17 @@ def prepare_deepmine(
             )
             return {p.stem: p for p in save_folder.glob("*.csv")}
         lists = (train_list, enrol_list, trial_list, key_list)
-        tables, problems = _manifest_tables(data_folder, lists, options, jobs)
-        _write_all(save_folder, tables, marker.name, fingerprint)
+        tables, problems, audio = _manifest_tables(data_folder, lists, options, jobs)
+        _write_all(save_folder, tables, marker.name, fingerprint, audio)
     _print_summary(save_folder, tables, problems)
     return {Path(name).stem: save_folder / name for name in tables}
 
 
 def _manifest_tables(data_folder: Path, lists, options: dict, jobs: int):
-    """Read and check the lists and the audio; the manifest tables by file name, and problems."""
+    """Read and check the lists and the audio.
+
+    Returns the manifest tables by file name, the problems and the ``audio_record``.
+    """
     train_list, enrol_list, trial_list, key_list = lists
     problems = Problems()
     train = read_train_labels(
@@ -626,7 +696,7 @@ def _manifest_tables(data_folder: Path, lists, options: dict, jobs: int):
         tables.update(_eval_tables(models, enrol_utts, trials, test_utts, bad, problems))
     if options["skip_bad"]:
         tables["rejected.csv"] = (["item", "where", "reason"], [list(p) for p in problems.items])
-    return tables, problems
+    return tables, problems, audio_record(data_folder, utts, tables)
 
 
 def _eval_tables(models, enrol_utts, trials: pd.DataFrame, test_utts, bad, problems):

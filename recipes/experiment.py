@@ -18,7 +18,6 @@ scripts import only ``recipe_settings`` from it.
 from __future__ import annotations
 
 import os
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from recipes.training.checkpointing import (
     CheckpointLoadError,
     check_model_format,
 )
+from recipes.training.randomness import CROP, TrainingRandomness, crop_start
 from recipes.training.sampling import PhraseBatchSampler, collate_readable, log_bad_audio
 
 logger = get_logger(__name__)
@@ -162,17 +162,20 @@ def dataio_prep(corpus: CorpusSettings, audio: AudioSettings) -> RecipeData:
     max_eval = int(audio.max_eval_seconds * rate)
 
     skip_bad, bad_log = audio.on_bad_audio == "skip", audio.bad_audio_log
+    randomness = TrainingRandomness(corpus.seed)  # its epoch is set by the training loop
 
-    @sb.utils.data_pipeline.takes("wav", "duration")
+    @sb.utils.data_pipeline.takes("id", "wav", "duration")
     @sb.utils.data_pipeline.provides("sig")
-    def train_audio(wav, duration):
+    def train_audio(utterance_id, wav, duration):
         """A random crop of ``crop_seconds`` (read from disk without loading the rest).
 
-        A file that became unreadable after data prep (deleted, truncated) stops training with
-        its name, or with ``on_bad_audio: skip`` is logged and left out of its batch (None).
+        The crop is keyed by the seed, the epoch and the utterance (``TrainingRandomness``): a
+        resumed epoch crops as the uninterrupted one did, in whichever worker. A file that
+        became unreadable after data prep (deleted, truncated) stops training with its name,
+        or with ``on_bad_audio: skip`` is logged and left out of its batch (None).
         """
         frames = int(float(duration) * rate)
-        start = random.randint(0, max(0, frames - crop))
+        start = crop_start(randomness.for_utterance(utterance_id, CROP), frames, crop)
         try:
             sig = read_audio({"file": wav, "start": start, "stop": start + crop})
             if sig.numel() == 0:
@@ -240,9 +243,8 @@ def dataio_prep(corpus: CorpusSettings, audio: AudioSettings) -> RecipeData:
             )
     cohort = _cohort_utterances(prep / "train.csv", audio.cohort_utts_per_speaker)
     speakers = pd.read_csv(cohort, index_col="ID")["spk_id"]
-    return RecipeData(
-        train, splits, Cohort(eval_utterances([cohort]), speakers), class_encoder, phrase_encoder
-    )
+    cohort = Cohort(eval_utterances([cohort]), speakers)
+    return RecipeData(train, splits, cohort, class_encoder, phrase_encoder, randomness)
 
 
 #: What a training batch holds (``add_noise_crops`` adds ``noise``).
@@ -250,7 +252,7 @@ TRAIN_KEYS = ["id", "sig", "class_encoded", "phrase_encoded", "phrase_id"]
 
 
 def add_noise_crops(
-    train: DynamicItemDataset, noise_csv, corpus: CorpusSettings, audio: AudioSettings
+    data: RecipeData, noise_csv, corpus: CorpusSettings, audio: AudioSettings
 ) -> None:
     """Give each training utterance a crop of the noise list ``noise_csv``, read by the workers.
 
@@ -263,9 +265,9 @@ def add_noise_crops(
     prep, rate = Path(corpus.prep_folder), audio.sample_rate
     own_list = Path(noise_csv).resolve() == (prep / "train_noise.csv").resolve()
     crop = int(audio.crop_seconds * rate)
-    reader = noise_reader(noise_csv, corpus.data_folder, rate, crop, not own_list)
-    train.add_dynamic_item(reader)
-    train.set_output_keys([*TRAIN_KEYS, "noise"])
+    reader = noise_reader(noise_csv, corpus.data_folder, rate, crop, not own_list, data.randomness)
+    data.train.add_dynamic_item(reader)
+    data.train.set_output_keys([*TRAIN_KEYS, "noise"])
 
 
 class Cohort(NamedTuple):
@@ -283,6 +285,7 @@ class RecipeData(NamedTuple):
     cohort: Cohort
     class_encoder: CategoricalEncoder
     phrase_encoder: CategoricalEncoder
+    randomness: TrainingRandomness  # of the training crops (the epoch set by training)
 
     @property
     def phrase_labels(self) -> list[str]:

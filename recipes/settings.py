@@ -212,6 +212,13 @@ def combination_problems(hparams) -> list[str]:
         )
     if hparams.get("head_type") == "mhfa" and no_layer_weights:
         problems.append("head_type: 'mhfa' needs the WavLM encoder's layer_weighting: True")
+    loader = hparams.get("train_dataloader_options")
+    if isinstance(loader, dict) and loader.get("persistent_workers"):
+        problems.append(
+            "train_dataloader_options: persistent_workers must be False: the crops are keyed "
+            "by the epoch, which workers started once would never see change "
+            "(recipes/training/randomness.py)"
+        )
     return problems
 
 

@@ -48,8 +48,9 @@ from recipes.experiment import (
 from recipes.model.modules import L2SP
 from recipes.model.speaker_model import per_utterance, scoring_outputs
 from recipes.settings import load_checked_hparams, raw_settings
-from recipes.training.checkpointing import MODEL_RECOVERABLE
+from recipes.training.checkpointing import MODEL_RECOVERABLE, trim_train_log
 from recipes.training.preemption import DISTRIBUTED_CHECK_STEPS, Preemption, exit_code
+from recipes.training.randomness import TrainingRandomness
 from recipes.training.resume_guard import guard_data, guard_settings
 from recipes.training.schedules import derive_total_steps
 
@@ -67,14 +68,20 @@ class SpeakerBrain(sb.core.Brain):
         super().__init__(*args, **kwargs)
         self.phrase_labels = list(phrase_labels or [])
         self.steps_per_epoch, self.dev = 1, None
+        self.randomness = TrainingRandomness(self.hparams.seed)
         self.preemption = Preemption()
         # WavLM's own trainable weights (not the frozen CNN, not the layer weights): frozen in
         # the warm-up epochs by requires_grad, so they are fixed here, before any freezing.
         self.wavlm_weights = [p for p in self.model().encoder.model.parameters() if p.requires_grad]
 
-    def use_data(self, steps_per_epoch: int, dev) -> None:
-        """What training needs from the data: batches per epoch (margin warm-up), dev ``Split``."""
+    def use_data(self, steps_per_epoch: int, dev, randomness: TrainingRandomness = None) -> None:
+        """What training needs from the data: batches per epoch (margin warm-up), dev ``Split``.
+
+        ``randomness``: the ``TrainingRandomness`` that the training crops are drawn with; the
+        Brain sets its epoch and seeds each step by it (default: its own, of ``seed``).
+        """
         self.steps_per_epoch, self.dev = max(1, steps_per_epoch), dev
+        self.randomness = randomness or self.randomness
 
     def compute_forward(self, batch, stage):
         """The model's outputs (``WavLMSpeakerEmbedder``); when training, embeddings and logits.
@@ -140,6 +147,19 @@ class SpeakerBrain(sb.core.Brain):
             self.l2sp = L2SP(self.wavlm_weights, weight)
         self.preemption.active = True  # SIGTERM / SIGUSR1 / SIGINT: stop at a checkpoint
         super().on_fit_start()
+        self._forget_epochs_after_checkpoint()
+
+    def _forget_epochs_after_checkpoint(self) -> None:
+        """Drop logged epochs that the recovered checkpoint does not hold (trained again)."""
+        completed = self.hparams.epoch_counter.current
+        if sb.utils.distributed.if_main_process():
+            dropped = trim_train_log(self.hparams.train_logger.save_file, completed)
+            if dropped:
+                logger.warning(
+                    "train_log.txt: dropped the line(s) of epoch(s) %s, logged after the last "
+                    "checkpoint (epoch %d): they are trained again",
+                    ", ".join(map(str, dropped)), completed,
+                )  # fmt: skip
 
     def fit(self, *args, **kwargs):
         """SpeechBrain's ``fit`` with the pre-emption handlers installed (restored after it).
@@ -155,14 +175,19 @@ class SpeakerBrain(sb.core.Brain):
 
     def _stop_requested(self) -> int | None:
         """The signal to stop for, checked at an optimizer step (under torchrun: every few)."""
-        if self.step % self.grad_accumulation_factor:
-            return None  # mid-accumulation: a checkpoint would lose the accumulated gradients
         if self.distributed_launch and self.optimizer_step % DISTRIBUTED_CHECK_STEPS:
             return None
         return self.preemption.requested(self.device, self.distributed_launch)
 
     def _should_save_intra_epoch_ckpt(self, last_ckpt_time, steps_since_ckpt):
-        """SpeechBrain's interval checkpoints, and one when a stop is requested."""
+        """SpeechBrain's interval checkpoints, and one when a stop is requested.
+
+        Never mid-accumulation: the checkpoint would lose the accumulated gradients, and a run
+        resumed from it would differ from the uninterrupted one (an interval checkpoint waits
+        for the optimizer step).
+        """
+        if self.step % self.grad_accumulation_factor:
+            return False
         self._stop_signal = self._stop_requested()
         if self._stop_signal is not None:
             return True
@@ -309,6 +334,8 @@ class SpeakerBrain(sb.core.Brain):
             self._data_wait += now - self._last_batch_end
         progress = self.hparams.epoch_counter.current - 1 + self.step / self.steps_per_epoch
         self.unwrapped("loss").set_progress(progress)
+        # Augmentation and dropout keyed by the step: a resumed epoch repeats them exactly.
+        self.randomness.seed_step(self.step)
 
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         """Advance each learning-rate schedule after its optimizer stepped."""
@@ -321,6 +348,7 @@ class SpeakerBrain(sb.core.Brain):
         """Start collecting embeddings for validation and test; reset the data-wait timer."""
         self.embeddings = {}
         if stage == sb.Stage.TRAIN:
+            self.randomness.set_epoch(epoch)  # before the epoch's loader starts its workers
             self.set_wavlm_frozen(self.wavlm_frozen())
             self._data_wait, self._first_batch_start, self._last_batch_end = 0.0, None, None
 
@@ -536,12 +564,12 @@ def main(argv) -> None:
     data = dataio_prep(settings.corpus, settings.audio)
     train, splits = data.train, data.splits
     # Read by the loader's workers, not in the training step:
-    add_noise_crops(train, noise_list(hparams), settings.corpus, settings.audio)
+    add_noise_crops(data, noise_list(hparams), settings.corpus, settings.audio)
     brain = brain_for_data(hparams, run_opts, data)
     train_loader = brain.make_dataloader(
         train, stage=sb.Stage.TRAIN, **train_loader_options(settings.sampling, train)
     )
-    brain.use_data(len(train_loader), splits["dev"])
+    brain.use_data(len(train_loader), splits["dev"], data.randomness)
     schedule_lengths(hparams, len(train_loader))
     brain.fit(
         brain.hparams.epoch_counter,

@@ -334,6 +334,38 @@ def test_skips_work_when_up_to_date_and_redoes_on_change(tmp_path, capsys):
         assert len(_csv(tmp_path / "prep", "train.csv")) > 1
 
 
+def test_replaced_audio_is_prepared_again_and_changes_the_audio_identity(tmp_path, capsys):
+    """Manifests carry their audio's identity (a hash of the samples), checked by file stats."""
+    root = make_miniature(tmp_path / "corpus")
+    prep = tmp_path / "prep"
+
+    def identity():
+        """The audio's identity that data prep recorded (compared by a run's resume guard)."""
+        return json.loads((prep / "prep_options.json").read_text())["audio"]
+
+    prepare_deepmine(root, prep, dev_speakers=1)
+    first = identity()
+    assert first["files"] == len(_csv(prep, "train.csv")) + len(_csv(prep, "eval_test.csv")) + (
+        len(_csv(prep, "dev_test.csv")) + len(_csv(prep, "dev_enrol_utts.csv"))
+        + len(_csv(prep, "eval_enrol_utts.csv"))
+    )  # fmt: skip
+    capsys.readouterr()
+    # Another recording under the same name and of the same length: same manifests, other data.
+    write_wav(root / "wav/train/trn_000002.wav", seed=99)
+    prepare_deepmine(root, prep, dev_speakers=1)
+    out = capsys.readouterr().out
+    assert "Audio changed since data prep" in out and "Wrote manifests" in out, out
+    assert identity()["content"] != first["content"]
+    # The same samples again (a copy, with new file times): prepared again, the same identity.
+    write_wav(root / "wav/train/trn_000002.wav", seed=2)  # as make_miniature wrote it
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)  # copytree keeps times: touch every file
+    for wav in moved.rglob("*.wav"):
+        wav.touch()
+    prepare_deepmine(moved, prep, dev_speakers=1)
+    assert identity()["content"] == first["content"]
+
+
 def test_dev_speakers_must_leave_training_speakers(tmp_path):
     root = make_miniature(tmp_path / "corpus")
     with pytest.raises(DataPrepError, match="only 4 speakers"):

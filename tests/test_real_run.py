@@ -36,6 +36,7 @@ from recipes.settings import load_checked_hparams
 from recipes.tiny_wavlm import TINY, build_tiny_wavlm, save_to_hub_cache
 from recipes.train_speaker_embeddings import build_brain, schedule_lengths
 from recipes.training.augmentation import PrefetchedNoise, noise_reader
+from recipes.training.randomness import TrainingRandomness
 from tests.helpers import ROOT, fake_batch, free_port, load_yaml, run_script_command
 
 DEMO = str(ROOT / "hparams" / "synthetic_demo.yaml")
@@ -322,12 +323,18 @@ def test_noise_reader_gives_crops_and_checks_a_users_noise_list(tmp_path):
         lines.append(f"n{i},{seconds},$data_root/n{i}.wav,wav,")
     csv = tmp_path / "noise.csv"
     csv.write_text("\n".join(lines[:3]) + "\n")
-    reader = noise_reader(csv, tmp_path, 16000, crop_samples=16000, check=True)
-    lengths = {int(reader("utt").numel()) for _ in range(40)}
+    randomness = TrainingRandomness(seed=3)
+    reader = noise_reader(csv, tmp_path, 16000, 16000, check=True, randomness=randomness)
+    lengths = {int(reader(f"utt{i}").numel()) for i in range(40)}
     assert lengths == {16000, 8000}  # a crop, or the whole of a shorter file
+    # Keyed by utterance and epoch: a resumed epoch, in any worker, mixes the same noise.
+    assert torch.equal(reader("utt1"), reader("utt1"))
+    first_epoch = [reader(f"utt{i}") for i in range(8)]
+    randomness.set_epoch(2)
+    assert any(not torch.equal(a, reader(f"utt{i}")) for i, a in enumerate(first_epoch))
     csv.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"noise.csv line 4: .*n2.wav is at 8000 Hz"):
-        noise_reader(csv, tmp_path, 16000, crop_samples=16000, check=True)
+        noise_reader(csv, tmp_path, 16000, 16000, check=True, randomness=randomness)
 
 
 # ------------------------------------------------------------------------------------------------

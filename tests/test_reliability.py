@@ -42,6 +42,7 @@ from recipes.training.checkpointing import (
     CheckpointLoadError,
     CheckpointSaveError,
     SplitModelCheckpoint,
+    trim_train_log,
 )
 from recipes.training.resume_guard import (
     FINGERPRINT_FILE,
@@ -170,11 +171,17 @@ def test_killed_mid_epoch_resumes_from_the_intra_epoch_checkpoint(tmp_path, tiny
     assert intra and complete == intra  # killed mid-epoch: no end-of-epoch checkpoint yet
     done_before = yaml.safe_load((intra[-1] / "brain.ckpt").read_text())["step"]
     assert done_before >= 4
+    # As if the kill came after epoch 1 was logged, before its checkpoint was saved:
+    with open(out / "train_log.txt", "a", encoding="utf-8") as log:
+        log.write("epoch: 1, wavlm_frozen: False - train loss: 9.99 - valid EER: 99.00\n")
 
     resumed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     output = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, output[-4000:]
     assert f"Loading a checkpoint from {intra[-1]}" in output
+    assert "train_log.txt: dropped the line(s) of epoch(s) 1" in output
+    logged = (out / "train_log.txt").read_text().splitlines()
+    assert len(logged) == 1 and logged[0].startswith("epoch: 1,") and "99.00" not in logged[0]
     final = [c for c in (out / "save").glob("CKPT*") if (c / "CKPT.yaml").exists()]
     assert len(final) >= 1
     last = max(final, key=lambda c: yaml.safe_load((c / "CKPT.yaml").read_text())["unixtime"])
@@ -190,15 +197,28 @@ def test_killed_mid_epoch_resumes_from_the_intra_epoch_checkpoint(tmp_path, tiny
                 torch.load(file, map_location="cpu", weights_only=True)
 
 
-@pytest.mark.slow
-def test_sigterm_mid_epoch_saves_a_checkpoint_there_and_exits_143(tmp_path, tiny_corpus):
-    """A scheduler's SIGTERM: the step ends, a mid-epoch checkpoint is saved, the rerun resumes."""
-    out = tmp_path / "exp"
+def _exact_resume_command(out: Path, corpus: Path) -> list[str]:
+    """The tiny demo with every source of randomness on, checkpointed every 4 steps of batch 4.
+
+    The YAML's noise list (read by two workers), every augmentation, dropout.
+    """
     command = run_script_command(
-        "train_speaker_embeddings.py", out, tiny_corpus, "--number_of_epochs", "1",
-        "--ckpt_interval_minutes", "0", "--ckpt_interval_steps", "4",
+        "train_speaker_embeddings.py", out, corpus, "--number_of_epochs", "1",
+        "--ckpt_interval_minutes", "0", "--ckpt_interval_steps", "4", "--num_workers", "2",
     )  # fmt: skip
-    command = ["--batch_size=4" if arg == "--batch_size=8" else arg for arg in command]
+    command = [arg for arg in command if arg != "--noise_csv=null"]
+    return ["--batch_size=4" if arg == "--batch_size=8" else arg for arg in command]
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_checkpoints_exits_143_and_resumes_exactly(tmp_path, tiny_corpus):
+    """SIGTERM: the step ends, a mid-epoch checkpoint is saved, exit 143; the rerun resumes.
+
+    It trains exactly as an uninterrupted run (same seed, same machine): the same loss curve,
+    bit-identical weights and scores.
+    """
+    out = tmp_path / "stopped"
+    command = _exact_resume_command(out, tiny_corpus)
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT
     )
@@ -220,11 +240,46 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_there_and_exits_143(tmp_path, tiny
     resumed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Loading a checkpoint from {last}" in resumed.stdout + resumed.stderr
-    final = max(
+    final = _latest_checkpoint(out)
+    assert yaml.safe_load((final / "brain.ckpt").read_text())["optimizer_step"] == steps_per_epoch
+
+    whole = tmp_path / "uninterrupted"
+    subprocess.run(
+        _exact_resume_command(whole, tiny_corpus), check=True, capture_output=True, cwd=ROOT,
+        timeout=600,
+    )  # fmt: skip
+    assert _losses(out) == _losses(whole) and len(_losses(out)) == 1
+    weights = [
+        torch.load(_latest_checkpoint(run) / "embedding_model.ckpt", weights_only=True)
+        for run in (out, whole)
+    ]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    for report in ("scores_dev.txt", "scores_eval.txt"):
+        assert (out / report).read_bytes() == (whole / report).read_bytes(), report
+
+
+def _latest_checkpoint(out: Path) -> Path:
+    """The run's most recently saved complete checkpoint."""
+    return max(
         (c for c in (out / "save").glob("CKPT*") if (c / "CKPT.yaml").exists()),
         key=lambda c: yaml.safe_load((c / "CKPT.yaml").read_text())["unixtime"],
     )
-    assert yaml.safe_load((final / "brain.ckpt").read_text())["optimizer_step"] == steps_per_epoch
+
+
+def test_a_resumed_run_drops_logged_epochs_that_its_checkpoint_does_not_hold(tmp_path):
+    """An epoch logged, then killed (or a full disk) before its checkpoint: trained again."""
+    log = tmp_path / "train_log.txt"
+    lines = [
+        "epoch: 1, lr_head: 1.00e-02 - train loss: 6.01 - valid EER: 40.00\n",
+        "epoch: 2, lr_head: 9.00e-03 - train loss: 5.50 - valid EER: 30.00\n",
+        "epoch: 3, lr_head: 8.00e-03 - train loss: 5.10 - valid EER: 25.00\n",
+    ]
+    log.write_text("".join(lines))
+    assert trim_train_log(log, completed_epochs=3) == [] and log.read_text() == "".join(lines)
+    assert trim_train_log(log, completed_epochs=1) == [2, 3]
+    assert log.read_text() == lines[0]
+    assert trim_train_log(tmp_path / "absent.txt", 0) == []
 
 
 def test_nonfinite_loss_is_skipped_then_stops_training(tmp_path, tiny_wavlm_dir):
@@ -259,7 +314,13 @@ def _break_after_prep(tmp_path, tiny_corpus):
     )
     train = (tmp_path / "exp" / "prep" / "train.csv").read_text().splitlines()
     victim = train[1].split(",")[0]
-    (corpus / "wav" / "train" / f"{victim}.wav").unlink()
+    # Damaged in place (bit rot), its size and times kept: a rerun's data prep, which compares
+    # them, sees nothing (a deleted or replaced file would be prepared again and named there).
+    wav = corpus / "wav" / "train" / f"{victim}.wav"
+    times = wav.stat()
+    with open(wav, "r+b") as handle:
+        handle.write(b"JUNK")  # no RIFF header: unreadable
+    os.utime(wav, ns=(times.st_atime_ns, times.st_mtime_ns))
     return corpus, victim
 
 
@@ -557,7 +618,14 @@ def _prep(folder: Path) -> Path:
     folder.mkdir(parents=True)
     for name in MANIFESTS:
         (folder / name).write_text(f"ID,duration\n{name},1.0\n")
+    _prep_record(folder, audio="samples-1")
     return folder
+
+
+def _prep_record(folder: Path, audio: str) -> None:
+    """Data prep's record, with ``audio`` as the hash of the listed files' samples."""
+    record = {"options": {}, "manifests": {}, "audio": {"files": 5, "content": audio}}
+    (folder / "prep_options.json").write_text(json.dumps(record))
 
 
 def test_a_resume_on_other_settings_or_data_is_refused_naming_each(tmp_path, caplog):
@@ -581,6 +649,10 @@ def test_a_resume_on_other_settings_or_data_is_refused_naming_each(tmp_path, cap
         guard_settings(save, moved)  # allowed, and said
         guard_data(save, moved, prep)  # the same manifests: the same data
     assert "resuming with a changed setting: lr_head: 0.002 (now 0.001)" in caplog.text
+    _prep_record(prep, audio="samples-2")  # same ids and durations, other recordings
+    with pytest.raises(SystemExit, match=r"audio: other audio \(the listed files hold other"):
+        guard_data(save, moved, prep)
+    _prep_record(prep, audio="samples-1")
     (prep / "train.csv").write_text("ID,duration\nother,2.0\n")
     with pytest.raises(SystemExit, match=r"train.csv: other data"):
         guard_data(save, moved, prep)

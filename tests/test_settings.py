@@ -90,6 +90,11 @@ def test_impossible_combinations_are_named():
     assert problems == ["phrase_margin: 0.2 needs phrase_classifier_type: cosine"]
     problems = settings_problems(raw_settings(demo, no_layers + "\nhead_type: mhfa"))
     assert "head_type: 'mhfa' needs the WavLM encoder's layer_weighting: True" in problems
+    kept_workers = "train_dataloader_options:\n    batch_size: 8\n    persistent_workers: True"
+    problems = settings_problems(raw_settings(demo, kept_workers))
+    assert len(problems) == 1 and problems[0].startswith(
+        "train_dataloader_options: persistent_workers must be False: the crops are keyed"
+    )
     assert (
         settings_problems(raw_settings(ROOT / "hparams" / "wavlm_td.yaml", {"data_folder": "x"}))
         == []

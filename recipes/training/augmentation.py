@@ -10,13 +10,13 @@ mixes the batch's crops in; ``Augmenter`` still picks it among the other augment
 
 from __future__ import annotations
 
-import random
-
 import soundfile as sf
 import speechbrain as sb
 import torch
 from speechbrain.augment.time_domain import AddNoise
 from speechbrain.dataio.dataio import read_audio
+
+from recipes.training.randomness import NOISE, TrainingRandomness, crop_start
 
 
 class PrefetchedNoise(AddNoise):
@@ -54,9 +54,18 @@ class PrefetchedNoise(AddNoise):
         return noise.gather(1, index), torch.full_like(valid, max_length)[:, None]
 
 
-def noise_reader(noise_csv, data_folder, sample_rate: int, crop_samples: int, check: bool):
+def noise_reader(
+    noise_csv,
+    data_folder,
+    sample_rate: int,
+    crop_samples: int,
+    check: bool,
+    randomness: TrainingRandomness,
+):
     """A data-pipeline function: a random ``crop_samples`` crop of a random noise file.
 
+    The file and the crop are keyed by the utterance and the epoch (``randomness``), as the
+    speech crop is: a resumed epoch mixes the same noise.
     ``noise_csv`` is a SpeechBrain extended CSV (``ID,duration,wav,...``, ``$data_root`` taken as
     ``data_folder``). ``check``: read every file's header now and refuse, naming the file and its
     line, one that cannot be read or has another sample rate (a noise list of the user's; the
@@ -72,10 +81,11 @@ def noise_reader(noise_csv, data_folder, sample_rate: int, crop_samples: int, ch
 
     @sb.utils.data_pipeline.takes("id")
     @sb.utils.data_pipeline.provides("noise")
-    def noise(_utterance_id):
+    def noise(utterance_id):
         """One noise crop for an utterance (read in a loader worker)."""
-        path, frames = random.choice(files)
-        start = random.randint(0, max(0, frames - crop_samples))
+        rng = randomness.for_utterance(utterance_id, NOISE)
+        path, frames = files[int(rng.integers(len(files)))]
+        start = crop_start(rng, frames, crop_samples)
         try:
             crop = read_audio({"file": path, "start": start, "stop": start + crop_samples})
         except Exception as error:  # soundfile's message may not name the file

@@ -215,6 +215,38 @@ class AtomicCheckpointer(Checkpointer):
         return super().recover_if_possible(*args, **kwargs)
 
 
+def trim_train_log(path, completed_epochs: int) -> list[int]:
+    """Drop the lines of epochs after ``completed_epochs`` from a run's ``train_log.txt``.
+
+    An epoch is logged just before its checkpoint is saved: a run killed in between (or whose
+    save failed, a full disk) trains that epoch again when resumed, and the log would list it
+    twice. Called on resuming, with the recovered epoch counter; the file is replaced
+    atomically. Returns the dropped epochs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    kept, dropped = [], []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        epoch = _logged_epoch(line)
+        if epoch is not None and epoch > completed_epochs:
+            dropped.append(epoch)
+        else:
+            kept.append(line)
+    if dropped:
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text("".join(kept), encoding="utf-8")
+        os.replace(temporary, path)
+    return dropped
+
+
+def _logged_epoch(line: str) -> int | None:
+    """The epoch of a ``FileTrainLogger`` line (``epoch: 3, ...``), None for any other line."""
+    head = line.split(",", 1)[0].split(" - ", 1)[0]
+    key, _, value = head.partition(":")
+    return int(value) if key.strip() == "epoch" and value.strip().isdigit() else None
+
+
 def main(argv=None) -> None:
     """Convert split-model checkpoints (``merge_split_model``) named on the command line."""
     parser = argparse.ArgumentParser(description=merge_split_model.__doc__.splitlines()[0])

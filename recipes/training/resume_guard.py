@@ -5,9 +5,11 @@ the new command has. Some differences are fine (more epochs, another number of l
 learning rate lowered by hand); others make the checkpoint meaningless or unloadable: another
 head or embedding size, other training classes, another dev split, another corpus with the same
 speaker ids. So the first start writes ``save/run_fingerprint.json``: the settings that shape the
-model, its classes, the data and the dev EER that picks the best checkpoint (``SHAPING``), and a
-hash of each manifest data prep wrote. A resume with a difference there is refused before any
-heavy work, naming each one and how to start fresh; other changed settings are logged. The
+model, its classes, the data and the dev EER that picks the best checkpoint (``SHAPING``), a
+hash of each manifest data prep wrote, and the identity of the audio they list (a hash of the
+samples, data prep's ``audio_record``: the same after a copy or a move of the corpus). A resume
+with a difference there is refused before any heavy work, naming each one and how to start
+fresh; other changed settings are logged. The
 settings are compared before anything of the run is written (``guard_settings``), the data
 after data prep (``guard_data``), which then records a new run.
 """
@@ -46,12 +48,29 @@ MANIFESTS = (
 
 
 def fingerprint(settings: dict, prep_folder=None) -> dict:
-    """The run's record: every setting as given (plain values), and a hash of each manifest."""
+    """The run's record: every setting as given, a hash of each manifest, the audio's identity.
+
+    Settings as plain values; the audio's identity is the hash of its samples that data prep
+    recorded.
+    """
     prep = Path(prep_folder) if prep_folder is not None else None
-    hashes = {}
+    hashes, audio = {}, None
     if prep is not None:
         hashes = {name: file_digest(prep / name) for name in MANIFESTS if (prep / name).is_file()}
-    return {"settings": _plain(settings), "manifests": hashes}
+        audio = _audio_identity(prep / PREP_RECORD)
+    return {"settings": _plain(settings), "manifests": hashes, "audio": audio}
+
+
+#: Data prep's record of what it made the manifests from (``data_prep/deepmine_prepare.py``).
+PREP_RECORD = "prep_options.json"
+
+
+def _audio_identity(record: Path) -> str | None:
+    """The hash of the samples of every listed file, from data prep's record (None: absent)."""
+    try:
+        return json.loads(record.read_text())["audio"]["content"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def guard_settings(save_folder, settings: dict) -> None:
@@ -117,6 +136,9 @@ def differences(recorded: dict, current: dict, compare_data: bool = True):
     for name in sorted(set(manifests[0]) | set(manifests[1])):
         if manifests[0].get(name) != manifests[1].get(name):
             refused.append(f"{name}: other data (the manifest that data prep wrote differs)")
+    audio = (recorded.get("audio"), current.get("audio")) if compare_data else (None, None)
+    if None not in audio and audio[0] != audio[1]:  # records before it was kept: not compared
+        refused.append("audio: other audio (the listed files hold other samples)")
     return refused, changed
 
 

@@ -34,6 +34,7 @@ from speechbrain.dataio.batch import PaddedBatch
 
 from recipes.tiny_wavlm import build_tiny_wavlm
 from recipes.training.augmentation import PrefetchedNoise, noise_reader
+from recipes.training.randomness import TrainingRandomness
 from tests.benchmarks.common import ROOT, deepmine_lengths, interleaved_ms
 
 
@@ -62,7 +63,7 @@ def augmentations(csv: Path, folder: Path, wavlm_dir: str, wavs: torch.Tensor) -
     with open(ROOT / "hparams" / "wavlm_td.yaml", encoding="utf-8") as handle:
         hparams = load_hyperpyyaml(handle, overrides)
     crop = wavs.shape[1]
-    reader = noise_reader(csv, folder, 16000, crop, check=False)
+    reader = noise_reader(csv, folder, 16000, crop, check=False, randomness=TrainingRandomness(0))
     crops = PaddedBatch([{"noise": reader("u")} for _ in range(wavs.shape[0])]).noise
     white = PrefetchedNoise(snr_low=5, snr_high=20)
     prefetched = hparams["add_noise"]
