@@ -13,11 +13,9 @@ adds ``docs/trials_key.txt`` ("model-id evaluation-file-id target|nontarget TC|T
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
-from typing import NamedTuple
 
-SAMPLE_RATE = 16000
+from data_prep.manifests import ListLine
 
 #: Pass-phrases of the DeepMine text-dependent part: 01-05 Persian, 06-10 English.
 PHRASES = {
@@ -36,9 +34,6 @@ PHRASES = {
 #: The phrase id of a free-text line in the training list (no pass-phrase).
 FREE_TEXT_ID = "FT"
 
-#: Trial conditions: (same speaker, same phrase) for each label.
-CONDITIONS = {"TC": (True, True), "TW": (True, False), "IC": (False, True), "IW": (False, False)}
-_CONDITION_OF = {matches: label for label, matches in CONDITIONS.items()}
 
 WAV_SUBDIRS = {"train": "train", "enrollment": "enrollment", "evaluation": "evaluation"}
 
@@ -54,30 +49,9 @@ def phrase_language(phrase_id: str) -> str:
     return "free"
 
 
-def condition_of(same_speaker: bool, same_phrase: bool) -> str:
-    """Trial condition label (TC, TW, IC or IW) for a pair of speaker and phrase matches."""
-    return _CONDITION_OF[(bool(same_speaker), bool(same_phrase))]
-
-
 def wav_path(root: Path, subdir: str, file_id: str) -> Path:
     """Path of one utterance in the layout; ``subdir`` is train, enrollment or evaluation."""
     return Path(root) / "wav" / WAV_SUBDIRS[subdir] / f"{file_id}.wav"
-
-
-class ListLine(NamedTuple):
-    """One data line of a whitespace-separated docs list, with its origin for error messages.
-
-    A named tuple, not a dataclass: a 10M-line trial list makes 10M of them.
-    """
-
-    path: Path
-    lineno: int
-    fields: tuple[str, ...]
-
-    @property
-    def where(self) -> str:
-        """``file:line`` for error messages."""
-        return f"{self.path}:{self.lineno}"
 
 
 def read_list(path: Path) -> list[ListLine]:
@@ -102,12 +76,3 @@ def find_list(docs: Path, names: tuple[str, ...]) -> Path | None:
         if (docs / name).is_file():
             return docs / name
     return None
-
-
-def file_digest(path: Path) -> str:
-    """The SHA-1 of a file's bytes: a check that a derived file is as written (not security)."""
-    digest = hashlib.sha1()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -25,6 +25,7 @@ import json
 import multiprocessing
 import sys
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +35,10 @@ from scipy import signal
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_prep.corpus import SAMPLE_RATE, condition_of
 from data_prep.layout import (
     FREE_TEXT_ID,
     PHRASES,
-    SAMPLE_RATE,
-    condition_of,
     phrase_language,
     wav_path,
 )
@@ -92,11 +92,17 @@ def texts_digest() -> str:
     return hashlib.sha256(texts.encode()).hexdigest()[:16]
 
 
-def utterance_text(phrase_id: str) -> tuple[str, str]:
-    """``(language, text)`` of a pass-phrase id or a free-text sentence id."""
-    if phrase_id in PHRASES:
-        return phrase_language(phrase_id), PHRASES[phrase_id]
-    return {**FREE_TEXT, **TRAIN_FREE_TEXT}[phrase_id]
+#: ``(language, text)`` of every pass-phrase id and free-text sentence id of the corpus.
+DEEPMINE_TEXTS = {
+    **{phrase_id: (phrase_language(phrase_id), text) for phrase_id, text in PHRASES.items()},
+    **FREE_TEXT,
+    **TRAIN_FREE_TEXT,
+}
+
+
+def utterance_text(phrase_id: str, texts: dict | None = None) -> tuple[str, str]:
+    """``(language, text)`` of a phrase or free-text sentence id (of ``texts``: DeepMine's)."""
+    return (texts or DEEPMINE_TEXTS)[phrase_id]
 
 
 @dataclass(frozen=True)
@@ -250,10 +256,10 @@ def reverberate(rng: np.random.Generator, wav: np.ndarray) -> np.ndarray:
     return signal.fftconvolve(wav, rir)[: len(wav)]
 
 
-def render(utt: Utterance, speaker: Speaker, babble: np.ndarray) -> np.ndarray:
-    """The 16 kHz float waveform of one utterance."""
+def render(utt: Utterance, speaker: Speaker, babble: np.ndarray, texts=None) -> np.ndarray:
+    """The 16 kHz float waveform of one utterance (its text from ``texts``: DeepMine's)."""
     rng = np.random.default_rng(utt.seed)
-    language, text = utterance_text(utt.phrase_id)
+    language, text = utterance_text(utt.phrase_id, texts)
     voice = f"{LANGUAGE_VOICE[language]}+{speaker.variant}"
     speech, rate = espeak(
         text,
@@ -274,19 +280,22 @@ def render(utt: Utterance, speaker: Speaker, babble: np.ndarray) -> np.ndarray:
     return (wav * peak / (np.max(np.abs(wav)) + 1e-9)).astype(np.float32)
 
 
-def babble_bank(seed: int, talkers: int = 6) -> np.ndarray:
-    """Several talkers (not corpus speakers) saying all phrases, overlapped: the babble noise."""
+def babble_bank(seed: int, talkers: int = 6, phrases=None) -> np.ndarray:
+    """Several talkers (not corpus speakers) saying all phrases, overlapped: the babble noise.
+
+    ``phrases``: ``(language, text)`` pairs (default: DeepMine's, in phrase id order).
+    """
+    phrases = phrases or [DEEPMINE_TEXTS[phrase_id] for phrase_id in sorted(PHRASES)]
     rng = np.random.default_rng([seed, 99])
     _reseed_espeak(seed)
     tracks = []
     for _ in range(talkers):
         speaker = draw_speaker(rng)
         parts = []
-        for phrase_id in rng.permutation(sorted(PHRASES)):
-            voice = f"{LANGUAGE_VOICE[phrase_language(phrase_id)]}+{speaker.variant}"
-            speech, rate = espeak(
-                PHRASES[phrase_id], voice, speaker.rate, speaker.pitch, speaker.pitch_range
-            )
+        for index in rng.permutation(len(phrases)):
+            language, text = phrases[index]
+            voice = f"{LANGUAGE_VOICE[language]}+{speaker.variant}"
+            speech, rate = espeak(text, voice, speaker.rate, speaker.pitch, speaker.pitch_range)
             parts.append(resample(speech, rate * speaker.tract_scale))
         tracks.append(np.concatenate(parts))
     length = min(len(t) for t in tracks)
@@ -307,10 +316,8 @@ def _write_chunk(chunk: list[Utterance]) -> float:
     total = 0.0
     _reseed_espeak(int(np.random.default_rng(chunk[0].seed).integers(2**31)))
     for utt in chunk:
-        wav = render(utt, _SHARED["speakers"][utt.speaker], _SHARED["babble"])
-        sf.write(
-            wav_path(_SHARED["out"], utt.subdir, utt.file_id), wav, SAMPLE_RATE, subtype="PCM_16"
-        )
+        wav = render(utt, _SHARED["speakers"][utt.speaker], _SHARED["babble"], _SHARED["texts"])
+        sf.write(_SHARED["path_of"](utt), wav, SAMPLE_RATE, subtype="PCM_16")
         total += len(wav) / SAMPLE_RATE
     return total
 
@@ -351,6 +358,9 @@ def plan_corpus(
     free_text: int = 0,
     free_text_trials: int = 0,
     free_text_train: int = 0,
+    phrases: list[str] | None = None,
+    enrol_utts: int = 3,
+    languages: tuple[str, ...] | None = None,
 ) -> CorpusPlan:
     """Decide every file, model and trial of the corpus from the seed.
 
@@ -358,12 +368,17 @@ def plan_corpus(
     and ``free_text_trials`` of them per model as extra TW trials (same speaker, not a
     pass-phrase); ``free_text_train`` sentences of ``TRAIN_FREE_TEXT`` per training speaker are
     added to the training list. They are drawn from separate random streams, so the rest of the
-    corpus is the same with or without them.
+    corpus is the same with or without them. ``phrases`` (default DeepMine's ids) are the
+    pass-phrases, each model has ``enrol_utts`` utterances, and free text is drawn from the
+    sentences in ``languages`` only (default: all).
     """
-    if reps < 4:
-        raise ValueError("--reps must be at least 4 (3 enrollment + at least 1 test utterance)")
+    if reps <= enrol_utts:
+        raise ValueError(
+            f"--reps must be at least {enrol_utts + 1} ({enrol_utts} enrollment + at least 1 "
+            "test utterance)"
+        )
     rng = np.random.default_rng([seed, 0])
-    phrases = sorted(PHRASES)
+    phrases = sorted(phrases or PHRASES)
     # Training speakers: all phrases, reps times.
     train_pairs = [(s, p) for s in range(speakers) for p in phrases for _ in range(reps)]
     train_ids = _numbered("trn", len(train_pairs), rng)
@@ -371,10 +386,10 @@ def plan_corpus(
         Utterance(fid, "train", s, p, (seed, 1, i))
         for i, (fid, (s, p)) in enumerate(zip(train_ids, train_pairs, strict=True))
     ]
-    # Evaluation speakers (distinct identities): 3 enrollment + reps-3 test utterances per phrase.
+    # Evaluation speakers (distinct identities): enrollment + test utterances of each phrase.
     eval_spk = list(range(speakers, speakers + eval_speakers))
-    enrol_pairs = [(s, p) for s in eval_spk for p in phrases for _ in range(3)]
-    test_pairs = [(s, p) for s in eval_spk for p in phrases for _ in range(reps - 3)]
+    enrol_pairs = [(s, p) for s in eval_spk for p in phrases for _ in range(enrol_utts)]
+    test_pairs = [(s, p) for s in eval_spk for p in phrases for _ in range(reps - enrol_utts)]
     enrol_ids = _numbered("enr", len(enrol_pairs), rng)
     test_ids = _numbered("evl", len(test_pairs), rng)
     enrollment = [
@@ -388,17 +403,20 @@ def plan_corpus(
     model_keys = [(s, p) for s in eval_spk for p in phrases]
     model_ids = [f"model_{i:05d}" for i in range(len(model_keys))]
     models = [
-        (mid, p, [u.file_id for u in enrollment[3 * k : 3 * k + 3]])
+        (mid, p, [u.file_id for u in enrollment[enrol_utts * k : enrol_utts * (k + 1)]])
         for k, (mid, (s, p)) in enumerate(zip(model_ids, model_keys, strict=True))
     ]
     trials = _draw_trials(rng, model_ids, model_keys, evaluation, trials_per_model)
     if free_text:
+        pool = _in_languages(FREE_TEXT, languages)
         free, free_trials = _free_text(
-            seed, eval_spk, free_text, free_text_trials, len(test_pairs), model_ids, model_keys
-        )
+            seed, eval_spk, free_text, free_text_trials, len(test_pairs), model_ids, model_keys,
+            pool,
+        )  # fmt: skip
         evaluation, trials = evaluation + free, trials + free_trials
     if free_text_train:
-        train = train + _train_free_text(seed, speakers, free_text_train, len(train_pairs))
+        pool = _in_languages(TRAIN_FREE_TEXT, languages)
+        train = train + _train_free_text(seed, speakers, free_text_train, len(train_pairs), pool)
     train_speaker_ids = [f"spk_{i + 1:06d}" for i in range(speakers)]
     return CorpusPlan(train, enrollment, evaluation, models, trials, train_speaker_ids)
 
@@ -439,12 +457,21 @@ def _free_text_utterances(seed, stream, pool, speakers, per_speaker, first_numbe
     return utterances, rng
 
 
-def _free_text(seed, eval_spk, per_speaker, per_model, first_number, model_ids, model_keys):
+def _in_languages(sentences: dict, languages) -> dict:
+    """The free-text sentences in ``languages`` (all of them for None)."""
+    if languages is None:
+        return sentences
+    return {key: (lang, text) for key, (lang, text) in sentences.items() if lang in languages}
+
+
+def _free_text(
+    seed, eval_spk, per_speaker, per_model, first_number, model_ids, model_keys, pool=FREE_TEXT
+):
     """Free-text evaluation utterances and their TW trials (see ``plan_corpus``)."""
-    if per_speaker > len(FREE_TEXT) or per_model > per_speaker:
-        raise ValueError(f"free_text <= {len(FREE_TEXT)} and free_text_trials <= free_text")
+    if per_speaker > len(pool) or per_model > per_speaker:
+        raise ValueError(f"free_text <= {len(pool)} and free_text_trials <= free_text")
     utterances, rng = _free_text_utterances(
-        seed, 5, FREE_TEXT, eval_spk, per_speaker, first_number, "evaluation"
+        seed, 5, pool, eval_spk, per_speaker, first_number, "evaluation"
     )
     by_speaker = {}
     for utt in utterances:
@@ -456,12 +483,12 @@ def _free_text(seed, eval_spk, per_speaker, per_model, first_number, model_ids, 
     return utterances, trials
 
 
-def _train_free_text(seed, speakers, per_speaker, first_number):
-    """Free-text training utterances (``TRAIN_FREE_TEXT``), numbered after the others."""
-    if per_speaker > len(TRAIN_FREE_TEXT):
-        raise ValueError(f"free_text_train <= {len(TRAIN_FREE_TEXT)}")
+def _train_free_text(seed, speakers, per_speaker, first_number, pool=TRAIN_FREE_TEXT):
+    """Free-text training utterances (of ``TRAIN_FREE_TEXT``), numbered after the others."""
+    if per_speaker > len(pool):
+        raise ValueError(f"free_text_train <= {len(pool)}")
     utterances, _ = _free_text_utterances(
-        seed, 6, TRAIN_FREE_TEXT, range(speakers), per_speaker, first_number, "train"
+        seed, 6, pool, range(speakers), per_speaker, first_number, "train"
     )
     return utterances
 
@@ -558,27 +585,50 @@ def synthesize_corpus(
         free_text_train,
     )  # fmt: skip
     _clear_previous_corpus(out)
+    seconds = render_plan(
+        out, plan, seed, speakers + eval_speakers, jobs, DEEPMINE_TEXTS,
+        lambda utt: wav_path(out, utt.subdir, utt.file_id),
+    )  # fmt: skip
+    _write_docs(out, plan)
+    done_marker.write_text(json.dumps(options))
+    _say_written(out, plan, seconds, speakers, eval_speakers)
+    return out
 
+
+def render_plan(out: Path, plan: CorpusPlan, seed, n_speakers, jobs, texts, path_of) -> float:
+    """Draw the speakers, then render and write every utterance of ``plan``; seconds written.
+
+    ``texts``: ``(language, text)`` of each phrase or sentence id of the plan; ``path_of``: the
+    file of an ``Utterance``. Babble is made of the plan's own pass-phrases. Writes
+    ``synth_speakers.json`` (each speaker's identity) in ``out``.
+    """
     _init_espeak()
     rng = np.random.default_rng([seed, 4])
+    phrases = sorted({u.phrase_id for u in plan.enrollment})
+    babble_phrases = None if texts is DEEPMINE_TEXTS else [texts[p] for p in phrases]
     _SHARED.update(
         out=out,
-        speakers=[draw_speaker(rng) for _ in range(speakers + eval_speakers)],
-        babble=_fork_map(babble_bank, [seed], 1)[0],
+        speakers=[draw_speaker(rng) for _ in range(n_speakers)],
+        babble=_fork_map(partial(babble_bank, phrases=babble_phrases), [seed], 1)[0],
+        texts=texts,
+        path_of=path_of,
     )
     utterances = plan.train + plan.enrollment + plan.evaluation
     chunks = [utterances[i : i + CHUNK] for i in range(0, len(utterances), CHUNK)]
     durations = _fork_map(_write_chunk, chunks, jobs)
-    _write_docs(out, plan)
     speaker_table = {i: asdict(s) for i, s in enumerate(_SHARED["speakers"])}
     (out / "synth_speakers.json").write_text(json.dumps(speaker_table, indent=1))
-    done_marker.write_text(json.dumps(options))
+    return float(sum(durations))
+
+
+def _say_written(out: Path, plan: CorpusPlan, seconds: float, speakers, eval_speakers) -> None:
+    """One line: what the corpus in ``out`` holds."""
+    utterances = len(plan.train) + len(plan.enrollment) + len(plan.evaluation)
     print(
-        f"Wrote {len(utterances)} utterances ({sum(durations) / 3600:.2f} h) of "
+        f"Wrote {utterances} utterances ({seconds / 3600:.2f} h) of "
         f"{speakers}+{eval_speakers} speakers, {len(plan.models)} models and "
         f"{len(plan.trials)} trials to {out}"
     )
-    return out
 
 
 def main(argv=None) -> None:

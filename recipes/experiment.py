@@ -34,8 +34,7 @@ from speechbrain.utils.logger import get_logger
 from tqdm import tqdm
 
 from data_prep.audio_checks import check_finite, check_waveform
-from data_prep.deepmine_prepare import prepare_deepmine
-from data_prep.layout import PHRASES
+from data_prep.corpus import CORPUS_OPTIONS, FREE_TEXT_ID, preparer
 from data_prep.synth_deepmine import synthesize_corpus
 from recipes.distributed import gathered, shard
 from recipes.evaluation.scoring import EmbeddingTable
@@ -62,6 +61,7 @@ class CorpusSettings:
 
     data_folder: str
     prep_folder: str
+    corpus: str  # its layout: one of data_prep.corpus.CORPORA
     dev_speakers: int
     seed: int
     include_free_text: bool
@@ -69,6 +69,24 @@ class CorpusSettings:
     enrol_utts: int
     min_audio_seconds: float
     synthetic_corpus: dict | None  # data_prep/synth_deepmine.py options; None: a real corpus
+    phrase_min_count: int  # corpus kaldi: a transcript seen fewer times in training is free text
+    audio_outside_data_folder: bool  # corpus kaldi: wav.scp paths may lead out of data_folder
+
+    def preparer_options(self) -> dict:
+        """The keyword arguments of the ``corpus`` preparer (``data_prep/corpus.py``)."""
+        common = {
+            "dev_speakers": self.dev_speakers,
+            "seed": self.seed,
+            "include_free_text": self.include_free_text,
+            "skip_bad": self.skip_bad,
+            "enrol_utts": self.enrol_utts,
+            "min_seconds": self.min_audio_seconds,
+        }
+        own = {
+            "phrase_min_count": self.phrase_min_count,
+            "audio_outside_data_folder": self.audio_outside_data_folder,
+        }
+        return {**common, **{key: own[key] for key in CORPUS_OPTIONS[self.corpus]}}
 
 
 @dataclass(frozen=True)
@@ -110,7 +128,11 @@ class ModelWiring:
 # Data
 # ------------------------------------------------------------------------------------------------
 def prepare_data(corpus: CorpusSettings) -> None:
-    """Synthesize the demo corpus if configured, then write the manifests (main process only)."""
+    """Synthesize the demo corpus if configured, then write the manifests (main process only).
+
+    The manifests are the corpus contract's (``data_prep/corpus.py``), written by the preparer
+    of the ``corpus`` setting.
+    """
     if corpus.synthetic_corpus:
         folder = Path(corpus.data_folder)
         if not folder.exists():  # a mistyped --data_folder would otherwise pass unnoticed
@@ -123,17 +145,9 @@ def prepare_data(corpus: CorpusSettings) -> None:
             synthesize_corpus, kwargs={"out": corpus.data_folder, **corpus.synthetic_corpus}
         )
     run_on_main(
-        prepare_deepmine,
-        kwargs={
-            "data_folder": corpus.data_folder,
-            "save_folder": corpus.prep_folder,
-            "dev_speakers": corpus.dev_speakers,
-            "seed": corpus.seed,
-            "include_free_text": corpus.include_free_text,
-            "skip_bad": corpus.skip_bad,
-            "enrol_utts": corpus.enrol_utts,
-            "min_seconds": corpus.min_audio_seconds,
-        },
+        preparer(corpus.corpus),
+        args=[corpus.data_folder, corpus.prep_folder],
+        kwargs=corpus.preparer_options(),
     )
 
 
@@ -205,7 +219,7 @@ def dataio_prep(corpus: CorpusSettings, audio: AudioSettings) -> RecipeData:
     @sb.utils.data_pipeline.provides("class_label", "phrase_label")
     def labels(spk_id, phrase_id):
         """The training class (speaker, or speaker x phrase) and the phrase."""
-        phrase = phrase_id if phrase_id in PHRASES else OTHER_PHRASE  # free text is one class
+        phrase = OTHER_PHRASE if phrase_id == FREE_TEXT_ID else phrase_id  # free text: one class
         yield f"{spk_id}_{phrase}" if target_type == "speaker_phrase" else spk_id
         yield phrase
 

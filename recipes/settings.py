@@ -24,6 +24,7 @@ import torch
 from hyperpyyaml.core import resolve_references
 from ruamel.yaml.constructor import DuplicateKeyError, SafeConstructor
 
+from data_prep import corpus
 from recipes import experiment
 from recipes.evaluation import scoring
 from recipes.experiment_lock import hold_experiment_lock
@@ -34,6 +35,7 @@ from recipes.model import modules, speaker_model
 #: there is allowed here with no second list. ``head_type`` is checked against the YAML's own
 #: ``heads`` (``choices``).
 REGISTRIES = {
+    "corpus": (corpus, "CORPORA"),
     "target_type": (experiment, "TARGET_TYPES"),
     "margin_type": (modules, "MARGIN_TYPES"),
     "scale_mode": (modules, "SCALE_MODES"),
@@ -62,7 +64,7 @@ def choices(hparams) -> dict[str, tuple]:
 BOOLEANS = (
     "include_free_text", "skip_bad", "skip_nonfinite_grads", "phrase_branch", "freeze_cnn",
     "gradient_checkpointing", "augment", "aug_noise", "aug_speed", "aug_drop_freq",
-    "aug_drop_chunk", "use_tensorboard",
+    "aug_drop_chunk", "use_tensorboard", "audio_outside_data_folder",
 )  # fmt: skip
 
 
@@ -102,6 +104,7 @@ RANGES = {
     "seed": Range(0, integer=True),
     "dev_speakers": Range(1, integer=True),
     "enrol_utts": Range(0, integer=True),  # 0: any number of enrollment utterances
+    "phrase_min_count": Range(1, integer=True),
     "sample_rate": Range(1, integer=True),
     "number_of_epochs": Range(1, integer=True),
     "batch_size": Range(1, integer=True),
@@ -212,6 +215,11 @@ def combination_problems(hparams) -> list[str]:
         )
     if hparams.get("head_type") == "mhfa" and no_layer_weights:
         problems.append("head_type: 'mhfa' needs the WavLM encoder's layer_weighting: True")
+    if hparams.get("corpus", "deepmine") != "deepmine" and hparams.get("synthetic_corpus"):
+        problems.append(
+            f"synthetic_corpus: writes DeepMine's layout, not corpus {hparams['corpus']!r}: "
+            "set synthetic_corpus: null (data_prep/synth_kaldi.py writes a Kaldi-layout corpus)"
+        )
     loader = hparams.get("train_dataloader_options")
     if isinstance(loader, dict) and loader.get("persistent_workers"):
         problems.append(

@@ -348,7 +348,8 @@ class SpeakerBrain(sb.core.Brain):
         """Start collecting embeddings for validation and test; reset the data-wait timer."""
         self.embeddings = {}
         if stage == sb.Stage.TRAIN:
-            self.randomness.set_epoch(epoch)  # before the epoch's loader starts its workers
+            if epoch is not None:  # before the epoch's loader starts its workers
+                self.randomness.set_epoch(epoch)
             self.set_wavlm_frozen(self.wavlm_frozen())
             self._data_wait, self._first_batch_start, self._last_batch_end = 0.0, None, None
 
@@ -446,6 +447,7 @@ def recipe_settings(hparams) -> RecipeSettings:
     corpus = CorpusSettings(
         data_folder=hparams["data_folder"],
         prep_folder=hparams["prep_folder"],
+        corpus=hparams["corpus"],
         dev_speakers=hparams["dev_speakers"],
         seed=hparams["seed"],
         include_free_text=hparams["include_free_text"],
@@ -453,6 +455,8 @@ def recipe_settings(hparams) -> RecipeSettings:
         enrol_utts=hparams["enrol_utts"],
         min_audio_seconds=hparams["min_audio_seconds"],
         synthetic_corpus=hparams["synthetic_corpus"],
+        phrase_min_count=hparams["phrase_min_count"],
+        audio_outside_data_folder=hparams["audio_outside_data_folder"],
     )
     audio = AudioSettings(
         sample_rate=hparams["sample_rate"],

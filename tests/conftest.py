@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny synthetic corpus and a hand-made miniature of the real layout."""
+"""Shared fixtures: tiny synthetic corpora (both layouts), a hand-made miniature, a tiny WavLM."""
 
 from __future__ import annotations
 
@@ -14,16 +14,37 @@ import pytest
 import soundfile as sf
 
 from data_prep.synth_deepmine import SMALL_CORPUS, synthesize_corpus
+from data_prep.synth_kaldi import read_phrases, synthesize_kaldi_corpus
 from recipes.tiny_wavlm import build_tiny_wavlm
 from tests.helpers import run_script
 
 TINY = SMALL_CORPUS  # the tests' corpus
+#: A corpus that shares nothing with DeepMine: Kaldi data directories, 30 English phrases of
+#: its own, 5 enrollment utterances per model, no Persian, free text (about 1,100 files).
+KALDI_EN30 = dict(
+    speakers=4,
+    eval_speakers=2,
+    reps=6,
+    enrol_utts=5,
+    seed=11,
+    free_text=2,
+    free_text_trials=1,
+    free_text_train=2,
+)
+PHRASES_EN30 = Path(__file__).parent / "data" / "english_phrases_30.txt"
 
 
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     """A small synthetic corpus (6 train + 3 eval speakers, 4 repetitions, free text), once."""
     return synthesize_corpus(tmp_path_factory.mktemp("synth") / "corpus", jobs=2, **TINY)
+
+
+@pytest.fixture(scope="session")
+def kaldi_corpus(tmp_path_factory) -> Path:
+    """The ``KALDI_EN30`` corpus in Kaldi's layout (``data_prep/synth_kaldi.py``), once."""
+    out = tmp_path_factory.mktemp("kaldi") / "corpus"
+    return synthesize_kaldi_corpus(out, read_phrases(PHRASES_EN30), jobs=2, **KALDI_EN30)
 
 
 @pytest.fixture(scope="session")

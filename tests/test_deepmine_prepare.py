@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from data_prep.deepmine_prepare import DataPrepError, prepare_deepmine
-from data_prep.layout import PHRASES, read_list
+from data_prep.deepmine_prepare import prepare_deepmine
+from data_prep.layout import PHRASES, phrase_language, read_list
+from data_prep.manifests import DataPrepError
 from tests.conftest import TINY, make_miniature, write_wav
 
 UTT_COLUMNS = ["ID", "duration", "wav", "spk_id", "phrase_id", "phrase", "language"]
@@ -40,8 +41,9 @@ def test_manifests_of_the_synthetic_corpus(tiny_corpus, tmp_path):
     assert len(all_ids) == len(set(all_ids)) == TINY["speakers"] * len(PHRASES) * TINY["reps"]
     # Models: 3 enrollment utterances of one speaker saying the model's phrase.
     models = _csv(tmp_path / "prep", "dev_enrol.csv")
-    assert list(models.columns) == ["model_id", "phrase_id", "spk_id", "enrol_ids"]
+    assert list(models.columns) == ["model_id", "phrase_id", "spk_id", "enrol_ids", "language"]
     assert len(models) == 2 * len(PHRASES)
+    assert (models.language == models.phrase_id.map(phrase_language)).all()
     utt = dev_enrol_utts.set_index("ID")
     for model in models.itertuples():
         ids = model.enrol_ids.split(" ")

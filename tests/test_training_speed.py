@@ -38,7 +38,11 @@ def test_a_training_step_syncs_only_in_speechbrains_loop_and_hf(brain):
     assert sorted(site.split()[-1] for site in ours) == ["check_gradients", "compute_forward"]
     assert list(ours.values()) == [2, 2], ours
     assert max(sites.values()) <= 2, sites  # nothing once per parameter
-    assert sum(sites.values()) <= 2 * 7, sites
+    # SpeechBrain's Augmenter syncs in the augmentations a step draws (which, depends on the
+    # step's seed); the rest is a fixed budget: ours, HF's masking, SpeechBrain's loss check and
+    # loss read.
+    fixed = {site: n for site, n in sites.items() if "speechbrain/augment/" not in site[0]}
+    assert sum(fixed.values()) <= 2 * 5, sites
 
 
 def test_mhfa_heads_and_l2sp_add_no_host_sync(tmp_path, tiny_wavlm_dir):

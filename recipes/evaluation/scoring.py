@@ -20,7 +20,7 @@ from scipy import sparse
 from recipes.evaluation.metrics import verification_metrics
 
 CONDITION_PAIRS = {
-    "pooled": ("TW", "IC", "IW"),
+    "pooled": ("TW", "IC", "IW", "NT"),  # NT: a non-target of a key that gives no type
     "TC-vs-IC": ("IC",),
     "TC-vs-TW": ("TW",),
     "TC-vs-IW": ("IW",),

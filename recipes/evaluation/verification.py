@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from speechbrain.utils.checkpoints import Checkpoint
 
-from data_prep.layout import file_digest
+from data_prep.corpus import file_digest
 from recipes.distributed import main_writes, on_main
 from recipes.evaluation.fusion import (
     TrialScores,

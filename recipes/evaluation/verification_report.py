@@ -29,7 +29,6 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
-from data_prep.layout import phrase_language
 from recipes.evaluation.metrics import operating_points
 from recipes.evaluation.scoring import CONDITION_PAIRS, condition_pair, metrics_by_condition
 from recipes.model import speaker_model
@@ -108,10 +107,13 @@ def _write_report_files(folder: Path, split, trials, scores, metrics, models, pa
     llr = bool(metrics) and "act_dcf" in metrics.get("pooled", {})
     report = {"split": split, "trials": len(trials), "llr": llr, "conditions": metrics}
     if models is not None and metrics:
-        phrase = trials["model_id"].map(models.set_index("model_id")["phrase_id"])
+        by_model = models.set_index("model_id")
+        phrase = trials["model_id"].map(by_model["phrase_id"])
         report["by_phrase"] = breakdown(scores, trials, phrase, llr)
-        language = {p: phrase_language(p) for p in phrase.dropna().unique()}
-        report["by_language"] = breakdown(scores, trials, phrase.map(language), llr)
+        if "language" in by_model:  # the manifest's, where the corpus gives languages
+            languages = by_model["language"]
+            language = trials["model_id"].map(languages.where(languages != ""))
+            report["by_language"] = breakdown(scores, trials, language, llr)
     (folder / f"verification_{split}.json").write_text(json.dumps(report, indent=2))
     if answer_file(split) is not None:
         answer = folder / answer_file(split)

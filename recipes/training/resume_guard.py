@@ -23,7 +23,8 @@ from pathlib import Path
 from speechbrain.utils.distributed import ddp_barrier, if_main_process
 from speechbrain.utils.logger import get_logger
 
-from data_prep.layout import file_digest
+from data_prep.corpus import file_digest
+from data_prep.manifests import PREP_RECORD
 from recipes.settings import WIRING
 
 logger = get_logger(__name__)
@@ -34,11 +35,11 @@ FINGERPRINT_FILE = "run_fingerprint.json"
 #: Settings a checkpoint depends on: the model's shape and classes, the data and its dev split,
 #: the position in an epoch (batches), and what the best checkpoint is chosen by.
 SHAPING = (
-    "wavlm_source", "sample_rate", "freeze_cnn", "head_type", "emb_dim", "phrase_branch",
-    "phrase_pooling", "phrase_classifier_type", "target_type", "margin_type", "scale_mode",
-    "seed", "dev_speakers", "include_free_text", "skip_bad", "enrol_utts", "min_audio_seconds",
-    "synthetic_corpus", "batch_size", "grad_accumulation_factor", "batch_sampler", "fusion",
-    "fusion_prior", "max_eval_seconds",
+    "corpus", "phrase_min_count", "wavlm_source", "sample_rate", "freeze_cnn", "head_type",
+    "emb_dim", "phrase_branch", "phrase_pooling", "phrase_classifier_type", "target_type",
+    "margin_type", "scale_mode", "seed", "dev_speakers", "include_free_text", "skip_bad",
+    "enrol_utts", "min_audio_seconds", "synthetic_corpus", "batch_size",
+    "grad_accumulation_factor", "batch_sampler", "fusion", "fusion_prior", "max_eval_seconds",
 )  # fmt: skip
 #: What data prep wrote that training reads (``$data_root`` in place of the corpus folder, so a
 #: moved corpus is the same data).
@@ -59,10 +60,6 @@ def fingerprint(settings: dict, prep_folder=None) -> dict:
         hashes = {name: file_digest(prep / name) for name in MANIFESTS if (prep / name).is_file()}
         audio = _audio_identity(prep / PREP_RECORD)
     return {"settings": _plain(settings), "manifests": hashes, "audio": audio}
-
-
-#: Data prep's record of what it made the manifests from (``data_prep/deepmine_prepare.py``).
-PREP_RECORD = "prep_options.json"
 
 
 def _audio_identity(record: Path) -> str | None:

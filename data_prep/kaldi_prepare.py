@@ -1,0 +1,440 @@
+"""Turn Kaldi-style data directories of a text-dependent corpus into the recipe's manifests.
+
+The layout (``corpus: kaldi``); every path in a ``wav.scp`` is absolute or relative to the
+corpus folder::
+
+    CORPUS/train/wav.scp    <utt> <path>
+    CORPUS/train/utt2spk    <utt> <speaker>
+    CORPUS/train/text       <utt> <transcript>
+    CORPUS/enroll/wav.scp   <utt> <path>
+    CORPUS/enroll/text      <utt> <transcript>
+    CORPUS/enroll/models    <model> <utt> <utt> ...
+    CORPUS/test/wav.scp     <utt> <path>
+    CORPUS/trials           <model> <test-utt> [target|nontarget [TC|TW|IC|IW]]
+
+Optional: ``train/utt2phrase`` and ``enroll/utt2phrase`` (``<utt> <phrase-id>``) give phrase ids
+where a corpus has them (they override ``text``); ``train/utt2lang`` and ``enroll/utt2lang``
+(``<utt> <language>``) give the per-language report rows.
+
+- A phrase is a normalized transcript (``normalized``: case, punctuation and spacing ignored),
+  or a ``utt2phrase`` id. A phrase seen at least ``phrase_min_count`` times in training is a
+  pass-phrase, numbered ``p01``, ``p02``, ... in the order of its normalized text; rarer
+  transcripts are free text (``FREE_TEXT_ID``, kept with ``include_free_text``).
+- A model's phrase is the common phrase of its enrollment utterances: utterances that disagree,
+  or a phrase that training does not have, are an error naming the model.
+- Test transcripts are never read: test utterances are blind, as in the challenge.
+- Trials with labels are scored and reported (``target`` alone is TC, ``nontarget`` alone NT:
+  pooled numbers only); trials without labels get ``answer.txt`` only.
+- Audio outside the corpus folder (an absolute path elsewhere, or ``..``) is refused unless
+  ``audio_outside_data_folder``.
+
+Every check of the DeepMine preparer applies (audio, ids, duplicates, one error naming every
+problem with its file and line, nothing partial written): both share ``data_prep/manifests.py``.
+
+Usage::
+
+    python data_prep/kaldi_prepare.py --data_folder /data/rsr2015_kaldi --save_folder prep
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import unicodedata
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_prep.audio_checks import MIN_SECONDS
+from data_prep.corpus import FREE_TEXT_ID
+from data_prep.manifests import (
+    ENROL_UTTS,
+    CorpusLists,
+    DataPrepError,
+    EvalModel,
+    ListLine,
+    Problems,
+    Utt,
+    first_occurrence,
+    list_fingerprint,
+    prepare_manifests,
+)
+
+PREP_VERSION = 1  # bump when the manifests change, so existing ones are redone
+PHRASE_MIN_COUNT = 5
+
+#: The files of the layout (``optional`` may be absent).
+REQUIRED = ("train/wav.scp", "train/utt2spk", "train/text", "enroll/wav.scp", "enroll/text",
+            "enroll/models", "test/wav.scp", "trials")  # fmt: skip
+OPTIONAL = ("train/utt2phrase", "train/utt2lang", "enroll/utt2phrase", "enroll/utt2lang")
+
+#: Trial labels and conditions (``target`` alone is TC, ``nontarget`` alone NT).
+TARGET_LABELS = ("target", "nontarget")
+LABELLED_CONDITIONS = ("TC", "TW", "IC", "IW")
+
+
+def normalized(text: str) -> str:
+    """A transcript as a phrase: Unicode-normalized, case-folded, punctuation and spacing gone."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    kept = "".join(" " if unicodedata.category(c).startswith("P") else c for c in text)
+    return " ".join(kept.split())
+
+
+def read_lines(path: Path) -> list[ListLine]:
+    """The non-blank lines of a Kaldi table (no header), each with its file and line number."""
+    with open(path, encoding="utf-8-sig") as handle:
+        return [
+            ListLine(path, lineno, tuple(text.split()))
+            for lineno, text in enumerate(handle, start=1)
+            if text.strip()
+        ]
+
+
+def read_table(path: Path, problems: Problems, what: str, whole_rest=False) -> dict:
+    """``{key: (value, line)}`` of a ``<key> <value>`` table; a bad or repeated line is a problem.
+
+    ``whole_rest``: the value is the rest of the line (a transcript), else exactly one field.
+    """
+    table, seen = {}, {}
+    for line in read_lines(path):
+        fields = line.fields
+        if len(fields) < 2:
+            problems.add(" ".join(fields), line.where, f"expected an id and {what}")
+            continue
+        if len(fields) > 2 and not whole_rest:
+            problems.add(
+                " ".join(fields),
+                line.where,
+                f"expected an id and {what}, got {len(fields) - 1} fields (a Kaldi command or a "
+                "path with spaces is not read: list audio files)",
+            )
+            continue
+        if first_occurrence(fields[0], seen, line, problems):
+            table[fields[0]] = (" ".join(fields[1:]), line)
+    return table
+
+
+def audio_path(corpus: Path, value: str, line: ListLine, problems: Problems, outside_ok: bool):
+    """The ``Utt.path`` of a ``wav.scp`` value (None and a problem when it is not usable).
+
+    Relative to the corpus folder, or absolute; a path inside the corpus folder is kept
+    relative (a moved corpus stays valid). A command (Kaldi's ``... |``) is refused: the
+    recipe reads audio files.
+    """
+    if value.endswith("|") or value.startswith("-"):
+        problems.add(value, line.where, "a command or pipe, not an audio file: write wav files")
+        return None
+    root = os.path.normpath(corpus.absolute())
+    full = os.path.normpath(os.path.join(root, value))  # an absolute value stays absolute
+    if os.path.commonpath([root, full]) == root:
+        return Path(os.path.relpath(full, root)).as_posix()
+    if not outside_ok:
+        problems.add(
+            value,
+            line.where,
+            f"outside the corpus folder {corpus} (set audio_outside_data_folder: True to allow)",
+        )
+        return None
+    return Path(full).as_posix()
+
+
+class Phrases:
+    """The corpus's pass-phrases, from the training transcripts (or ``utt2phrase`` ids)."""
+
+    def __init__(self, keys: list[str], texts: dict[str, str], min_count: int):
+        counts = Counter(keys)
+        kept = sorted(key for key, count in counts.items() if count >= min_count)
+        width = max(2, len(str(len(kept))))
+        self.ids = {key: f"p{i + 1:0{width}d}" for i, key in enumerate(kept)}
+        self.texts, self.counts, self.min_count = texts, counts, min_count
+
+    def of(self, key: str) -> str:
+        """The phrase id of a normalized transcript (or ``utt2phrase`` id); free text if rare."""
+        return self.ids.get(key, FREE_TEXT_ID)
+
+
+class Labels:
+    """What labels an utterance in one data directory: phrase key, text and language."""
+
+    def __init__(self, folder: Path, problems: Problems):
+        self.folder = folder
+        self.text = read_table(folder / "text", problems, "a transcript", whole_rest=True)
+        self.utt2phrase = _optional(folder / "utt2phrase", problems, "a phrase id")
+        self.utt2lang = _optional(folder / "utt2lang", problems, "a language")
+
+    def key(self, utt: str) -> str | None:
+        """The phrase key of ``utt``: its ``utt2phrase`` id, else its normalized transcript."""
+        if self.utt2phrase is not None:
+            return self.utt2phrase[utt][0] if utt in self.utt2phrase else None
+        return normalized(self.text[utt][0]) if utt in self.text else None
+
+    def missing(self) -> str:
+        """The file that must name every utterance."""
+        return str(self.folder / ("utt2phrase" if self.utt2phrase is not None else "text"))
+
+    def language(self, utt: str) -> str:
+        """The utterance's language, blank where the corpus gives none."""
+        return self.utt2lang[utt][0] if self.utt2lang and utt in self.utt2lang else ""
+
+
+def _optional(path: Path, problems: Problems, what: str):
+    """``read_table`` of an optional file; None when it is absent."""
+    return read_table(path, problems, what) if path.is_file() else None
+
+
+def read_audio_list(corpus: Path, name: str, problems: Problems, outside_ok: bool, seen: dict):
+    """``{utt: Utt}`` of ``<name>/wav.scp`` (no labels yet); ``seen``: ids of every data dir."""
+    utts = {}
+    for utt, (value, line) in read_table(corpus / name / "wav.scp", problems, "a path").items():
+        if utt in seen:
+            problems.add(utt, line.where, f"duplicate utterance id (also at {seen[utt].where})")
+            continue
+        seen[utt] = line
+        path = audio_path(corpus, value, line, problems, outside_ok)
+        if path is not None:
+            utts[utt] = Utt(utt, path, line.where)
+    return utts
+
+
+def _named_by(table: dict, known: dict, problems: Problems, path: Path) -> None:
+    """A line of ``path`` naming an utterance its ``wav.scp`` lacks is a problem."""
+    for utt, (_, line) in table.items():
+        if utt not in known:
+            problems.add(utt, line.where, f"not in {path.parent / 'wav.scp'}")
+
+
+def read_train(corpus: Path, problems: Problems, options: dict, seen: dict):
+    """Training utterances with speaker, phrase (free text kept if asked) and language."""
+    utts = read_audio_list(corpus, "train", problems, options["outside_ok"], seen)
+    utt2spk = read_table(corpus / "train" / "utt2spk", problems, "a speaker")
+    labels = Labels(corpus / "train", problems)
+    for table, path in ((utt2spk, "utt2spk"), (labels.text, "text")):
+        _named_by(table, utts, problems, corpus / "train" / path)
+    keys = {}
+    for utt, u in list(utts.items()):
+        key = labels.key(utt)
+        if utt not in utt2spk:
+            problems.add(utt, u.where, f"utterance missing from {corpus / 'train' / 'utt2spk'}")
+        elif key is None:
+            problems.add(utt, u.where, f"utterance missing from {labels.missing()}")
+        else:
+            keys[utt] = key
+            continue
+        del utts[utt]
+    texts = {}
+    for utt, key in keys.items():  # a phrase's text: its first transcript as written
+        texts.setdefault(key, labels.text[utt][0] if utt in labels.text else key)
+    phrases = Phrases(list(keys.values()), texts, options["phrase_min_count"])
+    train = []
+    for utt, u in utts.items():
+        phrase_id = phrases.of(keys[utt])
+        if phrase_id == FREE_TEXT_ID and not options["include_free_text"]:
+            continue
+        u.spk_id, u.phrase_id, u.language = utt2spk[utt][0], phrase_id, labels.language(utt)
+        u.phrase = phrases.texts[keys[utt]] if phrase_id != FREE_TEXT_ID else ""
+        train.append(u)
+    return train, phrases
+
+
+def read_enroll(corpus: Path, problems: Problems, options: dict, seen: dict, phrases: Phrases):
+    """Models ``{model_id: EvalModel}``, their utterances, and the ids of refused models.
+
+    Each model has ``enrol_utts`` utterances (0: any number) of one training phrase.
+    """
+    utts = read_audio_list(corpus, "enroll", problems, options["outside_ok"], seen)
+    labels = Labels(corpus / "enroll", problems)
+    _named_by(labels.text, utts, problems, corpus / "enroll" / "text")
+    models, enrolled, seen_models, owner = {}, {}, {}, {}
+    refused = set()  # models named with a problem: their trials go with them, unsaid
+    enrol_utts = options["enrol_utts"]
+    for line in read_lines(corpus / "enroll" / "models"):
+        model_id, ids = line.fields[0], list(line.fields[1:])
+        if not first_occurrence(model_id, seen_models, line, problems):
+            continue
+        refused.add(model_id)
+        if not ids or (enrol_utts and len(ids) != enrol_utts):
+            count = f"{enrol_utts}" if enrol_utts else "at least 1"
+            problems.add(model_id, line.where, f"{len(ids)} enrollment utterances, expected "
+                         f"{count} (see enrol_utts)")  # fmt: skip
+            continue
+        phrase_id = _model_phrase(model_id, ids, line, labels, utts, owner, phrases, problems)
+        if phrase_id is None:
+            continue
+        refused.discard(model_id)
+        owner.update({utt: f"{model_id} ({line.where})" for utt in ids})
+        models[model_id] = EvalModel(phrase_id, ids, line.where)
+        for utt in ids:
+            u = utts[utt]
+            u.phrase_id, u.phrase, u.language = (
+                phrase_id,
+                phrases.texts[labels.key(utt)],
+                (labels.language(utt)),
+            )
+            enrolled[utt] = u
+    return models, enrolled, refused
+
+
+def _model_phrase(model_id, ids, line, labels: Labels, utts, owner, phrases, problems):
+    """The phrase id of a model's enrollment utterances, or None (with each problem)."""
+    ok = True
+    for utt in ids:
+        if utt not in utts:
+            problems.add(utt, line.where, f"not in {labels.folder / 'wav.scp'}")
+            ok = False
+        elif utt in owner:
+            problems.add(utt, line.where, f"utterance already enrolled in {owner[utt]}")
+            ok = False
+        elif labels.key(utt) is None:
+            problems.add(utt, line.where, f"utterance missing from {labels.missing()}")
+            ok = False
+    if not ok:
+        return None
+    keys = {utt: labels.key(utt) for utt in ids}
+    if len(set(keys.values())) > 1:
+        said = ", ".join(f"{utt}: {key!r}" for utt, key in keys.items())
+        problems.add(model_id, line.where, f"enrollment transcripts disagree ({said})")
+        return None
+    key = keys[ids[0]]
+    phrase_id = phrases.of(key)
+    if phrase_id == FREE_TEXT_ID:
+        problems.add(
+            model_id,
+            line.where,
+            f"its phrase {key!r} is not a training phrase (seen {phrases.counts[key]} time(s) in "
+            f"training; phrase_min_count is {phrases.min_count})",
+        )
+        return None
+    return phrase_id
+
+
+def read_trials(path: Path, models: dict, tests: dict, problems: Problems, refused=()):
+    """Trials (``model_id``, ``test_id``, ``condition``: "" when blind) and their test utts.
+
+    Read column-wise (10M trials in seconds). Every line has the fields of the first: 2 (blind),
+    3 (``target|nontarget``) or 4 (and the trial type); each bad line is a problem naming it.
+    Trials of a ``refused`` model (a problem of its own) are dropped without another.
+    """
+    try:
+        frame = pd.read_csv(
+            path, sep=r"\s+", header=None, names=["model_id", "test_id", "label", "condition"],
+            dtype=str, keep_default_na=False, skip_blank_lines=False, encoding="utf-8-sig",
+        )  # fmt: skip
+    except pd.errors.ParserError as error:  # a line of more than 4 fields: pandas names it
+        problems.add(str(path), str(path), f"cannot read the trials: {error}")
+        return pd.DataFrame(columns=["model_id", "test_id", "condition"]), {}
+    frame = frame[frame["model_id"] != ""]  # blank lines (kept so that numbers are lines)
+    frame = frame[~frame["model_id"].isin(refused)]
+    where = {i: f"{path}:{i + 1}" for i in frame.index}
+    fields = (frame != "").sum(axis=1)
+    expected = int(fields.iloc[0]) if len(frame) else 2
+    bad = pd.Series(False, index=frame.index)
+
+    def refuse(mask, reason):
+        """A problem for each trial in ``mask`` not yet refused; those trials are dropped."""
+        mask = mask & ~bad
+        for i in frame.index[mask]:
+            problems.add(f"{frame.at[i, 'model_id']} {frame.at[i, 'test_id']}", where[i], reason)
+        return bad | mask
+
+    bad = refuse(
+        (fields != expected) | (fields < 2),
+        f"expected {max(expected, 2)} fields, as the first line has (<model> <test-utt> "
+        "[target|nontarget [TC|TW|IC|IW]])",
+    )
+    bad = refuse(~frame["model_id"].isin(models), "unknown model id (not in enroll/models)")
+    bad = refuse(~frame["test_id"].isin(tests), "unknown test utterance (not in test/wav.scp)")
+    if expected >= 3:
+        bad = refuse(~frame["label"].isin(TARGET_LABELS), "label must be target or nontarget")
+    if expected == 4:
+        bad = refuse(
+            ~frame["condition"].isin(LABELLED_CONDITIONS), "trial type must be TC, TW, IC or IW"
+        )
+        bad = refuse(
+            (frame["label"] == "target") != (frame["condition"] == "TC"),
+            "target type contradicts the trial type",
+        )
+    bad = refuse((frame["model_id"] + " " + frame["test_id"]).duplicated(), "duplicate trial")
+    kept = frame[~bad]
+    condition = kept["condition"]
+    if expected == 3:
+        condition = kept["label"].map({"target": "TC", "nontarget": "NT"})
+    trials = pd.DataFrame(
+        {"model_id": kept["model_id"], "test_id": kept["test_id"], "condition": condition}
+    ).reset_index(drop=True)
+    return trials, {t: tests[t] for t in dict.fromkeys(trials["test_id"])}
+
+
+def prepare_kaldi(
+    data_folder,
+    save_folder,
+    dev_speakers: int = 20,
+    seed: int = 1234,
+    include_free_text: bool = False,
+    skip_bad: bool = False,
+    enrol_utts: int = ENROL_UTTS,
+    min_seconds: float = MIN_SECONDS,
+    phrase_min_count: int = PHRASE_MIN_COUNT,
+    audio_outside_data_folder: bool = False,
+    jobs: int | None = None,
+) -> dict[str, Path]:
+    """Validate the Kaldi-layout corpus in ``data_folder``; write the manifests to ``save_folder``.
+
+    Returns the written CSVs by name. Raises ``DataPrepError`` naming each problem, unless
+    ``skip_bad`` (then they go to rejected.csv). Does nothing if the manifests exist and were
+    made from the same files with the same options.
+    """
+    data_folder, save_folder = Path(data_folder), Path(save_folder)
+    missing = [name for name in REQUIRED if not (data_folder / name).is_file()]
+    if missing:
+        raise DataPrepError(
+            f"{data_folder} is not a Kaldi-layout corpus: missing {', '.join(missing)} "
+            "(see data_prep/kaldi_prepare.py)"
+        )
+    options = dict(
+        dev_speakers=dev_speakers, seed=seed, include_free_text=include_free_text,
+        skip_bad=skip_bad, enrol_utts=enrol_utts, min_seconds=min_seconds,
+        phrase_min_count=phrase_min_count, outside_ok=audio_outside_data_folder,
+    )  # fmt: skip
+
+    def read_lists(problems: Problems) -> CorpusLists:
+        """The data directories in the contract's terms (each problem recorded)."""
+        seen = {}
+        train, phrases = read_train(data_folder, problems, options, seen)
+        models, enrolled, refused = read_enroll(data_folder, problems, options, seen, phrases)
+        tests = read_audio_list(data_folder, "test", problems, options["outside_ok"], seen)
+        trials, test_utts = read_trials(data_folder / "trials", models, tests, problems, refused)
+        return CorpusLists(train, models, enrolled, trials, test_utts)
+
+    lists = [data_folder / name for name in (*REQUIRED, *OPTIONAL)]
+    fingerprint = list_fingerprint("kaldi", PREP_VERSION, data_folder, lists, options)
+    return prepare_manifests(data_folder, save_folder, fingerprint, read_lists, options, jobs)
+
+
+def main(argv=None) -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data_folder", required=True, help="the corpus folder (train/ ...)")
+    parser.add_argument("--save_folder", required=True, help="where the CSV manifests go")
+    parser.add_argument("--dev_speakers", type=int, default=20, help="training speakers held out")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--include_free_text", action="store_true", help="keep free text")
+    parser.add_argument("--skip_bad", action="store_true", help="exclude bad files and lines")
+    parser.add_argument("--enrol_utts", type=int, default=ENROL_UTTS, help="0: any number")
+    parser.add_argument("--min_seconds", type=float, default=MIN_SECONDS)
+    parser.add_argument("--phrase_min_count", type=int, default=PHRASE_MIN_COUNT)
+    parser.add_argument("--audio_outside_data_folder", action="store_true")
+    parser.add_argument("--jobs", type=int, help="threads reading the audio (default: cores)")
+    args = parser.parse_args(argv)
+    try:
+        prepare_kaldi(**vars(args))
+    except DataPrepError as error:
+        sys.exit(f"kaldi_prepare: {error}")
+
+
+if __name__ == "__main__":
+    main()

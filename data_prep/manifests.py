@@ -1,0 +1,543 @@
+"""Building and writing the manifests of the corpus contract (``data_prep/corpus.py``).
+
+What every preparer shares once it has read its corpus's lists into ``CorpusLists``: the audio
+checks (every sample of every file, in parallel), the speaker-disjoint dev split with models of
+``enrol_utts`` utterances, the eval tables, and writing the whole set atomically with a record of
+what it was made from (``prep_options.json``: options, a hash of each manifest, the audio's
+identity), under a lock on the folder. A preparer supplies only its readers
+(``prepare_manifests``).
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import hashlib
+import json
+import os
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path, PurePosixPath
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from data_prep.audio_checks import MIN_SECONDS, file_problem
+from data_prep.corpus import (
+    FREE_TEXT_ID,
+    MODEL_FIELDS,
+    NOISE_FIELDS,
+    SAMPLE_RATE,
+    TRIAL_FIELDS,
+    UTT_FIELDS,
+    condition_of,
+    file_digest,
+)
+
+MAX_REPORTED = 50  # problems listed in one error message (all go to rejected.csv with skip_bad)
+ENROL_UTTS = 3  # enrollment utterances per model, as in the challenge (0: any number)
+
+
+class ListLine(NamedTuple):
+    """One data line of a whitespace-separated docs list, with its origin for error messages.
+
+    A named tuple, not a dataclass: a 10M-line trial list makes 10M of them.
+    """
+
+    path: Path
+    lineno: int
+    fields: tuple[str, ...]
+
+    @property
+    def where(self) -> str:
+        """``file:line`` for error messages."""
+        return f"{self.path}:{self.lineno}"
+
+
+class DataPrepError(ValueError):
+    """The corpus folder has problems; the message lists each with its file and line."""
+
+
+@dataclass
+class Utt:
+    """One utterance: id, its file, the list line that names it, and what we know about it.
+
+    ``path`` is relative to the corpus folder (POSIX), or absolute where a corpus may list audio
+    outside it.
+    """
+
+    file_id: str
+    path: str
+    where: str  # the list line that names it
+    spk_id: str = ""
+    phrase_id: str = ""  # the corpus's phrase id, FREE_TEXT_ID, or "" (blind test)
+    phrase: str = ""  # the phrase's text, where known
+    language: str = ""
+    duration: float = 0.0
+    digest: str = ""  # of its samples (``audio_checks.FileCheck``), once checked
+
+    @property
+    def manifest_wav(self) -> str:
+        """Its ``wav`` column in a manifest: ``$data_root/<path>``, or the absolute path."""
+        if PurePosixPath(self.path).is_absolute():
+            return self.path
+        return f"$data_root/{self.path}"
+
+
+class EvalModel(NamedTuple):
+    """One enrollment model of a corpus's own lists."""
+
+    phrase_id: str
+    enrol_ids: list[str]
+    where: str  # the list line that defines it
+
+
+class CorpusLists(NamedTuple):
+    """What a preparer read from a corpus, in the contract's terms (``prepare_manifests``).
+
+    ``trials`` has the columns ``model_id``, ``test_id``, ``condition`` ("" for a blind list),
+    or is None when the corpus has no eval lists (then ``models`` and the rest are empty).
+    """
+
+    train: list[Utt]
+    models: dict[str, EvalModel]
+    enrol_utts: dict[str, Utt]
+    trials: pd.DataFrame | None
+    test_utts: dict[str, Utt]
+
+
+@dataclass
+class Problems:
+    """Problems found while reading the corpus: ``(item, where, reason)`` triples."""
+
+    items: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def add(self, item: str, where: str, reason: str) -> None:
+        """Record one problem."""
+        self.items.append((item, where, reason))
+
+    def message(self) -> str:
+        """A readable summary naming up to ``MAX_REPORTED`` problems."""
+        lines = [
+            f"  {where}: {item}: {reason}" for item, where, reason in self.items[:MAX_REPORTED]
+        ]
+        if len(self.items) > MAX_REPORTED:
+            lines.append(f"  ... and {len(self.items) - MAX_REPORTED} more")
+        return (
+            f"{len(self.items)} problem(s) in the corpus; nothing was written. Fix them, or run "
+            "with --skip_bad to exclude them (listed in rejected.csv):\n" + "\n".join(lines)
+        )
+
+
+def expect_fields(
+    line: ListLine, count: int, problems: Problems, at_least=False, fields: str = ""
+) -> bool:
+    """Check the number of fields of a list line; record a problem if it is wrong."""
+    ok = len(line.fields) >= count if at_least else len(line.fields) == count
+    if not ok:
+        expected = f"{'at least ' if at_least else ''}{count} fields{fields}"
+        problems.add(" ".join(line.fields), line.where, f"expected {expected}")
+    return ok
+
+
+def first_occurrence(key, seen: dict, line: ListLine, problems: Problems) -> bool:
+    """False (and a problem) if ``key`` was already defined on an earlier line."""
+    if key in seen:
+        problems.add(key, line.where, f"duplicate id (first at {seen[key].where})")
+        return False
+    seen[key] = line  # its place is formatted only for a message: 10M lines in a trial list
+    return True
+
+
+#: The longest file name most file systems take (bytes), ``.wav`` included.
+MAX_FILE_NAME = 255
+
+
+def unsafe_id(file_id: str) -> str | None:
+    """Why an utterance id cannot name a file under the corpus folder; None when it can.
+
+    A layout may join an id into a path (DeepMine's ``wav/<subdir>/<id>.wav``): a path
+    separator, ``..`` or an absolute path would read (and train on) files outside the data
+    folder; a NUL or an over-long name fails inside a thread pool with a message that names no
+    list line. Every preparer refuses such ids, so that an id is a name everywhere.
+    """
+    if "/" in file_id or "\\" in file_id:
+        return "an utterance id is a file name: no path separators"
+    if ".." in file_id:
+        return "an utterance id is a file name: no '..'"
+    if "\0" in file_id or not file_id.isprintable():
+        return "an utterance id is a file name: no NUL or control characters"
+    size = len(f"{file_id}.wav".encode())
+    if size > MAX_FILE_NAME:
+        return f"too long for a file name ({size} bytes with .wav; the limit is {MAX_FILE_NAME})"
+    return None
+
+
+def check_audio(
+    root: Path, utts: list[Utt], problems: Problems, jobs: int, min_seconds: float = MIN_SECONDS
+) -> set[str]:
+    """Fill in durations in parallel; return the ids of unusable files (each also a problem).
+
+    Every sample is read (``audio_checks.file_problem``): a truncated, silent or non-finite file
+    is named here, not after hours of training or as a perfect score.
+    """
+    bad = set()
+    for utt in utts:  # an id becomes a file name: refused before any path is made of it
+        reason = unsafe_id(utt.file_id)
+        if reason:
+            problems.add(repr(utt.file_id), utt.where, reason)
+            bad.add(utt.file_id)
+    utts = [u for u in utts if u.file_id not in bad]
+    paths = [Path(root) / u.path for u in utts]  # an absolute path stays as it is
+    check = partial(file_problem, sample_rate=SAMPLE_RATE, min_seconds=min_seconds)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # libsndfile releases the GIL
+        results = list(pool.map(check, paths, chunksize=64))
+    for utt, path, (duration, reason, digest) in zip(utts, paths, results, strict=True):
+        utt.duration, utt.digest = duration, digest
+        if reason:
+            problems.add(str(path), utt.where, reason)
+            bad.add(utt.file_id)
+    return bad
+
+
+def split_dev(train: list[Utt], dev_speakers: int, seed: int, enrol_utts: int = ENROL_UTTS):
+    """Hold out whole speakers: returns (train utts, dev models, dev enrol utts, dev test utts).
+
+    Each held-out (speaker, pass-phrase) with more than ``enrol_utts`` utterances (0: the
+    challenge's 3) gives one model of that many random enrollment utterances, as the eval
+    models have; all other utterances of held-out speakers are test utterances. A model is
+    ``(model_id, phrase_id, spk_id, enrol_ids, language)``.
+    """
+    count = enrol_utts or ENROL_UTTS
+    speakers = sorted({u.spk_id for u in train})
+    if dev_speakers >= len(speakers):
+        raise DataPrepError(
+            f"dev_speakers={dev_speakers} but the training list has only {len(speakers)} speakers"
+        )
+    rng = np.random.default_rng(seed)
+    held_out = set(rng.choice(speakers, dev_speakers, replace=False).tolist())
+    groups = defaultdict(list)
+    for utt in train:
+        if utt.spk_id in held_out:
+            groups[(utt.spk_id, utt.phrase_id)].append(utt)
+    models, enrol, test = [], [], []
+    for (spk_id, phrase_id), utts in sorted(groups.items()):
+        order = [utts[i] for i in rng.permutation(len(utts))]
+        if phrase_id != FREE_TEXT_ID and len(order) > count:
+            model_id = f"dev_{spk_id}_{phrase_id}"
+            ids = [u.file_id for u in order[:count]]
+            models.append((model_id, phrase_id, spk_id, ids, order[0].language))
+            enrol += order[:count]
+            order = order[count:]
+        test += order
+    return [u for u in train if u.spk_id not in held_out], models, enrol, test
+
+
+def dev_trials(models, test: list[Utt]) -> list[tuple[str, str, int, str]]:
+    """Every dev model against every dev test utterance, labelled.
+
+    Free-text test utterances (kept with ``include_free_text``) give wrong-phrase trials (TW with
+    their speaker's models, IW with the others'), as in TdSV 2024's evaluation: the fusion then
+    learns on dev to reject sentences that are no pass-phrase.
+    """
+    trials = []
+    tests = list(test)
+    for model_id, phrase_id, spk_id, *_ in models:
+        for utt in tests:
+            condition = condition_of(utt.spk_id == spk_id, utt.phrase_id == phrase_id)
+            trials.append((model_id, utt.file_id, int(condition == "TC"), condition))
+    return trials
+
+
+def utt_rows(utts: list[Utt]) -> list[list]:
+    """Manifest rows for utterances (speaker/phrase blank where unknown, as for eval data)."""
+    return [
+        [u.file_id, f"{u.duration:.3f}", u.manifest_wav, u.spk_id, u.phrase_id, u.phrase,
+         u.language]
+        for u in utts
+    ]  # fmt: skip
+
+
+def up_to_date(marker: Path, fingerprint: dict) -> bool:
+    """Whether the manifests beside ``marker`` were made from ``fingerprint`` and are as written.
+
+    A deleted, truncated or edited manifest, or a damaged marker, means preparing again (with a
+    line saying why), never skipping: a missing ``eval_trials.csv`` would leave no eval reports.
+    """
+    if not marker.is_file():
+        return False
+    try:
+        record = json.loads(marker.read_text())
+    except (ValueError, UnicodeDecodeError):
+        print(f"{marker} is damaged: preparing again.")
+        return False
+    if not isinstance(record, dict) or record.get("options") != fingerprint:
+        return False
+    changed = [
+        name for name, digest in record.get("manifests", {}).items()
+        if not (marker.parent / name).is_file() or file_digest(marker.parent / name) != digest
+    ]  # fmt: skip
+    if changed:
+        print(
+            f"Manifests missing or changed since written ({', '.join(changed)}): preparing again."
+        )
+        return False
+    audio = record.get("audio") or {}
+    wavs = listed_audio(marker.parent)
+    if audio.get("stat") != audio_stamp(fingerprint["data_folder"], wavs):
+        print(
+            f"Audio changed since data prep (the size or time of one of the {len(wavs)} listed "
+            "files, or one is missing): preparing again."
+        )
+        return False
+    return True
+
+
+UTTERANCE_MANIFESTS = (
+    "train.csv", "dev_enrol_utts.csv", "dev_test.csv", "eval_enrol_utts.csv", "eval_test.csv",
+)  # fmt: skip
+
+
+def listed_audio(save_folder: Path) -> list[str]:
+    """The ``wav`` column (``$data_root/...``) of every utterance manifest in ``save_folder``."""
+    wavs = set()
+    for name in UTTERANCE_MANIFESTS:
+        if (Path(save_folder) / name).is_file():
+            with open(Path(save_folder) / name, newline="", encoding="utf-8") as handle:
+                wavs.update(row["wav"] for row in csv.DictReader(handle))
+    return sorted(wavs)
+
+
+def audio_stamp(data_folder, wavs: list[str]) -> str:
+    """A hash of each listed file's size and modification time (cheap: one ``stat`` each).
+
+    What tells a rerun, without reading the audio, that a file was replaced since data prep.
+    """
+    digest = hashlib.sha1()
+    for wav in wavs:
+        try:
+            stat = os.stat(wav.replace("$data_root", str(data_folder), 1))
+            digest.update(f"{wav} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{wav} missing\n".encode())
+    return digest.hexdigest()
+
+
+def audio_record(data_folder: Path, utts: list[Utt], tables: dict) -> dict:
+    """What the manifests' audio is: the files, a hash of their samples, and of their stats.
+
+    ``content`` (the samples of every listed file, as data prep read them) is the audio's
+    identity: the same whatever the folder, copy or file times. A run's resume guard compares
+    it (``recipes/training/resume_guard.py``). ``stat`` tells a rerun to prepare again.
+    """
+    listed = sorted({row[2] for n in UTTERANCE_MANIFESTS if n in tables for row in tables[n][1]})
+    digests = {u.manifest_wav: u.digest for u in utts}
+    content = hashlib.sha1("".join(f"{w} {digests[w]}\n" for w in listed).encode())
+    stamp = audio_stamp(data_folder.resolve(), listed)
+    return {"files": len(listed), "content": content.hexdigest(), "stat": stamp}
+
+
+def write_all(
+    save_folder: Path,
+    tables: dict[str, tuple[list[str], list[list]]],
+    marker: str,
+    options: dict,
+    audio: dict,
+) -> None:
+    """Write every CSV under a temporary name, then rename them all: never a partial set.
+
+    The ``marker`` file (the ``options``, a hash of each manifest and the ``audio_record``) is
+    written last;
+    manifests of an earlier run that this one does not make (say ``rejected.csv``) are removed.
+    On any failure the temporary files go and the folder keeps the previous run's complete set.
+    """
+    save_folder.mkdir(parents=True, exist_ok=True)
+    temporary = []
+    try:
+        for name, (header, rows) in tables.items():
+            tmp = save_folder / f".{name}.{os.getpid()}.tmp"
+            temporary.append((tmp, save_folder / name))
+            with open(tmp, "w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(header)
+                if isinstance(rows, pd.DataFrame):
+                    rows.to_csv(handle, header=False, index=False, lineterminator="\r\n")
+                else:
+                    writer.writerows(rows)
+        digests = {final.name: file_digest(tmp) for tmp, final in temporary}
+        name = marker
+        tmp = save_folder / f".{name}.{os.getpid()}.tmp"
+        temporary.append((tmp, save_folder / name))
+        record = {"options": options, "manifests": digests, "audio": audio}
+        tmp.write_text(json.dumps(record, indent=1))
+    except BaseException:
+        for tmp, _ in temporary:
+            tmp.unlink(missing_ok=True)
+        raise
+    (save_folder / name).unlink(missing_ok=True)  # no marker while the set is being replaced
+    for stale in set(save_folder.glob("*.csv")) - {save_folder / n for n in tables}:
+        stale.unlink()
+    for tmp, final in temporary:
+        os.replace(tmp, final)
+
+
+@contextmanager
+def folder_lock(save_folder: Path):
+    """Hold an exclusive lock on ``save_folder`` (a second data prep waits, and says so).
+
+    The lock is on the folder itself (``flock`` of its descriptor): no lock file is left behind.
+    """
+    save_folder.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(save_folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"Waiting for another data prep writing to {save_folder} to finish...")
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def eval_tables(lists: CorpusLists, bad: set[str], problems: Problems) -> dict:
+    """The official enrollment models and trials, minus what bad files make unusable.
+
+    A model's language is its enrollment utterances' (blank where the corpus gives none).
+    """
+    models, enrol_utts, trials, test_utts = lists[1:]
+    usable_models = {}
+    for model_id, (phrase_id, enrol_ids, where) in models.items():
+        good = [f for f in enrol_ids if f not in bad]
+        if good:
+            usable_models[model_id] = (phrase_id, good, enrol_utts[good[0]].language)
+        else:
+            problems.add(
+                model_id,
+                where,
+                "enrollment model has no usable audio: model and its trials dropped",
+            )
+    kept = trials[trials["model_id"].isin(usable_models) & ~trials["test_id"].isin(bad)]
+    keyed = kept["condition"] != ""
+    if keyed.any() and not keyed.all():  # a key with gaps (skip_bad: each is a listed problem)
+        kept = kept[keyed]  # those trials go; the split stays labelled, never scored blind
+    used_enrol = {f for _, ids, _ in usable_models.values() for f in ids}
+    used_test = set(kept["test_id"].unique())
+    labelled = kept["condition"] != ""
+    label = np.where(labelled, (kept["condition"] == "TC").astype(int).astype(str), "")
+    trial_rows = kept.assign(label=label)[TRIAL_FIELDS]  # written by pandas: 10M rows
+    return {
+        "eval_enrol.csv": (
+            MODEL_FIELDS,
+            [[m, p, "", " ".join(ids), lang] for m, (p, ids, lang) in usable_models.items()],
+        ),
+        "eval_enrol_utts.csv": (
+            UTT_FIELDS,
+            utt_rows([u for f, u in enrol_utts.items() if f in used_enrol]),
+        ),
+        "eval_test.csv": (
+            UTT_FIELDS,
+            utt_rows([u for f, u in test_utts.items() if f in used_test]),
+        ),
+        "eval_trials.csv": (TRIAL_FIELDS, trial_rows),
+    }
+
+
+def print_summary(save_folder: Path, tables: dict, problems: Problems) -> None:
+    """One line per written table, and the number of rejected items."""
+    counts = ", ".join(f"{name[:-4]}: {len(rows)}" for name, (_, rows) in tables.items())
+    print(f"Wrote manifests to {save_folder} ({counts})")
+    if problems.items:
+        print(f"Excluded {len(problems.items)} bad files/lines: see {save_folder / 'rejected.csv'}")
+
+
+def manifest_tables(
+    data_folder: Path, lists: CorpusLists, problems: Problems, options: dict, jobs: int
+):
+    """Check the audio, split dev, and make every table: ``(tables by file name, audio record)``.
+
+    ``options``: ``skip_bad``, ``dev_speakers``, ``seed``, ``enrol_utts``, ``min_seconds``.
+    Raises ``DataPrepError`` naming every problem (the readers' and the audio's) unless
+    ``skip_bad``; then they are left out and listed in ``rejected.csv``.
+    """
+    utts = lists.train + list(lists.enrol_utts.values()) + list(lists.test_utts.values())
+    bad = check_audio(data_folder, utts, problems, jobs, options["min_seconds"])
+    if problems.items and not options["skip_bad"]:
+        raise DataPrepError(problems.message())
+    train = [u for u in lists.train if u.file_id not in bad]
+    train, dev_models, dev_enrol, dev_test = split_dev(
+        train, options["dev_speakers"], options["seed"], options["enrol_utts"]
+    )
+    tables = {
+        "train.csv": (UTT_FIELDS, utt_rows(train)),
+        "train_noise.csv": (NOISE_FIELDS, [[*row[:3], "wav", ""] for row in utt_rows(train)]),
+        "dev_enrol.csv": (
+            MODEL_FIELDS, [[m, p, s, " ".join(ids), lang] for m, p, s, ids, lang in dev_models]
+        ),
+        "dev_enrol_utts.csv": (UTT_FIELDS, utt_rows(dev_enrol)),
+        "dev_test.csv": (UTT_FIELDS, utt_rows(dev_test)),
+        "dev_trials.csv": (TRIAL_FIELDS, [list(t) for t in dev_trials(dev_models, dev_test)]),
+    }  # fmt: skip
+    if lists.models:
+        tables.update(eval_tables(lists, bad, problems))
+    if options["skip_bad"]:
+        tables["rejected.csv"] = (["item", "where", "reason"], [list(p) for p in problems.items])
+    return tables, audio_record(data_folder, utts, tables)
+
+
+def list_fingerprint(layout: str, version: int, data_folder: Path, lists, options: dict) -> dict:
+    """What a preparer's manifests depend on besides the audio, to know when a redo is needed.
+
+    The layout and its preparer's ``version``, the corpus folder, the size and time of each of
+    its ``lists`` that exists, and the ``options``.
+    """
+    stamp = {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in lists if p.is_file()}
+    return {
+        "layout": layout,
+        "version": version,
+        "data_folder": str(Path(data_folder).resolve()),
+        "lists": stamp,
+        **options,
+    }
+
+
+#: Data prep's record of what the manifests were made from, beside them.
+PREP_RECORD = "prep_options.json"
+
+
+def prepare_manifests(
+    data_folder: Path,
+    save_folder: Path,
+    fingerprint: dict,
+    read_lists: Callable[[Problems], CorpusLists],
+    options: dict,
+    jobs: int | None = None,
+) -> dict[str, Path]:
+    """A preparer's whole run: skip when up to date, else read, check, split and write all.
+
+    ``fingerprint``: what the manifests depend on besides the audio (options and the lists'
+    sizes and times; it must hold ``data_folder``, resolved). ``read_lists(problems)`` reads the
+    corpus's lists, recording each problem. Holds a lock on ``save_folder`` meanwhile:
+    concurrent runs take turns. ``jobs`` threads read the audio (default: one per CPU core;
+    more pay off only on network storage). Returns the written CSVs by name.
+    """
+    jobs = jobs or min(16, os.cpu_count() or 1)
+    with folder_lock(save_folder):
+        marker = save_folder / PREP_RECORD
+        if up_to_date(marker, fingerprint):
+            print(
+                f"Manifests in {save_folder} are up to date (same lists, options, audio, and "
+                "each manifest as written): skipping data prep."
+            )
+            return {p.stem: p for p in save_folder.glob("*.csv")}
+        problems = Problems()
+        lists = read_lists(problems)
+        tables, audio = manifest_tables(data_folder, lists, problems, options, jobs)
+        write_all(save_folder, tables, marker.name, fingerprint, audio)
+    print_summary(save_folder, tables, problems)
+    return {Path(name).stem: save_folder / name for name in tables}
