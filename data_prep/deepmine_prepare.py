@@ -52,10 +52,8 @@ from data_prep.layout import (
     KEY_LISTS,
     PHRASES,
     TRIAL_LISTS,
-    ListLine,
     find_list,
     phrase_language,
-    read_list,
     wav_path,
 )
 from data_prep.layout import FREE_TEXT_ID as LISTED_FREE_TEXT_ID
@@ -64,12 +62,14 @@ from data_prep.manifests import (
     CorpusLists,
     DataPrepError,
     EvalModel,
+    ListLine,
     Problems,
     Utt,
     expect_fields,
     first_occurrence,
     list_fingerprint,
     prepare_manifests,
+    read_list,
 )
 
 PREP_VERSION = 5  # bump when the manifests change, so existing ones are redone

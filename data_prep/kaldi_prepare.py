@@ -63,6 +63,7 @@ from data_prep.manifests import (
     first_occurrence,
     list_fingerprint,
     prepare_manifests,
+    read_list,
 )
 
 PREP_VERSION = 1  # bump when the manifests change, so existing ones are redone
@@ -85,23 +86,13 @@ def normalized(text: str) -> str:
     return " ".join(kept.split())
 
 
-def read_lines(path: Path) -> list[ListLine]:
-    """The non-blank lines of a Kaldi table (no header), each with its file and line number."""
-    with open(path, encoding="utf-8-sig") as handle:
-        return [
-            ListLine(path, lineno, tuple(text.split()))
-            for lineno, text in enumerate(handle, start=1)
-            if text.strip()
-        ]
-
-
 def read_table(path: Path, problems: Problems, what: str, whole_rest=False) -> dict:
     """``{key: (value, line)}`` of a ``<key> <value>`` table; a bad or repeated line is a problem.
 
     ``whole_rest``: the value is the rest of the line (a transcript), else exactly one field.
     """
     table, seen = {}, {}
-    for line in read_lines(path):
+    for line in read_list(path, header=False):
         fields = line.fields
         if len(fields) < 2:
             problems.add(" ".join(fields), line.where, f"expected an id and {what}")
@@ -252,7 +243,7 @@ def read_enroll(corpus: Path, problems: Problems, options: dict, seen: dict, phr
     models, enrolled, seen_models, owner = {}, {}, {}, {}
     refused = set()  # models named with a problem: their trials go with them, unsaid
     enrol_utts = options["enrol_utts"]
-    for line in read_lines(corpus / "enroll" / "models"):
+    for line in read_list(corpus / "enroll" / "models", header=False):
         model_id, ids = line.fields[0], list(line.fields[1:])
         if not first_occurrence(model_id, seen_models, line, problems):
             continue

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_prep.manifests import ListLine
-
 #: Pass-phrases of the DeepMine text-dependent part: 01-05 Persian, 06-10 English.
 PHRASES = {
     "01": "صدای من نشان دهنده هویت من است.",
@@ -52,22 +50,6 @@ def phrase_language(phrase_id: str) -> str:
 def wav_path(root: Path, subdir: str, file_id: str) -> Path:
     """Path of one utterance in the layout; ``subdir`` is train, enrollment or evaluation."""
     return Path(root) / "wav" / WAV_SUBDIRS[subdir] / f"{file_id}.wav"
-
-
-def read_list(path: Path) -> list[ListLine]:
-    """Read a docs list, skipping its header line (a first line whose first field ends in '-id').
-
-    Blank lines are ignored; every other line is kept with its line number so that callers can
-    report a bad line precisely.
-    """
-    lines, path = [], Path(path)
-    with open(path, encoding="utf-8-sig") as handle:  # a byte-order mark is not part of an id
-        for lineno, text in enumerate(handle, start=1):
-            fields = tuple(text.split())
-            if not fields or (lineno == 1 and fields[0].lower().endswith("-id")):
-                continue
-            lines.append(ListLine(path, lineno, fields))
-    return lines
 
 
 def find_list(docs: Path, names: tuple[str, ...]) -> Path | None:

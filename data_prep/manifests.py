@@ -59,6 +59,23 @@ class ListLine(NamedTuple):
         return f"{self.path}:{self.lineno}"
 
 
+def read_list(path: Path, header: bool = True) -> list[ListLine]:
+    """The lines of a whitespace-separated list, each with its file and line number.
+
+    Blank lines are ignored, and with ``header`` a first line whose first field ends in "-id"
+    (DeepMine's docs lists have one; Kaldi tables do not, and an id may end so). Every other line
+    is kept with its number so that callers can report a bad line precisely.
+    """
+    lines, path = [], Path(path)
+    with open(path, encoding="utf-8-sig") as handle:  # a byte-order mark is not part of an id
+        for lineno, text in enumerate(handle, start=1):
+            fields = tuple(text.split())
+            if not fields or (header and lineno == 1 and fields[0].lower().endswith("-id")):
+                continue
+            lines.append(ListLine(path, lineno, fields))
+    return lines
+
+
 class DataPrepError(ValueError):
     """The corpus folder has problems; the message lists each with its file and line."""
 
@@ -473,9 +490,10 @@ def manifest_tables(
     train, dev_models, dev_enrol, dev_test = split_dev(
         train, options["dev_speakers"], options["seed"], options["enrol_utts"]
     )
+    train_rows = utt_rows(train)
     tables = {
-        "train.csv": (UTT_FIELDS, utt_rows(train)),
-        "train_noise.csv": (NOISE_FIELDS, [[*row[:3], "wav", ""] for row in utt_rows(train)]),
+        "train.csv": (UTT_FIELDS, train_rows),
+        "train_noise.csv": (NOISE_FIELDS, [[*row[:3], "wav", ""] for row in train_rows]),
         "dev_enrol.csv": (
             MODEL_FIELDS, [[m, p, s, " ".join(ids), lang] for m, p, s, ids, lang in dev_models]
         ),

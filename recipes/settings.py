@@ -11,6 +11,7 @@ the settings the step replaces.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -230,20 +231,28 @@ def combination_problems(hparams) -> list[str]:
     return problems
 
 
-def raw_settings(hparams_file, overrides) -> dict:
+def raw_settings(hparams_file, overrides, added: str = "") -> dict:
     """The settings of a HyperPyYAML file with overrides, as plain values: nothing is built.
 
     References are resolved by HyperPyYAML; tagged nodes (``!new:``, ``!name:``, ...) become
-    plain mappings, lists or strings.
+    plain mappings, lists or strings. ``added``: YAML lines read as the file's last ones
+    (``load_run``'s settings a record predates).
     """
     try:
-        with open(hparams_file, encoding="utf-8") as handle:
+        with _yaml_source(hparams_file, added) as handle:
             text = resolve_references(handle, overrides).getvalue()
     except DuplicateKeyError as error:
         raise SystemExit(f"error: {duplicate_key_message(error, hparams_file)}") from None
     yaml = ruamel.yaml.YAML(typ="safe", pure=True)
     yaml.Constructor = _PlainConstructor
     return yaml.load(text)
+
+
+def _yaml_source(hparams_file, added: str = ""):
+    """The file's text followed by ``added``, as a stream HyperPyYAML reads (line numbers kept)."""
+    if not added:
+        return open(hparams_file, encoding="utf-8")
+    return io.StringIO(Path(hparams_file).read_text(encoding="utf-8").rstrip("\n") + "\n" + added)
 
 
 def duplicate_key_message(error: DuplicateKeyError, hparams_file) -> str:
@@ -308,16 +317,18 @@ def load_checked_hparams(argv, lock: bool = False):
     return hparams_file, run_opts, overrides, hparams
 
 
-def checked_hparams(hparams_file, overrides: str, run_opts, lock: bool = False) -> dict:
+def checked_hparams(
+    hparams_file, overrides: str, run_opts, lock: bool = False, added: str = ""
+) -> dict:
     """``hparams_file`` with ``overrides`` (YAML text), checked on its text, then loaded.
 
     With ``lock``, its ``output_folder`` is held for this process before anything is built
-    (the demo YAML builds its WavLM there).
+    (the demo YAML builds its WavLM there). ``added``: YAML lines read after the file's own.
     """
     import speechbrain as sb
     from hyperpyyaml import load_hyperpyyaml
 
-    settings = raw_settings(hparams_file, overrides)
+    settings = raw_settings(hparams_file, overrides, added)
     refuse_problems(hparams_file, settings_problems(settings))
     if lock:
         hold_experiment_lock(settings["output_folder"])
@@ -325,7 +336,7 @@ def checked_hparams(hparams_file, overrides: str, run_opts, lock: bool = False) 
     # while the others wait, which needs the process group (a no-op without torchrun).
     if not torch.distributed.is_initialized():
         sb.utils.distributed.ddp_init_group(run_opts)
-    with open(hparams_file, encoding="utf-8") as handle:
+    with _yaml_source(hparams_file, added) as handle:
         return load_hyperpyyaml(handle, overrides)
 
 
@@ -392,12 +403,23 @@ def load_step(argv) -> tuple:
         raise SystemExit(f"error: {step_file}: {error} (--output_folder RUN)") from error
 
 
+#: Settings added to the recipe after runs were trained without them, with the value that keeps
+#: those runs as they were: a step on an older run's record, and the resume guard comparing an
+#: older run's settings, read them from here.
+SETTINGS_ADDED_SINCE = {
+    "corpus": "deepmine",
+    "phrase_min_count": 5,
+    "audio_outside_data_folder": False,
+}
+
+
 def load_run(record, replacements: dict, run_opts) -> dict:
     """The hparams of the run that ``record`` describes, with ``replacements``, checked.
 
     ``record`` is a run's ``hyperparams.yaml`` (or any experiment YAML): the data, the model
     and the scoring are the run's own, so a step cannot disagree with what was trained. A None
-    replacement keeps the run's value. The run's output folder is held while the step runs.
+    replacement keeps the run's value; a record written before a setting existed gets the value
+    of ``SETTINGS_ADDED_SINCE``. The run's output folder is held while the step runs.
     """
     record = Path(record)
     if not record.is_file():
@@ -408,7 +430,13 @@ def load_run(record, replacements: dict, run_opts) -> dict:
         )
     replaced = {key: value for key, value in replacements.items() if value is not None}
     run_overrides = "\n".join(f"{key}: {json.dumps(value)}" for key, value in replaced.items())
-    hparams = checked_hparams(record, run_overrides, run_opts, lock=True)
+    present = set(re.findall(r"^([A-Za-z_]\w*):", record.read_text(encoding="utf-8"), re.M))
+    added = "".join(
+        f"{key}: {json.dumps(value)}\n"
+        for key, value in SETTINGS_ADDED_SINCE.items()
+        if key not in present
+    )
+    hparams = checked_hparams(record, run_overrides, run_opts, lock=True, added=added)
     log_step(hparams["output_folder"])
     return hparams
 

@@ -14,8 +14,8 @@ import pytest
 import soundfile as sf
 
 from data_prep.deepmine_prepare import prepare_deepmine
-from data_prep.layout import PHRASES, phrase_language, read_list
-from data_prep.manifests import DataPrepError
+from data_prep.layout import PHRASES, phrase_language
+from data_prep.manifests import DataPrepError, read_list
 from tests.conftest import TINY, make_miniature, write_wav
 
 UTT_COLUMNS = ["ID", "duration", "wav", "spk_id", "phrase_id", "phrase", "language"]

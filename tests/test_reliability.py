@@ -35,6 +35,7 @@ from recipes.evaluation.verification_report import write_report
 from recipes.experiment import assembled_model, checkpoint_model
 from recipes.experiment_lock import LOCK_FILE, FolderInUse, hold_experiment_lock
 from recipes.export_model import EXPORT_MARKERS, check_export_target, published
+from recipes.settings import SETTINGS_ADDED_SINCE
 from recipes.tiny_wavlm import build_tiny_wavlm
 from recipes.train_speaker_embeddings import build_brain, recipe_settings
 from recipes.training.checkpointing import (
@@ -47,6 +48,7 @@ from recipes.training.checkpointing import (
 from recipes.training.resume_guard import (
     FINGERPRINT_FILE,
     MANIFESTS,
+    differences,
     guard_data,
     guard_settings,
 )
@@ -657,6 +659,29 @@ def test_a_resume_on_other_settings_or_data_is_refused_naming_each(tmp_path, cap
     with pytest.raises(SystemExit, match=r"train.csv: other data"):
         guard_data(save, moved, prep)
     assert json.loads((save / FINGERPRINT_FILE).read_text())["settings"]["lr_head"] == 0.002
+
+
+def test_a_run_recorded_before_a_setting_existed_is_read_with_its_old_behaviour(
+    tmp_path, tiny_corpus
+):
+    """Settings added since a run was trained: its record loads, and it resumes unrefused."""
+    record = experiment_record(tmp_path, tiny_corpus)
+    lines = record.read_text().splitlines()
+    older = [line for line in lines if line.split(":")[0] not in SETTINGS_ADDED_SINCE]
+    assert len(older) == len(lines) - len(SETTINGS_ADDED_SINCE)
+    record.write_text("\n".join(older) + "\n")
+    step = run_script_command("verify_speakers.py", tmp_path / "exp", tiny_corpus)
+    result = subprocess.run(
+        [*step, "--run_hparams", str(record)], capture_output=True, text=True, cwd=ROOT,
+        timeout=600,
+    )  # fmt: skip
+    # Read as far as the run's checkpoints (it has none), not stopped at a missing setting.
+    assert result.returncode != 0 and "no checkpoint with a dev EER" in result.stderr, result.stderr
+    recorded = {"settings": {"emb_dim": 64}, "manifests": {}}
+    current = {"settings": {"emb_dim": 64, **SETTINGS_ADDED_SINCE}, "manifests": {}}
+    assert differences(recorded, current) == ([], [])
+    current["settings"]["corpus"] = "kaldi"
+    assert differences(recorded, current)[0] == ["corpus: 'deepmine' (now 'kaldi')"]
 
 
 @pytest.mark.slow

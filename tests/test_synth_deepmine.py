@@ -10,7 +10,8 @@ import numpy as np
 import soundfile as sf
 
 from data_prep import synth_deepmine
-from data_prep.layout import FREE_TEXT_ID, PHRASES, read_list
+from data_prep.layout import FREE_TEXT_ID, PHRASES
+from data_prep.manifests import read_list
 from data_prep.synth_deepmine import plan_corpus, synthesize_corpus
 from tests.conftest import TINY
 

@@ -19,7 +19,7 @@ import torch
 from speechbrain.dataio.dataloader import make_dataloader
 
 from data_prep.corpus import file_digest
-from data_prep.layout import read_list
+from data_prep.manifests import read_list
 from recipes.evaluation.metrics import eer
 from recipes.experiment import best_checkpoint, checkpoint_model, dataio_prep, embed_tables
 from recipes.train_speaker_embeddings import brain_for_data, build_brain, recipe_settings

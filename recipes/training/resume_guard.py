@@ -25,7 +25,7 @@ from speechbrain.utils.logger import get_logger
 
 from data_prep.corpus import file_digest
 from data_prep.manifests import PREP_RECORD
-from recipes.settings import WIRING
+from recipes.settings import SETTINGS_ADDED_SINCE, WIRING
 
 logger = get_logger(__name__)
 
@@ -120,10 +120,12 @@ def differences(recorded: dict, current: dict, compare_data: bool = True):
     """``(refused, changed)``: lines naming each difference that forbids a resume, and the rest.
 
     Plain settings are compared (the YAML's wiring follows from them; ``__`` keys are built for
-    their effect), and with ``compare_data`` the manifests.
+    their effect; a setting the record predates counts as its ``SETTINGS_ADDED_SINCE`` value),
+    and with ``compare_data`` the manifests.
     """
     refused, changed = [], []
-    old, new = recorded.get("settings", {}), current["settings"]
+    old = {**SETTINGS_ADDED_SINCE, **recorded.get("settings", {})}  # a run from before them
+    new = {**SETTINGS_ADDED_SINCE, **current["settings"]}
     for key in sorted(set(old) | set(new)):
         if key in WIRING or key.startswith("__") or old.get(key) == new.get(key):
             continue
