@@ -33,7 +33,7 @@ from speechbrain.utils.distributed import run_on_main
 from speechbrain.utils.logger import get_logger
 from tqdm import tqdm
 
-from data_prep.audio_checks import check_finite, check_waveform
+from data_prep.audio_checks import check_finite, check_waveform, file_problem
 from data_prep.corpus import CORPUS_OPTIONS, FREE_TEXT_ID, preparer
 from data_prep.synth_deepmine import synthesize_corpus
 from recipes.distributed import gathered, shard
@@ -255,7 +255,18 @@ def dataio_prep(corpus: CorpusSettings, audio: AudioSettings) -> RecipeData:
                 pd.read_csv(prep / f"{split}_enrol.csv", dtype=str, keep_default_na=False),
                 pd.read_csv(prep / f"{split}_trials.csv", dtype=str, keep_default_na=False),
             )
-    cohort = _cohort_utterances(prep / "train.csv", audio.cohort_utts_per_speaker)
+
+    def usable(wav: str) -> bool:
+        """Whether a cohort file is still usable (``on_bad_audio: skip``; logged if not)."""
+        path = wav.replace("$data_root", str(corpus.data_folder))
+        reason = file_problem(path, rate, audio.min_audio_seconds).reason
+        if reason:
+            log_bad_audio(bad_log, path, reason)
+        return reason is None
+
+    cohort = _cohort_utterances(
+        prep / "train.csv", audio.cohort_utts_per_speaker, usable if skip_bad else None
+    )
     speakers = pd.read_csv(cohort, index_col="ID")["spk_id"]
     cohort = Cohort(eval_utterances([cohort]), speakers)
     return RecipeData(train, splits, cohort, class_encoder, phrase_encoder, randomness)
@@ -307,14 +318,35 @@ class RecipeData(NamedTuple):
         return [self.phrase_encoder.ind2lab[i] for i in range(len(self.phrase_encoder))]
 
 
-def _cohort_utterances(train_csv: Path, per_speaker: int) -> Path:
-    """A manifest of the first ``per_speaker`` training utterances of each speaker (by id)."""
+def _cohort_utterances(train_csv: Path, per_speaker: int, usable=None) -> Path:
+    """A manifest of the first ``per_speaker`` training utterances of each speaker (by id).
+
+    ``usable(wav)`` (with ``on_bad_audio: skip``) passes over files that became unusable since
+    data prep, as training leaves them out: the speaker's next utterances take their place.
+    """
     table = pd.read_csv(train_csv, dtype=str, keep_default_na=False).sort_values("ID")
     path = train_csv.with_name("cohort.csv")
     if sb.utils.distributed.if_main_process():
-        table.groupby("spk_id").head(per_speaker).to_csv(path, index=False)
+        if usable is None:
+            chosen = table.groupby("spk_id").head(per_speaker)
+        else:  # checked one by one: only as many files as the cohort takes are read
+            chosen = pd.concat(
+                group[_first_usable(group["wav"], per_speaker, usable)]
+                for _, group in table.groupby("spk_id", sort=False)
+            )
+        chosen.to_csv(path, index=False)
     sb.utils.distributed.ddp_barrier()
     return path
+
+
+def _first_usable(wavs: pd.Series, count: int, usable) -> list[bool]:
+    """A mask of the first ``count`` of ``wavs`` that are ``usable`` (the rest are not read)."""
+    mask, found = [], 0
+    for wav in wavs:
+        keep = found < count and usable(wav)
+        found += keep
+        mask.append(keep)
+    return mask
 
 
 def _random_batches(options: dict, sampling: SamplingSettings, train) -> dict:

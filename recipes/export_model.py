@@ -39,6 +39,7 @@ from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -51,9 +52,11 @@ from recipes.evaluation.pretrained import EXPORTED_MODULE, embed_dataset, load_v
 from recipes.evaluation.scoring import metrics_by_condition, score_trials, trial_metrics
 from recipes.evaluation.verification import (
     ScoringSettings,
+    cached_embeddings,
     checkpoint_scoring,
     embedding_cache,
     scored_tables,
+    speaker_cohort,
     split_embeddings,
 )
 from recipes.experiment import (
@@ -142,11 +145,21 @@ def split_metrics(per_split: dict, splits: dict, fused: bool) -> dict:
     return results
 
 
-def exported_calibration(folder: Path, scoring: ScoringSettings, data, run, run_opts: dict):
-    """``(thresholds, fusion or None, metrics)`` of the model in ``folder``, as it embeds.
+class ExportCalibration(NamedTuple):
+    """What ``exported_calibration`` learns for a folder from its own model's embeddings."""
 
-    The folder's model embeds the dev and eval utterances (cached under the checkpoint's
-    ``export/`` embeddings); the fusion is learned on them (stored beside the recipe's as
+    thresholds: dict  # per operating point and number of enrollment utterances
+    fusion: dict | None
+    metrics: dict  # per split and condition
+    cohort: np.ndarray | None  # mean embedding per training speaker, where the fusion needs it
+
+
+def exported_calibration(folder: Path, scoring: ScoringSettings, data, run, run_opts: dict):
+    """The ``ExportCalibration`` of the model in ``folder``, as it embeds.
+
+    The folder's model embeds the dev and eval utterances, and the training speakers where the
+    fusion weights the quality measure "cohort" (cached under the checkpoint's ``export/``
+    embeddings); the fusion is learned on them (stored beside the recipe's as
     ``<checkpoint>_export``), and the metrics are without score normalization.
     """
     verifier = load_verifier(folder, {"device": str(run_device(run_opts))})
@@ -158,6 +171,10 @@ def exported_calibration(folder: Path, scoring: ScoringSettings, data, run, run_
     )
     cache = embedding_cache(run.cache / "export", run.cache_settings(scoring, "fp32"))
     tables = split_embeddings(embed, data.splits, cache)
+    cohort = None
+    if scoring.fusion != "none" and "cohort" in scoring.fusion_quality:
+        cohort_table = cached_embeddings(embed, data.cohort.utterances, cache / "cohort")
+        cohort = speaker_cohort(cohort_table["speaker"], data.cohort.speakers)
     dev = data.splits["dev"]
     thresholds = enrolment_thresholds(tables["dev"]["speaker"], dev.models, dev.trials)
     source = run.fusion._replace(
@@ -165,8 +182,9 @@ def exported_calibration(folder: Path, scoring: ScoringSettings, data, run, run_
         stamp={**run.fusion.stamp, "embedded_by": "export"},
     )
     card_scoring = dataclasses.replace(scoring, score_norm="none")  # raw (or fused) scores
-    per_split, fusion = scored_tables(tables, None, card_scoring, data.splits, source)
-    return thresholds, fusion, split_metrics(per_split, data.splits, fused=fusion is not None)
+    per_split, fusion = scored_tables(tables, cohort, card_scoring, data.splits, source)
+    metrics = split_metrics(per_split, data.splits, fused=fusion is not None)
+    return ExportCalibration(thresholds, fusion, metrics, cohort)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,10 +330,21 @@ audio_normalizer: !new:speechbrain.dataio.preprocess.AudioNormalizer
 
 modules:
     embedding_model: !ref <embedding_model>
-
+{cohort}
 pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
     loadables:
-        embedding_model: !ref <embedding_model>
+        embedding_model: !ref <embedding_model>{cohort_loadable}
+"""
+#: The training speakers of a fusion that weights the quality measure "cohort": a bias-free linear
+#: layer whose rows are their mean embeddings (``cohort.ckpt``), loaded like the model.
+COHORT = """
+# The fusion's quality measure "cohort": mean embedding of each training speaker (cohort.ckpt),
+# of which the top cohort_top_k cosines of a test and of an enrollment model are averaged.
+cohort_top_k: {top_k}
+cohort: !new:torch.nn.Linear
+    in_features: {dim}
+    out_features: {speakers}
+    bias: false
 """
 
 
@@ -325,7 +354,9 @@ def hyperparams_text(
     """The exported ``hyperparams.yaml`` (JSON values are YAML flow collections).
 
     ``settings``: the encoder's (``encoder_settings``); ``head``: ``(class name, kwargs)``;
-    ``text_dependent``: ``{"phrase_branch": kwargs, "phrase_labels", "fusion"}`` or None.
+    ``text_dependent``: ``{"phrase_branch": kwargs, "phrase_labels", "fusion"}`` or None; with
+    ``"cohort"`` (``{"speakers", "dim"}``) and ``"cohort_top_k"`` where the fusion needs the
+    training speakers (``COHORT``).
     """
     head_class, head_kwargs = head
     module = Path(EXPORTED_MODULE).stem
@@ -333,7 +364,13 @@ def hyperparams_text(
     if text_dependent is not None:
         branch = f"!new:{module}.PhraseBranch {json.dumps(text_dependent['phrase_branch'])}"
     text_dependent = text_dependent or {}
+    cohort = text_dependent.get("cohort")
+    cohort_text = (
+        "" if cohort is None else COHORT.format(top_k=text_dependent["cohort_top_k"], **cohort)
+    )
     return HYPERPARAMS.format(
+        cohort=cohort_text,
+        cohort_loadable="" if cohort is None else "\n        cohort: !ref <cohort>",
         module=module,
         sample_rate=audio.sample_rate,
         max_eval_seconds=audio.max_eval_seconds,
@@ -467,7 +504,8 @@ def write_folder(staging: Path, target: ExportSettings, trained: ExportedRun, da
 
     uncalibrated = None if branch is None else {"phrase_branch": branch, "phrase_labels": None}
     write_hyperparams({}, uncalibrated)
-    thresholds, fusion, metrics = exported_calibration(staging, scoring, data, run, run_opts)
+    calibration = exported_calibration(staging, scoring, data, run, run_opts)
+    thresholds, fusion, metrics = calibration.thresholds, calibration.fusion, calibration.metrics
     text_dependent = None
     if fusion is not None:
         text_dependent = {
@@ -475,6 +513,11 @@ def write_folder(staging: Path, target: ExportSettings, trained: ExportedRun, da
             "phrase_labels": data.phrase_labels,
             "fusion": {**fusion, "kind": scoring.fusion},
         }
+    if calibration.cohort is not None:  # the quality measure "cohort": the training speakers
+        cohort = torch.from_numpy(calibration.cohort).float()
+        torch.save({"weight": cohort}, staging / "cohort.ckpt")
+        text_dependent["cohort"] = {"speakers": cohort.shape[0], "dim": cohort.shape[1]}
+        text_dependent["cohort_top_k"] = scoring.cohort_top_k
     write_hyperparams(thresholds, text_dependent)
     class_encoder.save(staging / "label_encoder.txt")
     speaker = speaker_embedding(model)
@@ -604,12 +647,14 @@ def _scoring_note(facts: dict) -> str:
         hf = ""
     if not facts["fusion"]:
         return f"Scores are cosines of speaker embeddings (speaker verification only). {hf}".strip()
+    quality = ", ".join(facts["fusion"].get("quality", []))
+    quality = f", weighting the quality measures {quality} (fusion_quality)" if quality else ""
     return (
         f"Scores are calibrated log-likelihood ratios (fusion `{facts['fusion']['kind']}`, "
         "learned on the dev trials) of the speaker score and the pass-phrase score (the phrase "
         "branch's log-posterior of the enrolled phrase, over the classes "
-        f"{', '.join(facts['phrase_labels'])}); decisions are taken at the Bayes threshold of the "
-        f"SdSV costs. {hf}"
+        f"{', '.join(facts['phrase_labels'])}){quality}; decisions are taken at the Bayes "
+        f"threshold of the SdSV costs. {hf}"
     ).strip()
 
 

@@ -51,6 +51,10 @@ REGISTRIES = {
 }
 
 
+#: Settings that are a list of distinct choices (module, attribute), like ``REGISTRIES``.
+LIST_REGISTRIES = {"fusion_quality": (speaker_model, "QUALITY_MEASURES")}
+
+
 def choices(hparams) -> dict[str, tuple]:
     """Every enumerated setting and its allowed values, from the code's own registries."""
     allowed = {key: tuple(getattr(module, name)) for key, (module, name) in REGISTRIES.items()}
@@ -175,6 +179,16 @@ def settings_problems(hparams) -> list[str]:
         if key in hparams and hparams[key] not in allowed:
             shown = ", ".join(map(str, allowed))
             problems.append(f"{key}: {hparams[key]!r} is not one of {shown}")
+    for key, (module, name) in LIST_REGISTRIES.items():
+        value, allowed = hparams.get(key), tuple(getattr(module, name))
+        if value is None:
+            continue
+        if (
+            not isinstance(value, list)
+            or not set(value) <= set(allowed)
+            or len(set(value)) < len(value)
+        ):
+            problems.append(f"{key}: {value!r} must be a list of distinct ones of {allowed}")
     for key in BOOLEANS:
         if key in hparams and not isinstance(hparams[key], bool):
             problems.append(f"{key}: {hparams[key]!r} must be true or false")
@@ -410,6 +424,7 @@ SETTINGS_ADDED_SINCE = {
     "corpus": "deepmine",
     "phrase_min_count": 5,
     "audio_outside_data_folder": False,
+    "fusion_quality": [],
 }
 
 

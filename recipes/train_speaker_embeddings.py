@@ -482,6 +482,7 @@ def recipe_settings(hparams) -> RecipeSettings:
         cohort_top_k=hparams["cohort_top_k"],
         fusion=hparams["fusion"],
         fusion_prior=hparams["fusion_prior"],
+        fusion_quality=tuple(hparams["fusion_quality"]),
         eval_precision=hparams["eval_precision"],
         loader_options=hparams["eval_dataloader_options"],
         max_eval_seconds=hparams["max_eval_seconds"],

@@ -80,6 +80,7 @@ def scoring_replacements(verification: dict) -> dict:
         "cohort_top_k": verification["cohort_top_k"],
         "fusion": verification["fusion"],
         "fusion_prior": verification["fusion_prior"],
+        "fusion_quality": verification["fusion_quality"],
         "eval_precision": verification["eval_precision"],
     }
 

@@ -25,13 +25,18 @@ from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMForXVector
 
 from recipes.evaluation.pretrained import embed_dataset, load_verifier
 from recipes.evaluation.scoring import EmbeddingTable, score_trials
+from recipes.evaluation.verification import quality_tag
+from recipes.evaluation.verification_report import score_columns
 from recipes.experiment import dataio_prep
 from recipes.export_model import enrolment_thresholds, hf_xvector_model
 from recipes.model.speaker_model import (
+    DEFAULT_QUALITY,
     TDSVSpeakerRecognition,
     WavLMFromConfig,
     WavLMSpeakerEmbedder,
     XVectorHead,
+    fused_llr,
+    quality_features,
 )
 from recipes.tiny_wavlm import TINY
 from recipes.train_speaker_embeddings import recipe_settings
@@ -141,15 +146,18 @@ def _wav_paths(out: Path, split: str, corpus: Path) -> pd.Series:
     return utts.set_index("ID")["wav"].str.replace("$data_root", str(corpus), regex=False)
 
 
-def _dev_pair(out: Path, corpus: Path, condition: str | None = None):
+def _dev_pair(out: Path, corpus: Path, condition: str | None = None, quality=DEFAULT_QUALITY):
     """A dev trial (the first, or the one of ``condition`` least like its phrase), audio paths.
 
     Returns enrollment ids, test id, the trial's row of ``scores_dev.txt`` (``score``: the
-    fused LLR, ``speaker``, ``phrase``) and the audio path by utterance id.
+    fused LLR, ``speaker``, ``phrase``, ...; with other quality measures ``quality``, the row of
+    their tagged score file) and the audio path by utterance id.
     """
     models = pd.read_csv(out / "prep" / "dev_enrol.csv", dtype=str).set_index("model_id")
-    names = ["model_id", "test_id", "score", "speaker", "phrase", "content", "label", "condition"]
-    trials = pd.read_csv(out / "scores_dev.txt", sep=" ", header=None, names=names)
+    report = "_".join(filter(None, ["dev", quality_tag(quality)]))
+    trials = pd.read_csv(
+        out / f"scores_{report}.txt", sep=" ", header=None, names=score_columns(quality)
+    )
     if condition is not None:  # the trial of that condition with the lowest phrase score
         trials = trials[trials["condition"] == condition].sort_values("phrase", kind="stable")
     trial = trials.iloc[0]
@@ -245,11 +253,55 @@ def test_cli_enrollment_reproduces_the_recipe_trial_score(exported, tiny_corpus)
 
 
 @pytest.mark.slow
+def test_a_quality_aware_fusion_is_scored_exported_and_applied_by_the_cli(
+    trained, tiny_corpus, tmp_path
+):
+    """``fusion_quality: [duration, cohort]`` reaches the recipe's reports, the export, the CLI.
+
+    The exported folder carries the training speakers (``cohort.ckpt``) that the cohort measure
+    compares a test and a model with, and computes durations from the audio it reads.
+    """
+    out, _ = trained
+    quality = ("duration", "cohort")
+    run_script("verify_speakers.py", out, tiny_corpus, "--fusion_quality", "[duration, cohort]")
+    enrol_ids, test_id, recipe, wavs = _dev_pair(out, tiny_corpus, quality=quality)
+    seconds = {i: sf.info(wavs[i]).duration for i in [*enrol_ids, test_id]}
+    assert recipe["log_test_duration"] == pytest.approx(np.log(seconds[test_id]), abs=1e-4)
+    enrol_seconds = sum(seconds[i] for i in enrol_ids)
+    assert recipe["log_enrol_duration"] == pytest.approx(np.log(enrol_seconds), abs=1e-4)
+    assert -1 < recipe["test_cohort_mean"] < 1 and -1 < recipe["model_cohort_mean"] < 1
+    record = (out / "hyperparams.yaml").read_text()
+    assert "\nfusion_quality: [cohort]" in record
+    run = tmp_path / "quality_run.yaml"
+    run.write_text(
+        record.replace("\nfusion_quality: [cohort]", "\nfusion_quality: [duration, cohort]")
+    )
+    folder = tmp_path / "export_quality"
+    run_script(
+        "export_model.py", out, tiny_corpus, "--run_hparams", str(run),
+        "--export_folder", str(folder),
+    )  # fmt: skip
+    fusion = json.loads((folder / "export.json").read_text())["fusion"]
+    assert fusion["quality"] == list(quality)
+    assert fusion["phrase"]["features"][-4:] == list(quality_features(quality))
+    assert (folder / "cohort.ckpt").is_file() and "cohort_top_k:" in (
+        folder / "hyperparams.yaml"
+    ).read_text()
+    assert "weighting the quality measures duration, cohort" in (folder / "README.md").read_text()
+    paths = [wavs[i] for i in [*enrol_ids, test_id]]
+    phrase = _model_phrase(out, recipe["model_id"])
+    result = cli("--model", folder, "--enrol", *paths[:-1], "--test", paths[-1], "--phrase", phrase)
+    assert result.returncode == 0, result.stderr[-3000:]
+    llr = float(result.stdout.strip().splitlines()[-1].split()[3])
+    assert llr == pytest.approx(recipe["score"], abs=1e-3)
+
+
+@pytest.mark.slow
 def test_cli_rejects_another_pass_phrase_and_says_why(exported, tiny_corpus):
     out, folder = exported
     enrol_ids, test_id, recipe, wavs = _dev_pair(out, tiny_corpus, condition="TW")
-    fusion = json.loads(next((out / "fusion").glob("*_none.json")).read_text())
-    speaker_llr = fusion["speaker"]["bias"] + fusion["speaker"]["weights"][0] * recipe["speaker"]
+    fusion = json.loads(next((out / "fusion").glob("*_none_cohort.json")).read_text())
+    speaker_llr = float(fused_llr(fusion, recipe, kind="speaker"))  # the row's features
     assert recipe["score"] < speaker_llr  # the phrase score lowered the LLR of this TW trial
     # A threshold between the two: the speaker alone would be accepted, the phrase is wrong.
     threshold = (recipe["score"] + speaker_llr) / 2

@@ -352,6 +352,8 @@ def test_audio_broken_after_prep_is_skipped_and_logged_when_asked(tmp_path, tiny
     log = (tmp_path / "exp" / "rejected_train_audio.txt").read_text().splitlines()
     assert log and all(f"{victim}.wav" in line for line in log)
     assert (tmp_path / "exp" / "verification_dev.json").is_file()
+    # The scoring cohort (training speakers) passed over it too.
+    assert f"{victim}.wav" not in (tmp_path / "exp" / "prep" / "cohort.csv").read_text()
 
 
 def _losses(folder: Path) -> list[str]:
@@ -430,7 +432,7 @@ def test_two_processes_with_torchrun_on_cpu(tmp_path, tiny_corpus):
     shares = re.findall(
         r"embedded (\d+) of (\d+) utterances on 2 process\(es\): (\d+) \+ (\d+)", output
     )
-    assert len(shares) == 2  # dev and eval
+    assert len(shares) == 3  # the cohort (of the default quality measure), dev and eval
     for embedded, total, first, second in shares:
         assert embedded == total and int(first) + int(second) == int(total)
         assert abs(int(first) - int(second)) <= 1

@@ -15,6 +15,7 @@ from recipes.evaluation import scoring
 from recipes.settings import (
     BOOLEANS,
     FREE,
+    LIST_REGISTRIES,
     RANGES,
     REGISTRIES,
     choices,
@@ -90,6 +91,12 @@ def test_impossible_combinations_are_named():
     assert problems == ["phrase_margin: 0.2 needs phrase_classifier_type: cosine"]
     problems = settings_problems(raw_settings(demo, no_layers + "\nhead_type: mhfa"))
     assert "head_type: 'mhfa' needs the WavLM encoder's layer_weighting: True" in problems
+    problems = settings_problems(raw_settings(demo, {"fusion_quality": ["duration", "snr"]}))
+    assert problems == [
+        "fusion_quality: ['duration', 'snr'] must be a list of distinct ones of "
+        "('duration', 'cohort')"
+    ]
+    assert settings_problems(raw_settings(demo, {"fusion_quality": ["cohort", "duration"]})) == []
     kept_workers = "train_dataloader_options:\n    batch_size: 8\n    persistent_workers: True"
     problems = settings_problems(raw_settings(demo, kept_workers))
     assert len(problems) == 1 and problems[0].startswith(
@@ -119,7 +126,7 @@ def _top_level_keys(path) -> list[str]:
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "hparams").glob("*.yaml")))
 def test_every_setting_of_every_yaml_is_checked_or_said_to_be_free(name):
-    checked = {*REGISTRIES, "fusion", "head_type", *BOOLEANS, *RANGES}
+    checked = {*REGISTRIES, *LIST_REGISTRIES, "fusion", "head_type", *BOOLEANS, *RANGES}
     keys = _top_level_keys(ROOT / "hparams" / name)
     unlisted = [k for k in keys if k not in checked and k not in FREE and not k.startswith("__")]
     assert unlisted == [], "give each a check in recipes/settings.py, or a reason in FREE"

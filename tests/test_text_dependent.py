@@ -26,7 +26,7 @@ from recipes.evaluation.fusion import (
 )
 from recipes.evaluation.metrics import actual_dcf, bayes_threshold, cllr
 from recipes.evaluation.scoring import EmbeddingTable, score_trials
-from recipes.evaluation.verification_report import write_report
+from recipes.evaluation.verification_report import score_columns, write_report
 from recipes.model import speaker_model
 from recipes.model.speaker_model import (
     GATE_PENALTY,
@@ -278,7 +278,8 @@ def test_free_text_wrong_phrase_trials_are_in_the_synthetic_corpus():
 # The short recipe run (conftest's ``trained``: phrase branch + llr fusion, as the demo)
 # ------------------------------------------------------------------------------------------------
 def _scores_table(path) -> pd.DataFrame:
-    columns = ["model_id", "test_id", "score", "speaker", "phrase", "content", "label", "condition"]
+    """A labelled score file of the run (the default quality measures' features included)."""
+    columns = score_columns(speaker_model.DEFAULT_QUALITY)
     return pd.read_csv(path, sep=" ", header=None, names=columns, dtype={"label": str})
 
 
@@ -294,7 +295,7 @@ def test_recipe_scores_fused_llrs_and_reports_calibration(trained, tiny_corpus):
     free = scores[scores["test_id"].isin(_free_text_ids())]
     assert len(free) > 0 and set(free["condition"]) == {"TW"}
     # The stored fusion reproduces the score file's LLRs from its speaker and phrase columns.
-    fusion = json.loads(next((out / "fusion").glob("*_none.json")).read_text())
+    fusion = json.loads(next((out / "fusion").glob("*_none_cohort.json")).read_text())
     llr = fused_llr({**fusion, "kind": "llr"}, scores)  # the score file's feature columns
     assert llr == pytest.approx(scores["score"].to_numpy(), abs=1e-4)
 

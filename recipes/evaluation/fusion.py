@@ -15,6 +15,9 @@ speaker score alone cannot reject the enrolled speaker saying another phrase (TW
   similarity, and the speaker score alone (the "gate" fusion and the reason of a reject).
   ``gate``: the calibrated speaker LLR, minus a large penalty when the phrase score is below the
   dev threshold that best separates TC from TW.
+- **Quality measures** (``fusion_quality``, ``speaker_model.QUALITY_MEASURES``): each adds a pair
+  of trial features (durations, or cohort neighbourhood) that every calibration also weights
+  (``quality_scores``).
 
 The learned numbers are plain JSON (each calibration names its features), applied by
 ``recipes.model.speaker_model.fused_llr``, which exported folders carry.
@@ -27,6 +30,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -35,11 +39,17 @@ from sklearn.linear_model import LogisticRegression
 from speechbrain.utils.distributed import if_main_process
 
 from recipes.evaluation.metrics import eer
-from recipes.evaluation.scoring import EmbeddingTable, score_trials
+from recipes.evaluation.scoring import (
+    EmbeddingTable,
+    cohort_statistics,
+    enrollment_models,
+    score_trials,
+)
 from recipes.model.speaker_model import (
-    CALIBRATIONS,
     GATE_FEATURES,
     OTHER_PHRASE,
+    QUALITY_MEASURES,
+    calibrations_with,
     fused_llr,
     phrase_feature,
 )
@@ -60,7 +70,8 @@ REGULARIZATION_C = 1e4
 class TrialScores:
     """The named features (``speaker_model.TRIAL_FEATURES``) of every trial of one list.
 
-    ``features["speaker"]`` always; with a phrase branch also "phrase" and "content".
+    ``features["speaker"]`` always; with a phrase branch also "phrase" and "content"; and the
+    features of the quality measures scored (``quality_scores``).
     ``known[i]``: trial i's enrolled phrase is a class of the phrase classifier.
     """
 
@@ -90,20 +101,60 @@ def phrase_columns(models: pd.DataFrame, trials: pd.DataFrame, phrase_labels) ->
     return trials["model_id"].map(model_phrase).map(column)
 
 
+class QualityInputs(NamedTuple):
+    """What the quality measures of a split's trials are computed from (``quality_scores``)."""
+
+    measures: tuple[str, ...]  # names of QUALITY_MEASURES
+    durations: pd.Series | None = None  # seconds scored per utterance id ("duration")
+    cohort: np.ndarray | None = None  # one mean embedding per training speaker ("cohort")
+    top_k: int = 200  # the cohort's closest speakers averaged
+
+
+def quality_scores(speaker: EmbeddingTable, models, trials, inputs: QualityInputs) -> dict:
+    """The features of the quality measures ``inputs.measures`` for every trial.
+
+    "duration": log seconds of the test and of all the model's enrollment utterances;
+    "cohort": the mean of the top-k cosines of the test embedding, and of the enrollment model,
+    against the training speakers (``scoring.cohort_statistics``, as AS-norm computes them).
+    """
+    features = {}
+    if "duration" in inputs.measures:
+        seconds = inputs.durations
+        enrol = models["enrol_ids"].str.split().map(lambda ids: float(seconds.loc[ids].sum()))
+        enrol.index = models["model_id"]
+        features["log_test_duration"] = np.log(seconds.loc[trials["test_id"]].to_numpy(float))
+        features["log_enrol_duration"] = np.log(trials["model_id"].map(enrol).to_numpy(float))
+    if "cohort" in inputs.measures:
+        if inputs.cohort is None:
+            raise ValueError("fusion_quality 'cohort' needs the training speakers as a cohort")
+        model_table = enrollment_models(speaker, models)
+        model_mean = cohort_statistics(model_table.matrix, inputs.cohort, inputs.top_k)[0]
+        test_mean = cohort_statistics(speaker.matrix, inputs.cohort, inputs.top_k)[0]
+        features["test_cohort_mean"] = test_mean[speaker.rows(trials["test_id"], "test")]
+        features["model_cohort_mean"] = model_mean[model_table.rows(trials["model_id"], "model")]
+    names = [f for m in inputs.measures for f in QUALITY_MEASURES[m]]
+    return {name: np.asarray(features[name], dtype=np.float64) for name in names}
+
+
 def trial_scores(
     tables: dict[str, EmbeddingTable],
     models: pd.DataFrame,
     trials: pd.DataFrame,
     phrase_labels=None,
+    quality: QualityInputs | None = None,
     **norm,
 ) -> TrialScores:
     """Speaker scores of ``trials`` and, when the tables hold phrase outputs, phrase scores.
 
-    ``norm`` (cohort, score_norm, top_k) goes to ``score_trials`` for the speaker scores.
+    ``norm`` (cohort, score_norm, top_k) goes to ``score_trials`` for the speaker scores;
+    ``quality`` adds the features of its quality measures (``quality_scores``).
     """
     speaker = score_trials(tables["speaker"], models, trials, **norm)
+    extra = {}
+    if quality is not None and quality.measures:
+        extra = quality_scores(tables["speaker"], models, trials, quality)
     if not has_phrase_outputs(tables):
-        return TrialScores({"speaker": speaker})
+        return TrialScores({"speaker": speaker, **extra})
     content = score_trials(tables["phrase_embedding"], models, trials)
     columns = phrase_columns(models, trials, phrase_labels)
     known = columns.notna().to_numpy()
@@ -113,7 +164,8 @@ def trial_scores(
         rows = table.rows(trials["test_id"].to_numpy()[known], "test")
         logp[known] = table.matrix[rows, columns.to_numpy()[known].astype(np.int64)]
     phrase = phrase_feature(logp, known, content)
-    return TrialScores({"speaker": speaker, "phrase": phrase, "content": content}, known)
+    features = {"speaker": speaker, "phrase": phrase, "content": content, **extra}
+    return TrialScores(features, known)
 
 
 def fit_calibration(features: dict, names, conditions, prior: float) -> dict:
@@ -142,10 +194,11 @@ def fit_calibration(features: dict, names, conditions, prior: float) -> dict:
     return {"features": list(names), "weights": [float(w) for w in model.coef_[0]], "bias": bias}
 
 
-def learn_fusion(scores: TrialScores, conditions, prior: float) -> dict:
+def learn_fusion(scores: TrialScores, conditions, prior: float, quality=()) -> dict:
     """Every calibration of the fusion (``CALIBRATIONS``), learned on labelled (dev) trials.
 
-    Each is learned on all the trials, whose phrases are the classifier's own. The gate's
+    Each also weights the features of the quality measures ``quality`` (which ``scores`` must
+    hold), and is learned on all the trials, whose phrases are the classifier's own. The gate's
     thresholds (on ``GATE_FEATURES``) are the EER thresholds of TC against TW trials (same
     speaker, right or wrong phrase).
     """
@@ -158,7 +211,7 @@ def learn_fusion(scores: TrialScores, conditions, prior: float) -> dict:
     features = scores.features
     calibrations = {
         name: fit_calibration(features, names, conditions, prior)
-        for name, names in CALIBRATIONS.items()
+        for name, names in calibrations_with(quality).items()
     }
     gate = {
         name: eer(features[f][targets], features[f][wrong_phrase])[1]
@@ -166,6 +219,7 @@ def learn_fusion(scores: TrialScores, conditions, prior: float) -> dict:
     }
     return {
         "prior": prior,
+        "quality": list(quality),
         **calibrations,
         "gate_threshold": gate,
         "fitted_on": {"trials": int(targets.size), "targets": int(targets.sum())},
@@ -198,16 +252,20 @@ def _stored_fusion(path: Path) -> dict | None:
     return stored if isinstance(stored, dict) else None
 
 
-def stored_or_learned_fusion(path: Path, dev: TrialScores, conditions, prior: float, stamp: dict):
+def stored_or_learned_fusion(
+    path: Path, dev: TrialScores, conditions, prior: float, stamp: dict, quality=()
+):
     """The fusion stored at ``path``, or one learned now (and stored there) if it is stale.
 
     Stored means learned from the same model and dev trials (``stamp``, the prior, the trial
     counts and a hash of the dev trials' features and conditions: another corpus of the same
-    shape is other trials) by the same fitting code (``FUSION_VERSION``); either way the log
-    says which. A damaged file is learned again, with a warning.
+    shape is other trials) with the same quality measures, by the same fitting code
+    (``FUSION_VERSION``); either way the log says which. A damaged file is learned again, with a
+    warning.
     """
     conditions = np.asarray(conditions)
     expected = {**stamp, "version": FUSION_VERSION, "prior": prior, "trials": len(conditions)}
+    expected["quality"] = list(quality)
     expected["targets"] = int((conditions == "TC").sum())
     expected["dev_scores"] = scores_digest(dev, conditions)
     stored = _stored_fusion(path)
@@ -217,7 +275,7 @@ def stored_or_learned_fusion(path: Path, dev: TrialScores, conditions, prior: fl
             return stored
         logger.warning("fusion in %s was learned for %s, not %s: learning it again", path,
                        stored.get("stamp"), expected)  # fmt: skip
-    fusion = {**learn_fusion(dev, conditions, prior), "stamp": expected}
+    fusion = {**learn_fusion(dev, conditions, prior, quality), "stamp": expected}
     if if_main_process():  # every process learns the same numbers; one writes them
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(".tmp")

@@ -104,5 +104,6 @@ def embed_dataset(verifier, dataset, loader_kwargs: dict, progress=True) -> dict
         for utt_id, wav, rel in zip(batch.id, batch.sig.data, batch.sig.lengths, strict=True):
             samples = max(1, round(float(rel) * wav.shape[0]))
             for name, vector in verifier.embed_waveform(wav[:samples]).items():
-                outputs.setdefault(name, {})[utt_id] = vector.cpu().numpy()
+                if name != "seconds":  # the recipe's durations are the manifests'
+                    outputs.setdefault(name, {})[utt_id] = vector.cpu().numpy()
     return {name: EmbeddingTable.from_dict(vectors) for name, vectors in outputs.items()}

@@ -18,6 +18,7 @@ import pandas as pd
 from scipy import sparse
 
 from recipes.evaluation.metrics import verification_metrics
+from recipes.model.speaker_model import top_cohort_cosines
 
 CONDITION_PAIRS = {
     "pooled": ("TW", "IC", "IW", "NT"),  # NT: a non-target of a key that gives no type
@@ -183,9 +184,7 @@ def trial_metrics(scores, trials: pd.DataFrame, llr: bool = False) -> dict:
 
 def cohort_statistics(vectors: np.ndarray, cohort: np.ndarray, top_k: int | None):
     """Mean and std of each row's cosine scores against the cohort (its top-k when given)."""
-    scores = l2_normalize(vectors) @ l2_normalize(cohort).T
-    if top_k is not None and top_k < scores.shape[1]:
-        scores = -np.partition(-scores, top_k - 1, axis=1)[:, :top_k]
+    scores = top_cohort_cosines(vectors, cohort, top_k)
     return scores.mean(axis=1), np.maximum(scores.std(axis=1), 1e-6)
 
 

@@ -24,6 +24,7 @@ from speechbrain.utils.checkpoints import Checkpoint
 from data_prep.corpus import file_digest
 from recipes.distributed import main_writes, on_main
 from recipes.evaluation.fusion import (
+    QualityInputs,
     TrialScores,
     apply_fusion,
     learn_fusion,
@@ -46,7 +47,7 @@ from recipes.experiment import (
     run_device,
     usable_precision,
 )
-from recipes.model.speaker_model import WavLMSpeakerEmbedder
+from recipes.model.speaker_model import DEFAULT_QUALITY, WavLMSpeakerEmbedder
 from recipes.training.checkpointing import MODEL_RECOVERABLE
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,12 @@ class ScoringSettings:
     loader_options: dict  # SpeechBrain's dataloader options (eval_dataloader_options)
     max_eval_seconds: float  # the cap on a scored utterance (changes its embedding)
     sample_rate: int
+    fusion_quality: tuple[str, ...] = ()  # quality measures the fusion weights too
+
+    @property
+    def needs_cohort(self) -> bool:
+        """Whether scoring needs the training speakers (score normalization, cohort quality)."""
+        return self.score_norm != "none" or "cohort" in self.fusion_quality
 
     def embedding_record(self, precision: str | None = None) -> dict:
         """The settings besides the model that change an embedding (see ``embedding_cache``).
@@ -318,7 +325,7 @@ def score_splits(
     Under ``torchrun`` every process embeds its share; the main process alone scores, learns
     the fusion and writes the reports, and every process returns its metrics.
     """
-    tables, cohort_means = embedded(embed, scoring.score_norm, splits, cohort, cache)
+    tables, cohort_means = embedded(embed, scoring, splits, cohort, cache)
     return on_main(
         _score_and_report, tables, cohort_means, scoring, splits, report_folder, fusion_source
     )
@@ -337,16 +344,20 @@ def _score_and_report(tables, cohort, scoring, splits: dict, report_folder, fusi
     return results
 
 
-def embedded(embed, norm: str, splits: dict, cohort: Cohort | None, cache: Path):
+def embedded(embed, scoring: ScoringSettings, splits: dict, cohort: Cohort | None, cache: Path):
     """``({split: tables}, cohort means or None)``: every utterance the scoring needs, embedded.
 
-    The cohort is embedded when score normalization ``norm`` needs it. Collective under
-    ``torchrun``: every process embeds its share and gets all tables.
+    The cohort is embedded when score normalization or a quality measure needs it
+    (``ScoringSettings.needs_cohort``). Collective under ``torchrun``: every process embeds its
+    share and gets all tables.
     """
     means = None
-    if norm != "none":
+    if scoring.needs_cohort:
         if cohort is None:
-            raise ValueError(f"score_norm {norm!r} needs the training speakers as a cohort")
+            raise ValueError(
+                f"score_norm {scoring.score_norm!r} / fusion_quality "
+                f"{list(scoring.fusion_quality)} need the training speakers as a cohort"
+            )
         cohort_table = cached_embeddings(embed, cohort.utterances, cache / "cohort")["speaker"]
         means = speaker_cohort(cohort_table, cohort.speakers)
     return split_embeddings(embed, splits, cache), means
@@ -373,7 +384,14 @@ def scored_tables(tables: dict, cohort, scoring: ScoringSettings, splits: dict, 
         "top_k": scoring.cohort_top_k,
     }
     scores = {
-        name: trial_scores(tables[name], split.models, split.trials, labels, **norm_options)
+        name: trial_scores(
+            tables[name],
+            split.models,
+            split.trials,
+            labels,
+            quality_inputs(scoring, split, cohort),
+            **norm_options,
+        )
         for name, split in splits.items()
     }
     fusion = learned_fusion(scoring, splits, scores, fusion_source)
@@ -385,6 +403,19 @@ def scored_tables(tables: dict, cohort, scoring: ScoringSettings, splits: dict, 
         for name, parts in scores.items()
     }
     return final, fusion
+
+
+def quality_inputs(scoring: ScoringSettings, split, cohort) -> QualityInputs:
+    """The quality measures of a split's trials and what they are computed from.
+
+    Durations are the manifests', capped at ``max_eval_seconds`` (what is scored).
+    """
+    seconds = None
+    if "duration" in scoring.fusion_quality:
+        data = split.utterances.data
+        seconds = pd.Series({uid: float(row["duration"]) for uid, row in data.items()})
+        seconds = seconds.clip(upper=scoring.max_eval_seconds)
+    return QualityInputs(tuple(scoring.fusion_quality), seconds, cohort, scoring.cohort_top_k)
 
 
 def learned_fusion(scoring: ScoringSettings, splits: dict, scores: dict, source):
@@ -400,9 +431,12 @@ def learned_fusion(scoring: ScoringSettings, splits: dict, scores: dict, source)
             "(phrase_branch: True); use --fusion none for speaker scores only"
         )
     stamp = {**source.stamp, "score_norm": scoring.score_norm}
-    path = source.path.with_name(f"{source.path.stem}_{scoring.score_norm}.json")
+    tags = "".join(f"_{name}" for name in scoring.fusion_quality)
+    path = source.path.with_name(f"{source.path.stem}_{scoring.score_norm}{tags}.json")
     conditions = splits["dev"].trials["condition"]
-    return stored_or_learned_fusion(path, scores["dev"], conditions, scoring.fusion_prior, stamp)
+    return stored_or_learned_fusion(
+        path, scores["dev"], conditions, scoring.fusion_prior, stamp, scoring.fusion_quality
+    )
 
 
 def dev_pass_metrics(tables, models, trials, phrase_labels, fusion: str, prior: float) -> dict:
@@ -429,9 +463,24 @@ def report_name(split: str, scoring: ScoringSettings, phrase_scored: bool) -> st
 
     Score normalization tags it (``eval_as-norm``); so does a fusion other than the fused LLR of
     a model with a phrase branch: ``eval_gate``, and ``eval_speaker`` for its speaker scores
-    alone (``fusion: none``). A speaker-only model's reports keep the plain name.
+    alone (``fusion: none``); and quality measures other than the default (``quality_tag``). A
+    speaker-only model's reports keep the plain name.
     """
     tags = [] if scoring.score_norm == "none" else [scoring.score_norm]
     if phrase_scored and scoring.fusion != "llr":
         tags.append("speaker" if scoring.fusion == "none" else scoring.fusion)
+    tag = quality_tag(scoring.fusion_quality)
+    if phrase_scored and scoring.fusion != "none" and tag:
+        tags.append(tag)
     return "_".join([split, *tags])
+
+
+def quality_tag(quality) -> str | None:
+    """The report tag of the quality measures ``quality``; None for the YAMLs' default.
+
+    ``quality-none`` for none, ``quality-duration-cohort`` for both (``DEFAULT_QUALITY``, the
+    default, keeps the plain names: ``answer.txt``).
+    """
+    if tuple(quality) == DEFAULT_QUALITY:
+        return None
+    return "-".join(["quality", *quality] if quality else ["quality", "none"])

@@ -1,9 +1,11 @@
 """Write what a verification run found: scores, metrics by condition, phrase and language.
 
 Outputs in the experiment folder (docs/design.md section 5):
-- ``scores_<split>.txt``: ``model test score [speaker phrase content] [label condition]``, one
-  trial a line (``score`` is the fused LLR when there is a fusion; with a phrase branch, the
-  trial's features follow it, in ``speaker_model.TRIAL_FEATURES`` order);
+- ``scores_<split>.txt``: ``model test score [speaker phrase content [quality]] [label
+  condition]``, one trial a line (``score`` is the fused LLR when there is a fusion; with a phrase
+  branch, the trial's features follow it, in ``speaker_model.TRIAL_FEATURES`` order, then those of
+  the quality measures the fusion weights: ``log_test_duration log_enrol_duration`` for
+  ``duration``, ``test_cohort_mean model_cohort_mean`` for ``cohort``);
 - ``verification_<split>.json``: EER / minDCF (with thresholds and trial counts), and for fused
   LLRs the actual DCF at the Bayes threshold and Cllr, for the pooled condition and each TC-vs-X
   pair, and for the pooled condition by phrase and by language;
@@ -13,8 +15,9 @@ Outputs in the experiment folder (docs/design.md section 5):
 - ``answer.txt`` for the eval split: one score per line in the order of ``trials.txt``, the
   challenge's submission format.
 
-With score normalization the split name carries it (``scores_eval_as-norm.txt``,
-``answer_as-norm.txt``, ...), so runs with different settings do not overwrite each other.
+With score normalization or quality measures the split name carries them
+(``scores_eval_as-norm.txt``, ``answer_duration.txt``, ...), so runs with different settings do
+not overwrite each other.
 """
 
 from __future__ import annotations
@@ -93,13 +96,30 @@ def published_together(staging: Path, folder: Path, names: list[str]) -> None:
             target.unlink()
 
 
+def reported_features(features) -> list[str]:
+    """The trial features a score file lists: ``TRIAL_FEATURES``, then the quality features held.
+
+    ``features``: the trials' features by name; those of the quality measures the fusion
+    weighted follow in ``QUALITY_MEASURES`` order.
+    """
+    quality = speaker_model.QUALITY_MEASURES
+    held = [measure for measure, names in quality.items() if names[0] in features]
+    return [*speaker_model.TRIAL_FEATURES, *speaker_model.quality_features(held)]
+
+
+def score_columns(quality) -> list[str]:
+    """The columns of a labelled score file of a phrase-branch model weighting ``quality``."""
+    features = [*speaker_model.TRIAL_FEATURES, *speaker_model.quality_features(quality)]
+    return ["model_id", "test_id", "score", *features, "label", "condition"]
+
+
 def _write_report_files(folder: Path, split, trials, scores, metrics, models, parts) -> dict:
     """Write a split's report files into ``folder``; the JSON report."""
     scores = np.asarray(scores)
     score_text = _formatted(scores)
     columns = [trials["model_id"], trials["test_id"], score_text]
     if parts is not None and parts.has_phrase:  # every feature, in TRIAL_FEATURES order
-        columns += [_formatted(parts.features[name]) for name in speaker_model.TRIAL_FEATURES]
+        columns += [_formatted(parts.features[n]) for n in reported_features(parts.features)]
     if (trials["condition"] != "").all():
         columns += [trials["label"], trials["condition"]]
     lines = pd.concat([c.reset_index(drop=True) for c in columns], axis=1)

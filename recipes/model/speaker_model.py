@@ -548,6 +548,53 @@ CALIBRATIONS = {
     "content": ("speaker", "content"),
     "speaker": ("speaker",),
 }
+#: Quality measures a fusion may also weight (``fusion_quality``), each a pair of trial features:
+#: "duration", the log seconds of the test and of the whole enrollment (as scored: capped at
+#: ``max_eval_seconds``); "cohort", the mean of the test's and of the enrollment model's top-k
+#: cosines against the training speakers (``cohort_top_k``): how crowded its neighbourhood is.
+#: Calibration of short pass-phrase trials depends on both (docs/design.md section 6). A new one
+#: is named here and computed in ``recipes.evaluation.fusion.quality_scores`` and
+#: ``TDSVSpeakerRecognition.trial_features``.
+QUALITY_MEASURES = {
+    "duration": ("log_test_duration", "log_enrol_duration"),
+    "cohort": ("test_cohort_mean", "model_cohort_mean"),
+}
+#: The measures both training YAMLs weight (``fusion_quality``), chosen by the measurement in
+#: docs/design.md section 6; reports of other measures are tagged (``verification.quality_tag``).
+DEFAULT_QUALITY = ("cohort",)
+
+
+def unit_rows(x) -> np.ndarray:
+    """Rows scaled to unit length (float64; zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def top_cohort_cosines(vectors, cohort, top_k: int | None) -> np.ndarray:
+    """Each row's cosines against the cohort's rows, only its ``top_k`` highest (None: all).
+
+    The cohort measure's input here and in an exported folder, and AS-norm's in the recipe.
+    """
+    scores = unit_rows(vectors) @ unit_rows(cohort).T
+    if top_k is not None and top_k < scores.shape[1]:
+        scores = -np.partition(-scores, top_k - 1, axis=1)[:, :top_k]
+    return scores
+
+
+def quality_features(quality) -> tuple[str, ...]:
+    """The trial features of the quality measures ``quality`` (names of ``QUALITY_MEASURES``)."""
+    unknown = [name for name in quality if name not in QUALITY_MEASURES]
+    if unknown:
+        raise ValueError(f"fusion_quality: {unknown} not in {', '.join(QUALITY_MEASURES)}")
+    return tuple(feature for name in quality for feature in QUALITY_MEASURES[name])
+
+
+def calibrations_with(quality) -> dict[str, tuple[str, ...]]:
+    """``CALIBRATIONS``, each also weighting the features of the quality measures ``quality``."""
+    extra = quality_features(quality)
+    return {name: (*features, *extra) for name, features in CALIBRATIONS.items()}
+
+
 #: The feature the phrase gate thresholds in each calibration's trials (fusion "gate").
 GATE_FEATURES = {"phrase": "phrase", "content": "content"}
 #: Subtracted from the speaker LLR of a trial that the phrase gate rejects (fusion "gate").
@@ -761,13 +808,18 @@ class TDSVSpeakerRecognition(SpeakerRecognition):
         return self.embed_waveform(self.load_audio(path))
 
     def embed_waveform(self, wav: torch.Tensor) -> dict:
-        """The model's outputs ``{name: [D]}`` for one unpadded waveform ``[T]``."""
+        """The model's outputs ``{name: [D]}`` for one unpadded waveform ``[T]``.
+
+        Also ``"seconds"``: its duration, which the quality measure "duration" reads.
+        """
         model = self.mods.embedding_model
         if not hasattr(model, "embed_all"):  # e.g. a Hugging Face x-vector model
             return {"speaker": self.encode_batch(wav[None])[0, 0]}
         with torch.no_grad(), self.inference_ctx:
             outputs = model.embed_all(wav[None].to(self.device).float())
-        return {name: vectors[0] for name, vectors in per_utterance(outputs).items()}
+        outputs = {name: vectors[0] for name, vectors in per_utterance(outputs).items()}
+        seconds = wav.shape[-1] / self.audio_normalizer.sample_rate  # a quality measure's input
+        return {**outputs, "seconds": torch.tensor(seconds, dtype=torch.float64)}
 
     def enrolled_phrase(self, enrol_outputs: list[dict], phrase: str | None = None) -> str:
         """The pass-phrase label to check, or "custom" (content similarity) when it is no class.
@@ -821,7 +873,9 @@ class TDSVSpeakerRecognition(SpeakerRecognition):
     def trial_features(self, enrol_outputs, test_outputs, phrase: str | None) -> dict:
         """The named features (``TRIAL_FEATURES``) of one trial: ``{"speaker": cosine, ...}``.
 
-        With an enrolled ``phrase`` (a class label, or "custom"), also "phrase" and "content".
+        With an enrolled ``phrase`` (a class label, or "custom"), also "phrase" and "content";
+        and the features of the quality measures the fusion weights (``QUALITY_MEASURES``; the
+        cohort is the folder's training speakers, ``hparams.cohort``).
         """
         model = self.enrolment_model(torch.stack([o["speaker"] for o in enrol_outputs]))
         features = {"speaker": float(F.cosine_similarity(model, test_outputs["speaker"], dim=0))}
@@ -830,6 +884,16 @@ class TDSVSpeakerRecognition(SpeakerRecognition):
             logp = self.phrase_score(test_outputs, phrase, content)
             features["phrase"] = float(phrase_feature([logp], [phrase != "custom"], [content])[0])
             features["content"] = content
+        quality = (getattr(self.hparams, "fusion", None) or {}).get("quality", [])
+        if "duration" in quality:
+            features["log_test_duration"] = math.log(float(test_outputs["seconds"]))
+            enrol = sum(float(o["seconds"]) for o in enrol_outputs)
+            features["log_enrol_duration"] = math.log(enrol)
+        if "cohort" in quality:  # the folder's training speakers (cohort.ckpt)
+            cohort = self.hparams.cohort.weight.detach().cpu().numpy()
+            vectors = torch.stack([model, test_outputs["speaker"]]).detach().cpu().numpy()
+            means = top_cohort_cosines(vectors, cohort, self.hparams.cohort_top_k).mean(axis=1)
+            features["model_cohort_mean"], features["test_cohort_mean"] = map(float, means)
         return features
 
     def score_trial(self, enrol_outputs, test_outputs, phrase=None, threshold=None, costs=None):

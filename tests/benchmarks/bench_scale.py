@@ -207,22 +207,24 @@ def stage_dev_validation(work: Path, counts: dict) -> dict:
 
 
 def _score(work: Path, score_norm: str) -> dict:
-    """``score_splits`` on dev and eval as the recipe's final scoring runs it."""
+    """``score_splits`` on dev and eval as the recipe's final scoring runs it.
+
+    With the default quality measures (the cohort's: every training speaker, 5 utterances each).
+    """
     import pandas as pd
 
     from recipes.evaluation.verification import FusionSource, ScoringSettings, score_splits
     from recipes.experiment import Cohort, _cohort_utterances, _utterances
+    from recipes.model.speaker_model import DEFAULT_QUALITY
 
     splits = load_splits(work / "corpus", work / "prep")
-    cohort = None
-    if score_norm != "none":
-        manifest = _cohort_utterances(work / "prep" / "train.csv", 5)
-        cohort = Cohort(_utterances([manifest], work / "corpus"),
-                        pd.read_csv(manifest, index_col="ID")["spk_id"])  # fmt: skip
+    manifest = _cohort_utterances(work / "prep" / "train.csv", 5)
+    cohort = Cohort(_utterances([manifest], work / "corpus"),
+                    pd.read_csv(manifest, index_col="ID")["spk_id"])  # fmt: skip
     scoring = ScoringSettings(
         output_folder=str(work), score_norm=score_norm, cohort_top_k=300, fusion="llr",
         fusion_prior=0.01, eval_precision="fp32", loader_options={}, max_eval_seconds=30.0,
-        sample_rate=16000,
+        sample_rate=16000, fusion_quality=DEFAULT_QUALITY,
     )  # fmt: skip
     folder = work / f"scores_{score_norm}"
     source = FusionSource(folder / "fusion.json", PHRASE_LABELS, {"model": "random"})
@@ -236,7 +238,7 @@ def _score(work: Path, score_norm: str) -> dict:
 
 
 def stage_final_scoring(work: Path, counts: dict) -> dict:
-    """Scores, fusion, reports, ``scores_eval.txt``, ``answer.txt`` and DET plots (no norm)."""
+    """Scores, fusion (the cohort quality measure), reports, answer file, DET plots (no norm)."""
     return _score(work, "none")
 
 
