@@ -11,6 +11,7 @@ SpeechBrain's wrapper reads. ``wavlm_base_plus_config()`` gives the architecture
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from speechbrain.utils.distributed import run_on_main
 from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMModel
 
 TINY = dict(
@@ -51,15 +53,22 @@ def save_wavlm(
 
     ``do_normalize``: the feature extractor's waveform normalization (WavLM Base+ has none);
     ``dtype``: the stored weights' type (hub checkpoints are sometimes fp16). Does nothing if
-    ``out`` already holds that model, so concurrent processes (several DDP ranks) and repeated
-    runs are safe.
+    ``out`` already holds that model, so repeated runs and concurrent processes are safe. Under
+    ``torchrun`` the main process builds it while the others wait: transformers' ``save_pretrained``
+    writes nothing on another rank of an initialized process group.
     """
     out = Path(out)
     wanted = {**config.to_diff_dict(), "init_seed": seed, "do_normalize": do_normalize,
               "stored_dtype": str(dtype)}  # fmt: skip
-    stamp = out / "build.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
-        return str(out)
+    if not _holds(out, wanted):
+        run_on_main(_build, args=[out, config, seed, do_normalize, dtype, wanted])
+    return str(out)
+
+
+def _build(out: Path, config: WavLMConfig, seed, do_normalize, dtype, wanted: dict) -> None:
+    """Write the model of ``save_wavlm`` beside ``out``, then move it there in one rename."""
+    if _holds(out, wanted):
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     torch.manual_seed(seed)
@@ -72,13 +81,27 @@ def save_wavlm(
         return_attention_mask=True,
     ).save_pretrained(tmp)
     (tmp / "build.json").write_text(json.dumps(wanted))
-    if out.exists():
-        shutil.rmtree(out, ignore_errors=True)
+    if _holds(out, wanted):  # another process finished first: never remove its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    if out.exists():  # another model: moved aside in one rename, then removed
+        aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
+        with contextlib.suppress(OSError):  # already moved by another process
+            os.replace(out, aside / out.name)
+        shutil.rmtree(aside, ignore_errors=True)
     try:
         os.replace(tmp, out)
     except OSError:  # another process got there first with the same model
         shutil.rmtree(tmp, ignore_errors=True)
-    return str(out)
+
+
+def _holds(folder: Path, wanted: dict) -> bool:
+    """Whether ``folder`` holds a finished build of ``wanted`` (``build.json`` is written last)."""
+    stamp = folder / "build.json"
+    try:
+        return json.loads(stamp.read_text()) == wanted
+    except (OSError, ValueError):
+        return False
 
 
 def save_to_hub_cache(cache, repo_id: str, config: WavLMConfig, **options) -> Path:

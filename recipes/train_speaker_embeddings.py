@@ -21,6 +21,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -49,7 +50,12 @@ from recipes.model.modules import L2SP
 from recipes.model.speaker_model import per_utterance, scoring_outputs
 from recipes.settings import load_checked_hparams, raw_settings
 from recipes.training.checkpointing import MODEL_RECOVERABLE, trim_train_log
-from recipes.training.preemption import DISTRIBUTED_CHECK_STEPS, Preemption, exit_code
+from recipes.training.preemption import (
+    DISTRIBUTED_CHECK_STEPS,
+    Preemption,
+    exit_code,
+    worker_init,
+)
 from recipes.training.randomness import TrainingRandomness
 from recipes.training.resume_guard import guard_data, guard_settings
 from recipes.training.schedules import derive_total_steps
@@ -386,9 +392,13 @@ class SpeakerBrain(sb.core.Brain):
             self._exit_preempted("end-of-epoch checkpoint saved")
 
     def make_dataloader(self, dataset, stage, *args, **kwargs):
-        """SpeechBrain's loaders; under ``torchrun`` each process validates on its dev share."""
+        """SpeechBrain's loaders; under ``torchrun`` each process validates on its dev share.
+
+        Their workers leave the stop signals to this process (``preemption.worker_init``).
+        """
         if stage == sb.Stage.VALID:
             dataset = shard(dataset)  # SpeechBrain would run the whole dev set on every process
+        kwargs["worker_init_fn"] = partial(worker_init, kwargs.get("worker_init_fn"))
         return super().make_dataloader(dataset, stage, *args, **kwargs)
 
     def _dev_metrics(self) -> dict:

@@ -45,6 +45,7 @@ from recipes.training.checkpointing import (
     SplitModelCheckpoint,
     trim_train_log,
 )
+from recipes.training.preemption import Preemption
 from recipes.training.resume_guard import (
     FINGERPRINT_FILE,
     MANIFESTS,
@@ -259,6 +260,66 @@ def test_sigterm_mid_epoch_checkpoints_exits_143_and_resumes_exactly(tmp_path, t
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     for report in ("scores_dev.txt", "scores_eval.txt"):
         assert (out / report).read_bytes() == (whole / report).read_bytes(), report
+
+
+def test_a_repeated_scheduler_signal_is_one_stop_request_and_a_second_ctrl_c_exits():
+    """A forwarded SIGTERM (torchrun, after SLURM signalled the worker) is no second stop."""
+    preemption = Preemption()
+    previous = preemption.install()
+    try:
+        with pytest.raises(SystemExit) as inactive:  # outside fit: nothing to save, exit now
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert inactive.value.code == 143
+        preemption.active = True
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # forwarded again: the same request
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert preemption.requested("cpu", distributed=False) == signal.SIGTERM
+        with pytest.raises(SystemExit) as interrupted:  # Ctrl-C twice: the user wants out
+            os.kill(os.getpid(), signal.SIGINT)
+        assert interrupted.value.code == 130
+    finally:
+        preemption.restore(previous)
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_worker_at_one_checkpoint_and_resumes(
+    tmp_path, tiny_corpus
+):
+    """A scheduler signals the whole job (torchrun and its workers, gloo here).
+
+    The processes agree on the step, the main one saves a mid-epoch checkpoint, each exits (143)
+    while their data loader workers, signalled too, wait; the same command resumes there and
+    trains the epoch's remaining steps only.
+    """
+    out = tmp_path / "exp"
+    script, *args = _exact_resume_command(out, tiny_corpus)[1:]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+        f"--master_port={free_port()}", script, *args, "--distributed_backend", "gloo",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+        start_new_session=True,  # its own process group: the job, as a scheduler sees it
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while not _intra_epoch_checkpoints(out) and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert _intra_epoch_checkpoints(out), "no interval checkpoint before the deadline"
+    os.killpg(process.pid, signal.SIGTERM)  # torchrun and both workers, as SLURM signals a step
+    output = process.communicate(timeout=300)[0]
+    assert output.count("SIGTERM: mid-epoch checkpoint saved at epoch 1, step") == 1, output[-5000:]
+    # Each worker exited by itself (torchrun kills those still alive after 30 s), and torchrun
+    # reports the signal: the job did not finish.
+    assert "forcefully exiting" not in output and process.returncode != 0
+    stopped = yaml.safe_load((_intra_epoch_checkpoints(out)[-1] / "brain.ckpt").read_text())
+    steps_per_epoch = 4 * (10 * TINY["reps"] + TINY["free_text_train"]) // 2 // 4
+    assert 4 <= stopped["step"] < steps_per_epoch  # mid-epoch, where the workers agreed
+    command[4] = f"--master_port={free_port()}"
+    resumed = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-5000:]
+    final = _latest_checkpoint(out)
+    assert yaml.safe_load((final / "brain.ckpt").read_text())["optimizer_step"] == steps_per_epoch
 
 
 def _latest_checkpoint(out: Path) -> Path:

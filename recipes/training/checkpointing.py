@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 from speechbrain.utils.checkpoints import CKPT_PREFIX, METAFNAME, Checkpointer
-from speechbrain.utils.distributed import if_main_process
+from speechbrain.utils.distributed import ddp_barrier, if_main_process
 from speechbrain.utils.logger import get_logger
 
 logger = get_logger(__name__)
@@ -166,7 +166,11 @@ class AtomicCheckpointer(Checkpointer):
     def save_checkpoint(self, *args, **kwargs):
         """Save all recoverables, then publish the checkpoint by writing its metafile.
 
-        A failed save (a full disk) removes the incomplete folder and says where and why.
+        A failed save (a full disk) removes the incomplete folder and says where and why. Under
+        ``torchrun`` every process waits for the metafile: the main process alone writes it, and
+        a process that went on to ``delete_checkpoints`` without seeing the new checkpoint would
+        choose other deletions than the main one, and their collectives would never meet (every
+        run of two or more processes hung at its first deleted checkpoint).
         """
         try:
             checkpoint = super().save_checkpoint(*args, **kwargs)
@@ -178,6 +182,7 @@ class AtomicCheckpointer(Checkpointer):
             raise CheckpointSaveError(self.checkpoints_dir, error) from error
         finally:
             self._pending_meta = None
+        ddp_barrier()
         return checkpoint
 
     def remove_incomplete(self) -> list[Path]:

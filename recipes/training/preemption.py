@@ -7,17 +7,22 @@ is trained again. With ``Preemption`` installed, training finishes the optimizer
 saves a mid-epoch checkpoint (SpeechBrain's: model, optimizers, schedulers, epoch counter and the
 data loader's position), logs one line and exits with ``128 + signal`` (SIGTERM 143, SIGINT 130,
 SIGUSR1 138, as a shell reports a signal), so that rerunning the same command resumes there. In
-validation it exits after the epoch's checkpoint; a second signal exits at once. The handlers are
+validation it exits after the epoch's checkpoint; a second Ctrl-C exits at once (a repeated
+SIGTERM / SIGUSR1 is the same request, as when torchrun forwards one). The handlers are
 installed for ``fit`` only: in data prep and final scoring the signals keep their usual effect
 (nothing to save there; a rerun redoes that work from its caches).
 
 Under ``torchrun`` the processes agree before they stop, every ``DISTRIBUTED_CHECK_STEPS``
-optimizer steps (one small all-reduce: a per-step one would add a GPU sync to every step).
+optimizer steps (one small all-reduce: a per-step one would add a GPU sync to every step), so a
+signal that reaches one worker stops them all at the same step. Signal ``torchrun`` (or the whole
+job, as SLURM does): it forwards the signal to its workers, waits for them, and reports it.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 
 import torch
 from speechbrain.utils.logger import get_logger
@@ -28,6 +33,39 @@ logger = get_logger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 #: Under torchrun, how often (optimizer steps) the processes compare their stop requests.
 DISTRIBUTED_CHECK_STEPS = 10
+
+
+def worker_init(user_init, worker_id: int) -> None:
+    """A data loader worker's start: signals from others than its parent are ignored.
+
+    A scheduler signals every process of a job, the loader's workers too, and a torch worker dies
+    on a SIGTERM its parent did not send (and on SIGUSR1): the step then fails instead of ending
+    at a checkpoint. The training process stops them itself. A SIGTERM from the parent (the
+    loader shutting down, or ``multiprocessing`` at exit) still ends the worker, as in torch.
+    Then ``user_init`` (if any).
+    """
+    for signum in SIGNALS:
+        if signum != signal.SIGTERM:
+            signal.signal(signum, signal.SIG_IGN)
+    _exit_on_sigterm_from_parent()
+    if user_init is not None:
+        user_init(worker_id)
+
+
+def _exit_on_sigterm_from_parent() -> None:
+    """Block SIGTERM in this process; a thread exits it when the parent is the sender.
+
+    Only ``sigwaitinfo`` tells who sent a signal (a Python handler is not told).
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait_for_parent() -> None:
+        """Take every SIGTERM; exit (as torch's handler does) when the parent sent it."""
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == os.getppid():
+                os._exit(0)
+
+    threading.Thread(target=wait_for_parent, name="sigterm-from-parent", daemon=True).start()
 
 
 def exit_code(signum: int) -> int:
@@ -55,8 +93,16 @@ class Preemption:
             signal.signal(signum, handler)
 
     def _handle(self, signum, frame) -> None:
-        """Request a stop at the next safe point; exit at once on a repeat (or when inactive)."""
+        """Request a stop at the next safe point; exit at once when inactive or on a 2nd Ctrl-C.
+
+        A scheduler's signal that comes again while the stop is under way is the same request:
+        ``torchrun`` forwards SIGTERM to workers that SLURM already signalled, and exiting on it
+        would lose the checkpoint the first one asked for.
+        """
         name = signal.Signals(signum).name
+        if self.active and self.signum is not None and signum != signal.SIGINT:
+            logger.info("%s received again: already stopping at the next checkpoint", name)
+            return
         if not self.active or self.signum is not None:
             logger.warning("%s received: exiting now (exit %d)", name, exit_code(signum))
             raise SystemExit(exit_code(signum))
