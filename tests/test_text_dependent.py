@@ -312,7 +312,10 @@ def _free_text_ids() -> set[str]:
 @pytest.mark.slow
 def test_fusion_none_gives_the_speaker_scores_exactly(trained, tiny_corpus):
     out, _ = trained
-    run_script("verify_speakers.py", out, tiny_corpus, "--fusion", "none")
+    output = run_script("verify_speakers.py", out, tiny_corpus, "--fusion", "none")
+    # The step says what it does on the console, and appends it to the run's log.
+    assert "recipes.settings - step on" in output and "eval_speaker | condition" in output
+    assert "verify_speakers.py trials" in (out / "log.txt").read_text()
     speaker_only = _scores_table(out / "scores_eval_speaker.txt")
     fused = _scores_table(out / "scores_eval.txt")
     assert (speaker_only["score"] == speaker_only["speaker"]).all()
