@@ -23,6 +23,7 @@ not overwrite each other.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -38,6 +39,9 @@ from recipes.model import speaker_model
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
+
+# The run's log.txt records DEBUG lines: matplotlib's font search would fill it with hundreds.
+logging.getLogger("matplotlib").setLevel(logging.WARNING)
 
 
 def breakdown(scores, trials: pd.DataFrame, key: pd.Series, llr: bool = False) -> dict:
