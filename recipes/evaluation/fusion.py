@@ -48,10 +48,10 @@ from recipes.evaluation.scoring import (
 from recipes.model.speaker_model import (
     GATE_FEATURES,
     OTHER_PHRASE,
-    QUALITY_MEASURES,
     calibrations_with,
     fused_llr,
     phrase_feature,
+    quality_features,
 )
 
 logger = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def quality_scores(speaker: EmbeddingTable, models, trials, inputs: QualityInput
         test_mean = cohort_statistics(speaker.matrix, inputs.cohort, inputs.top_k)[0]
         features["test_cohort_mean"] = test_mean[speaker.rows(trials["test_id"], "test")]
         features["model_cohort_mean"] = model_mean[model_table.rows(trials["model_id"], "model")]
-    names = [f for m in inputs.measures for f in QUALITY_MEASURES[m]]
+    names = quality_features(inputs.measures)
     return {name: np.asarray(features[name], dtype=np.float64) for name in names}
 
 
