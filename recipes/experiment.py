@@ -38,7 +38,8 @@ from data_prep.corpus import CORPUS_OPTIONS, FREE_TEXT_ID, preparer
 from data_prep.synth_deepmine import synthesize_corpus
 from recipes.distributed import gathered, shard
 from recipes.evaluation.scoring import EmbeddingTable
-from recipes.model.speaker_model import OTHER_PHRASE, WavLMSpeakerEmbedder, per_utterance
+from recipes.model.speaker_model import WavLMSpeakerEmbedder, per_utterance
+from recipes.model.trial_decisions import OTHER_PHRASE
 from recipes.training.augmentation import noise_reader
 from recipes.training.checkpointing import (
     MODEL_RECOVERABLE,

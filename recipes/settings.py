@@ -29,7 +29,7 @@ from data_prep import corpus
 from recipes import experiment
 from recipes.evaluation import scoring
 from recipes.experiment_lock import hold_experiment_lock
-from recipes.model import modules, speaker_model
+from recipes.model import modules, speaker_model, trial_decisions
 
 #: Enumerated settings: where the code that dispatches on each keeps its choices (module,
 #: attribute: a tuple, or a dict of what each choice does). Read when checking, so a choice added
@@ -43,22 +43,23 @@ REGISTRIES = {
     "batch_sampler": (experiment, "BATCH_SAMPLERS"),
     "score_norm": (scoring, "METHODS"),
     "on_bad_audio": (experiment, "BAD_AUDIO_ACTIONS"),
-    "export_operating_point": (speaker_model, "OPERATING_POINTS"),
+    "export_operating_point": (trial_decisions, "OPERATING_POINTS"),
     "precision": (experiment, "PRECISION_CHOICES"),
     "eval_precision": (experiment, "PRECISION_CHOICES"),
     "phrase_pooling": (speaker_model, "PHRASE_POOLINGS"),
     "phrase_classifier_type": (speaker_model, "PHRASE_CLASSIFIERS"),
+    "wavlm_attention": (speaker_model, "ATTENTION_KINDS"),
 }
 
 
 #: Settings that are a list of distinct choices (module, attribute), like ``REGISTRIES``.
-LIST_REGISTRIES = {"fusion_quality": (speaker_model, "QUALITY_MEASURES")}
+LIST_REGISTRIES = {"fusion_quality": (trial_decisions, "QUALITY_MEASURES")}
 
 
 def choices(hparams) -> dict[str, tuple]:
     """Every enumerated setting and its allowed values, from the code's own registries."""
     allowed = {key: tuple(getattr(module, name)) for key, (module, name) in REGISTRIES.items()}
-    allowed["fusion"] = ("none", *speaker_model.DECISION_KINDS)  # none: the speaker score
+    allowed["fusion"] = ("none", *trial_decisions.DECISION_KINDS)  # none: the speaker score
     if isinstance(hparams.get("heads"), dict):  # the heads the YAML wires (build_choice)
         allowed["head_type"] = tuple(hparams["heads"])
     return allowed
@@ -69,7 +70,7 @@ def choices(hparams) -> dict[str, tuple]:
 BOOLEANS = (
     "include_free_text", "skip_bad", "skip_nonfinite_grads", "phrase_branch", "freeze_cnn",
     "gradient_checkpointing", "augment", "aug_noise", "aug_speed", "aug_drop_freq",
-    "aug_drop_chunk", "use_tensorboard", "audio_outside_data_folder",
+    "aug_drop_chunk", "use_tensorboard", "audio_outside_data_folder", "export_onnx",
 )  # fmt: skip
 
 
@@ -425,6 +426,7 @@ SETTINGS_ADDED_SINCE = {
     "phrase_min_count": 5,
     "audio_outside_data_folder": False,
     "fusion_quality": [],
+    "wavlm_attention": "eager",
 }
 
 

@@ -24,7 +24,8 @@ from data_prep.audio_checks import (
 from recipes.evaluation.scoring import EmbeddingTable
 from recipes.evaluation.verification import cached_embeddings, embedding_cache
 from recipes.experiment import checkpoint_state
-from recipes.model.speaker_model import AudioRefused, TDSVSpeakerRecognition, audio_refusal
+from recipes.model.speaker_model import TDSVSpeakerRecognition
+from recipes.model.trial_decisions import AudioRefused, audio_refusal
 from recipes.training.checkpointing import CheckpointLoadError
 from recipes.verify_speakers import PairsFileError, decision_note, read_pairs
 from tests.conftest import write_wav

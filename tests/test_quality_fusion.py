@@ -27,7 +27,7 @@ from recipes.evaluation.metrics import actual_dcf, cllr
 from recipes.evaluation.scoring import EmbeddingTable
 from recipes.evaluation.verification import ScoringSettings, report_name
 from recipes.evaluation.verification_report import write_report
-from recipes.model.speaker_model import (
+from recipes.model.trial_decisions import (
     DEFAULT_QUALITY,
     calibrations_with,
     fused_llr,

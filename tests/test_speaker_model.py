@@ -17,12 +17,14 @@ from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 
 from recipes.model.modules import L2SP, WavLMEncoder
 from recipes.model.speaker_model import (
-    OTHER_PHRASE,
+    ATTENTION_KINDS,
     MaskedGroupNorm,
     MHFAHead,
     TDSVSpeakerRecognition,
     XVectorHead,
+    sdpa_self_attention,
 )
+from recipes.model.trial_decisions import OTHER_PHRASE
 from tests.helpers import load_yaml
 
 LENGTHS = (48000, 37001, 21111, 16003, 8000)
@@ -195,3 +197,35 @@ def test_the_enrolled_phrase_is_what_was_asked_or_a_named_error():
     assert verifier.enrolled_phrase(_outputs("10", "10", "10", labels=labels)) == "10"
     with pytest.raises(ValueError, match=r"different pass-phrases \(01, 06, 01\)"):
         verifier.enrolled_phrase(_outputs("01", "06", "01", labels=labels))
+
+
+def test_sdpa_attention_gives_eager_attentions_outputs_and_gradients(tmp_path, tiny_wavlm_dir):
+    """The "sdpa" path computes transformers' attention: padded batch, fp32, to 1e-5."""
+    encoders = {}
+    for kind in ATTENTION_KINDS:
+        overrides = {"output_folder": str(tmp_path), "wavlm_source": tiny_wavlm_dir}
+        hparams = load_yaml("synthetic_demo.yaml", {**overrides, "wavlm_attention": kind})
+        encoders[kind] = hparams["wavlm"]
+        encoders[kind].model.config.attention_dropout = 0.0
+    assert encoders["sdpa"].attention == "sdpa" and encoders["eager"].attention == "eager"
+    encoders["sdpa"].load_state_dict(encoders["eager"].state_dict())
+    _, batch, lens = padded()
+    outputs, gradients = {}, {}
+    for kind, encoder in encoders.items():
+        encoder.train()
+        for layer in encoder.model.encoder.layers:  # dropout off: the same draws are not shared
+            layer.attention.dropout = 0.0
+        hidden = encoder(batch, lens)
+        hidden.pow(2).mean().backward()
+        outputs[kind] = hidden.detach()
+        gradients[kind] = encoder.model.encoder.layers[0].attention.q_proj.weight.grad
+    assert (outputs["sdpa"] - outputs["eager"]).abs().max() < 1e-5
+    scale = gradients["eager"].abs().max()
+    assert (gradients["sdpa"] - gradients["eager"]).abs().max() < 1e-5 * max(1.0, float(scale))
+    with torch.no_grad():  # and the layers really run another way: the hook of the sdpa path
+        calls = []
+        attention = encoders["sdpa"].model.encoder.layers[0].attention
+        original = attention.torch_multi_head_self_attention
+        attention.torch_multi_head_self_attention = lambda *a: calls.append(1) or original(*a)
+        encoders["sdpa"](batch, lens)
+        assert calls and original.func is sdpa_self_attention

@@ -27,14 +27,9 @@ from recipes.evaluation.fusion import (
 from recipes.evaluation.metrics import actual_dcf, bayes_threshold, cllr
 from recipes.evaluation.scoring import EmbeddingTable, score_trials
 from recipes.evaluation.verification_report import score_columns, write_report
-from recipes.model import speaker_model
-from recipes.model.speaker_model import (
-    GATE_PENALTY,
-    LOGP_FLOOR,
-    PhraseBranch,
-    fused_llr,
-    phrase_feature,
-)
+from recipes.model import trial_decisions
+from recipes.model.speaker_model import PhraseBranch
+from recipes.model.trial_decisions import GATE_PENALTY, LOGP_FLOOR, fused_llr, phrase_feature
 from recipes.train_speaker_embeddings import build_brain
 from tests.conftest import TINY
 from tests.helpers import load_yaml, run_script
@@ -230,9 +225,11 @@ def test_fusion_separates_wrong_phrase_trials_and_is_stored(tmp_path, caplog):
 
 def test_a_new_trial_feature_is_learned_applied_and_reported(tmp_path, monkeypatch):
     """A feature named in the schema (and computed) reaches learning, applying and the report."""
-    monkeypatch.setattr(speaker_model, "TRIAL_FEATURES", (*speaker_model.TRIAL_FEATURES, "quality"))
-    phrase_features = (*speaker_model.CALIBRATIONS["phrase"], "quality")
-    monkeypatch.setitem(speaker_model.CALIBRATIONS, "phrase", phrase_features)
+    monkeypatch.setattr(
+        trial_decisions, "TRIAL_FEATURES", (*trial_decisions.TRIAL_FEATURES, "quality")
+    )
+    phrase_features = (*trial_decisions.CALIBRATIONS["phrase"], "quality")
+    monkeypatch.setitem(trial_decisions.CALIBRATIONS, "phrase", phrase_features)
     rng = np.random.default_rng(2)
     scores, conditions = _dev_like_scores(rng)
     # A quality measure that tells targets apart a little: the fusion should weight it.
@@ -279,7 +276,7 @@ def test_free_text_wrong_phrase_trials_are_in_the_synthetic_corpus():
 # ------------------------------------------------------------------------------------------------
 def _scores_table(path) -> pd.DataFrame:
     """A labelled score file of the run (the default quality measures' features included)."""
-    columns = score_columns(speaker_model.DEFAULT_QUALITY)
+    columns = score_columns(trial_decisions.DEFAULT_QUALITY)
     return pd.read_csv(path, sep=" ", header=None, names=columns, dtype={"label": str})
 
 

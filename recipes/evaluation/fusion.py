@@ -10,8 +10,8 @@ speaker score alone cannot reject the enrolled speaker saying another phrase (TW
   score is the *content similarity* instead: the cosine between the mean phrase embedding of the
   enrollment utterances and the test's.
 - **Fusion.** Prior-weighted logistic regressions (scikit-learn), learned on the dev trials, map
-  a trial's named features (``speaker_model.TRIAL_FEATURES``) to a calibrated log-likelihood
-  ratio, one per ``speaker_model.CALIBRATIONS`` entry: for log-posteriors, for content
+  a trial's named features (``trial_decisions.TRIAL_FEATURES``) to a calibrated log-likelihood
+  ratio, one per ``trial_decisions.CALIBRATIONS`` entry: for log-posteriors, for content
   similarity, and the speaker score alone (the "gate" fusion and the reason of a reject).
   ``gate``: the calibrated speaker LLR, minus a large penalty when the phrase score is below the
   dev threshold that best separates TC from TW.
@@ -45,7 +45,7 @@ from recipes.evaluation.scoring import (
     enrollment_models,
     score_trials,
 )
-from recipes.model.speaker_model import (
+from recipes.model.trial_decisions import (
     GATE_FEATURES,
     OTHER_PHRASE,
     calibrations_with,
@@ -68,7 +68,7 @@ REGULARIZATION_C = 1e4
 
 @dataclass
 class TrialScores:
-    """The named features (``speaker_model.TRIAL_FEATURES``) of every trial of one list.
+    """The named features (``trial_decisions.TRIAL_FEATURES``) of every trial of one list.
 
     ``features["speaker"]`` always; with a phrase branch also "phrase" and "content"; and the
     features of the quality measures scored (``quality_scores``).

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import speechbrain as sb
 import torch
 from speechbrain.dataio.preprocess import AudioNormalizer
@@ -27,10 +28,18 @@ from tqdm import tqdm
 from transformers import AutoFeatureExtractor, AutoModelForAudioXVector
 
 from recipes.evaluation.scoring import EmbeddingTable
+from recipes.model import onnx_verifier, speaker_model, trial_decisions
 from recipes.model.speaker_model import TDSVSpeakerRecognition
 
 #: The name of the model code inside an exported folder.
 EXPORTED_MODULE = "tdsv_speaker_model.py"
+#: The repository's code an exported folder carries, by its name there (byte copies): the
+#: SpeechBrain model, the decisions both backends share, and the torch-free ONNX verifier.
+EXPORTED_CODE = {
+    EXPORTED_MODULE: speaker_model,
+    "tdsv_trial_decisions.py": trial_decisions,
+    "tdsv_onnx_verifier.py": onnx_verifier,
+}
 
 
 class HFXVectorEmbedder(nn.Module):
@@ -95,6 +104,8 @@ def load_verifier(folder, run_opts: dict | None = None) -> TDSVSpeakerRecognitio
 def embed_dataset(verifier, dataset, loader_kwargs: dict, progress=True) -> dict:
     """Tables of every utterance (``id``, ``sig``) of a SpeechBrain dataset.
 
+    ``verifier``: anything with ``embed_waveform`` (``TDSVSpeakerRecognition``, ``OnnxVerifier``).
+
     ``"speaker"`` embeddings, and the phrase branch's outputs when the model has one (one WavLM
     pass per utterance either way).
     """
@@ -105,5 +116,5 @@ def embed_dataset(verifier, dataset, loader_kwargs: dict, progress=True) -> dict
             samples = max(1, round(float(rel) * wav.shape[0]))
             for name, vector in verifier.embed_waveform(wav[:samples]).items():
                 if name != "seconds":  # the recipe's durations are the manifests'
-                    outputs.setdefault(name, {})[utt_id] = vector.cpu().numpy()
+                    outputs.setdefault(name, {})[utt_id] = np.asarray(vector)
     return {name: EmbeddingTable.from_dict(vectors) for name, vectors in outputs.items()}

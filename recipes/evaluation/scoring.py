@@ -18,7 +18,7 @@ import pandas as pd
 from scipy import sparse
 
 from recipes.evaluation.metrics import verification_metrics
-from recipes.model.speaker_model import top_cohort_cosines
+from recipes.model.trial_decisions import top_cohort_cosines
 
 CONDITION_PAIRS = {
     "pooled": ("TW", "IC", "IW", "NT"),  # NT: a non-target of a key that gives no type

@@ -47,7 +47,8 @@ from recipes.experiment import (
     run_device,
     usable_precision,
 )
-from recipes.model.speaker_model import DEFAULT_QUALITY, WavLMSpeakerEmbedder
+from recipes.model.speaker_model import WavLMSpeakerEmbedder
+from recipes.model.trial_decisions import DEFAULT_QUALITY
 from recipes.training.checkpointing import MODEL_RECOVERABLE
 
 logger = logging.getLogger(__name__)
@@ -370,12 +371,15 @@ class ScoredSplit(NamedTuple):
     final: np.ndarray
 
 
-def scored_tables(tables: dict, cohort, scoring: ScoringSettings, splits: dict, fusion_source=None):
+def scored_tables(
+    tables: dict, cohort, scoring: ScoringSettings, splits: dict, fusion_source=None, fusion=None
+):
     """``({split: ScoredSplit}, fusion or None)`` from ``embedded``'s tables and cohort means.
 
     With ``fusion`` "llr" or "gate", the fusion is learned on the dev split's trials (or read
     back from ``fusion_source.path`` when it was learned there from the same model and trials)
-    and the final scores are its LLRs; otherwise they are the speaker scores.
+    and the final scores are its LLRs; otherwise they are the speaker scores. A ``fusion`` given
+    is applied as it is (another backend's embeddings scored with a model's own fusion).
     """
     labels = fusion_source.phrase_labels if fusion_source else None
     norm_options = {
@@ -394,7 +398,8 @@ def scored_tables(tables: dict, cohort, scoring: ScoringSettings, splits: dict, 
         )
         for name, split in splits.items()
     }
-    fusion = learned_fusion(scoring, splits, scores, fusion_source)
+    if fusion is None:
+        fusion = learned_fusion(scoring, splits, scores, fusion_source)
     final = {
         name: ScoredSplit(
             parts,

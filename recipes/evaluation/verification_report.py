@@ -3,7 +3,7 @@
 Outputs in the experiment folder (docs/design.md section 5):
 - ``scores_<split>.txt``: ``model test score [speaker phrase content [quality]] [label
   condition]``, one trial a line (``score`` is the fused LLR when there is a fusion; with a phrase
-  branch, the trial's features follow it, in ``speaker_model.TRIAL_FEATURES`` order, then those of
+  branch, the trial's features follow it, in ``trial_decisions.TRIAL_FEATURES`` order, then those of
   the quality measures the fusion weights: ``log_test_duration log_enrol_duration`` for
   ``duration``, ``test_cohort_mean model_cohort_mean`` for ``cohort``);
 - ``verification_<split>.json``: EER / minDCF (with thresholds and trial counts), and for fused
@@ -35,7 +35,7 @@ from scipy.stats import norm
 
 from recipes.evaluation.metrics import operating_points
 from recipes.evaluation.scoring import CONDITION_PAIRS, condition_pair, metrics_by_condition
-from recipes.model import speaker_model
+from recipes.model import trial_decisions
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
@@ -106,14 +106,14 @@ def reported_features(features) -> list[str]:
     ``features``: the trials' features by name; those of the quality measures the fusion
     weighted follow in ``QUALITY_MEASURES`` order.
     """
-    quality = speaker_model.QUALITY_MEASURES
+    quality = trial_decisions.QUALITY_MEASURES
     held = [measure for measure, names in quality.items() if names[0] in features]
-    return [*speaker_model.TRIAL_FEATURES, *speaker_model.quality_features(held)]
+    return [*trial_decisions.TRIAL_FEATURES, *trial_decisions.quality_features(held)]
 
 
 def score_columns(quality) -> list[str]:
     """The columns of a labelled score file of a phrase-branch model weighting ``quality``."""
-    features = [*speaker_model.TRIAL_FEATURES, *speaker_model.quality_features(quality)]
+    features = [*trial_decisions.TRIAL_FEATURES, *trial_decisions.quality_features(quality)]
     return ["model_id", "test_id", "score", *features, "label", "condition"]
 
 

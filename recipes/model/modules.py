@@ -26,7 +26,12 @@ from speechbrain.utils.distributed import run_once_per_node
 from speechbrain.utils.logger import get_logger
 from torch import nn
 
-from recipes.model.speaker_model import hidden_state_count, mask_cnn_padding, wavlm_features
+from recipes.model.speaker_model import (
+    hidden_state_count,
+    mask_cnn_padding,
+    use_attention,
+    wavlm_features,
+)
 
 logger = get_logger(__name__)
 
@@ -46,6 +51,9 @@ class WavLMEncoder(WavLM):
         Recompute transformer activations in the backward pass (less memory, ~30 % more time).
     layer_weighting : bool
         Return all hidden states, for the model's weighted sum of them (True), or the last one.
+    attention : str
+        How attention is computed (``speaker_model.ATTENTION_KINDS``): "sdpa" or "eager"
+        (transformers' own); the same numbers either way (``use_attention``).
 
     """
 
@@ -56,6 +64,7 @@ class WavLMEncoder(WavLM):
         freeze_feature_extractor=True,
         gradient_checkpointing=False,
         layer_weighting=True,
+        attention="eager",
         **kwargs,
     ):
         super().__init__(
@@ -86,6 +95,8 @@ class WavLMEncoder(WavLM):
             # Non-reentrant checkpointing works with DDP and with frozen inputs.
             self.model.gradient_checkpointing_enable({"use_reentrant": False})
         mask_cnn_padding(self.model)  # after: it takes its layer out of checkpointing
+        use_attention(self.model, attention)
+        self.attention = attention
         self.output_size = self.model.config.hidden_size
         #: Hidden states WavLM returns (CNN output + one per layer): MHFA's key layer weights.
         self.num_states = hidden_state_count(self.model.config)

@@ -7,24 +7,23 @@
 - ``WavLMSpeakerEmbedder``: WavLM, weighted layer sum, a speaker head and optionally the phrase
   branch: the one model that training runs, scoring loads and an exported folder ships (there
   with ``WavLMFromConfig``, WavLM built from its config instead of loaded from model files).
-- ``fused_llr``: a trial's named features (``TRIAL_FEATURES``: speaker, phrase and content
-  scores) -> calibrated log-likelihood ratio (the fusion's ``CALIBRATIONS``, learned by
-  ``recipes/evaluation/fusion.py``, stored as plain numbers in the exported ``hyperparams.yaml``).
 - ``TDSVSpeakerRecognition``: SpeechBrain's ``SpeakerRecognition`` interface with embeddings
   computed one utterance at a time, several enrollment utterances, thresholds calibrated on the
   dev trials (or Bayes decisions on fused LLRs, with the reason of a reject), and audio of any
-  sample rate or channel count.
+  sample rate or channel count. Its decisions (trial features, fused LLRs, verdicts) are
+  ``trial_decisions.py``'s, shared with the torch-free ONNX backend.
 
-This file imports only torch, SpeechBrain and transformers: ``recipes/export_model.py`` copies it
-into every exported model folder (as ``tdsv_speaker_model.py``), where SpeechBrain's
-``foreign_class`` loads it, so an exported folder works without this repository.
+This file imports only torch, SpeechBrain, transformers and ``trial_decisions.py``:
+``recipes/export_model.py`` copies both into every exported model folder (as
+``tdsv_speaker_model.py`` and ``tdsv_trial_decisions.py``), where SpeechBrain's ``foreign_class``
+loads them, so an exported folder works without this repository.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from typing import ClassVar, NamedTuple
+from functools import partial
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -33,6 +32,21 @@ from speechbrain.dataio import audio_io
 from speechbrain.inference.speaker import SpeakerRecognition
 from torch import nn
 from transformers import WavLMConfig, WavLMModel
+
+try:  # an exported folder: the copy beside this file (recipes/export_model.py writes both)
+    from tdsv_trial_decisions import (
+        TrialDecisions,
+        enrolment_model,
+        scorable_waveform,
+        vectors,
+    )
+except ModuleNotFoundError:  # the repository
+    from recipes.model.trial_decisions import (
+        TrialDecisions,
+        enrolment_model,
+        scorable_waveform,
+        vectors,
+    )
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +117,9 @@ class XVectorHead(nn.Module):
             if lengths is None
             else torch.round(lengths * frames).long()
         )
-        if frames <= self.context:  # shorter than the TDNN context: pad so one frame remains
-            x = F.pad(x, (0, 0, 0, self.context + 1 - frames))
+        # Shorter than the TDNN context: pad so that one frame remains. sym_max, not an if: the
+        # ONNX graph (torch.export) must keep both cases for its dynamic length.
+        x = F.pad(x, (0, 0, 0, torch.sym_max(0, self.context + 1 - frames)))
         h = self.projector(x).transpose(1, 2)
         for layer, norm in zip(self.tdnn, self.norms, strict=True):
             h = norm(F.relu(layer(h)))
@@ -415,6 +430,60 @@ def wavlm_features(model, wav, wav_lens, normalize_wav: bool, all_hiddens: bool)
     return torch.stack(list(out.hidden_states)) if all_hiddens else out.last_hidden_state
 
 
+# ------------------------------------------------------------------------------------------------
+# WavLM attention. transformers' WavLMAttention calls F.multi_head_attention_forward with
+# need_weights=True: every layer materializes the softmax weights (and averages them over heads)
+# in plain matmuls, never torch's fused scaled-dot-product kernels. "sdpa" computes the same
+# attention with F.scaled_dot_product_attention, the gated relative position bias (and the
+# padding) as its additive mask; tests/test_speaker_model.py checks parity (1e-5, fp32), and
+# tests/benchmarks/bench_attention.py times both (docs/performance.md).
+# ------------------------------------------------------------------------------------------------
+#: The ``wavlm_attention`` choices.
+ATTENTION_KINDS = ("sdpa", "eager")
+
+
+def sdpa_self_attention(attention, hidden_states, attention_mask, gated_position_bias):
+    """``WavLMAttention.torch_multi_head_self_attention`` on ``F.scaled_dot_product_attention``.
+
+    ``gated_position_bias`` is ``[B * heads, T, T]``; ``attention_mask`` ``[B, T]`` (1: valid).
+    Returns ``(output [B, T, E], None)``: no attention weights (they are what SDPA saves).
+    """
+    batch, frames, width = hidden_states.shape
+    heads = attention.num_heads
+
+    def split_heads(projection):
+        """``[B, T, E]`` -> ``[B, heads, T, head_dim]``."""
+        return projection(hidden_states).view(batch, frames, heads, -1).transpose(1, 2)
+
+    query, key, value = (
+        split_heads(p) for p in (attention.q_proj, attention.k_proj, attention.v_proj)
+    )
+    mask = gated_position_bias.view(batch, heads, frames, frames)
+    if attention_mask is not None:
+        padded = ~attention_mask.bool()[:, None, None, :]
+        mask = mask.masked_fill(padded, float("-inf"))
+    output = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=mask.to(query.dtype),
+        dropout_p=attention.dropout if attention.training else 0.0,
+    )
+    return attention.out_proj(output.transpose(1, 2).reshape(batch, frames, width)), None
+
+
+def use_attention(model: WavLMModel, kind: str) -> None:
+    """Compute every attention layer of ``model`` the ``kind`` way (``ATTENTION_KINDS``)."""
+    if kind not in ATTENTION_KINDS:
+        raise ValueError(f"wavlm_attention must be one of {ATTENTION_KINDS}, not {kind!r}")
+    for layer in model.encoder.layers:
+        attention = layer.attention
+        if kind == "sdpa":
+            attention.torch_multi_head_self_attention = partial(sdpa_self_attention, attention)
+        else:  # the class's own method again
+            attention.__dict__.pop("torch_multi_head_self_attention", None)
+
+
 def hidden_state_count(config: WavLMConfig) -> int:
     """The hidden states WavLM returns: the CNN's projected output, then one per layer."""
     return config.num_hidden_layers + 1
@@ -435,13 +504,19 @@ class WavLMFromConfig(nn.Module):
         Normalize each waveform to zero mean and unit variance (as the feature extractor says).
     output_all_hiddens : bool
         Return all hidden states ``[L, B, T, H]`` (True) or the last one ``[B, T, H]``.
+    attention : str
+        How attention is computed (``ATTENTION_KINDS``), as the run trained it.
 
     """
 
-    def __init__(self, wavlm_config: dict, normalize_wav=True, output_all_hiddens=True):
+    def __init__(
+        self, wavlm_config: dict, normalize_wav=True, output_all_hiddens=True, attention="eager"
+    ):
         super().__init__()
         self.model = WavLMModel(WavLMConfig(**wavlm_config))
         mask_cnn_padding(self.model)
+        use_attention(self.model, attention)
+        self.attention = attention
         self.normalize_wav, self.output_all_hiddens = normalize_wav, output_all_hiddens
         self.num_states = hidden_state_count(self.model.config)
 
@@ -518,193 +593,7 @@ class WavLMSpeakerEmbedder(nn.Module):
         return F.softmax(self.layer_logits.detach().float(), dim=0).tolist()
 
 
-# ------------------------------------------------------------------------------------------------
-# Text-dependent decisions: a trial is a target only when the enrolled speaker says the enrolled
-# pass-phrase. ``recipes/evaluation/fusion.py`` learns, on the dev trials, affine maps from named
-# trial features (``TRIAL_FEATURES``) to calibrated log-likelihood ratios (``CALIBRATIONS``); they
-# are applied here, with numbers only, so that an exported folder needs no scikit-learn and no
-# repository.
-# ------------------------------------------------------------------------------------------------
-#: The phrase class of free-text training utterances (``include_free_text``).
-OTHER_PHRASE = "other"
-#: How fused decisions are made: "llr" (calibrated fusion), "gate" (speaker LLR, hard phrase
-#: reject); the ``fusion`` setting is one of these or "none" (speaker scores, no fusion).
-DECISION_KINDS = ("llr", "gate")
-#: What ``fused_llr`` computes: a decision kind, or "speaker" (the speaker score calibrated alone).
-FUSION_KINDS = (*DECISION_KINDS, "speaker")
-#: The scores of a trial a fusion weights, by name, in the order reports list them: "speaker",
-#: the cosine of enrollment model and test (score-normalized if configured); "phrase", the phrase
-#: branch's log-posterior of the enrolled phrase (``phrase_feature``); "content", the cosine of
-#: the enrollment's and the test's phrase embeddings.
-TRIAL_FEATURES = ("speaker", "phrase", "content")
-#: The affine calibrations a fusion learns and the features each weights: "phrase" for trials whose
-#: enrolled phrase is a class of the phrase classifier, "content" for the others (a user's own
-#: pass-phrase), "speaker" the speaker score alone (the gate, the reason of a reject). A new feature
-#: is named in ``TRIAL_FEATURES`` and here, and computed where trials are scored
-#: (``recipes.evaluation.fusion.trial_scores``; ``TDSVSpeakerRecognition.trial_features`` for one
-#: trial): learning, applying, the stored fusion and the reports follow the names.
-CALIBRATIONS = {
-    "phrase": ("speaker", "phrase", "content"),
-    "content": ("speaker", "content"),
-    "speaker": ("speaker",),
-}
-#: Quality measures a fusion may also weight (``fusion_quality``), each a pair of trial features:
-#: "duration", the log seconds of the test and of the whole enrollment (as scored: capped at
-#: ``max_eval_seconds``); "cohort", the mean of the test's and of the enrollment model's top-k
-#: cosines against the training speakers (``cohort_top_k``): how crowded its neighbourhood is.
-#: Calibration of short pass-phrase trials depends on both (docs/design.md section 6). A new one
-#: is named here and computed in ``recipes.evaluation.fusion.quality_scores`` and
-#: ``TDSVSpeakerRecognition.trial_features``.
-QUALITY_MEASURES = {
-    "duration": ("log_test_duration", "log_enrol_duration"),
-    "cohort": ("test_cohort_mean", "model_cohort_mean"),
-}
-#: The measures both training YAMLs weight (``fusion_quality``), chosen by the measurement in
-#: docs/design.md section 6; reports of other measures are tagged (``verification.quality_tag``).
-DEFAULT_QUALITY = ("cohort",)
-
-
-def unit_rows(x) -> np.ndarray:
-    """Rows scaled to unit length (float64; zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def top_cohort_cosines(vectors, cohort, top_k: int | None) -> np.ndarray:
-    """Each row's cosines against the cohort's rows, only its ``top_k`` highest (None: all).
-
-    The cohort measure's input here and in an exported folder, and AS-norm's in the recipe.
-    """
-    scores = unit_rows(vectors) @ unit_rows(cohort).T
-    if top_k is not None and top_k < scores.shape[1]:
-        scores = -np.partition(-scores, top_k - 1, axis=1)[:, :top_k]
-    return scores
-
-
-def quality_features(quality) -> tuple[str, ...]:
-    """The trial features of the quality measures ``quality`` (names of ``QUALITY_MEASURES``)."""
-    unknown = [name for name in quality if name not in QUALITY_MEASURES]
-    if unknown:
-        raise ValueError(f"fusion_quality: {unknown} not in {', '.join(QUALITY_MEASURES)}")
-    return tuple(feature for name in quality for feature in QUALITY_MEASURES[name])
-
-
-def calibrations_with(quality) -> dict[str, tuple[str, ...]]:
-    """``CALIBRATIONS``, each also weighting the features of the quality measures ``quality``."""
-    extra = quality_features(quality)
-    return {name: (*features, *extra) for name, features in CALIBRATIONS.items()}
-
-
-#: The feature the phrase gate thresholds in each calibration's trials (fusion "gate").
-GATE_FEATURES = {"phrase": "phrase", "content": "content"}
-#: Subtracted from the speaker LLR of a trial that the phrase gate rejects (fusion "gate").
-GATE_PENALTY = 100.0
-#: Phrase log-posteriors are floored here: a target whose phrase the classifier misses should
-#: cost a bounded amount of evidence, not an unbounded one (calibration, Cllr).
-LOGP_FLOOR = -20.0
-#: Operating points of the dev-calibrated thresholds (``export_operating_point``).
-OPERATING_POINTS = ("eer", "min_dcf")
-#: SdSV / TdSV detection costs: the default operating point of Bayes decisions. This constant and
-#: ``bayes_threshold`` are twins of ``recipes.evaluation.metrics.SDSV_DCF`` / ``bayes_threshold``,
-#: on purpose: this file is copied into exported folders and must not import the repository.
-SDSV_COSTS = {"p_target": 0.01, "c_miss": 10.0, "c_fa": 1.0}
-
-
-def bayes_threshold(p_target: float, c_miss: float, c_fa: float) -> float:
-    """The LLR threshold of minimum expected cost: log(C_fa (1 - P) / (C_miss P))."""
-    return math.log(c_fa * (1 - p_target) / (c_miss * p_target))
-
-
-def phrase_feature(logp, known, content) -> np.ndarray:
-    """The "phrase" feature: the floored log-posterior where ``known``, else ``content``.
-
-    ``known[i]``: trial i's enrolled pass-phrase is a class of the phrase classifier; where it is
-    not, the phrase score *is* the content similarity (and the "content" calibration applies).
-    """
-    known = np.asarray(known, bool)
-    logp = np.maximum(np.asarray(logp, dtype=np.float64), LOGP_FLOOR)
-    return np.where(known, logp, np.asarray(content, dtype=np.float64))
-
-
-def calibrated(calibration: dict, features) -> np.ndarray:
-    """An affine calibration (``{"features", "weights", "bias"}``) of named trial features."""
-    weighted = [
-        w * np.asarray(features[name], dtype=np.float64)
-        for name, w in zip(calibration["features"], calibration["weights"], strict=True)
-    ]
-    return calibration["bias"] + np.sum(weighted, axis=0)
-
-
-def fused_llr(fusion: dict, features, known=None, kind=None) -> np.ndarray:
-    """Calibrated LLRs of trials from their named ``features`` (``TRIAL_FEATURES``).
-
-    ``known[i]`` (default: all) says that trial i's enrolled pass-phrase is a class of the phrase
-    classifier: the "phrase" calibration applies, else the "content" one (``CALIBRATIONS``).
-    ``kind`` (default ``fusion["kind"]``): "llr", "gate" or "speaker" (the speaker score alone,
-    calibrated).
-    """
-    kind = kind or fusion["kind"]
-    if kind not in FUSION_KINDS:
-        raise ValueError(f"fusion kind must be one of {FUSION_KINDS}, not {kind!r}")
-    speaker = calibrated(fusion["speaker"], features)
-    if kind == "speaker":
-        return speaker
-    known = np.ones(speaker.shape, bool) if known is None else np.asarray(known, bool)
-    if kind == "llr":
-        return np.where(
-            known, calibrated(fusion["phrase"], features), calibrated(fusion["content"], features)
-        )
-    gate = fusion["gate_threshold"]
-    gated = np.where(known, features[GATE_FEATURES["phrase"]], features[GATE_FEATURES["content"]])
-    below = gated < np.where(known, gate["phrase"], gate["content"])
-    return speaker - GATE_PENALTY * below
-
-
-class Verdict(NamedTuple):
-    """The outcome of one text-dependent trial (``TDSVSpeakerRecognition.verify_trial``)."""
-
-    speaker_score: float  # cosine of enrollment model and test embedding
-    phrase_score: float | None  # the "phrase" feature: floored log-posterior, or content similarity
-    content_score: float | None  # content similarity of enrollment and test (phrase embeddings)
-    score: float  # what the decision thresholds: the fused LLR, or the cosine without a fusion
-    threshold: float | None
-    accept: bool | None  # None: no threshold given or calibrated
-    reason: str  # why a trial was rejected: "wrong pass-phrase", "speaker", or ""
-    phrase: str | None  # the enrolled pass-phrase the test was checked against ("custom": none)
-
-
-class AudioRefused(ValueError):
-    """An audio file (named in the message) that cannot be scored: never a score, never accepted."""
-
-
-def audio_refusal(wav: torch.Tensor, sample_rate: int, min_seconds: float) -> str | None:
-    """Why a mono waveform cannot be scored (too short, non-finite, no signal), or None.
-
-    The same checks, levels and wording as ``data_prep/audio_checks.py`` (tested to agree); a
-    twin on purpose: an exported folder carries this file alone.
-    """
-    if wav.numel() < min_seconds * sample_rate:
-        return f"too short ({wav.numel() / sample_rate:.3f} s, minimum {min_seconds} s)"
-    finite = torch.isfinite(wav)
-    if not bool(finite.all()):
-        first = int((~finite).nonzero()[0, 0])
-        return (
-            f"{int((~finite).sum())} non-finite sample(s) (NaN or inf), the first at "
-            f"{first / sample_rate:.3f} s"
-        )
-    frame = max(1, int(0.025 * sample_rate))
-    frames = wav[: wav.numel() // frame * frame].double().reshape(-1, frame)
-    power = float((frames - frames.mean(1, keepdim=True)).pow(2).mean(1).max())
-    loudest = 10 * math.log10(max(power, 1e-20))
-    if loudest < -60:
-        return (
-            f"no speech energy (silence): the loudest 25 ms frame is at {loudest:.0f} dBFS, "
-            "below -60 dBFS"
-        )
-    return None
-
-
-class TDSVSpeakerRecognition(SpeakerRecognition):
+class TDSVSpeakerRecognition(TrialDecisions, SpeakerRecognition):
     """Speaker verification with a trained TDSV model (``SpeakerRecognition``'s methods).
 
     Differences from SpeechBrain's class, each on purpose:
@@ -723,6 +612,8 @@ class TDSVSpeakerRecognition(SpeakerRecognition):
       pass-phrase and decides on the calibrated LLR at the Bayes threshold of the costs
       (``hparams.costs``, SdSV by default), saying "wrong pass-phrase" when that is the reason
       for a reject; ``verify_enrolment`` / ``verify_files`` then return the LLR as the score.
+
+    The decisions are ``TrialDecisions``' (``trial_decisions.py``), shared with the ONNX backend.
     """
 
     MODULES_NEEDED: ClassVar[list[str]] = ["embedding_model"]
@@ -739,29 +630,6 @@ class TDSVSpeakerRecognition(SpeakerRecognition):
                 embeddings.append(self.mods.embedding_model(wav[None, :samples]).float())
         embeddings = torch.cat(embeddings)
         return F.normalize(embeddings, dim=-1) if normalize else embeddings
-
-    def threshold(self, n_enrol: int = 1, operating_point: str | None = None) -> float | None:
-        """The dev-calibrated threshold for ``n_enrol`` enrollment utterances (None: uncalibrated).
-
-        ``operating_point`` is "eer" or "min_dcf" (default: ``hparams.operating_point``). For more
-        enrollment utterances than were calibrated, the largest calibrated count is used.
-        """
-        count = self.calibrated_count(n_enrol, operating_point)
-        if count is None:
-            return None
-        point = operating_point or self.hparams.operating_point
-        return float(self.hparams.thresholds[point][str(count)])
-
-    def calibrated_count(self, n_enrol: int, operating_point: str | None = None) -> int | None:
-        """The enrollment count whose threshold ``threshold(n_enrol)`` uses (None: uncalibrated)."""
-        table = getattr(self.hparams, "thresholds", None)
-        if not table:
-            return None
-        point = operating_point or self.hparams.operating_point
-        if point not in table:
-            raise ValueError(f"operating point {point!r}: the model has {sorted(table)}")
-        counts = sorted(int(n) for n in table[point])
-        return max([n for n in counts if n <= n_enrol] or counts[:1])
 
     def verify_batch(self, wavs1, wavs2, wav1_lens=None, wav2_lens=None, threshold=None):
         """Cosine scores ``[B, 1]`` of pairs and decisions (None without any threshold)."""
@@ -782,12 +650,8 @@ class TDSVSpeakerRecognition(SpeakerRecognition):
         """Enrollment model ``[D]`` of audio files (see ``enrolment_model``)."""
         if not paths:
             raise ValueError("enrollment needs at least one audio file")
-        return self.enrolment_model(torch.stack([self.embed_file(path) for path in paths]))
-
-    @staticmethod
-    def enrolment_model(embeddings: torch.Tensor) -> torch.Tensor:
-        """Unit vector ``[D]``: the mean of the L2-normalized embeddings ``[N, D]``."""
-        return F.normalize(F.normalize(embeddings, dim=-1).mean(0), dim=-1)
+        embeddings = [self.embed_file(path).cpu() for path in paths]
+        return torch.from_numpy(enrolment_model(vectors(embeddings))).float()
 
     def verify_enrolment(self, enrol_paths, test_path, threshold=None):
         """Score (a 0-d tensor) and decision for a test file against several enrollment files.
@@ -803,141 +667,27 @@ class TDSVSpeakerRecognition(SpeakerRecognition):
         branch = getattr(self.mods.embedding_model, "phrase_branch", None)
         return branch is not None and bool(getattr(self.hparams, "fusion", None))
 
+    def cohort_matrix(self) -> np.ndarray:
+        """The training speakers of the quality measure "cohort" (``cohort.ckpt``), ``[S, D]``."""
+        return self.hparams.cohort.weight.detach().cpu().numpy()
+
     def embed_file_all(self, path) -> dict:
         """Speaker embedding ``[D]`` and, with a phrase branch, phrase log-posteriors/embedding."""
         return self.embed_waveform(self.load_audio(path))
 
     def embed_waveform(self, wav: torch.Tensor) -> dict:
-        """The model's outputs ``{name: [D]}`` for one unpadded waveform ``[T]``.
+        """The model's outputs ``{name: [D]}`` (CPU tensors) for one unpadded waveform ``[T]``.
 
         Also ``"seconds"``: its duration, which the quality measure "duration" reads.
         """
         model = self.mods.embedding_model
         if not hasattr(model, "embed_all"):  # e.g. a Hugging Face x-vector model
-            return {"speaker": self.encode_batch(wav[None])[0, 0]}
+            return {"speaker": self.encode_batch(wav[None])[0, 0].cpu()}
         with torch.no_grad(), self.inference_ctx:
             outputs = model.embed_all(wav[None].to(self.device).float())
-        outputs = {name: vectors[0] for name, vectors in per_utterance(outputs).items()}
+        outputs = {name: rows[0].cpu() for name, rows in per_utterance(outputs).items()}
         seconds = wav.shape[-1] / self.audio_normalizer.sample_rate  # a quality measure's input
         return {**outputs, "seconds": torch.tensor(seconds, dtype=torch.float64)}
-
-    def enrolled_phrase(self, enrol_outputs: list[dict], phrase: str | None = None) -> str:
-        """The pass-phrase label to check, or "custom" (content similarity) when it is no class.
-
-        Without ``phrase``, the class with the highest mean posterior over the enrollment
-        utterances, when that posterior is at least 0.5 and the class is not "other".
-        """
-        labels = list(self.hparams.phrase_labels)
-        if phrase is not None:
-            return self.checked_phrase(phrase)
-        recognized = [labels[int(o["phrase_logp"].argmax())] for o in enrol_outputs]
-        if len(set(recognized)) > 1:
-            raise ValueError(
-                f"the enrollment files were recognized as different pass-phrases "
-                f"({', '.join(recognized)}): enroll one pass-phrase, or name it (--phrase ID, "
-                "or custom for a phrase the model was not trained on)"
-            )
-        posterior = torch.stack([o["phrase_logp"] for o in enrol_outputs]).exp().mean(0)
-        best = int(posterior.argmax())
-        if posterior[best] < 0.5 or labels[best] == OTHER_PHRASE:
-            return "custom"
-        return labels[best]
-
-    def checked_phrase(self, phrase: str) -> str:
-        """``phrase`` if it is a pass-phrase of the model or "custom"; else a ValueError.
-
-        An unknown id is refused, not scored as "custom": ``6`` for ``06`` would otherwise
-        switch silently to content similarity.
-        """
-        known = [label for label in self.hparams.phrase_labels if label != OTHER_PHRASE]
-        if phrase == "custom" or phrase in known:
-            return phrase
-        hint = next((f"; did you mean {k!r}?" for k in known if k.lstrip("0") == phrase), "")
-        raise ValueError(
-            f"phrase {phrase!r} is not a pass-phrase of this model ({', '.join(known)}; or "
-            f"custom, for a phrase it was not trained on){hint}"
-        )
-
-    def phrase_score(self, test_outputs, phrase: str, content: float) -> float:
-        """Log-posterior of ``phrase`` for the test, or the ``content`` similarity for "custom"."""
-        if phrase == "custom":
-            return content
-        index = list(self.hparams.phrase_labels).index(phrase)
-        return float(test_outputs["phrase_logp"][index])
-
-    def content_score(self, enrol_outputs, test_outputs) -> float:
-        """Cosine of the enrollment's mean phrase embedding and the test's."""
-        model = self.enrolment_model(torch.stack([o["phrase_embedding"] for o in enrol_outputs]))
-        return float(F.cosine_similarity(model, test_outputs["phrase_embedding"], dim=0))
-
-    def trial_features(self, enrol_outputs, test_outputs, phrase: str | None) -> dict:
-        """The named features (``TRIAL_FEATURES``) of one trial: ``{"speaker": cosine, ...}``.
-
-        With an enrolled ``phrase`` (a class label, or "custom"), also "phrase" and "content";
-        and the features of the quality measures the fusion weights (``QUALITY_MEASURES``; the
-        cohort is the folder's training speakers, ``hparams.cohort``).
-        """
-        model = self.enrolment_model(torch.stack([o["speaker"] for o in enrol_outputs]))
-        features = {"speaker": float(F.cosine_similarity(model, test_outputs["speaker"], dim=0))}
-        if phrase is not None:
-            content = self.content_score(enrol_outputs, test_outputs)
-            logp = self.phrase_score(test_outputs, phrase, content)
-            features["phrase"] = float(phrase_feature([logp], [phrase != "custom"], [content])[0])
-            features["content"] = content
-        quality = (getattr(self.hparams, "fusion", None) or {}).get("quality", [])
-        if "duration" in quality:
-            features["log_test_duration"] = math.log(float(test_outputs["seconds"]))
-            enrol = sum(float(o["seconds"]) for o in enrol_outputs)
-            features["log_enrol_duration"] = math.log(enrol)
-        if "cohort" in quality:  # the folder's training speakers (cohort.ckpt)
-            cohort = self.hparams.cohort.weight.detach().cpu().numpy()
-            vectors = torch.stack([model, test_outputs["speaker"]]).detach().cpu().numpy()
-            means = top_cohort_cosines(vectors, cohort, self.hparams.cohort_top_k).mean(axis=1)
-            features["model_cohort_mean"], features["test_cohort_mean"] = map(float, means)
-        return features
-
-    def score_trial(self, enrol_outputs, test_outputs, phrase=None, threshold=None, costs=None):
-        """A ``Verdict`` from embedded enrollment files and an embedded test file.
-
-        ``costs`` (``p_target``, ``c_miss``, ``c_fa``) set the Bayes threshold of the LLR
-        (default ``hparams.costs``); ``threshold`` overrides it.
-        """
-        n_enrol = len(enrol_outputs)
-        if not self.has_fusion():
-            speaker = self.trial_features(enrol_outputs, test_outputs, None)["speaker"]
-            threshold = self.threshold(n_enrol) if threshold is None else threshold
-            accept = self.decide(speaker, n_enrol, threshold)
-            reason = "" if accept or accept is None else "speaker"
-            return Verdict(speaker, None, None, speaker, threshold, accept, reason, None)
-        phrase = self.enrolled_phrase(enrol_outputs, phrase)
-        features = self.trial_features(enrol_outputs, test_outputs, phrase)
-        fusion = self.hparams.fusion
-        llr = float(fused_llr(fusion, features, known=phrase != "custom"))
-        if threshold is None:
-            chosen = {**SDSV_COSTS, **(getattr(self.hparams, "costs", None) or {}), **(costs or {})}
-            threshold = bayes_threshold(**chosen)
-        accept = llr >= threshold
-        reason = ""
-        if not accept:
-            speaker_llr = float(fused_llr(fusion, features, kind="speaker"))
-            reason = "wrong pass-phrase" if speaker_llr >= threshold else "speaker"
-        scores = [features[name] for name in TRIAL_FEATURES]
-        return Verdict(*scores, llr, threshold, accept, reason, phrase)
-
-    def verify_trial(self, enrol_paths, test_path, phrase=None, threshold=None, costs=None):
-        """A ``Verdict`` for a test file against enrollment files (see ``score_trial``)."""
-        if not enrol_paths:
-            raise ValueError("enrollment needs at least one audio file")
-        enrol = [self.embed_file_all(path) for path in enrol_paths]
-        return self.score_trial(enrol, self.embed_file_all(test_path), phrase, threshold, costs)
-
-    def decide(self, score, n_enrol: int, threshold=None):
-        """``score >= threshold`` (None when no threshold is given or calibrated).
-
-        The calibrated threshold for ``n_enrol`` enrollment utterances unless one is given.
-        """
-        threshold = self.threshold(n_enrol) if threshold is None else threshold
-        return None if threshold is None else score >= threshold
 
     def load_audio(self, path, savedir=None):
         """A mono waveform at the model's sample rate from an audio file of any rate / channels."""
@@ -952,15 +702,5 @@ class TDSVSpeakerRecognition(SpeakerRecognition):
         if signal.dim() > 1 and signal.shape[1] > 1:
             changes.append(f"down-mixed {signal.shape[1]} channels to mono")
         wav = self.audio_normalizer(signal, rate)
-        limit = getattr(self.hparams, "max_eval_seconds", None)
-        if limit and wav.shape[0] > limit * target:
-            changes.append(
-                f"cut from {wav.shape[0] / target:.1f} s to {limit} s (max_eval_seconds)"
-            )
-            wav = wav[: int(limit * target)]
-        if changes:
-            logger.warning("%s: %s", path, ", ".join(changes))
-        refusal = audio_refusal(wav, target, getattr(self.hparams, "min_audio_seconds", 0.3))
-        if refusal:
-            raise AudioRefused(f"{path}: {refusal}")
+        wav = scorable_waveform(path, wav, target, self.hparams, changes)
         return wav.to(self.device)

@@ -215,7 +215,7 @@ def _score(work: Path, score_norm: str) -> dict:
 
     from recipes.evaluation.verification import FusionSource, ScoringSettings, score_splits
     from recipes.experiment import Cohort, _cohort_utterances, _utterances
-    from recipes.model.speaker_model import DEFAULT_QUALITY
+    from recipes.model.trial_decisions import DEFAULT_QUALITY
 
     splits = load_splits(work / "corpus", work / "prep")
     manifest = _cohort_utterances(work / "prep" / "train.csv", 5)

@@ -1,0 +1,406 @@
+"""Text-dependent trial decisions with numbers only: no torch, no SpeechBrain, no repository.
+
+A trial is a target only when the enrolled speaker says the enrolled pass-phrase. From a model's
+outputs per utterance (speaker embedding, phrase log-posteriors and phrase embedding, as numpy
+arrays or CPU tensors), this file computes a trial's named features (``TRIAL_FEATURES``, and the
+quality measures ``QUALITY_MEASURES``), the calibrated LLR of the fusion (``fused_llr``) and the
+decision with its reason (``TrialDecisions.score_trial``).
+
+One implementation for every backend: the SpeechBrain folder (``TDSVSpeakerRecognition`` in
+``speaker_model.py``), the ONNX one (``onnx_verifier.py``, torch-free) and the recipe's scoring
+(``recipes/evaluation/fusion.py`` learns the calibrations applied here). ``recipes/export_model.py``
+copies it into every exported folder as ``tdsv_trial_decisions.py``, beside the two backends.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------------------------------------
+# A trial is a target only when the enrolled speaker says the enrolled
+# pass-phrase. ``recipes/evaluation/fusion.py`` learns, on the dev trials, affine maps from named
+# trial features (``TRIAL_FEATURES``) to calibrated log-likelihood ratios (``CALIBRATIONS``); they
+# are applied here, with numbers only, so that an exported folder needs no scikit-learn and no
+# repository.
+# ------------------------------------------------------------------------------------------------
+#: The phrase class of free-text training utterances (``include_free_text``).
+OTHER_PHRASE = "other"
+#: How fused decisions are made: "llr" (calibrated fusion), "gate" (speaker LLR, hard phrase
+#: reject); the ``fusion`` setting is one of these or "none" (speaker scores, no fusion).
+DECISION_KINDS = ("llr", "gate")
+#: What ``fused_llr`` computes: a decision kind, or "speaker" (the speaker score calibrated alone).
+FUSION_KINDS = (*DECISION_KINDS, "speaker")
+#: The scores of a trial a fusion weights, by name, in the order reports list them: "speaker",
+#: the cosine of enrollment model and test (score-normalized if configured); "phrase", the phrase
+#: branch's log-posterior of the enrolled phrase (``phrase_feature``); "content", the cosine of
+#: the enrollment's and the test's phrase embeddings.
+TRIAL_FEATURES = ("speaker", "phrase", "content")
+#: The affine calibrations a fusion learns and the features each weights: "phrase" for trials whose
+#: enrolled phrase is a class of the phrase classifier, "content" for the others (a user's own
+#: pass-phrase), "speaker" the speaker score alone (the gate, the reason of a reject). A new feature
+#: is named in ``TRIAL_FEATURES`` and here, and computed where trials are scored
+#: (``recipes.evaluation.fusion.trial_scores``; ``TDSVSpeakerRecognition.trial_features`` for one
+#: trial): learning, applying, the stored fusion and the reports follow the names.
+CALIBRATIONS = {
+    "phrase": ("speaker", "phrase", "content"),
+    "content": ("speaker", "content"),
+    "speaker": ("speaker",),
+}
+#: Quality measures a fusion may also weight (``fusion_quality``), each a pair of trial features:
+#: "duration", the log seconds of the test and of the whole enrollment (as scored: capped at
+#: ``max_eval_seconds``); "cohort", the mean of the test's and of the enrollment model's top-k
+#: cosines against the training speakers (``cohort_top_k``): how crowded its neighbourhood is.
+#: Calibration of short pass-phrase trials depends on both (docs/design.md section 6). A new one
+#: is named here and computed in ``recipes.evaluation.fusion.quality_scores`` and
+#: ``TDSVSpeakerRecognition.trial_features``.
+QUALITY_MEASURES = {
+    "duration": ("log_test_duration", "log_enrol_duration"),
+    "cohort": ("test_cohort_mean", "model_cohort_mean"),
+}
+#: The measures both training YAMLs weight (``fusion_quality``), chosen by the measurement in
+#: docs/design.md section 6; reports of other measures are tagged (``verification.quality_tag``).
+DEFAULT_QUALITY = ("cohort",)
+
+
+def unit_rows(x) -> np.ndarray:
+    """Rows scaled to unit length (float64; zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def top_cohort_cosines(vectors, cohort, top_k: int | None) -> np.ndarray:
+    """Each row's cosines against the cohort's rows, only its ``top_k`` highest (None: all).
+
+    The cohort measure's input here and in an exported folder, and AS-norm's in the recipe.
+    """
+    scores = unit_rows(vectors) @ unit_rows(cohort).T
+    if top_k is not None and top_k < scores.shape[1]:
+        scores = -np.partition(-scores, top_k - 1, axis=1)[:, :top_k]
+    return scores
+
+
+def quality_features(quality) -> tuple[str, ...]:
+    """The trial features of the quality measures ``quality`` (names of ``QUALITY_MEASURES``)."""
+    unknown = [name for name in quality if name not in QUALITY_MEASURES]
+    if unknown:
+        raise ValueError(f"fusion_quality: {unknown} not in {', '.join(QUALITY_MEASURES)}")
+    return tuple(feature for name in quality for feature in QUALITY_MEASURES[name])
+
+
+def calibrations_with(quality) -> dict[str, tuple[str, ...]]:
+    """``CALIBRATIONS``, each also weighting the features of the quality measures ``quality``."""
+    extra = quality_features(quality)
+    return {name: (*features, *extra) for name, features in CALIBRATIONS.items()}
+
+
+#: The feature the phrase gate thresholds in each calibration's trials (fusion "gate").
+GATE_FEATURES = {"phrase": "phrase", "content": "content"}
+#: Subtracted from the speaker LLR of a trial that the phrase gate rejects (fusion "gate").
+GATE_PENALTY = 100.0
+#: Phrase log-posteriors are floored here: a target whose phrase the classifier misses should
+#: cost a bounded amount of evidence, not an unbounded one (calibration, Cllr).
+LOGP_FLOOR = -20.0
+#: Operating points of the dev-calibrated thresholds (``export_operating_point``).
+OPERATING_POINTS = ("eer", "min_dcf")
+#: SdSV / TdSV detection costs: the default operating point of Bayes decisions. This constant and
+#: ``bayes_threshold`` are twins of ``recipes.evaluation.metrics.SDSV_DCF`` / ``bayes_threshold``,
+#: on purpose: this file is copied into exported folders and must not import the repository.
+SDSV_COSTS = {"p_target": 0.01, "c_miss": 10.0, "c_fa": 1.0}
+
+
+def bayes_threshold(p_target: float, c_miss: float, c_fa: float) -> float:
+    """The LLR threshold of minimum expected cost: log(C_fa (1 - P) / (C_miss P))."""
+    return math.log(c_fa * (1 - p_target) / (c_miss * p_target))
+
+
+def phrase_feature(logp, known, content) -> np.ndarray:
+    """The "phrase" feature: the floored log-posterior where ``known``, else ``content``.
+
+    ``known[i]``: trial i's enrolled pass-phrase is a class of the phrase classifier; where it is
+    not, the phrase score *is* the content similarity (and the "content" calibration applies).
+    """
+    known = np.asarray(known, bool)
+    logp = np.maximum(np.asarray(logp, dtype=np.float64), LOGP_FLOOR)
+    return np.where(known, logp, np.asarray(content, dtype=np.float64))
+
+
+def calibrated(calibration: dict, features) -> np.ndarray:
+    """An affine calibration (``{"features", "weights", "bias"}``) of named trial features."""
+    weighted = [
+        w * np.asarray(features[name], dtype=np.float64)
+        for name, w in zip(calibration["features"], calibration["weights"], strict=True)
+    ]
+    return calibration["bias"] + np.sum(weighted, axis=0)
+
+
+def fused_llr(fusion: dict, features, known=None, kind=None) -> np.ndarray:
+    """Calibrated LLRs of trials from their named ``features`` (``TRIAL_FEATURES``).
+
+    ``known[i]`` (default: all) says that trial i's enrolled pass-phrase is a class of the phrase
+    classifier: the "phrase" calibration applies, else the "content" one (``CALIBRATIONS``).
+    ``kind`` (default ``fusion["kind"]``): "llr", "gate" or "speaker" (the speaker score alone,
+    calibrated).
+    """
+    kind = kind or fusion["kind"]
+    if kind not in FUSION_KINDS:
+        raise ValueError(f"fusion kind must be one of {FUSION_KINDS}, not {kind!r}")
+    speaker = calibrated(fusion["speaker"], features)
+    if kind == "speaker":
+        return speaker
+    known = np.ones(speaker.shape, bool) if known is None else np.asarray(known, bool)
+    if kind == "llr":
+        return np.where(
+            known, calibrated(fusion["phrase"], features), calibrated(fusion["content"], features)
+        )
+    gate = fusion["gate_threshold"]
+    gated = np.where(known, features[GATE_FEATURES["phrase"]], features[GATE_FEATURES["content"]])
+    below = gated < np.where(known, gate["phrase"], gate["content"])
+    return speaker - GATE_PENALTY * below
+
+
+class Verdict(NamedTuple):
+    """The outcome of one text-dependent trial (``TDSVSpeakerRecognition.verify_trial``)."""
+
+    speaker_score: float  # cosine of enrollment model and test embedding
+    phrase_score: float | None  # the "phrase" feature: floored log-posterior, or content similarity
+    content_score: float | None  # content similarity of enrollment and test (phrase embeddings)
+    score: float  # what the decision thresholds: the fused LLR, or the cosine without a fusion
+    threshold: float | None
+    accept: bool | None  # None: no threshold given or calibrated
+    reason: str  # why a trial was rejected: "wrong pass-phrase", "speaker", or ""
+    phrase: str | None  # the enrolled pass-phrase the test was checked against ("custom": none)
+
+
+class AudioRefused(ValueError):
+    """An audio file (named in the message) that cannot be scored: never a score, never accepted."""
+
+
+def audio_refusal(wav, sample_rate: int, min_seconds: float) -> str | None:
+    """Why a mono waveform (any array: numpy, a CPU tensor) cannot be scored, or None.
+
+    Too short, non-finite, or no signal: the same checks, levels and wording as
+    ``data_prep/audio_checks.py`` (tested to agree); a twin on purpose: an exported folder carries
+    this file, not the repository.
+    """
+    wav = np.asarray(wav).reshape(-1)
+    if wav.size < min_seconds * sample_rate:
+        return f"too short ({wav.size / sample_rate:.3f} s, minimum {min_seconds} s)"
+    finite = np.isfinite(wav)
+    if not finite.all():
+        first = int(np.flatnonzero(~finite)[0])
+        return (
+            f"{int((~finite).sum())} non-finite sample(s) (NaN or inf), the first at "
+            f"{first / sample_rate:.3f} s"
+        )
+    frame = max(1, int(0.025 * sample_rate))
+    frames = wav[: wav.size // frame * frame].astype(np.float64).reshape(-1, frame)
+    power = float(((frames - frames.mean(1, keepdims=True)) ** 2).mean(1).max())
+    loudest = 10 * math.log10(max(power, 1e-20))
+    if loudest < -60:
+        return (
+            f"no speech energy (silence): the loudest 25 ms frame is at {loudest:.0f} dBFS, "
+            "below -60 dBFS"
+        )
+    return None
+
+
+def scorable_waveform(path, wav, sample_rate: int, settings, changes: list[str]):
+    """``wav`` (mono, at ``sample_rate``), cut at ``settings.max_eval_seconds``, or refused.
+
+    ``changes`` already made to the file's audio (resampled, down-mixed) are logged with the
+    cut, naming ``path``; a waveform that ``audio_refusal`` refuses (``settings``'
+    ``min_audio_seconds``) raises ``AudioRefused``. Both backends load audio through this.
+    """
+    limit = getattr(settings, "max_eval_seconds", None)
+    if limit and wav.shape[0] > limit * sample_rate:
+        changes = [
+            *changes,
+            f"cut from {wav.shape[0] / sample_rate:.1f} s to {limit} s (max_eval_seconds)",
+        ]
+        wav = wav[: int(limit * sample_rate)]
+    if changes:
+        logger.warning("%s: %s", path, ", ".join(changes))
+    refusal = audio_refusal(wav, sample_rate, getattr(settings, "min_audio_seconds", 0.3))
+    if refusal:
+        raise AudioRefused(f"{path}: {refusal}")
+    return wav
+
+
+def vectors(rows) -> np.ndarray:
+    """A stack of per-utterance vectors (numpy arrays or CPU tensors) as float64 ``[N, D]``."""
+    return np.stack([np.asarray(row, dtype=np.float64).reshape(-1) for row in rows])
+
+
+def enrolment_model(embeddings) -> np.ndarray:
+    """Unit vector ``[D]``: the mean of the L2-normalized embeddings ``[N, D]``."""
+    return unit_rows(unit_rows(embeddings).mean(axis=0))
+
+
+def cosine(a, b) -> float:
+    """The cosine of two vectors."""
+    return float(
+        unit_rows(np.asarray(a, dtype=np.float64).reshape(-1))
+        @ unit_rows(np.asarray(b, dtype=np.float64).reshape(-1))
+    )
+
+
+class TrialDecisions:
+    """Thresholds, pass-phrase checks, trial features and verdicts of an exported model.
+
+    A mixin of the backends: a subclass gives ``self.hparams`` (``thresholds``,
+    ``operating_point``; with a fusion also ``phrase_labels``, ``fusion``, ``costs`` and, for
+    the quality measure "cohort", ``cohort_top_k``), ``has_fusion()``, ``cohort_matrix()``
+    (the training speakers, ``[S, D]``) and ``embed_file_all(path)`` (``{name: vector}``, plus
+    ``"seconds"``).
+    """
+
+    def threshold(self, n_enrol: int = 1, operating_point: str | None = None) -> float | None:
+        """The dev-calibrated threshold for ``n_enrol`` enrollment utterances (None: uncalibrated).
+
+        ``operating_point`` is "eer" or "min_dcf" (default: ``hparams.operating_point``). For more
+        enrollment utterances than were calibrated, the largest calibrated count is used.
+        """
+        count = self.calibrated_count(n_enrol, operating_point)
+        if count is None:
+            return None
+        point = operating_point or self.hparams.operating_point
+        return float(self.hparams.thresholds[point][str(count)])
+
+    def calibrated_count(self, n_enrol: int, operating_point: str | None = None) -> int | None:
+        """The enrollment count whose threshold ``threshold(n_enrol)`` uses (None: uncalibrated)."""
+        table = getattr(self.hparams, "thresholds", None)
+        if not table:
+            return None
+        point = operating_point or self.hparams.operating_point
+        if point not in table:
+            raise ValueError(f"operating point {point!r}: the model has {sorted(table)}")
+        counts = sorted(int(n) for n in table[point])
+        return max([n for n in counts if n <= n_enrol] or counts[:1])
+
+    def decide(self, score, n_enrol: int, threshold=None):
+        """``score >= threshold`` (None when no threshold is given or calibrated).
+
+        The calibrated threshold for ``n_enrol`` enrollment utterances unless one is given.
+        """
+        threshold = self.threshold(n_enrol) if threshold is None else threshold
+        return None if threshold is None else score >= threshold
+
+    def enrolled_phrase(self, enrol_outputs: list[dict], phrase: str | None = None) -> str:
+        """The pass-phrase label to check, or "custom" (content similarity) when it is no class.
+
+        Without ``phrase``, the class with the highest mean posterior over the enrollment
+        utterances, when that posterior is at least 0.5 and the class is not "other".
+        """
+        labels = list(self.hparams.phrase_labels)
+        if phrase is not None:
+            return self.checked_phrase(phrase)
+        logps = vectors([o["phrase_logp"] for o in enrol_outputs])
+        recognized = [labels[int(row.argmax())] for row in logps]
+        if len(set(recognized)) > 1:
+            raise ValueError(
+                f"the enrollment files were recognized as different pass-phrases "
+                f"({', '.join(recognized)}): enroll one pass-phrase, or name it (--phrase ID, "
+                "or custom for a phrase the model was not trained on)"
+            )
+        posterior = np.exp(logps).mean(axis=0)
+        best = int(posterior.argmax())
+        if posterior[best] < 0.5 or labels[best] == OTHER_PHRASE:
+            return "custom"
+        return labels[best]
+
+    def checked_phrase(self, phrase: str) -> str:
+        """``phrase`` if it is a pass-phrase of the model or "custom"; else a ValueError.
+
+        An unknown id is refused, not scored as "custom": ``6`` for ``06`` would otherwise
+        switch silently to content similarity.
+        """
+        known = [label for label in self.hparams.phrase_labels if label != OTHER_PHRASE]
+        if phrase == "custom" or phrase in known:
+            return phrase
+        hint = next((f"; did you mean {k!r}?" for k in known if k.lstrip("0") == phrase), "")
+        raise ValueError(
+            f"phrase {phrase!r} is not a pass-phrase of this model ({', '.join(known)}; or "
+            f"custom, for a phrase it was not trained on){hint}"
+        )
+
+    def phrase_score(self, test_outputs, phrase: str, content: float) -> float:
+        """Log-posterior of ``phrase`` for the test, or the ``content`` similarity for "custom"."""
+        if phrase == "custom":
+            return content
+        index = list(self.hparams.phrase_labels).index(phrase)
+        return float(np.asarray(test_outputs["phrase_logp"]).reshape(-1)[index])
+
+    def content_score(self, enrol_outputs, test_outputs) -> float:
+        """Cosine of the enrollment's mean phrase embedding and the test's."""
+        model = enrolment_model(vectors([o["phrase_embedding"] for o in enrol_outputs]))
+        return cosine(model, test_outputs["phrase_embedding"])
+
+    def trial_features(self, enrol_outputs, test_outputs, phrase: str | None) -> dict:
+        """The named features (``TRIAL_FEATURES``) of one trial: ``{"speaker": cosine, ...}``.
+
+        With an enrolled ``phrase`` (a class label, or "custom"), also "phrase" and "content";
+        and the features of the quality measures the fusion weights (``QUALITY_MEASURES``; the
+        cohort is the folder's training speakers, ``cohort_matrix()``).
+        """
+        model = enrolment_model(vectors([o["speaker"] for o in enrol_outputs]))
+        test = vectors([test_outputs["speaker"]])[0]
+        features = {"speaker": cosine(model, test)}
+        if phrase is not None:
+            content = self.content_score(enrol_outputs, test_outputs)
+            logp = self.phrase_score(test_outputs, phrase, content)
+            features["phrase"] = float(phrase_feature([logp], [phrase != "custom"], [content])[0])
+            features["content"] = content
+        quality = (getattr(self.hparams, "fusion", None) or {}).get("quality", [])
+        if "duration" in quality:
+            features["log_test_duration"] = math.log(float(test_outputs["seconds"]))
+            enrol = sum(float(o["seconds"]) for o in enrol_outputs)
+            features["log_enrol_duration"] = math.log(enrol)
+        if "cohort" in quality:
+            top = top_cohort_cosines(
+                np.stack([model, test]), self.cohort_matrix(), self.hparams.cohort_top_k
+            )
+            features["model_cohort_mean"], features["test_cohort_mean"] = map(
+                float, top.mean(axis=1)
+            )
+        return features
+
+    def score_trial(self, enrol_outputs, test_outputs, phrase=None, threshold=None, costs=None):
+        """A ``Verdict`` from embedded enrollment files and an embedded test file.
+
+        ``costs`` (``p_target``, ``c_miss``, ``c_fa``) set the Bayes threshold of the LLR
+        (default ``hparams.costs``); ``threshold`` overrides it.
+        """
+        n_enrol = len(enrol_outputs)
+        if not self.has_fusion():
+            speaker = self.trial_features(enrol_outputs, test_outputs, None)["speaker"]
+            threshold = self.threshold(n_enrol) if threshold is None else threshold
+            accept = self.decide(speaker, n_enrol, threshold)
+            reason = "" if accept or accept is None else "speaker"
+            return Verdict(speaker, None, None, speaker, threshold, accept, reason, None)
+        phrase = self.enrolled_phrase(enrol_outputs, phrase)
+        features = self.trial_features(enrol_outputs, test_outputs, phrase)
+        fusion = self.hparams.fusion
+        llr = float(fused_llr(fusion, features, known=phrase != "custom"))
+        if threshold is None:
+            chosen = {**SDSV_COSTS, **(getattr(self.hparams, "costs", None) or {}), **(costs or {})}
+            threshold = bayes_threshold(**chosen)
+        accept = llr >= threshold
+        reason = ""
+        if not accept:
+            speaker_llr = float(fused_llr(fusion, features, kind="speaker"))
+            reason = "wrong pass-phrase" if speaker_llr >= threshold else "speaker"
+        scores = [features[name] for name in TRIAL_FEATURES]
+        return Verdict(*scores, llr, threshold, accept, reason, phrase)
+
+    def verify_trial(self, enrol_paths, test_path, phrase=None, threshold=None, costs=None):
+        """A ``Verdict`` for a test file against enrollment files (see ``score_trial``)."""
+        if not enrol_paths:
+            raise ValueError("enrollment needs at least one audio file")
+        enrol = [self.embed_file_all(path) for path in enrol_paths]
+        return self.score_trial(enrol, self.embed_file_all(test_path), phrase, threshold, costs)
