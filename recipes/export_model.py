@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Export the best checkpoint of a run as a model folder for SpeechBrain and Hugging Face.
+"""Export the best checkpoint of a run as a model folder for SpeechBrain, Hugging Face and ONNX.
 
     python recipes/export_model.py hparams/export.yaml --output_folder results/synthetic_demo/1986
     python recipes/export_model.py hparams/export.yaml --output_folder results/wavlm_td/1986 \
@@ -9,10 +9,11 @@ The run is read from its record (``<output_folder>/hyperparams.yaml``, written b
 model, the data and the fusion it was trained and scored with. Writes ``export_folder`` (default
 ``<output_folder>/export``):
 
-- ``hyperparams.yaml``, ``tdsv_speaker_model.py`` (the model code, a copy of
-  ``recipes/model/speaker_model.py``) and ``embedding_model.ckpt`` (the trained model's state dict,
-  as its checkpoint holds it; WavLM built from its config): a self-contained SpeechBrain inference
-  folder, loaded offline with ``foreign_class(source=folder, pymodule_file="tdsv_speaker_model.py",
+- ``hyperparams.yaml``, ``tdsv_speaker_model.py`` and ``tdsv_trial_decisions.py`` (the model
+  code and the decisions, copies of ``recipes/model/speaker_model.py`` and ``trial_decisions.py``)
+  and ``embedding_model.ckpt`` (the trained model's state dict, as its checkpoint holds it; WavLM
+  built from its config): a self-contained SpeechBrain inference folder, loaded offline with
+  ``foreign_class(source=folder, pymodule_file="tdsv_speaker_model.py",
   classname="TDSVSpeakerRecognition")``;
 - thresholds calibrated on the dev trials (EER and minDCF operating points, for 1 .. N enrollment
   utterances), recorded in ``hyperparams.yaml`` and used by ``verify_files`` by default;
@@ -20,11 +21,17 @@ model, the data and the fusion it was trained and scored with. Writes ``export_f
   metrics of this checkpoint) and ``export.json`` (the same facts, machine-readable);
 - ``hf/``: the same model as a ``transformers.WavLMForXVector`` directory (x-vector head only;
   the head's BatchNorm layers are folded into the following layers, so the weights fit HF's
-  layout exactly).
+  layout exactly);
+- ``model.onnx`` and ``model.int8.onnx`` (``export_onnx: true``, ``recipes/onnx_export.py``):
+  the same model for onnxruntime, with ``tdsv_onnx_verifier.py`` (a copy of
+  ``recipes/model/onnx_verifier.py``), ``cohort.npy`` where the fusion needs the training
+  speakers, and the decision settings under ``"onnx"`` in ``export.json``: trials decided with
+  onnxruntime, numpy and soundfile alone (``recipes/onnx_trial_example.py``).
 
 The export is checked before it is published: the folder is loaded back and its embeddings of a
 few dev utterances must equal those of the trained model, the module training ran (and so must
-the HF model's).
+the HF model's and the ONNX model's; the ONNX model must also give every dev trial's score to
+1e-3 and its decision); the int8 model's effect on the dev and eval metrics is in the model card.
 """
 
 from __future__ import annotations
@@ -48,7 +55,12 @@ from transformers import WavLMConfig, WavLMForXVector
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recipes.evaluation.pretrained import EXPORTED_MODULE, embed_dataset, load_verifier
+from recipes.evaluation.pretrained import (
+    EXPORTED_CODE,
+    EXPORTED_MODULE,
+    embed_dataset,
+    load_verifier,
+)
 from recipes.evaluation.scoring import metrics_by_condition, score_trials, trial_metrics
 from recipes.evaluation.verification import (
     ScoringSettings,
@@ -67,11 +79,18 @@ from recipes.experiment import (
     run_device,
 )
 from recipes.model import speaker_model
-from recipes.model.speaker_model import (
-    OPERATING_POINTS,
-    SDSV_COSTS,
-    WavLMSpeakerEmbedder,
-    XVectorHead,
+from recipes.model.onnx_verifier import OnnxVerifier
+from recipes.model.speaker_model import WavLMSpeakerEmbedder, XVectorHead
+from recipes.model.trial_decisions import OPERATING_POINTS, SDSV_COSTS
+from recipes.onnx_export import (
+    COHORT_ARRAY,
+    MAX_LLR_DIFFERENCE,
+    ONNX_INT8_MODEL,
+    decision_threshold,
+    graph_agreement,
+    onnx_settings,
+    trial_agreement,
+    write_onnx_models,
 )
 from recipes.settings import load_run, load_step
 from recipes.train_speaker_embeddings import RecipeSettings, recipe_settings
@@ -80,10 +99,11 @@ logger = get_logger(__name__)
 
 
 class ExportSettings(NamedTuple):
-    """Where the export goes and its default decision threshold (``hparams/export.yaml``)."""
+    """Where the export goes and what it holds (``hparams/export.yaml``)."""
 
     folder: Path
-    operating_point: str  # one of OPERATING_POINTS
+    operating_point: str  # the default decision threshold, one of OPERATING_POINTS
+    onnx: bool = True  # also model.onnx and model.int8.onnx (``recipes/onnx_export.py``)
 
 
 class ExportedRun(NamedTuple):
@@ -152,6 +172,7 @@ class ExportCalibration(NamedTuple):
     fusion: dict | None
     metrics: dict  # per split and condition
     cohort: np.ndarray | None  # mean embedding per training speaker, where the fusion needs it
+    scores: dict  # the final score (LLR, or cosine) of every trial, per split
 
 
 def exported_calibration(folder: Path, scoring: ScoringSettings, data, run, run_opts: dict):
@@ -184,7 +205,8 @@ def exported_calibration(folder: Path, scoring: ScoringSettings, data, run, run_
     card_scoring = dataclasses.replace(scoring, score_norm="none")  # raw (or fused) scores
     per_split, fusion = scored_tables(tables, cohort, card_scoring, data.splits, source)
     metrics = split_metrics(per_split, data.splits, fused=fusion is not None)
-    return ExportCalibration(thresholds, fusion, metrics, cohort)
+    scores = {name: scored.final for name, scored in per_split.items()}
+    return ExportCalibration(thresholds, fusion, metrics, cohort, scores)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -201,6 +223,7 @@ def encoder_settings(model: WavLMSpeakerEmbedder) -> dict:
         "wavlm_config": {k: v for k, v in config.items() if k not in BOOKKEEPING},
         "normalize_wav": bool(model.encoder.normalize_wav),
         "output_all_hiddens": bool(model.encoder.output_all_hiddens),
+        "attention": getattr(model.encoder, "attention", "eager"),
     }
 
 
@@ -322,6 +345,7 @@ embedding_model: !new:{module}.WavLMSpeakerEmbedder
         wavlm_config: !ref <wavlm_config>
         normalize_wav: {normalize_wav}
         output_all_hiddens: {output_all_hiddens}
+        attention: {attention}
     head: !new:{head_class} {head_kwargs}
     phrase_branch: {phrase_branch}
 
@@ -380,6 +404,7 @@ def hyperparams_text(
         wavlm_config=json.dumps(settings["wavlm_config"]),
         normalize_wav=settings["normalize_wav"],
         output_all_hiddens=settings["output_all_hiddens"],
+        attention=settings["attention"],
         head_class=head_class,
         head_kwargs=json.dumps(head_kwargs),
         phrase_branch=branch,
@@ -492,7 +517,8 @@ def write_folder(staging: Path, target: ExportSettings, trained: ExportedRun, da
     if branch is None:  # a speaker-only export: the folder's model has no phrase branch
         state = {k: v for k, v in state.items() if not k.startswith("phrase_branch.")}
     torch.save(state, staging / "embedding_model.ckpt")
-    shutil.copyfile(speaker_model.__file__, staging / EXPORTED_MODULE)
+    for name, module in EXPORTED_CODE.items():
+        shutil.copyfile(module.__file__, staging / name)
 
     def write_hyperparams(thresholds, text_dependent):
         """The folder's ``hyperparams.yaml`` with these thresholds and text-dependent settings."""
@@ -529,6 +555,12 @@ def write_folder(staging: Path, target: ExportSettings, trained: ExportedRun, da
         checks.update(_check_hf(staging / "hf", hf, speaker, wavs, model.encoder.normalize_wav))
     else:
         logger.warning("hf/ not written: %s", NO_HF_FOLDER.format(head=trained.head_type))
+    onnx = None
+    if target.onnx:
+        onnx = export_onnx(
+            staging, calibration, text_dependent, OnnxInputs(data, run, wavs, scoring, audio)
+        )
+        checks.update(onnx.checks)
     facts = {
         "checkpoint": checkpoint.path.name,
         "checkpoint_meta": checkpoint.meta,
@@ -543,6 +575,8 @@ def write_folder(staging: Path, target: ExportSettings, trained: ExportedRun, da
         "phrase_labels": data.phrase_labels if text_dependent else None,
         "metrics": metrics,
         "checks": checks,
+        "onnx": None if onnx is None else onnx.settings,
+        "onnx_int8_metrics": None if onnx is None else onnx.int8_metrics,
     }
     (staging / "export.json").write_text(json.dumps(facts, indent=2))
     (staging / "README.md").write_text(model_card(facts, Path(target.folder)))
@@ -627,6 +661,89 @@ def _check_hf(folder: Path, hf, trained, wavs, normalize: bool) -> dict:
     return {"hf_min_cosine": cosine, "hf_feature_extractor_min_cosine": own_cosine}
 
 
+# ------------------------------------------------------------------------------------------------
+# ONNX (recipes/onnx_export.py)
+# ------------------------------------------------------------------------------------------------
+class OnnxInputs(NamedTuple):
+    """What the ONNX export and its checks read: the run's data, checkpoint and check audio."""
+
+    data: object  # dataio_prep's
+    run: object  # checkpoint_scoring's
+    wavs: list  # the self-check's dev waveforms
+    scoring: ScoringSettings
+    audio: AudioSettings
+
+
+class OnnxExport(NamedTuple):
+    """The ONNX part of an export: ``export.json``'s settings, its checks and int8 metrics."""
+
+    settings: dict
+    checks: dict
+    int8_metrics: dict
+
+
+def export_onnx(folder: Path, calibration: ExportCalibration, text_dependent, inputs: OnnxInputs):
+    """Write the folder model's ONNX copies and check them (``check_onnx``); an ``OnnxExport``.
+
+    The fp32 graph must reproduce the folder's embeddings and every dev trial's score and
+    decision; the int8 copy's dev / eval metrics are measured with the folder's own fusion.
+    """
+    audio = inputs.audio
+    verifier = load_verifier(folder)  # the folder's own model, as its SpeechBrain copy loads
+    model, hyperparams = verifier.mods.embedding_model.eval(), verifier.hparams
+    names = write_onnx_models(folder, model, audio)
+    if calibration.cohort is not None:  # for torch-free use: cohort.ckpt's rows as an array
+        np.save(folder / COHORT_ARRAY, calibration.cohort.astype(np.float32))
+    settings = onnx_settings(
+        audio, hyperparams.operating_point, calibration.thresholds, text_dependent, names
+    )
+    fp32 = OnnxVerifier(folder, settings=settings)
+    checks = graph_agreement(fp32, model, inputs.wavs)
+    dev_splits = {"dev": inputs.data.splits["dev"]}
+    dev = backend_scores(fp32, dev_splits, calibration, inputs)["dev"].final
+    threshold = decision_threshold(
+        calibration.thresholds, hyperparams.operating_point, calibration.fusion is not None
+    )
+    checks.update(trial_agreement(calibration.scores["dev"], dev, threshold))
+    check_onnx(checks)
+    int8 = OnnxVerifier(folder, ONNX_INT8_MODEL, settings=settings)
+    int8_scores = backend_scores(int8, inputs.data.splits, calibration, inputs)
+    fused = calibration.fusion is not None
+    int8_metrics = split_metrics(int8_scores, inputs.data.splits, fused=fused)
+    return OnnxExport(settings, checks, int8_metrics)
+
+
+def backend_scores(verifier, splits: dict, calibration: ExportCalibration, inputs: OnnxInputs):
+    """``{split: ScoredSplit}`` of ``splits`` embedded by ``verifier``, with the folder's fusion."""
+    run, scoring = inputs.run, inputs.scoring
+    tables = {
+        name: embed_dataset(verifier, split.utterances, scoring.loader_options, progress=False)
+        for name, split in splits.items()
+    }
+    card_scoring = dataclasses.replace(scoring, score_norm="none")
+    per_split, _ = scored_tables(
+        tables, calibration.cohort, card_scoring, splits, run.fusion, calibration.fusion
+    )
+    return per_split
+
+
+def check_onnx(checks: dict) -> None:
+    """Refuse to publish an ONNX model that does not decide like the PyTorch one."""
+    problems = []
+    if checks["onnx_min_cosine"] < MIN_COSINE:
+        problems.append(f"speaker embeddings have cosine {checks['onnx_min_cosine']:.6f}")
+    if checks["onnx_phrase_max_logp_difference"] > MAX_LOGP_DIFFERENCE:
+        difference = checks["onnx_phrase_max_logp_difference"]
+        problems.append(f"phrase log-posteriors differ by {difference:.2e}")
+    if checks["onnx_dev_max_score_difference"] > MAX_LLR_DIFFERENCE:
+        difference = checks["onnx_dev_max_score_difference"]
+        problems.append(f"dev trial scores differ by up to {difference:.2e}")
+    if checks["onnx_dev_decisions_differing"]:
+        problems.append(f"{checks['onnx_dev_decisions_differing']} dev decisions differ")
+    if problems:
+        raise RuntimeError("export check failed: model.onnx: " + "; ".join(problems))
+
+
 #: Why a head other than the x-vector one gets no ``hf/`` folder (log line and model card).
 NO_HF_FOLDER = (
     "transformers' WavLMForXVector holds only the x-vector head, not the {head} head: "
@@ -694,9 +811,37 @@ def model_card(facts: dict, folder: Path) -> str:
     ]
     for n, value in thresholds["eer"].items():
         lines.append(f"| {n} | {value:.4f} | {thresholds['min_dcf'][n]:.4f} |")
-    usage = SB_USAGE + (HF_USAGE if facts["hf_folder"] else "") + CLI_USAGE
+    lines += onnx_card(facts)
+    usage = SB_USAGE + (HF_USAGE if facts["hf_folder"] else "")
+    usage += (ONNX_USAGE if facts.get("onnx") else "") + CLI_USAGE
     lines += ["", "## Use", "", usage.format(folder=folder).rstrip(), ""]
     return "\n".join(lines)
+
+
+def onnx_card(facts: dict) -> list[str]:
+    """The model card's ONNX section: the checks, and int8's metrics beside fp32's."""
+    if not facts.get("onnx"):
+        return []
+    checks = facts["checks"]
+    lines = [
+        "",
+        "## ONNX (`model.onnx`, `model.int8.onnx`)",
+        "",
+        f"`model.onnx` (fp32) was checked against this folder's PyTorch model: embedding cosine "
+        f">= {checks['onnx_min_cosine']:.6f}, every one of the {checks['onnx_dev_trials']} dev "
+        f"trials' scores within {checks['onnx_dev_max_score_difference']:.1e}, "
+        f"{checks['onnx_dev_decisions_differing']} decisions differing. `model.int8.onnx` "
+        "(weights of the matrix products in int8, onnxruntime's dynamic quantization) decides "
+        "with the same thresholds and fusion; its effect, measured here:",
+        "",
+        "| split | model | EER (%) | minDCF (SdSV) | actDCF |",
+        "|---|---|---|---|---|",
+    ]
+    for split, int8 in facts["onnx_int8_metrics"].items():
+        for name, m in (("fp32", facts["metrics"][split]["pooled"]), ("int8", int8["pooled"])):
+            act = f"{m['act_dcf']:.3f}" if "act_dcf" in m else "-"
+            lines.append(f"| {split} | {name} | {m['eer']:.2f} | {m['min_dcf']:.3f} | {act} |")
+    return lines
 
 
 SB_USAGE = """\
@@ -732,11 +877,27 @@ with torch.no_grad():
 ```
 
 """
+#: The model card's torch-free part (only for a folder with ONNX models).
+ONNX_USAGE = """\
+ONNX, without PyTorch (`pip install onnxruntime numpy soundfile`; 16 kHz audio):
+
+```python
+import sys
+sys.path.insert(0, "{folder}")
+from tdsv_onnx_verifier import OnnxVerifier
+
+verifier = OnnxVerifier("{folder}")  # model="model.int8.onnx": the quantized copy
+verdict = verifier.verify_trial(["e1.wav", "e2.wav", "e3.wav"], "test.wav")
+print(verdict.score, verdict.accept, verdict.reason)
+```
+
+"""
 CLI_USAGE = """\
 Command line (from the recipe repository):
 
 ```
 python recipes/verify_speakers.py files --model {folder} --enrol e1.wav e2.wav e3.wav --test t.wav
+python recipes/verify_speakers.py files --model {folder} --backend onnx --pairs pairs.txt
 ```
 """
 
@@ -749,7 +910,9 @@ def run_replacements(step: dict) -> dict:
 def main(argv) -> None:
     """Read ``hparams/export.yaml`` and the run it names; export."""
     run_opts, step = load_step(argv)
-    target = ExportSettings(Path(step["export_folder"]), step["export_operating_point"])
+    target = ExportSettings(
+        Path(step["export_folder"]), step["export_operating_point"], step.get("export_onnx", True)
+    )
     check_export_target(target.folder, step["output_folder"])  # before any work
     hparams = load_run(step["run_hparams"], run_replacements(step), run_opts)
     export(target, exported_run(hparams), run_opts)

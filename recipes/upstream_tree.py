@@ -37,6 +37,9 @@ EXTRA_REQUIREMENTS = (
     "scikit-learn>=1.3        # the fusion's logistic regressions",
     "matplotlib>=3.7          # DET plots",
     "espeakng-loader>=0.2     # the synthetic demo corpus only",
+    "onnx>=1.17               # the export's ONNX models",
+    "onnxscript>=0.5          # torch.onnx's dynamo exporter",
+    "onnxruntime>=1.20        # the export's checks and the ONNX backend",
 )
 #: Modules of ``recipes/`` that are not part of the recipe (tools of this repository).
 NOT_COPIED = ("upstream_tree.py",)

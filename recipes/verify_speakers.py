@@ -23,6 +23,7 @@ Audio files with a trained model (any sample rate and channel count; resampled /
     python recipes/verify_speakers.py files --model results/.../export \
         --enrol e1.wav e2.wav e3.wav --test t1.wav t2.wav
     python recipes/verify_speakers.py files --model results/.../export --pairs pairs.txt
+    python recipes/verify_speakers.py files --model results/.../export --backend onnx ...
 
 A pairs file has one trial a line, ``[label] enrol test``: ``enrol`` may list several files
 joined by commas, the optional label is 1/0 or target/nontarget (then EER and minDCF are
@@ -44,6 +45,7 @@ from typing import NamedTuple
 
 import soundfile as sf
 import torch
+from speechbrain.dataio.preprocess import AudioNormalizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -58,7 +60,8 @@ from recipes.evaluation.verification import (
     score_splits,
 )
 from recipes.experiment import best_checkpoint, dataio_prep, prepare_data
-from recipes.model.speaker_model import SDSV_COSTS, bayes_threshold
+from recipes.model.onnx_verifier import OnnxVerifier, read_settings
+from recipes.model.trial_decisions import SDSV_COSTS, bayes_threshold, cosine
 from recipes.settings import load_run, load_step
 from recipes.train_speaker_embeddings import recipe_settings
 
@@ -238,10 +241,7 @@ REPLAY = "replay of an enrollment file"
 
 def same_embedding(a: dict, b: dict) -> bool:
     """Whether two files' speaker embeddings are practically identical (``REPLAY_COSINE``)."""
-    cosine = torch.nn.functional.cosine_similarity(
-        a["speaker"].flatten().float(), b["speaker"].flatten().float(), dim=0
-    )
-    return float(cosine) >= REPLAY_COSINE
+    return cosine(a["speaker"], b["speaker"]) >= REPLAY_COSINE
 
 
 def verdict_text(verdict) -> str:
@@ -321,6 +321,29 @@ def repeated_enrollment(pairs: list[Pair], digests: dict) -> list[str]:
     return list(dict.fromkeys(problems))
 
 
+#: The ``--backend`` choices: the SpeechBrain folder, or one of its ONNX models (the key of its
+#: file name in ``export.json``'s "onnx" settings).
+BACKENDS = {"pytorch": None, "onnx": "model", "onnx-int8": "int8_model"}
+
+
+def load_backend(args):
+    """The verifier of ``args.model`` that ``--backend`` names.
+
+    The ONNX backends resample files at another rate as the PyTorch one does (SpeechBrain's
+    ``AudioNormalizer``); a torch-free user resamples beforehand (``OnnxVerifier``).
+    """
+    if BACKENDS[args.backend] is None:
+        return load_verifier(args.model, {"device": args.device})
+    settings = read_settings(Path(args.model))
+    normalizer = AudioNormalizer(settings["sample_rate"])
+
+    def resample(samples, rate):
+        """Mono ``samples`` at the model's rate, as the PyTorch backend reads them."""
+        return normalizer(torch.from_numpy(samples), rate).numpy()
+
+    return OnnxVerifier(args.model, settings[BACKENDS[args.backend]], resampler=resample)
+
+
 def verify_files(args) -> None:
     """Score test files against an enrollment, or every line of a pairs file."""
     if args.pairs:
@@ -337,7 +360,7 @@ def verify_files(args) -> None:
     problems += repeated_enrollment(pairs, digests)
     if problems:
         raise SystemExit("refused, nothing scored:\n" + capped(problems))
-    verifier = load_verifier(args.model, {"device": args.device})
+    verifier = load_backend(args)
     if args.operating_point:
         verifier.hparams.operating_point = args.operating_point
     cache = EmbeddingCache(verifier)
@@ -420,6 +443,11 @@ def parse_arguments(argv) -> argparse.Namespace:
 def add_file_arguments(parser) -> None:
     """Arguments of the ``files`` command."""
     parser.add_argument("--model", required=True, help="exported folder or HF *ForXVector dir")
+    parser.add_argument(
+        "--backend", choices=tuple(BACKENDS), default="pytorch",
+        help="run the exported folder's PyTorch model, or its ONNX model (fp32 or int8) with "
+        "onnxruntime: the same decisions from the same thresholds and fusion",
+    )  # fmt: skip
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--enrol", nargs="+", help="enrollment audio file(s)")
     group.add_argument("--pairs", help="trial list: '[label] enrol[,enrol...] test' per line")

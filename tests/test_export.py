@@ -23,21 +23,19 @@ import torch.nn.functional as F
 from scipy.signal import resample_poly
 from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMForXVector
 
-from recipes.evaluation.pretrained import embed_dataset, load_verifier
+from recipes.evaluation.pretrained import EXPORTED_CODE, embed_dataset, load_verifier
 from recipes.evaluation.scoring import EmbeddingTable, score_trials
 from recipes.evaluation.verification import quality_tag
 from recipes.evaluation.verification_report import score_columns
 from recipes.experiment import dataio_prep
 from recipes.export_model import enrolment_thresholds, hf_xvector_model
 from recipes.model.speaker_model import (
-    DEFAULT_QUALITY,
     TDSVSpeakerRecognition,
     WavLMFromConfig,
     WavLMSpeakerEmbedder,
     XVectorHead,
-    fused_llr,
-    quality_features,
 )
+from recipes.model.trial_decisions import DEFAULT_QUALITY, fused_llr, quality_features
 from recipes.tiny_wavlm import TINY
 from recipes.train_speaker_embeddings import recipe_settings
 from tests.helpers import ROOT, experiment_record, load_yaml, run_script, run_script_command
@@ -173,7 +171,7 @@ def _model_phrase(out: Path, model_id: str) -> str:
 
 @pytest.mark.slow
 def test_export_folder_is_complete_and_self_checked(exported):
-    _, folder = exported
+    out, folder = exported
     names = {p.name for p in folder.iterdir()}
     assert {
         "hyperparams.yaml",
@@ -184,7 +182,7 @@ def test_export_folder_is_complete_and_self_checked(exported):
     assert {"README.md", "export.json", "hf"} <= names
     facts = json.loads((folder / "export.json").read_text())
     cosines = [v for k, v in facts["checks"].items() if k.endswith("min_cosine")]
-    assert len(cosines) == 3 and min(cosines) > 0.9999
+    assert len(cosines) == 4 and min(cosines) > 0.9999  # SpeechBrain, HF twice, ONNX
     assert facts["checks"]["phrase_max_logp_difference"] < 1e-3
     assert facts["fusion"]["kind"] == "llr" and "act_dcf" in facts["metrics"]["eval"]["pooled"]
     assert set(facts["thresholds"]["eer"]) == {"1", "2", "3"}
@@ -192,9 +190,18 @@ def test_export_folder_is_complete_and_self_checked(exported):
     assert f"| dev | pooled | {facts['metrics']['dev']['pooled']['eer']:.2f} |" in card
     assert "The phrase check needs this SpeechBrain folder" in card
     # An untouched model: the code in the folder is the repository's.
-    assert (folder / "tdsv_speaker_model.py").read_text() == (
-        ROOT / "recipes" / "model" / "speaker_model.py"
-    ).read_text()
+    for name, module in EXPORTED_CODE.items():
+        assert (folder / name).read_bytes() == Path(module.__file__).read_bytes(), name
+    # ONNX: checked at export (every dev trial), the int8 copy measured, both described.
+    assert {"model.onnx", "model.int8.onnx", "cohort.npy"} <= names
+    assert facts["checks"]["onnx_min_cosine"] > 0.9999
+    assert facts["checks"]["onnx_dev_max_score_difference"] < 1e-3
+    assert facts["checks"]["onnx_dev_decisions_differing"] == 0
+    trials = pd.read_csv(out / "prep" / "dev_trials.csv")
+    assert facts["checks"]["onnx_dev_trials"] == len(trials)
+    assert facts["onnx"]["fusion"] == facts["fusion"] and facts["onnx"]["outputs"][0] == "speaker"
+    int8 = facts["onnx_int8_metrics"]["eval"]["pooled"]
+    assert f"| eval | int8 | {int8['eer']:.2f} | {int8['min_dcf']:.3f} |" in card
 
 
 @pytest.mark.slow
@@ -234,6 +241,91 @@ def test_export_loads_offline_elsewhere_and_scores_like_the_recipe(exported, tin
     assert speaker == pytest.approx(expected, abs=1e-4)
     assert threshold == pytest.approx(np.log(0.99 / 0.1))  # Bayes, SdSV costs
     assert accept == (llr >= threshold) and shape == [1, 1, 64]
+
+
+def _dev_trial_pairs(out: Path, corpus: Path, path: Path) -> tuple[int, str]:
+    """Write the dev trials of one enrolled phrase as a pairs file; their count and the phrase.
+
+    (The CLI takes one ``--phrase`` for a pairs file; a short run's phrase classifier may not
+    recognize every enrollment.)
+    """
+    models = pd.read_csv(out / "prep" / "dev_enrol.csv", dtype=str).set_index("model_id")
+    phrase = models["phrase_id"].mode()[0]
+    trials = pd.read_csv(out / "prep" / "dev_trials.csv", dtype=str)
+    trials = trials[trials["model_id"].map(models["phrase_id"]) == phrase]
+    wavs = _wav_paths(out, "dev", corpus)
+    enrol_ids = models["enrol_ids"].str.split()
+    enrolments = {model: ",".join(wavs[i] for i in ids) for model, ids in enrol_ids.items()}
+    lines = [
+        f"{int(t.condition == 'TC')} {enrolments[t.model_id]} {wavs[t.test_id]}"
+        for t in trials.itertuples()
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return len(lines), phrase
+
+
+@pytest.mark.slow
+def test_the_onnx_backend_decides_every_dev_trial_like_the_pytorch_one(
+    exported, tiny_corpus, tmp_path
+):
+    out, folder = exported
+    count, phrase = _dev_trial_pairs(out, tiny_corpus, tmp_path / "pairs.txt")
+    assert count > 20
+    columns = {}
+    for backend in ("pytorch", "onnx", "onnx-int8"):
+        scores = tmp_path / f"{backend}.txt"
+        result = cli(
+            "--model", folder, "--pairs", tmp_path / "pairs.txt", "--backend", backend,
+            "--phrase", phrase, "--out", scores,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = [line.split() for line in scores.read_text().splitlines()]
+        assert len(rows) == count  # enrol test speaker phrase llr decision [(reason)]
+        columns[backend] = {
+            "llr": np.array([float(row[4]) for row in rows]),
+            "decision": [row[5] for row in rows],
+        }
+    pytorch, onnx = columns["pytorch"], columns["onnx"]
+    assert np.abs(onnx["llr"] - pytorch["llr"]).max() < 1e-3
+    assert onnx["decision"] == pytorch["decision"]
+    # int8 decides with the same thresholds; its scores stay close, not equal
+    assert np.corrcoef(columns["onnx-int8"]["llr"], pytorch["llr"])[0, 1] > 0.9
+
+
+@pytest.mark.slow
+def test_the_torch_free_example_decides_a_trial_like_the_speechbrain_folder(
+    exported, tiny_corpus, tmp_path
+):
+    """``recipes/onnx_trial_example.py`` with torch unimportable and no repository on the path."""
+    out, folder = exported
+    enrol_ids, test_id, recipe, wavs = _dev_pair(out, tiny_corpus)
+    enrol, test = [wavs[i] for i in enrol_ids], wavs[test_id]
+    phrase = _model_phrase(out, recipe["model_id"])
+    example = ROOT / "recipes" / "onnx_trial_example.py"
+    script = textwrap.dedent(
+        f"""
+        import importlib.util, json, runpy, sys
+        sys.modules["torch"] = None  # any import of torch fails
+        sys.path = [p for p in sys.path if p not in ("", {str(ROOT)!r})]
+        assert importlib.util.find_spec("recipes") is None  # the repository is not importable
+        sys.argv = ["example", {str(folder)!r}, "--enrol", *{enrol!r}, "--test", {test!r},
+                    "--phrase", {phrase!r}]
+        runpy.run_path({str(example)!r}, run_name="__main__")
+        assert "speechbrain" not in sys.modules and sys.modules["torch"] is None
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    verdict = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = load_verifier(folder).verify_trial(enrol, test, phrase=phrase)
+    assert verdict["score"] == pytest.approx(recipe["score"], abs=1e-3)  # the recipe's LLR
+    assert verdict["score"] == pytest.approx(expected.score, abs=1e-3)
+    assert verdict["accept"] == expected.accept and verdict["phrase"] == expected.phrase
+    assert verdict["speaker_score"] == pytest.approx(expected.speaker_score, abs=1e-4)
 
 
 @pytest.mark.slow
@@ -425,8 +517,12 @@ def test_an_mhfa_model_exports_a_self_checked_speechbrain_folder_without_hf(tmp_
     assert not (folder / "hf").exists()
     facts = json.loads((folder / "export.json").read_text())
     assert facts["head"] == "tdsv_speaker_model.MHFAHead" and not facts["hf_folder"]
-    assert set(facts["checks"]) == {"speechbrain_min_cosine", "phrase_max_logp_difference"}
+    assert {k for k in facts["checks"] if not k.startswith("onnx_")} == {
+        "speechbrain_min_cosine",
+        "phrase_max_logp_difference",
+    }
     assert facts["checks"]["speechbrain_min_cosine"] > 0.9999
+    assert facts["checks"]["onnx_min_cosine"] > 0.9999  # an MHFA model exports to ONNX too
     card = (folder / "README.md").read_text()
     assert "No `hf/` folder" in card and "WavLMForXVector.from_pretrained" not in card
     enrol_ids, test_id, trial, wav = _dev_pair(out, tiny_corpus)

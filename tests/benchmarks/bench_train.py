@@ -20,6 +20,9 @@ One table row per setting; all rows also go to a JSON file. Data loading is not 
         --grad_checkpointing off --bucketing on        # one row (the options select the grid)
     python tests/benchmarks/bench_train.py --implementations recipe transformers --rounds 2 \
         --precisions fp32 --grad_checkpointing off --bucketing on    # against WavLMForXVector
+    python tests/benchmarks/bench_train.py --models base_plus --implementations recipe \
+        transformers --attention sdpa eager --rounds 3 --precisions fp32 \
+        --grad_checkpointing off --bucketing on     # the attention paths and WavLMForXVector
     python tests/benchmarks/bench_train.py --heads xvector ecapa mhfa --rounds 2 \
         --precisions fp32 --grad_checkpointing off --bucketing on    # the three heads
 """
@@ -28,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import tempfile
 import time
@@ -45,6 +47,7 @@ from tests.benchmarks.common import (
     synchronize,
     training_batches,
     training_brain,
+    write_rows,
 )
 
 
@@ -55,12 +58,13 @@ def frozen_cnn(model: str, choice: str) -> bool:
     return choice == "yes"
 
 
-def run_setting(model_dir, model, precision, checkpointing, bucketing, head, args, tmp) -> dict:
+def run_setting(model_dir, model, precision, checkpointing, bucketing, recipe, args, tmp) -> dict:
     """Time ``args.steps`` training steps of the recipe after ``args.warmup`` untimed ones.
 
-    Beside ``transformers`` rows, the recipe trains the speaker model alone (no phrase branch),
-    as ``WavLMForXVector`` does.
+    ``recipe``: ``(head, attention)``. Beside ``transformers`` rows, the recipe trains the speaker
+    model alone (no phrase branch), as ``WavLMForXVector`` does.
     """
+    head, attention = recipe
     run_opts = {"device": args.device, "precision": precision}
     freeze_cnn = frozen_cnn(model, args.freeze_cnn)
     speaker_only = "transformers" in args.implementations
@@ -74,6 +78,7 @@ def run_setting(model_dir, model, precision, checkpointing, bucketing, head, arg
         freeze_cnn=freeze_cnn,
         augment=False,
         head_type=head,
+        wavlm_attention=attention,
         **overrides,
     )
     head_params = trainable_parameters(brain.model().head)
@@ -84,7 +89,8 @@ def run_setting(model_dir, model, precision, checkpointing, bucketing, head, arg
 
     return timed_steps(
         step, args, bucketing,
-        {"implementation": "recipe", "model": model, "head": head, "head_params": head_params,
+        {"implementation": f"recipe ({attention})", "model": model, "head": head,
+         "head_params": head_params,
          "trainable_params": trainable_parameters(brain.modules), "precision": precision,
          "frozen_cnn": freeze_cnn, "grad_checkpointing": checkpointing},
     )  # fmt: skip
@@ -218,6 +224,10 @@ def main() -> None:
         default=["xvector"],
         help="speaker heads of the recipe rows (transformers rows: its x-vector head only)",
     )
+    parser.add_argument(
+        "--attention", nargs="+", choices=["sdpa", "eager"], default=["sdpa"],
+        help="WavLM attention of the recipe rows (wavlm_attention; transformers rows: eager)",
+    )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=1, help="repeat the grid (interleaved)")
     parser.add_argument("--json", default="bench_train.json")
     args = parser.parse_args()
@@ -239,25 +249,27 @@ def main() -> None:
             [choice == "on" for choice in args.grad_checkpointing],
             [choice == "on" for choice in args.bucketing],
             # innermost: the heads and the two ways of a setting run back to back
-            [(implementation, head) for implementation in args.implementations
-             for head in (args.heads if implementation == "recipe" else ["xvector"])],
+            [(implementation, recipe) for implementation in args.implementations
+             for recipe in (itertools.product(args.heads, args.attention)
+                            if implementation == "recipe" else [("xvector", "eager")])],
         )  # fmt: skip
-        for _, model, precision, checkpointing, bucketing, (implementation, head) in grid:
+        for _, model, precision, checkpointing, bucketing, (implementation, recipe) in grid:
+            head = recipe[0]
             setting = (dirs[model], model, precision, checkpointing, bucketing)
             if implementation == "transformers":
                 row = run_transformers(*setting, args)
             else:
-                row = run_setting(*setting, head, args, tmp)
+                row = run_setting(*setting, recipe, args, tmp)
             rows.append(row)
             print(
-                f"| {implementation} | {model} | {head} | {row['head_params'] / 1e6:.2f} M | "
+                f"| {row['implementation']} | {model} | {head} | "
+                f"{row['head_params'] / 1e6:.2f} M | "
                 f"{row['trainable_params'] / 1e6:.2f} M | {precision} | {row['frozen_cnn']} | "
                 f"{checkpointing} | {bucketing} | {row['steps_per_s']:.2f} | "
                 f"{row['utts_per_s']:.1f} | {row['audio_s_per_s']:.1f} | {row['peak_mb']:.0f} |",
                 flush=True,
             )
-    Path(args.json).write_text(json.dumps(rows, indent=1))
-    print(f"\nwrote {args.json}")
+    write_rows(args.json, rows)
 
 
 if __name__ == "__main__":

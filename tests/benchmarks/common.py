@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import resource
 import statistics
 import time
@@ -163,6 +164,12 @@ def interleaved_ms(settings: dict, rounds: int, calls: int, device: str = "cpu")
         {"setting": name, "ms_median": statistics.median(values), "ms_rounds": values}
         for name, values in times.items()
     ]
+
+
+def write_rows(path, rows) -> None:
+    """Write a benchmark's rows to the JSON file ``path`` and say so."""
+    Path(path).write_text(json.dumps(rows, indent=1))
+    print(f"\nwrote {path}")
 
 
 def device_name(device: str) -> str:

@@ -10,7 +10,7 @@ Sections (each is run even if an earlier one failed; the exit status says whethe
    ``mask_time_prob`` 0.05, as the hub's Base+) and trains a frozen step then unfrozen steps
    with L2-SP: losses finite, GradScaler's scale.
 4. ``training``: steps/s and peak memory at fp16 / bf16 / fp32, batch 32 x 3 s, gradient
-   checkpointing off and on.
+   checkpointing off and on, WavLM attention sdpa and eager (``wavlm_attention``).
 5. ``extraction``: utterances/s at batch 1 / 16 / 32 and the largest batch-vs-alone deviation.
 6. ``end_to_end``: ``wavlm_td.yaml`` for 2 epochs (a frozen one first, ``--grad_accumulation_factor
    2``) on a small synthetic corpus, with the model given as a hub id resolved offline from a
@@ -206,11 +206,14 @@ def worker_ddp(args) -> None:
 
 
 def training(args, context) -> list[dict]:
-    """Training steps/s and peak memory per precision, gradient checkpointing off and on."""
+    """Training steps/s and peak memory per precision, gradient checkpointing off and on.
+
+    Without checkpointing, both WavLM attention paths (``wavlm_attention``: sdpa, eager).
+    """
     size, rows = sizes(args.quick), []
     precisions = ["fp16", "bf16", "fp32"] if args.device.startswith("cuda") else ["bf16", "fp32"]
     for precision in precisions:
-        for checkpointing in (False, True):
+        for checkpointing, attention in ((False, "sdpa"), (False, "eager"), (True, "sdpa")):
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             run_opts = {"device": device_of_rank(args.device), "precision": precision}
@@ -220,6 +223,7 @@ def training(args, context) -> list[dict]:
                 context["tmp"] / "train",
                 run_opts,
                 gradient_checkpointing=checkpointing,
+                wavlm_attention=attention,
             )
             brain.init_optimizers()
             brain.hparams.epoch_counter.current = 2  # past the frozen warm-up
@@ -235,6 +239,7 @@ def training(args, context) -> list[dict]:
                 {
                     "precision": precision,
                     "gradient_checkpointing": checkpointing,
+                    "attention": attention,
                     "batch": f"{size['batch']} x {size['seconds']} s",
                     "steps_per_s": size["steps"] / elapsed,
                     "peak_mb": common.peak_memory_mb(args.device),

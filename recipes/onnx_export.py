@@ -1,0 +1,177 @@
+"""ONNX copies of an exported model (``model.onnx``, ``model.int8.onnx``) and their checks.
+
+``recipes/export_model.py`` calls ``write_onnx_models`` on the folder's own model (the one its
+SpeechBrain copy loads) and publishes the folder only if its ``check_onnx`` passes: the fp32
+graph must give the trained model's embeddings (``graph_agreement``: cosine above the export's
+``MIN_COSINE``) and phrase log-posteriors, and the LLRs and decisions of every dev trial
+(``trial_agreement``, within ``MAX_LLR_DIFFERENCE``). The int8 copy is not
+held to that: its effect on the dev and eval metrics is measured (``int8_metrics``) and stated
+in the model card.
+
+The graph is exported with torch.onnx's dynamo exporter (``torch.export``): the TorchScript one
+fails on the waveform normalization, a ``layer_norm`` over the input's dynamic length. One
+waveform ``wav [1, samples]`` in (any length the recipe scores), the named outputs
+(``output_names``) out; ``onnxruntime``'s dynamic quantization makes the int8 copy (weights of
+the matrix products in int8, activations quantized on the fly).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from speechbrain.utils.logger import get_logger
+from torch import nn
+
+from recipes.model.onnx_verifier import OnnxVerifier
+from recipes.model.speaker_model import WavLMSpeakerEmbedder, per_utterance
+from recipes.model.trial_decisions import SDSV_COSTS, bayes_threshold
+
+logger = get_logger(__name__)
+
+#: File names in the export folder.
+ONNX_MODEL, ONNX_INT8_MODEL, COHORT_ARRAY = "model.onnx", "model.int8.onnx", "cohort.npy"
+#: The graph's input: one waveform at the model's sample rate, ``[1, samples]``.
+INPUT = "wav"
+#: The largest difference of a dev trial's LLR (or cosine) between ONNX and PyTorch that passes.
+MAX_LLR_DIFFERENCE = 1e-3
+
+
+class OnnxGraph(nn.Module):
+    """``wav [1, T]`` -> the model's per-utterance outputs ``[1, D]``, in ``names`` order."""
+
+    def __init__(self, model: WavLMSpeakerEmbedder, names: tuple[str, ...]):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, wav: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One WavLM pass: the speaker embedding and, with a phrase branch, its outputs."""
+        outputs = per_utterance(self.model.embed_all(wav))
+        return tuple(outputs[name] for name in self.names)
+
+
+def output_names(model: WavLMSpeakerEmbedder) -> tuple[str, ...]:
+    """What the graph returns: ``speaker``, and ``phrase_logp`` / ``phrase_embedding``."""
+    if getattr(model, "phrase_branch", None) is None:
+        return ("speaker",)
+    return ("speaker", "phrase_logp", "phrase_embedding")
+
+
+def sample_range(audio) -> tuple[int, int | None]:
+    """The waveform lengths the graph takes: the shortest scored file to the longest (or none)."""
+    shortest = max(2, math.ceil(audio.min_audio_seconds * audio.sample_rate))
+    longest = int(audio.max_eval_seconds * audio.sample_rate) if audio.max_eval_seconds else None
+    return shortest, longest
+
+
+def write_onnx_models(folder: Path, model: WavLMSpeakerEmbedder, audio) -> tuple[str, ...]:
+    """Write ``model.onnx`` and ``model.int8.onnx`` of ``model`` (fp32, eval) into ``folder``.
+
+    Returns the graph's output names.
+    """
+    names = output_names(model)
+    shortest, longest = sample_range(audio)
+    example_samples = (
+        2 * audio.sample_rate if longest is None else min(2 * audio.sample_rate, longest)
+    )
+    example = torch.randn(1, max(example_samples, shortest))
+    samples = torch.export.Dim(
+        "samples", min=shortest, **({} if longest is None else {"max": longest})
+    )
+    graph = OnnxGraph(model.cpu().eval(), names).eval()
+    with torch.no_grad():
+        torch.onnx.export(
+            graph,
+            (example,),
+            str(folder / ONNX_MODEL),
+            input_names=[INPUT],
+            output_names=list(names),
+            dynamic_shapes={"wav": {1: samples}},
+            dynamo=True,
+            external_data=False,  # one file (a Base+ model is far below protobuf's 2 GB)
+            verbose=False,
+        )
+    quantize_int8(folder / ONNX_MODEL, folder / ONNX_INT8_MODEL)
+    return names
+
+
+#: What the int8 copy quantizes: the matrix products (the transformer, the heads). Not the
+#: convolutions: onnxruntime's ConvInteger made the whole model 0.46-0.82x as fast as fp32 on
+#: this project's CPU, where int8 matrix products alone made it 1.6x as fast at Base+ size
+#: (docs/performance.md, "Extraction backends").
+QUANTIZED_OPS = ("MatMul", "Gemm")
+
+
+def quantize_int8(source: Path, target: Path) -> None:
+    """The dynamically quantized (int8 weights, ``QUANTIZED_OPS``) copy of ONNX model ``source``."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.WARNING)  # onnxruntime logs a line per tensor at INFO on the root logger
+    try:
+        quantize_dynamic(
+            source, target, op_types_to_quantize=list(QUANTIZED_OPS), weight_type=QuantType.QInt8
+        )
+    finally:
+        root.setLevel(level)
+
+
+def onnx_settings(audio, operating_point, thresholds, text_dependent, names) -> dict:
+    """The ``"onnx"`` entry of ``export.json``: what ``OnnxVerifier`` decides with."""
+    text_dependent = text_dependent or {}
+    return {
+        "model": ONNX_MODEL,
+        "int8_model": ONNX_INT8_MODEL,
+        "input": INPUT,
+        "outputs": list(names),
+        "sample_rate": audio.sample_rate,
+        "max_eval_seconds": audio.max_eval_seconds,
+        "min_audio_seconds": audio.min_audio_seconds,
+        "operating_point": operating_point,
+        "thresholds": thresholds,
+        "phrase_labels": text_dependent.get("phrase_labels"),
+        "fusion": text_dependent.get("fusion"),
+        "costs": SDSV_COSTS,
+        "cohort": COHORT_ARRAY if "cohort" in text_dependent else None,
+        "cohort_top_k": text_dependent.get("cohort_top_k"),
+    }
+
+
+@torch.no_grad()
+def graph_agreement(verifier: OnnxVerifier, model: WavLMSpeakerEmbedder, wavs) -> dict:
+    """Min speaker-embedding cosine and max phrase log-posterior difference, ONNX vs ``model``."""
+    cosines, logp = [], [0.0]
+    for wav in wavs:
+        reference = per_utterance(model.embed_all(wav[None].float()))
+        onnx = verifier.embed_waveform(wav.numpy())
+        a, b = reference["speaker"][0].double().numpy(), onnx["speaker"].astype(np.float64)
+        cosines.append(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
+        if "phrase_logp" in reference:
+            difference = np.abs(reference["phrase_logp"][0].numpy() - onnx["phrase_logp"]).max()
+            logp.append(float(difference))
+    return {"onnx_min_cosine": min(cosines), "onnx_phrase_max_logp_difference": max(logp)}
+
+
+def trial_agreement(reference, candidate, threshold: float) -> dict:
+    """How far ``candidate`` scores of trials are from ``reference`` ones, and decisions differ.
+
+    ``threshold``: the decisions' (the Bayes threshold of LLRs, or a calibrated cosine one).
+    """
+    reference, candidate = np.asarray(reference), np.asarray(candidate)
+    return {
+        "onnx_dev_trials": int(reference.size),
+        "onnx_dev_max_score_difference": float(np.abs(reference - candidate).max()),
+        "onnx_dev_decisions_differing": int(
+            ((reference >= threshold) != (candidate >= threshold)).sum()
+        ),
+    }
+
+
+def decision_threshold(thresholds: dict, operating_point: str, fused: bool) -> float:
+    """The threshold dev decisions are compared at: the SdSV Bayes one, or the 1-utterance one."""
+    if fused:
+        return bayes_threshold(**SDSV_COSTS)
+    return float(thresholds[operating_point]["1"])
