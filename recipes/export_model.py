@@ -701,14 +701,12 @@ def export_onnx(folder: Path, calibration: ExportCalibration, text_dependent, in
     checks = graph_agreement(fp32, model, inputs.wavs)
     dev_splits = {"dev": inputs.data.splits["dev"]}
     dev = backend_scores(fp32, dev_splits, calibration, inputs)["dev"].final
-    threshold = decision_threshold(
-        calibration.thresholds, hyperparams.operating_point, calibration.fusion is not None
-    )
+    fused = calibration.fusion is not None
+    threshold = decision_threshold(calibration.thresholds, hyperparams.operating_point, fused)
     checks.update(trial_agreement(calibration.scores["dev"], dev, threshold))
     check_onnx(checks)
     int8 = OnnxVerifier(folder, ONNX_INT8_MODEL, settings=settings)
     int8_scores = backend_scores(int8, inputs.data.splits, calibration, inputs)
-    fused = calibration.fusion is not None
     int8_metrics = split_metrics(int8_scores, inputs.data.splits, fused=fused)
     return OnnxExport(settings, checks, int8_metrics)
 

@@ -24,14 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
-from speechbrain.utils.logger import get_logger
 from torch import nn
 
 from recipes.model.onnx_verifier import OnnxVerifier
 from recipes.model.speaker_model import WavLMSpeakerEmbedder, per_utterance
-from recipes.model.trial_decisions import SDSV_COSTS, bayes_threshold
-
-logger = get_logger(__name__)
+from recipes.model.trial_decisions import SDSV_COSTS, bayes_threshold, cosine
 
 #: File names in the export folder.
 ONNX_MODEL, ONNX_INT8_MODEL, COHORT_ARRAY = "model.onnx", "model.int8.onnx", "cohort.npy"
@@ -75,13 +72,9 @@ def write_onnx_models(folder: Path, model: WavLMSpeakerEmbedder, audio) -> tuple
     """
     names = output_names(model)
     shortest, longest = sample_range(audio)
-    example_samples = (
-        2 * audio.sample_rate if longest is None else min(2 * audio.sample_rate, longest)
-    )
-    example = torch.randn(1, max(example_samples, shortest))
-    samples = torch.export.Dim(
-        "samples", min=shortest, **({} if longest is None else {"max": longest})
-    )
+    example = torch.randn(1, min(max(2 * audio.sample_rate, shortest), longest or math.inf))
+    bounds = {"min": shortest} if longest is None else {"min": shortest, "max": longest}
+    samples = torch.export.Dim("samples", **bounds)
     graph = OnnxGraph(model.cpu().eval(), names).eval()
     with torch.no_grad():
         torch.onnx.export(
@@ -147,8 +140,7 @@ def graph_agreement(verifier: OnnxVerifier, model: WavLMSpeakerEmbedder, wavs) -
     for wav in wavs:
         reference = per_utterance(model.embed_all(wav[None].float()))
         onnx = verifier.embed_waveform(wav.numpy())
-        a, b = reference["speaker"][0].double().numpy(), onnx["speaker"].astype(np.float64)
-        cosines.append(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
+        cosines.append(cosine(reference["speaker"][0].numpy(), onnx["speaker"]))
         if "phrase_logp" in reference:
             difference = np.abs(reference["phrase_logp"][0].numpy() - onnx["phrase_logp"]).max()
             logp.append(float(difference))

@@ -341,7 +341,8 @@ def load_backend(args):
         """Mono ``samples`` at the model's rate, as the PyTorch backend reads them."""
         return normalizer(torch.from_numpy(samples), rate).numpy()
 
-    return OnnxVerifier(args.model, settings[BACKENDS[args.backend]], resampler=resample)
+    model = settings[BACKENDS[args.backend]]
+    return OnnxVerifier(args.model, model, resampler=resample, settings=settings)
 
 
 def verify_files(args) -> None:

@@ -436,7 +436,7 @@ def wavlm_features(model, wav, wav_lens, normalize_wav: bool, all_hiddens: bool)
 # in plain matmuls, never torch's fused scaled-dot-product kernels. "sdpa" computes the same
 # attention with F.scaled_dot_product_attention, the gated relative position bias (and the
 # padding) as its additive mask; tests/test_speaker_model.py checks parity (1e-5, fp32), and
-# tests/benchmarks/bench_attention.py times both (docs/performance.md).
+# tests/benchmarks/bench_train.py and bench_backends.py time both (docs/performance.md).
 # ------------------------------------------------------------------------------------------------
 #: The ``wavlm_attention`` choices.
 ATTENTION_KINDS = ("sdpa", "eager")

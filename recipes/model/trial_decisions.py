@@ -45,7 +45,7 @@ TRIAL_FEATURES = ("speaker", "phrase", "content")
 #: enrolled phrase is a class of the phrase classifier, "content" for the others (a user's own
 #: pass-phrase), "speaker" the speaker score alone (the gate, the reason of a reject). A new feature
 #: is named in ``TRIAL_FEATURES`` and here, and computed where trials are scored
-#: (``recipes.evaluation.fusion.trial_scores``; ``TDSVSpeakerRecognition.trial_features`` for one
+#: (``recipes.evaluation.fusion.trial_scores``; ``TrialDecisions.trial_features`` for one
 #: trial): learning, applying, the stored fusion and the reports follow the names.
 CALIBRATIONS = {
     "phrase": ("speaker", "phrase", "content"),
@@ -58,7 +58,7 @@ CALIBRATIONS = {
 #: cosines against the training speakers (``cohort_top_k``): how crowded its neighbourhood is.
 #: Calibration of short pass-phrase trials depends on both (docs/design.md section 6). A new one
 #: is named here and computed in ``recipes.evaluation.fusion.quality_scores`` and
-#: ``TDSVSpeakerRecognition.trial_features``.
+#: ``TrialDecisions.trial_features``.
 QUALITY_MEASURES = {
     "duration": ("log_test_duration", "log_enrol_duration"),
     "cohort": ("test_cohort_mean", "model_cohort_mean"),
@@ -244,10 +244,8 @@ def enrolment_model(embeddings) -> np.ndarray:
 
 def cosine(a, b) -> float:
     """The cosine of two vectors."""
-    return float(
-        unit_rows(np.asarray(a, dtype=np.float64).reshape(-1))
-        @ unit_rows(np.asarray(b, dtype=np.float64).reshape(-1))
-    )
+    a, b = unit_rows(vectors([a, b]))
+    return float(a @ b)
 
 
 class TrialDecisions:

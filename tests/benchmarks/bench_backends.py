@@ -28,13 +28,13 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
 
 from recipes.model.onnx_verifier import OnnxVerifier
 from recipes.model.speaker_model import per_utterance, use_attention
+from recipes.model.trial_decisions import cosine
 from recipes.onnx_export import ONNX_INT8_MODEL, ONNX_MODEL, onnx_settings, write_onnx_models
 from tests.benchmarks import common
 
@@ -86,9 +86,7 @@ def timed_rounds(backends: dict, wavs, rounds: int, threads: int) -> dict:
 
 def min_cosine(a: list, b: list) -> float:
     """The smallest cosine between two lists of embeddings."""
-    return min(
-        float(x @ y / np.linalg.norm(x) / np.linalg.norm(y)) for x, y in zip(a, b, strict=True)
-    )
+    return min(cosine(x, y) for x, y in zip(a, b, strict=True))
 
 
 def model_rows(name: str, model_dir, args, tmp: Path) -> list[dict]:
