@@ -1,32 +1,40 @@
 """Turn a DeepMine / SdSV / TdSV "task1" folder into SpeechBrain CSV manifests and labelled trials.
 
-Writes to ``save_folder`` (docs/design.md section 3):
+Reads either release of task 1 (``data_prep/layout.py``, docs/design.md section 3): SdSV 2020-21
+(``model_enrollment.txt`` + ``trials.txt``, five-column enrollment lines) or TdSV 2024 (a
+``dev_*`` and an ``eval_*`` list pair, six-column enrollment lines with a gender column),
+decided from the lists present and the enrollment list's header, and logged. Writes to
+``save_folder`` the corpus contract's manifests (``data_prep/corpus.py``):
 
-    train.csv              utterances of the training speakers (dev speakers held out)
-    dev_enrol.csv          enrollment models of the held-out speakers (3 utterances each)
-    dev_enrol_utts.csv     the utterances those models are made of
-    dev_test.csv           the held-out test utterances
-    dev_trials.csv         every dev model against every dev test utterance, labelled TC/TW/IC/IW
-    eval_enrol.csv, eval_enrol_utts.csv, eval_test.csv, eval_trials.csv
-                           the official lists (labels only where a key file is present)
+    train.csv              utterances of the training speakers (validation speakers held out)
+    valid_enrol.csv, valid_enrol_utts.csv, valid_test.csv, valid_trials.csv
+                           the validation split: held-out training speakers, models of the
+                           evaluation's size where their repetitions allow, every model against
+                           every test utterance, labelled TC/TW/IC/IW
+    eval_*.csv, dev_*.csv  each official list pair (TdSV 2024's dev pair too), in the lists'
+                           order; labelled only where a key is given or in docs/
     train_noise.csv        the training utterances in SpeechBrain's extended CSV format
                            (ID,duration,wav,wav_format,wav_opts), for ``AddNoise``: babble
                            made of other training speakers
     rejected.csv           with ``skip_bad``: each excluded file or line and why
-    prep_options.json      the options the manifests were made with (to skip a redo)
+    prep_options.json      the options the manifests were made with (to skip a redo), and each
+                           official list's trial count (what its answer file is checked against)
 
-The manifests are the corpus contract's (``data_prep/corpus.py``), built and written by
-``data_prep/manifests.py``; this module reads DeepMine's lists. ``wav`` is written as
-``$data_root/wav/...``; a free-text training line (``free_text_id``) becomes the contract's
-``FREE_TEXT_ID``; the phrase text and language come from DeepMine's table (``layout.PHRASES``).
+The manifests are built and written by ``data_prep/manifests.py``; this module reads DeepMine's
+lists. ``wav`` is written as ``$data_root/wav/...``; a free-text training line
+(``free_text_id``) becomes the contract's ``FREE_TEXT_ID``; the phrase text and language come
+from DeepMine's table (``layout.PHRASES``).
 
-Everything is validated before anything is written: each referenced wav must exist, be readable,
-mono, 16 kHz, whole (as long as its header says), at least ``min_seconds`` long, finite and not
-silent (``data_prep/audio_checks.py``); each list line has its exact fields, each phrase id is a
-pass-phrase (or the free-text id in the training list), each model has ``enrol_utts`` utterances
-of its own, each key label agrees with its trial type, each id is known and none is repeated. One
-error names every problem (file and line); nothing partial is written. A lock on ``save_folder``
-makes concurrent runs take turns.
+Everything is validated before anything is written: a folder with both releases' lists, half a
+list pair or a task-2 (text-independent) enrollment list is refused at once; each list line has
+its exact fields (a five-column line in a six-column file is named), each phrase id is a
+pass-phrase (or the free-text id in the training list), each gender ``m`` or ``f``, each model
+has ``enrol_utts`` utterances of its own, each key label agrees with its trial type, each id is
+known and none is repeated: these before any audio is read. Then each referenced wav must
+exist, be readable, mono, 16 kHz, whole (as long as its header says), at least ``min_seconds``
+long, finite and not silent (``data_prep/audio_checks.py``). One error names every problem
+(file and line); nothing partial is written. A lock on ``save_folder`` makes concurrent runs
+take turns.
 
 Usage::
 
@@ -47,22 +55,24 @@ if __package__ in (None, ""):
 
 from data_prep.audio_checks import MIN_SECONDS
 from data_prep.corpus import FREE_TEXT_ID
+from data_prep.layout import FREE_TEXT_ID as LISTED_FREE_TEXT_ID
 from data_prep.layout import (
-    ENROLLMENT_LISTS,
-    KEY_LISTS,
+    GENDERS,
     PHRASES,
-    TRIAL_LISTS,
-    find_list,
+    TRAIN_LIST,
+    LayoutError,
+    OfficialLists,
+    find_release,
     phrase_language,
     wav_path,
 )
-from data_prep.layout import FREE_TEXT_ID as LISTED_FREE_TEXT_ID
 from data_prep.manifests import (
     ENROL_UTTS,
     CorpusLists,
     DataPrepError,
     EvalModel,
     ListLine,
+    OfficialSplit,
     Problems,
     Utt,
     expect_fields,
@@ -72,7 +82,7 @@ from data_prep.manifests import (
     read_list,
 )
 
-PREP_VERSION = 5  # bump when the manifests change, so existing ones are redone
+PREP_VERSION = 6  # bump when the manifests change, so existing ones are redone
 
 
 def deepmine_utt(file_id: str, subdir: str, where: str, spk_id="", phrase_id="") -> Utt:
@@ -133,21 +143,62 @@ def read_train_labels(
     return utts
 
 
+def first_line(path: Path) -> ListLine | None:
+    """The first non-blank line of a list (a header included); None for an empty list."""
+    with open(path, encoding="utf-8-sig") as handle:
+        for lineno, text in enumerate(handle, start=1):
+            if text.split():
+                return ListLine(Path(path), lineno, tuple(text.split()))
+    return None
+
+
+def has_gender_column(path: Path) -> bool:
+    """Whether an enrollment list has TdSV 2024's gender column (six columns for 3 utterances).
+
+    Its header names the columns (``model-id phrase-id gender enroll-file-id1 ...``); a list
+    without one is read by its first line (a third field ``m`` or ``f``). A task-2
+    (text-independent) enrollment list, ``model-id gender enroll-file-ids...``, is refused.
+    """
+    first = first_line(path)
+    if first is None:
+        return False
+    fields = [f.lower() for f in first.fields]
+    header = fields[0].endswith("-id")
+    gender = ("gender",) if header else GENDERS  # the column's name, or its values
+    if len(fields) > 1 and fields[1] in gender:
+        raise LayoutError(
+            f"{first.where}: a task-2 (text-independent) enrollment list (model-id gender "
+            "enroll-file-ids...): this recipe is task 1's, text-dependent, whose models name "
+            "a phrase (model-id phrase-id [gender] enroll-file-ids)"
+        )
+    return len(fields) > 2 and fields[2] in gender
+
+
 def read_enrollment(path: Path, problems: Problems, enrol_utts: int = ENROL_UTTS):
     """Models ``{model_id: EvalModel}`` and their utterances.
 
-    Each model has exactly ``enrol_utts`` utterances (0: any number, at least one), says a
-    pass-phrase, and no utterance belongs to two models.
+    Five columns (SdSV) or six with a gender (TdSV 2024: ``has_gender_column``), the same on
+    every line. Each model has exactly ``enrol_utts`` utterances (0: any number, at least one),
+    says a pass-phrase, and no utterance belongs to two models.
     """
+    gender = has_gender_column(path)
+    lead = ["model id", "phrase id", *(["gender"] if gender else [])]
+    count = f"{enrol_utts} enrollment utterance(s)" if enrol_utts else "any enrollment"
+    form = "TdSV 2024's, with a gender column" if gender else "SdSV's, without a gender column"
+    described = f" ({', '.join(lead)}, {count}: the list's columns are {form}; see enrol_utts)"
     models, utts, seen_models, owner = {}, {}, {}, {}
     for line in read_list(path):
-        count = f"{enrol_utts} enrollment utterance(s)" if enrol_utts else "any enrollment"
-        fields = f" (model id, phrase id, {count}; see enrol_utts)"
-        ok = expect_fields(line, 2 + max(enrol_utts, 1), problems, not enrol_utts, fields)
+        ok = expect_fields(line, len(lead) + max(enrol_utts, 1), problems, not enrol_utts,
+                           described)  # fmt: skip
         if not ok or not first_occurrence(line.fields[0], seen_models, line, problems):
             continue
-        model_id, phrase_id, *enrol_ids = line.fields
+        model_id, phrase_id = line.fields[:2]
+        sex = line.fields[2].lower() if gender else ""
+        enrol_ids = line.fields[len(lead) :]
         if not _known_phrase(phrase_id, line, problems):
+            continue
+        if gender and sex not in GENDERS:
+            problems.add(line.fields[2], line.where, f"gender must be one of {', '.join(GENDERS)}")
             continue
         shared = [f for f in enrol_ids if f in owner]
         for file_id in shared:
@@ -155,16 +206,17 @@ def read_enrollment(path: Path, problems: Problems, enrol_utts: int = ENROL_UTTS
         if shared:
             continue
         owner.update({f: f"{model_id} ({line.where})" for f in enrol_ids})
-        models[model_id] = EvalModel(phrase_id, enrol_ids, line.where)
+        models[model_id] = EvalModel(phrase_id, list(enrol_ids), line.where, sex)
         for file_id in enrol_ids:
             utts[file_id] = deepmine_utt(file_id, "enrollment", line.where, "", phrase_id)
     return models, utts
 
 
 def read_trials(path: Path, models: dict, problems: Problems):
-    """Trials ``[(model_id, test_id, ListLine)]`` and the test utterances they name."""
+    """Trials ``[(model_id, test_id, ListLine)]``, the test utterances they name, the line count."""
     trials, utts, seen = [], {}, {}
-    for line in read_list(path):
+    lines = read_list(path)
+    for line in lines:
         if not expect_fields(line, 2, problems):
             continue
         model_id, test_id = line.fields
@@ -176,7 +228,7 @@ def read_trials(path: Path, models: dict, problems: Problems):
         trials.append((model_id, test_id, line))
         if test_id not in utts:
             utts[test_id] = deepmine_utt(test_id, "evaluation", line.where)
-    return trials, utts
+    return trials, utts, len(lines)
 
 
 def read_key(path: Path, trials: list, problems: Problems) -> dict[tuple[str, str], str]:
@@ -211,7 +263,7 @@ def read_key(path: Path, trials: list, problems: Problems) -> dict[tuple[str, st
 
 
 def read_trial_lists(trial_list: Path, key_list, models: dict, problems: Problems):
-    """Trials (``model_id``, ``test_id``, ``condition``: "" without a key) and their tests.
+    """Trials (``model_id``, ``test_id``, ``condition``: "" without a key), tests, line count.
 
     A well-formed pair of lists (the usual case) is read and checked column-wise by pandas: 10M
     trials in seconds, where reading them line by line took minutes
@@ -220,12 +272,12 @@ def read_trial_lists(trial_list: Path, key_list, models: dict, problems: Problem
     """
     fast = _well_formed_trials(trial_list, key_list, models)
     if fast is not None:
-        return fast
-    trials, test_utts = read_trials(trial_list, models, problems)
+        return (*fast, len(fast[0]))
+    trials, test_utts, listed = read_trials(trial_list, models, problems)
     key = read_key(key_list, trials, problems) if key_list else {}
     frame = pd.DataFrame([t[:2] for t in trials], columns=["model_id", "test_id"], dtype=str)
     frame["condition"] = [key.get(t[:2], "") for t in trials]
-    return frame, test_utts
+    return frame, test_utts, listed
 
 
 def _list_columns(path: Path, names: list[str]):
@@ -291,49 +343,68 @@ def _well_formed_trials(trial_list: Path, key_list, models: dict):
 def prepare_deepmine(
     data_folder,
     save_folder,
-    dev_speakers: int = 20,
+    valid_speakers: int = 20,
     seed: int = 1234,
     include_free_text: bool = False,
     skip_bad: bool = False,
-    key_file=None,
     jobs: int | None = None,
     enrol_utts: int = ENROL_UTTS,
     min_seconds: float = MIN_SECONDS,
     free_text_id: str = LISTED_FREE_TEXT_ID,
+    valid_enrol_utts: int | None = None,
+    eval_key_file=None,
+    dev_key_file=None,
 ) -> dict[str, Path]:
     """Validate the corpus in ``data_folder`` and write the manifests to ``save_folder``.
 
-    Returns the paths of the written CSVs by name (``train``, ``dev_trials``, ...). Raises
-    ``DataPrepError`` naming each problem, unless ``skip_bad`` (then they go to rejected.csv).
-    Does nothing if the manifests exist and were made from the same lists with the same options.
-    Holds a lock on ``save_folder`` meanwhile: concurrent runs take turns. ``jobs`` threads read
-    the audio (default: one per CPU core; more pay off only on network storage).
+    Returns the paths of the written CSVs by name (``train``, ``valid_trials``, ...). Raises
+    ``DataPrepError`` naming each problem, unless ``skip_bad`` (then they go to rejected.csv);
+    a folder that is no task-1 release (``layout.find_release``, ``has_gender_column``) is
+    refused whatever ``skip_bad``. ``eval_key_file`` / ``dev_key_file`` label an official split
+    (default: ``docs/<prefix>trials_key.txt`` where present; otherwise it is scored blind).
+    Does nothing if the manifests exist and were made from the same lists with the same
+    options. Holds a lock on ``save_folder`` meanwhile: concurrent runs take turns. ``jobs``
+    threads read the audio (default: one per CPU core; more pay off only on network storage).
     """
     data_folder, save_folder = Path(data_folder), Path(save_folder)
     docs = data_folder / "docs"
-    train_list = docs / "train_labels.txt"
+    train_list = docs / TRAIN_LIST
     if not train_list.is_file():
         raise DataPrepError(f"{train_list} not found: is {data_folder} a DeepMine task1 folder?")
-    enrol_list, trial_list = find_list(docs, ENROLLMENT_LISTS), find_list(docs, TRIAL_LISTS)
-    key_list = Path(key_file) if key_file else find_list(docs, KEY_LISTS)
-    docs_files = [p for p in (train_list, enrol_list, trial_list, key_list) if p]
+    try:
+        release = find_release(docs, {"eval": eval_key_file, "dev": dev_key_file})
+        for lists in release.splits.values():
+            has_gender_column(lists.enrollment)  # a task-2 list: refused before anything
+    except LayoutError as error:
+        raise DataPrepError(str(error)) from None
+    print(f"{data_folder}: {release.describe()}")
+    docs_files = [train_list, *(p for lists in release.splits.values() for p in lists if p)]
     options = dict(
-        dev_speakers=dev_speakers, seed=seed, include_free_text=include_free_text,
+        valid_speakers=valid_speakers, seed=seed, include_free_text=include_free_text,
         skip_bad=skip_bad, enrol_utts=enrol_utts, min_seconds=min_seconds,
-        free_text_id=free_text_id,
+        free_text_id=free_text_id, valid_enrol_utts=valid_enrol_utts,
+        keys={split: str(lists.key) if lists.key else None
+              for split, lists in release.splits.items()},
     )  # fmt: skip
     fingerprint = list_fingerprint("deepmine", PREP_VERSION, data_folder, docs_files, options)
 
     def read_lists(problems: Problems) -> CorpusLists:
         """DeepMine's lists in the contract's terms (each problem recorded)."""
         train = read_train_labels(train_list, include_free_text, problems, free_text_id)
-        models, enrolled, trials, test_utts = {}, {}, None, {}
-        if enrol_list and trial_list:
-            models, enrolled = read_enrollment(enrol_list, problems, enrol_utts)
-            trials, test_utts = read_trial_lists(trial_list, key_list, models, problems)
-        return CorpusLists(train, models, enrolled, trials, test_utts)
+        official = {
+            split: read_official(lists, problems, enrol_utts)
+            for split, lists in release.splits.items()
+        }
+        return CorpusLists(train, official)
 
     return prepare_manifests(data_folder, save_folder, fingerprint, read_lists, options, jobs)
+
+
+def read_official(lists: OfficialLists, problems: Problems, enrol_utts: int) -> OfficialSplit:
+    """One official list pair (enrollment, trials and its key, if any) in the contract's terms."""
+    models, enrolled = read_enrollment(lists.enrollment, problems, enrol_utts)
+    trials, test_utts, listed = read_trial_lists(lists.trials, lists.key, models, problems)
+    return OfficialSplit(models, enrolled, trials, test_utts, lists.trials, listed)
 
 
 def main(argv=None) -> None:
@@ -341,7 +412,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_folder", required=True, help="the task1 folder (docs/ and wav/)")
     parser.add_argument("--save_folder", required=True, help="where the CSV manifests go")
-    parser.add_argument("--dev_speakers", type=int, default=20, help="training speakers held out")
+    parser.add_argument(
+        "--valid_speakers", type=int, default=20, help="training speakers held out (validation)"
+    )
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument(
         "--include_free_text", action="store_true", help="keep free-text utterances"
@@ -349,11 +422,19 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--skip_bad", action="store_true", help="exclude bad files, list them in rejected.csv"
     )
-    parser.add_argument("--key_file", help="trial key (default: docs/trials_key.txt if present)")
+    for split in ("eval", "dev"):
+        parser.add_argument(
+            f"--{split}_key_file",
+            help=f"key of the official {split} trials (default: docs/<prefix>trials_key.txt)",
+        )
     parser.add_argument("--jobs", type=int, help="threads reading the audio (default: cores)")
     parser.add_argument(
         "--enrol_utts", type=int, default=ENROL_UTTS,
         help="enrollment utterances per model (0: any number)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--valid_enrol_utts", type=int,
+        help="enrollment utterances per validation model (default: what the repetitions allow)",
     )  # fmt: skip
     parser.add_argument(
         "--min_seconds", type=float, default=MIN_SECONDS, help="shortest usable file (seconds)"

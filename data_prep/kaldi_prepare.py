@@ -58,6 +58,7 @@ from data_prep.manifests import (
     DataPrepError,
     EvalModel,
     ListLine,
+    OfficialSplit,
     Problems,
     Utt,
     first_occurrence,
@@ -66,7 +67,7 @@ from data_prep.manifests import (
     read_list,
 )
 
-PREP_VERSION = 1  # bump when the manifests change, so existing ones are redone
+PREP_VERSION = 2  # bump when the manifests change, so existing ones are redone
 PHRASE_MIN_COUNT = 5
 
 #: The files of the layout (``optional`` may be absent).
@@ -304,7 +305,7 @@ def _model_phrase(model_id, ids, line, labels: Labels, utts, owner, phrases, pro
 
 
 def read_trials(path: Path, models: dict, tests: dict, problems: Problems, refused=()):
-    """Trials (``model_id``, ``test_id``, ``condition``: "" when blind) and their test utts.
+    """Trials (``model_id``, ``test_id``, ``condition``: "" when blind), test utts, line count.
 
     Read column-wise (10M trials in seconds). Every line has the fields of the first: 2 (blind),
     3 (``target|nontarget``) or 4 (and the trial type); each bad line is a problem naming it.
@@ -317,8 +318,9 @@ def read_trials(path: Path, models: dict, tests: dict, problems: Problems, refus
         )  # fmt: skip
     except pd.errors.ParserError as error:  # a line of more than 4 fields: pandas names it
         problems.add(str(path), str(path), f"cannot read the trials: {error}")
-        return pd.DataFrame(columns=["model_id", "test_id", "condition"]), {}
+        return pd.DataFrame(columns=["model_id", "test_id", "condition"]), {}, 0
     frame = frame[frame["model_id"] != ""]  # blank lines (kept so that numbers are lines)
+    listed = len(frame)
     frame = frame[~frame["model_id"].isin(refused)]
     where = {i: f"{path}:{i + 1}" for i in frame.index}
     fields = (frame != "").sum(axis=1)
@@ -357,13 +359,13 @@ def read_trials(path: Path, models: dict, tests: dict, problems: Problems, refus
     trials = pd.DataFrame(
         {"model_id": kept["model_id"], "test_id": kept["test_id"], "condition": condition}
     ).reset_index(drop=True)
-    return trials, {t: tests[t] for t in dict.fromkeys(trials["test_id"])}
+    return trials, {t: tests[t] for t in dict.fromkeys(trials["test_id"])}, listed
 
 
 def prepare_kaldi(
     data_folder,
     save_folder,
-    dev_speakers: int = 20,
+    valid_speakers: int = 20,
     seed: int = 1234,
     include_free_text: bool = False,
     skip_bad: bool = False,
@@ -372,6 +374,7 @@ def prepare_kaldi(
     phrase_min_count: int = PHRASE_MIN_COUNT,
     audio_outside_data_folder: bool = False,
     jobs: int | None = None,
+    valid_enrol_utts: int | None = None,
 ) -> dict[str, Path]:
     """Validate the Kaldi-layout corpus in ``data_folder``; write the manifests to ``save_folder``.
 
@@ -387,9 +390,10 @@ def prepare_kaldi(
             "(see data_prep/kaldi_prepare.py)"
         )
     options = dict(
-        dev_speakers=dev_speakers, seed=seed, include_free_text=include_free_text,
+        valid_speakers=valid_speakers, seed=seed, include_free_text=include_free_text,
         skip_bad=skip_bad, enrol_utts=enrol_utts, min_seconds=min_seconds,
         phrase_min_count=phrase_min_count, outside_ok=audio_outside_data_folder,
+        valid_enrol_utts=valid_enrol_utts,
     )  # fmt: skip
 
     def read_lists(problems: Problems) -> CorpusLists:
@@ -398,8 +402,10 @@ def prepare_kaldi(
         train, phrases = read_train(data_folder, problems, options, seen)
         models, enrolled, refused = read_enroll(data_folder, problems, options, seen, phrases)
         tests = read_audio_list(data_folder, "test", problems, options["outside_ok"], seen)
-        trials, test_utts = read_trials(data_folder / "trials", models, tests, problems, refused)
-        return CorpusLists(train, models, enrolled, trials, test_utts)
+        trial_list = data_folder / "trials"
+        trials, test_utts, listed = read_trials(trial_list, models, tests, problems, refused)
+        official = OfficialSplit(models, enrolled, trials, test_utts, trial_list, listed)
+        return CorpusLists(train, {"eval": official})
 
     lists = [data_folder / name for name in (*REQUIRED, *OPTIONAL)]
     fingerprint = list_fingerprint("kaldi", PREP_VERSION, data_folder, lists, options)
@@ -411,11 +417,16 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_folder", required=True, help="the corpus folder (train/ ...)")
     parser.add_argument("--save_folder", required=True, help="where the CSV manifests go")
-    parser.add_argument("--dev_speakers", type=int, default=20, help="training speakers held out")
+    parser.add_argument(
+        "--valid_speakers", type=int, default=20, help="training speakers held out (validation)"
+    )
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--include_free_text", action="store_true", help="keep free text")
     parser.add_argument("--skip_bad", action="store_true", help="exclude bad files and lines")
     parser.add_argument("--enrol_utts", type=int, default=ENROL_UTTS, help="0: any number")
+    parser.add_argument(
+        "--valid_enrol_utts", type=int, help="per validation model (default: what fits)"
+    )
     parser.add_argument("--min_seconds", type=float, default=MIN_SECONDS)
     parser.add_argument("--phrase_min_count", type=int, default=PHRASE_MIN_COUNT)
     parser.add_argument("--audio_outside_data_folder", action="store_true")

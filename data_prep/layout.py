@@ -1,19 +1,35 @@
 """The DeepMine / SdSV / TdSV "task1" folder layout, shared by the preparer and the synthesizer.
 
-Facts from the SdSV 2020-21 evaluation plan and the TdSV 2024 release (docs/design.md section 3):
+Two releases of task 1 are in users' hands (docs/design.md section 3, after each evaluation plan):
 
-    docs/train_labels.txt       header, then "trn_000001 spk_000001 09"
-    docs/model_enrollment.txt   header, then "model_00000 07 enr_007492 enr_023277 enr_012882"
-    docs/trials.txt             header, then "model_00000 evl_000018"
-    wav/{train,enrollment,evaluation}/<file-id>.wav   (16 kHz mono)
+SdSV 2020-21: one official list pair, five-column enrollment lines::
 
-TdSV 2024 names the lists ``dev_model_enrollment.txt`` / ``dev_trials.txt``. The synthetic corpus
-adds ``docs/trials_key.txt`` ("model-id evaluation-file-id target|nontarget TC|TW|IC|IW").
+    docs/train_labels.txt        header, then "trn_000001 spk_000001 09"
+    docs/model_enrollment.txt    header, then "model_00000 07 enr_007492 enr_023277 enr_012882"
+    docs/trials.txt              header, then "model_00000 evl_000018"
+
+TdSV 2024 (its evaluation plan v1.1, sections 2.5-2.7): a dev and an eval list pair, six-column
+enrollment lines with a gender column (``m`` / ``f``)::
+
+    docs/train_labels.txt
+    docs/dev_model_enrollment.txt   header "model-id phrase-id gender enroll-file-id1 ... 3"
+    docs/dev_trials.txt             then "dev_model_000001 05 m enr_036529 enr_036530 enr_036531"
+    docs/eval_model_enrollment.txt
+    docs/eval_trials.txt            header "model-id evaluation-file-id", then model and file
+
+Audio of both: ``wav/{train,enrollment,evaluation}/<file-id>.wav`` (16 kHz mono). Neither
+release ships trial keys; a key (``model-id evaluation-file-id target|nontarget TC|TW|IC|IW``)
+is read from ``docs/<prefix>trials_key.txt`` where present (the synthetic SdSV corpus writes
+``docs/trials_key.txt``) or from a file given per official split.
+
+``find_release`` decides which release a folder holds from the lists present, and refuses a
+folder that mixes them or holds half a list pair.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 #: Pass-phrases of the DeepMine text-dependent part: 01-05 Persian, 06-10 English.
 PHRASES = {
@@ -32,12 +48,98 @@ PHRASES = {
 #: The phrase id of a free-text line in the training list (no pass-phrase).
 FREE_TEXT_ID = "FT"
 
+#: The gender column's values in TdSV 2024's enrollment lines.
+GENDERS = ("m", "f")
 
 WAV_SUBDIRS = {"train": "train", "enrollment": "enrollment", "evaluation": "evaluation"}
 
-ENROLLMENT_LISTS = ("model_enrollment.txt", "dev_model_enrollment.txt")
-TRIAL_LISTS = ("trials.txt", "dev_trials.txt")
-KEY_LISTS = ("trials_key.txt", "dev_trials_key.txt")
+TRAIN_LIST = "train_labels.txt"
+
+#: Each release's official list pairs: ``{split: prefix}`` of ``<prefix>model_enrollment.txt``,
+#: ``<prefix>trials.txt`` and the key ``<prefix>trials_key.txt``.
+RELEASES = {
+    "SdSV 2020-21": {"eval": ""},
+    "TdSV 2024": {"dev": "dev_", "eval": "eval_"},
+}
+
+
+class OfficialLists(NamedTuple):
+    """One official list pair of a release: a scored split of its own."""
+
+    enrollment: Path
+    trials: Path
+    key: Path | None  # None: blind (scored, never reported)
+
+
+class Release(NamedTuple):
+    """Which release a task1 folder holds, and its official list pairs by split."""
+
+    name: str  # a key of RELEASES, or "" for a folder without official lists
+    splits: dict[str, OfficialLists]
+
+    def describe(self) -> str:
+        """One line for the log: the release and every list it reads."""
+        if not self.splits:
+            return "no official lists in docs/: only the validation split is scored"
+        parts = []
+        for split, lists in self.splits.items():
+            key = f"key {lists.key}" if lists.key else "no key: scored blind"
+            parts.append(f"{split}: {lists.enrollment.name} + {lists.trials.name} ({key})")
+        return f"{self.name} layout; " + "; ".join(parts)
+
+
+class LayoutError(ValueError):
+    """The folder is not one task-1 release: the message names the files."""
+
+
+def _list_names(prefix: str) -> tuple[str, str]:
+    """The enrollment and trial list names of one official pair."""
+    return f"{prefix}model_enrollment.txt", f"{prefix}trials.txt"
+
+
+def find_release(docs: Path, key_files: dict | None = None) -> Release:
+    """The release whose lists ``docs`` holds, with a key per split where one is known.
+
+    ``key_files``: ``{split: path}`` given by the user (a key the folder does not hold). A
+    folder with lists of both releases, or half of a list pair, is refused naming the files; so
+    is a key given for a split the folder does not have.
+    """
+    docs, key_files = Path(docs), {s: k for s, k in (key_files or {}).items() if k}
+    found = {
+        release: [
+            p for prefix in pairs.values() for p in _list_names(prefix) if (docs / p).is_file()
+        ]
+        for release, pairs in RELEASES.items()
+    }
+    present = [release for release, names in found.items() if names]
+    if len(present) > 1:
+        listed = "; ".join(f"{r}: {', '.join(found[r])}" for r in present)
+        raise LayoutError(
+            f"{docs} holds the lists of two releases ({listed}): keep one release's lists "
+            "(SdSV 2020-21: model_enrollment.txt + trials.txt; TdSV 2024: dev_* and eval_* "
+            "pairs)"
+        )
+    name = present[0] if present else ""
+    splits = {}
+    for split, prefix in RELEASES.get(name, {}).items():
+        enrollment, trials = (docs / n for n in _list_names(prefix))
+        if enrollment.is_file() != trials.is_file():
+            have, lack = (enrollment, trials) if enrollment.is_file() else (trials, enrollment)
+            raise LayoutError(f"{have} has no {lack.name} beside it: a list pair is both files")
+        if enrollment.is_file():
+            key = key_files.get(split) or docs / f"{prefix}trials_key.txt"
+            splits[split] = OfficialLists(enrollment, trials, Path(key) if _exists(key) else None)
+    for split, key in key_files.items():
+        if split not in splits:
+            raise LayoutError(f"{split}_key_file {key}: {docs} has no {split} list pair to key")
+        if not Path(key).is_file():
+            raise LayoutError(f"{split}_key_file {key} not found")
+    return Release(name, splits)
+
+
+def _exists(path) -> bool:
+    """Whether ``path`` names a file (a missing default key is no key)."""
+    return Path(path).is_file()
 
 
 def phrase_language(phrase_id: str) -> str:
@@ -50,11 +152,3 @@ def phrase_language(phrase_id: str) -> str:
 def wav_path(root: Path, subdir: str, file_id: str) -> Path:
     """Path of one utterance in the layout; ``subdir`` is train, enrollment or evaluation."""
     return Path(root) / "wav" / WAV_SUBDIRS[subdir] / f"{file_id}.wav"
-
-
-def find_list(docs: Path, names: tuple[str, ...]) -> Path | None:
-    """The first existing file among the accepted names of one list (SdSV or TdSV 2024 naming)."""
-    for name in names:
-        if (docs / name).is_file():
-            return docs / name
-    return None

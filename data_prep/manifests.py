@@ -1,11 +1,11 @@
 """Building and writing the manifests of the corpus contract (``data_prep/corpus.py``).
 
 What every preparer shares once it has read its corpus's lists into ``CorpusLists``: the audio
-checks (every sample of every file, in parallel), the speaker-disjoint dev split with models of
-``enrol_utts`` utterances, the eval tables, and writing the whole set atomically with a record of
-what it was made from (``prep_options.json``: options, a hash of each manifest, the audio's
-identity), under a lock on the folder. A preparer supplies only its readers
-(``prepare_manifests``).
+checks (every sample of every file, in parallel), the speaker-disjoint validation split
+(``split_valid``), the tables of each official list pair (``official_tables``), and writing the
+whole set atomically with a record of what it was made from (``prep_options.json``: options, a
+hash of each manifest, the audio's identity, each official list's trial count), under a lock on
+the folder. A preparer supplies only its readers (``prepare_manifests``).
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ from data_prep.corpus import (
     MODEL_FIELDS,
     NOISE_FIELDS,
     SAMPLE_RATE,
+    SPLITS,
     TRIAL_FIELDS,
     UTT_FIELDS,
+    VALID_SPLIT,
     condition_of,
     file_digest,
 )
@@ -112,20 +114,34 @@ class EvalModel(NamedTuple):
     phrase_id: str
     enrol_ids: list[str]
     where: str  # the list line that defines it
+    gender: str = ""  # m / f where the list gives it (TdSV 2024)
+
+
+class OfficialSplit(NamedTuple):
+    """One official list pair as read: models, trials and the utterances they name.
+
+    ``trials`` has the columns ``model_id``, ``test_id``, ``condition`` ("" for a blind list),
+    in the list's order; ``listed_trials`` counts the list's trial lines (bad ones included):
+    the number of scores its answer file must hold.
+    """
+
+    models: dict[str, EvalModel]
+    enrol_utts: dict[str, Utt]
+    trials: pd.DataFrame
+    test_utts: dict[str, Utt]
+    trial_list: Path
+    listed_trials: int
 
 
 class CorpusLists(NamedTuple):
     """What a preparer read from a corpus, in the contract's terms (``prepare_manifests``).
 
-    ``trials`` has the columns ``model_id``, ``test_id``, ``condition`` ("" for a blind list),
-    or is None when the corpus has no eval lists (then ``models`` and the rest are empty).
+    ``official``: each official list pair by split name (``OFFICIAL_SPLITS``: ``eval``, and
+    TdSV 2024's ``dev``); empty when the corpus has none.
     """
 
     train: list[Utt]
-    models: dict[str, EvalModel]
-    enrol_utts: dict[str, Utt]
-    trials: pd.DataFrame | None
-    test_utts: dict[str, Utt]
+    official: dict[str, OfficialSplit]
 
 
 @dataclass
@@ -211,56 +227,124 @@ def check_audio(
             bad.add(utt.file_id)
     utts = [u for u in utts if u.file_id not in bad]
     paths = [Path(root) / u.path for u in utts]  # an absolute path stays as it is
+    unique = list(dict.fromkeys(paths))  # a file two lists name (a dev and an eval trial) once
     check = partial(file_problem, sample_rate=SAMPLE_RATE, min_seconds=min_seconds)
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # libsndfile releases the GIL
-        results = list(pool.map(check, paths, chunksize=64))
-    for utt, path, (duration, reason, digest) in zip(utts, paths, results, strict=True):
+        results = dict(zip(unique, pool.map(check, unique, chunksize=64), strict=True))
+    reported = set()
+    for utt, path in zip(utts, paths, strict=True):
+        duration, reason, digest = results[path]
         utt.duration, utt.digest = duration, digest
         if reason:
-            problems.add(str(path), utt.where, reason)
+            if path not in reported:
+                problems.add(str(path), utt.where, reason)
+                reported.add(path)
             bad.add(utt.file_id)
     return bad
 
 
-def split_dev(train: list[Utt], dev_speakers: int, seed: int, enrol_utts: int = ENROL_UTTS):
-    """Hold out whole speakers: returns (train utts, dev models, dev enrol utts, dev test utts).
+class ValidSplit(NamedTuple):
+    """The held-out-speaker split: its models, their utterances, the test utterances, why so."""
 
-    Each held-out (speaker, pass-phrase) with more than ``enrol_utts`` utterances (0: the
-    challenge's 3) gives one model of that many random enrollment utterances, as the eval
-    models have; all other utterances of held-out speakers are test utterances. A model is
-    ``(model_id, phrase_id, spk_id, enrol_ids, language)``.
+    models: list[tuple[str, str, str, list[str], str]]  # model, phrase, speaker, ids, language
+    enrol: list[Utt]
+    test: list[Utt]
+    enrol_size: int  # enrollment utterances per model
+    reason: str  # why that many (for the log)
+
+
+def valid_enrol_size(counts: list[int], eval_size: int, requested: int | None):
+    """``(size, reason)``: how many enrollment utterances each validation model has.
+
+    ``counts``: utterances of each held-out (speaker, pass-phrase). ``requested`` (the
+    ``valid_enrol_utts`` setting) is used as it is; by default the evaluation's size
+    (``eval_size``) where at least half of the held-out pairs have an utterance to spare for a
+    test, otherwise the largest size for which they do (a corpus whose speakers say each
+    phrase 4 times, evaluated with 5-utterance models, gets validation models of 3).
     """
-    count = enrol_utts or ENROL_UTTS
+    if requested:
+        return requested, f"valid_enrol_utts: {requested}"
+    typical = int(np.sort(counts)[(len(counts) - 1) // 2]) if counts else 0  # the lower median
+    size = min(eval_size, typical - 1)
+    if size == eval_size:
+        return size, f"the evaluation's size ({eval_size})"
+    return size, (
+        f"the evaluation's models have {eval_size}, but the held-out speakers say a pass-phrase "
+        f"{typical} times (median): {size} enrollment + at least 1 test utterance "
+        "(valid_enrol_utts sets it)"
+    )
+
+
+def split_valid(
+    train: list[Utt],
+    valid_speakers: int,
+    seed: int,
+    enrol_utts: int = ENROL_UTTS,
+    valid_enrol_utts: int | None = None,
+) -> tuple[list[Utt], ValidSplit]:
+    """Hold out whole speakers: ``(training utterances, ValidSplit)``.
+
+    Each held-out (speaker, pass-phrase) with more utterances than the validation models'
+    size (``valid_enrol_size``) gives one model of that many random enrollment utterances; all
+    other utterances of held-out speakers are test utterances. A split without models, or
+    without both target and non-target trials, is a ``DataPrepError`` naming the settings that
+    change it: training would otherwise select checkpoints on nothing for hours.
+    """
     speakers = sorted({u.spk_id for u in train})
-    if dev_speakers >= len(speakers):
+    if valid_speakers >= len(speakers):
         raise DataPrepError(
-            f"dev_speakers={dev_speakers} but the training list has only {len(speakers)} speakers"
+            f"valid_speakers={valid_speakers} but the training list has only {len(speakers)} "
+            "speakers"
         )
     rng = np.random.default_rng(seed)
-    held_out = set(rng.choice(speakers, dev_speakers, replace=False).tolist())
+    held_out = set(rng.choice(speakers, valid_speakers, replace=False).tolist())
     groups = defaultdict(list)
     for utt in train:
         if utt.spk_id in held_out:
             groups[(utt.spk_id, utt.phrase_id)].append(utt)
+    counts = [len(utts) for (_, phrase), utts in groups.items() if phrase != FREE_TEXT_ID]
+    size, reason = valid_enrol_size(counts, enrol_utts or ENROL_UTTS, valid_enrol_utts)
     models, enrol, test = [], [], []
     for (spk_id, phrase_id), utts in sorted(groups.items()):
         order = [utts[i] for i in rng.permutation(len(utts))]
-        if phrase_id != FREE_TEXT_ID and len(order) > count:
-            model_id = f"dev_{spk_id}_{phrase_id}"
-            ids = [u.file_id for u in order[:count]]
+        if phrase_id != FREE_TEXT_ID and size >= 1 and len(order) > size:
+            model_id = f"{VALID_SPLIT}_{spk_id}_{phrase_id}"
+            ids = [u.file_id for u in order[:size]]
             models.append((model_id, phrase_id, spk_id, ids, order[0].language))
-            enrol += order[:count]
-            order = order[count:]
+            enrol += order[:size]
+            order = order[size:]
         test += order
-    return [u for u in train if u.spk_id not in held_out], models, enrol, test
+    split = ValidSplit(models, enrol, test, size, reason)
+    check_valid_split(split, valid_speakers, max(counts, default=0))
+    return [u for u in train if u.spk_id not in held_out], split
 
 
-def dev_trials(models, test: list[Utt]) -> list[tuple[str, str, int, str]]:
-    """Every dev model against every dev test utterance, labelled.
+def check_valid_split(split: ValidSplit, valid_speakers: int, most: int) -> None:
+    """Refuse a validation split that cannot select a checkpoint (see ``split_valid``)."""
+    if not split.models:
+        size = max(split.enrol_size, 1)
+        raise DataPrepError(
+            f"the validation split has no model: a model needs {size} enrollment utterance(s) "
+            f"and a test utterance of one pass-phrase by one held-out speaker, and the "
+            f"{valid_speakers} held-out speakers say a pass-phrase at most {most} time(s). "
+            "Hold out speakers with more repetitions (valid_speakers, seed), lower "
+            "valid_enrol_utts, or use a corpus whose training speakers repeat their phrases"
+        )
+    speakers = {spk for _, _, spk, _, _ in split.models} | {u.spk_id for u in split.test}
+    phrases = {phrase for _, phrase, _, _, _ in split.models} | {u.phrase_id for u in split.test}
+    if len(speakers) < 2 and len(phrases) < 2:
+        raise DataPrepError(
+            "the validation split has no non-target trial: its one held-out speaker says one "
+            "phrase. Hold out more speakers (valid_speakers)"
+        )
+
+
+def valid_trials(models, test: list[Utt]) -> list[tuple[str, str, int, str]]:
+    """Every validation model against every validation test utterance, labelled.
 
     Free-text test utterances (kept with ``include_free_text``) give wrong-phrase trials (TW with
     their speaker's models, IW with the others'), as in TdSV 2024's evaluation: the fusion then
-    learns on dev to reject sentences that are no pass-phrase.
+    learns to reject sentences that are no pass-phrase.
     """
     trials = []
     tests = list(test)
@@ -316,8 +400,9 @@ def up_to_date(marker: Path, fingerprint: dict) -> bool:
 
 
 UTTERANCE_MANIFESTS = (
-    "train.csv", "dev_enrol_utts.csv", "dev_test.csv", "eval_enrol_utts.csv", "eval_test.csv",
-)  # fmt: skip
+    "train.csv",
+    *(f"{split}_{kind}.csv" for split in SPLITS for kind in ("enrol_utts", "test")),
+)
 
 
 def listed_audio(save_folder: Path) -> list[str]:
@@ -365,11 +450,12 @@ def write_all(
     marker: str,
     options: dict,
     audio: dict,
+    official: dict | None = None,
 ) -> None:
     """Write every CSV under a temporary name, then rename them all: never a partial set.
 
-    The ``marker`` file (the ``options``, a hash of each manifest and the ``audio_record``) is
-    written last;
+    The ``marker`` file (the ``options``, a hash of each manifest, the ``audio_record`` and the
+    ``official`` lists' record, ``official_record``) is written last;
     manifests of an earlier run that this one does not make (say ``rejected.csv``) are removed.
     On any failure the temporary files go and the folder keeps the previous run's complete set.
     """
@@ -391,6 +477,7 @@ def write_all(
         tmp = save_folder / f".{name}.{os.getpid()}.tmp"
         temporary.append((tmp, save_folder / name))
         record = {"options": options, "manifests": digests, "audio": audio}
+        record["official"] = official or {}
         tmp.write_text(json.dumps(record, indent=1))
     except BaseException:
         for tmp, _ in temporary:
@@ -422,17 +509,17 @@ def folder_lock(save_folder: Path):
         os.close(descriptor)  # releases the lock
 
 
-def eval_tables(lists: CorpusLists, bad: set[str], problems: Problems) -> dict:
-    """The official enrollment models and trials, minus what bad files make unusable.
+def official_tables(split: str, lists: OfficialSplit, bad: set[str], problems: Problems) -> dict:
+    """An official list pair's manifests (``<split>_*.csv``), minus what bad files make unusable.
 
     A model's language is its enrollment utterances' (blank where the corpus gives none).
     """
-    models, enrol_utts, trials, test_utts = lists[1:]
+    models, enrol_utts, trials, test_utts = lists[:4]
     usable_models = {}
-    for model_id, (phrase_id, enrol_ids, where) in models.items():
+    for model_id, (phrase_id, enrol_ids, where, gender) in models.items():
         good = [f for f in enrol_ids if f not in bad]
         if good:
-            usable_models[model_id] = (phrase_id, good, enrol_utts[good[0]].language)
+            usable_models[model_id] = (phrase_id, good, enrol_utts[good[0]].language, gender)
         else:
             problems.add(
                 model_id,
@@ -443,66 +530,114 @@ def eval_tables(lists: CorpusLists, bad: set[str], problems: Problems) -> dict:
     keyed = kept["condition"] != ""
     if keyed.any() and not keyed.all():  # a key with gaps (skip_bad: each is a listed problem)
         kept = kept[keyed]  # those trials go; the split stays labelled, never scored blind
-    used_enrol = {f for _, ids, _ in usable_models.values() for f in ids}
+    used_enrol = {f for _, ids, _, _ in usable_models.values() for f in ids}
     used_test = set(kept["test_id"].unique())
     labelled = kept["condition"] != ""
     label = np.where(labelled, (kept["condition"] == "TC").astype(int).astype(str), "")
     trial_rows = kept.assign(label=label)[TRIAL_FIELDS]  # written by pandas: 10M rows
+    model_rows = [
+        [m, p, "", " ".join(ids), lang, gender]
+        for m, (p, ids, lang, gender) in usable_models.items()
+    ]
     return {
-        "eval_enrol.csv": (
-            MODEL_FIELDS,
-            [[m, p, "", " ".join(ids), lang] for m, (p, ids, lang) in usable_models.items()],
-        ),
-        "eval_enrol_utts.csv": (
+        f"{split}_enrol.csv": (MODEL_FIELDS, model_rows),
+        f"{split}_enrol_utts.csv": (
             UTT_FIELDS,
             utt_rows([u for f, u in enrol_utts.items() if f in used_enrol]),
         ),
-        "eval_test.csv": (
+        f"{split}_test.csv": (
             UTT_FIELDS,
             utt_rows([u for f, u in test_utts.items() if f in used_test]),
         ),
-        "eval_trials.csv": (TRIAL_FIELDS, trial_rows),
+        f"{split}_trials.csv": (TRIAL_FIELDS, trial_rows),
     }
 
 
-def print_summary(save_folder: Path, tables: dict, problems: Problems) -> None:
-    """One line per written table, and the number of rejected items."""
+def valid_tables(split: ValidSplit) -> dict:
+    """The validation split's manifests (``valid_*.csv``)."""
+    models = [[m, p, s, " ".join(ids), lang, ""] for m, p, s, ids, lang in split.models]
+    trials = [list(t) for t in valid_trials(split.models, split.test)]
+    return {
+        f"{VALID_SPLIT}_enrol.csv": (MODEL_FIELDS, models),
+        f"{VALID_SPLIT}_enrol_utts.csv": (UTT_FIELDS, utt_rows(split.enrol)),
+        f"{VALID_SPLIT}_test.csv": (UTT_FIELDS, utt_rows(split.test)),
+        f"{VALID_SPLIT}_trials.csv": (TRIAL_FIELDS, trials),
+    }
+
+
+def official_record(lists: CorpusLists, tables: dict) -> dict:
+    """``{split: {"trial_list", "listed_trials", "kept_trials"}}`` of each official list pair.
+
+    What an answer file is checked against: the list's trial count and how many of its trials
+    the manifests keep (fewer only where ``skip_bad`` left bad ones out).
+    """
+    return {
+        split: {
+            "trial_list": str(official.trial_list),
+            "listed_trials": official.listed_trials,
+            "kept_trials": len(tables[f"{split}_trials.csv"][1]),
+        }
+        for split, official in lists.official.items()
+    }
+
+
+def print_summary(save_folder: Path, tables: dict, problems: Problems, official: dict) -> None:
+    """One line per written table, the number of rejected items, and incomplete official lists.
+
+    An official list that lost trials (``skip_bad``) can give no answer file: every trial of a
+    submission needs a score.
+    """
     counts = ", ".join(f"{name[:-4]}: {len(rows)}" for name, (_, rows) in tables.items())
     print(f"Wrote manifests to {save_folder} ({counts})")
     if problems.items:
         print(f"Excluded {len(problems.items)} bad files/lines: see {save_folder / 'rejected.csv'}")
+    for split, record in official.items():
+        if record["kept_trials"] != record["listed_trials"]:
+            print(
+                f"WARNING: {split}: {record['kept_trials']} of the {record['listed_trials']} "
+                f"trials of {record['trial_list']} are kept (bad files or lines left out): "
+                f"its reports cover those, and no answer file can be written for {split}"
+            )
 
 
 def manifest_tables(
     data_folder: Path, lists: CorpusLists, problems: Problems, options: dict, jobs: int
 ):
-    """Check the audio, split dev, and make every table: ``(tables by file name, audio record)``.
+    """Check the audio, split off validation, make every table: ``(tables by name, audio record)``.
 
-    ``options``: ``skip_bad``, ``dev_speakers``, ``seed``, ``enrol_utts``, ``min_seconds``.
-    Raises ``DataPrepError`` naming every problem (the readers' and the audio's) unless
-    ``skip_bad``; then they are left out and listed in ``rejected.csv``.
+    ``options``: ``skip_bad``, ``valid_speakers``, ``valid_enrol_utts``, ``seed``,
+    ``enrol_utts``, ``min_seconds``. Raises ``DataPrepError`` naming every problem unless
+    ``skip_bad`` (then they are left out and listed in ``rejected.csv``): the lists' problems
+    before any audio is read, the audio's after.
     """
-    utts = lists.train + list(lists.enrol_utts.values()) + list(lists.test_utts.values())
+    if problems.items and not options["skip_bad"]:
+        raise DataPrepError(problems.message())
+    utts = lists.train + [
+        utt
+        for official in lists.official.values()
+        for utt in [*official.enrol_utts.values(), *official.test_utts.values()]
+    ]
     bad = check_audio(data_folder, utts, problems, jobs, options["min_seconds"])
     if problems.items and not options["skip_bad"]:
         raise DataPrepError(problems.message())
     train = [u for u in lists.train if u.file_id not in bad]
-    train, dev_models, dev_enrol, dev_test = split_dev(
-        train, options["dev_speakers"], options["seed"], options["enrol_utts"]
+    train, valid = split_valid(
+        train, options["valid_speakers"], options["seed"], options["enrol_utts"],
+        options["valid_enrol_utts"],
+    )  # fmt: skip
+    print(
+        f"Validation split: {options['valid_speakers']} held-out training speakers, "
+        f"{len(valid.models)} models of {valid.enrol_size} enrollment utterance(s) "
+        f"({valid.reason}), {len(valid.test)} test utterances"
     )
     train_rows = utt_rows(train)
     tables = {
         "train.csv": (UTT_FIELDS, train_rows),
         "train_noise.csv": (NOISE_FIELDS, [[*row[:3], "wav", ""] for row in train_rows]),
-        "dev_enrol.csv": (
-            MODEL_FIELDS, [[m, p, s, " ".join(ids), lang] for m, p, s, ids, lang in dev_models]
-        ),
-        "dev_enrol_utts.csv": (UTT_FIELDS, utt_rows(dev_enrol)),
-        "dev_test.csv": (UTT_FIELDS, utt_rows(dev_test)),
-        "dev_trials.csv": (TRIAL_FIELDS, [list(t) for t in dev_trials(dev_models, dev_test)]),
-    }  # fmt: skip
-    if lists.models:
-        tables.update(eval_tables(lists, bad, problems))
+        **valid_tables(valid),
+    }
+    for split, official in lists.official.items():
+        tables.update(official_tables(split, official, bad, problems))
     if options["skip_bad"]:
         tables["rejected.csv"] = (["item", "where", "reason"], [list(p) for p in problems.items])
     return tables, audio_record(data_folder, utts, tables)
@@ -556,6 +691,17 @@ def prepare_manifests(
         problems = Problems()
         lists = read_lists(problems)
         tables, audio = manifest_tables(data_folder, lists, problems, options, jobs)
-        write_all(save_folder, tables, marker.name, fingerprint, audio)
-    print_summary(save_folder, tables, problems)
+        official = official_record(lists, tables)
+        write_all(save_folder, tables, marker.name, fingerprint, audio, official)
+    print_summary(save_folder, tables, problems, official)
     return {Path(name).stem: save_folder / name for name in tables}
+
+
+def official_lists(save_folder) -> dict:
+    """The official list pairs that the manifests in ``save_folder`` were made from.
+
+    ``{split: {"trial_list", "listed_trials", "kept_trials"}}`` (``official_record``), read
+    from data prep's record; empty for manifests without official lists.
+    """
+    record = json.loads((Path(save_folder) / PREP_RECORD).read_text())
+    return record.get("official") or {}

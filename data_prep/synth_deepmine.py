@@ -1,4 +1,4 @@
-"""Write a synthetic corpus in exactly the DeepMine / SdSV "task1" layout.
+"""Write a synthetic corpus in exactly the DeepMine "task1" layout, as SdSV or TdSV 2024 ship it.
 
 The ten DeepMine pass-phrases are spoken by seeded synthetic speakers with libespeak-ng (shipped by
 the ``espeakng-loader`` wheel, called through ``ctypes``: no root, no apt, no network), then
@@ -9,9 +9,24 @@ pitch range, speaking rate, a vocal-tract scale (resampling shifts all formants)
 An *utterance* varies around its speaker: pitch/rate jitter, leading/trailing silence, additive
 white/pink/babble noise at a random SNR, optional reverberation and a random gain.
 
+The official lists come in either release's form (``--layout``, ``data_prep/layout.py``):
+
+- ``sdsv`` (SdSV 2020-21): ``docs/model_enrollment.txt`` (five columns) and ``docs/trials.txt``,
+  with the key the real release keeps secret in ``docs/trials_key.txt``;
+- ``tdsv2024`` (TdSV 2024): the evaluation speakers' models split into a dev pair
+  (``docs/dev_model_enrollment.txt``, ``docs/dev_trials.txt``: the first third of the speakers)
+  and an eval pair (``docs/eval_*``), six-column enrollment lines with each speaker's gender,
+  model ids ``dev_model_000001`` / ``eval_model_000001``, and the keys outside ``docs/``, as the
+  challenge ships none: ``keys/dev_trials_key.txt``, ``keys/eval_trials_key.txt``. A model
+  keeps the trials it has in the other form (their test files may be the other split's).
+
+Both forms hold the same audio: asked for the other form of a corpus already written, only the
+lists are rewritten.
+
 Usage::
 
     python data_prep/synth_deepmine.py --out data/synth_deepmine --speakers 40 --eval_speakers 20
+    python data_prep/synth_deepmine.py --out data/synth_tdsv2024 --layout tdsv2024
 
 The output is byte-identical for a given seed and size, whatever ``--jobs`` is.
 """
@@ -39,6 +54,7 @@ from data_prep.corpus import SAMPLE_RATE, condition_of
 from data_prep.layout import (
     FREE_TEXT_ID,
     PHRASES,
+    RELEASES,
     phrase_language,
     wav_path,
 )
@@ -55,6 +71,13 @@ VOICE_VARIANTS = (
     "norbert pablo paul pedro quincy rob robert sandro shelby steph steph2 steph3 travis victor zac"
 ).split()
 LANGUAGE_VOICE = {"persian": "fa", "english": "en"}
+#: The variants of ``VOICE_VARIANTS`` with a female voice: a speaker's gender in TdSV 2024's lists.
+FEMALE_VARIANTS = frozenset(
+    "f1 f2 f3 f4 f5 annie anika aunty belinda grandma linda shelby steph steph2 steph3".split()
+)
+
+#: The release forms of the official lists (``--layout``) -> the release (``layout.RELEASES``).
+LAYOUTS = {"sdsv": "SdSV 2020-21", "tdsv2024": "TdSV 2024"}
 
 #: Free-text sentences (not pass-phrases) that evaluation speakers say for wrong-phrase (TW)
 #: trials, as in TdSV 2024's evaluation data: the phrase check meets sentences it never saw.
@@ -126,6 +149,17 @@ class Utterance:
     speaker: int
     phrase_id: str
     seed: tuple[int, ...]
+
+
+def draw_speakers(seed: int, count: int) -> list[Speaker]:
+    """The corpus's ``count`` speaker identities, drawn from the seed."""
+    rng = np.random.default_rng([seed, 4])
+    return [draw_speaker(rng) for _ in range(count)]
+
+
+def gender(speaker: Speaker) -> str:
+    """``f`` or ``m``: the voice variant's."""
+    return "f" if speaker.variant in FEMALE_VARIANTS else "m"
 
 
 def draw_speaker(rng: np.random.Generator) -> Speaker:
@@ -498,28 +532,95 @@ def _listed_phrase(phrase_id: str) -> str:
     return phrase_id if phrase_id in PHRASES else FREE_TEXT_ID
 
 
-def _write_docs(out: Path, plan: CorpusPlan) -> None:
-    """The docs/ lists of the layout, plus the trial key that real data keeps secret."""
+def _key_line(model_id: str, test_id: str, condition: str) -> str:
+    """A key line: ``model-id evaluation-file-id target|nontarget TC|TW|IC|IW``."""
+    return f"{model_id} {test_id} {'target' if condition == 'TC' else 'nontarget'} {condition}"
+
+
+TRIALS_HEADER = "model-id evaluation-file-id"
+KEY_HEADER = "model-id evaluation-file-id target-type trial-type"
+
+
+def _write_docs(out: Path, plan: CorpusPlan, layout: str = "sdsv", genders=()) -> None:
+    """The docs/ lists of the layout's release, and the trial keys that real data keeps secret.
+
+    ``genders``: ``m`` / ``f`` of each speaker (``tdsv2024``). The lists of the other layout
+    are removed, so the folder holds one release.
+    """
     docs = out / "docs"
     docs.mkdir(parents=True, exist_ok=True)
+    for stale in _layout_files(out, "tdsv2024" if layout == "sdsv" else "sdsv"):
+        stale.unlink(missing_ok=True)
     train_lines = ["train-file-id speaker-id phrase-id"] + [
         f"{u.file_id} {plan.train_speaker_ids[u.speaker]} {_listed_phrase(u.phrase_id)}"
         for u in sorted(plan.train, key=lambda u: u.file_id)
     ]
+    files = {docs / "train_labels.txt": train_lines}
+    if layout == "sdsv":
+        files.update(_sdsv_lists(docs, plan))
+    else:
+        files.update(_tdsv2024_lists(out, plan, genders))
+    for path, lines in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _layout_files(out: Path, layout: str) -> list[Path]:
+    """The list files this script writes for ``layout`` (keys included)."""
+    if layout == "sdsv":
+        return [out / "docs" / n for n in ("model_enrollment.txt", "trials.txt", "trials_key.txt")]
+    prefixes = RELEASES[LAYOUTS["tdsv2024"]].values()
+    docs = [
+        out / "docs" / f"{p}{n}" for p in prefixes for n in ("model_enrollment.txt", "trials.txt")
+    ]
+    return docs + [out / "keys" / f"{p}trials_key.txt" for p in prefixes]
+
+
+def _sdsv_lists(docs: Path, plan: CorpusPlan) -> dict[Path, list[str]]:
+    """SdSV 2020-21's official list pair (five columns) and its key, in docs/."""
     model_lines = ["model-id phrase-id enroll-file-id1 enroll-file-id2 enroll-file-id3"] + [
         f"{mid} {p} {' '.join(fids)}" for mid, p, fids in plan.models
     ]
-    trial_lines = ["model-id evaluation-file-id"] + [f"{m} {t}" for m, t, _ in plan.trials]
-    key_lines = ["model-id evaluation-file-id target-type trial-type"] + [
-        f"{m} {t} {'target' if c == 'TC' else 'nontarget'} {c}" for m, t, c in plan.trials
-    ]
-    for name, lines in (
-        ("train_labels.txt", train_lines),
-        ("model_enrollment.txt", model_lines),
-        ("trials.txt", trial_lines),
-        ("trials_key.txt", key_lines),
-    ):
-        (docs / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {
+        docs / "model_enrollment.txt": model_lines,
+        docs / "trials.txt": [TRIALS_HEADER] + [f"{m} {t}" for m, t, _ in plan.trials],
+        docs / "trials_key.txt": [KEY_HEADER] + [_key_line(*trial) for trial in plan.trials],
+    }
+
+
+def _tdsv2024_lists(out: Path, plan: CorpusPlan, genders) -> dict[Path, list[str]]:
+    """TdSV 2024's dev and eval list pairs (six columns), keys in ``keys/`` (see the module).
+
+    The first third of the evaluation speakers (at least one) are the dev speakers: the two
+    pairs differ in size.
+    """
+    speaker_of = {u.file_id: u.speaker for u in plan.enrollment}
+    model_speaker = {mid: speaker_of[fids[0]] for mid, _, fids in plan.models}
+    speakers = sorted(set(model_speaker.values()))
+    if len(speakers) < 2:
+        raise ValueError("--layout tdsv2024 needs at least 2 evaluation speakers (dev and eval)")
+    dev_speakers = set(speakers[: max(1, len(speakers) // 3)])
+    files, renamed = {}, {}
+    for split, prefix in RELEASES[LAYOUTS["tdsv2024"]].items():
+        models = [
+            m for m in plan.models if (model_speaker[m[0]] in dev_speakers) == (split == "dev")
+        ]
+        renamed.update({m[0]: f"{split}_model_{i + 1:06d}" for i, m in enumerate(models)})
+        files[out / "docs" / f"{prefix}model_enrollment.txt"] = [
+            "model-id phrase-id gender enroll-file-id1 enroll-file-id2 enroll-file-id3"
+        ] + [
+            f"{renamed[mid]} {p} {genders[model_speaker[mid]]} {' '.join(fids)}"
+            for mid, p, fids in models
+        ]
+        own = {m[0] for m in models}
+        trials = [(renamed[m], t, c) for m, t, c in plan.trials if m in own]
+        files[out / "docs" / f"{prefix}trials.txt"] = [TRIALS_HEADER] + [
+            f"{m} {t}" for m, t, _ in trials
+        ]
+        files[out / "keys" / f"{prefix}trials_key.txt"] = [KEY_HEADER] + [
+            _key_line(*trial) for trial in trials
+        ]
+    return files
 
 
 def _clear_previous_corpus(out: Path) -> None:
@@ -558,11 +659,15 @@ def synthesize_corpus(
     free_text: int = 0,
     free_text_trials: int = 0,
     free_text_train: int = 0,
+    layout: str = "sdsv",
 ) -> Path:
-    """Write the synthetic corpus to ``out`` and return its path.
+    """Write the synthetic corpus to ``out``, its lists in ``layout``'s form; return its path.
 
-    Skips the work when ``out`` already holds a complete corpus made with the same options.
+    Skips the work when ``out`` already holds a complete corpus made with the same options;
+    rewrites only the lists when it holds the same audio in the other layout.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: {layout!r} is not one of {', '.join(LAYOUTS)}")
     out = Path(out)
     trials_per_model = trials_per_model or {"TW": 3, "IC": 6, "IW": 3}
     options = dict(
@@ -577,20 +682,30 @@ def synthesize_corpus(
         texts=texts_digest(),
     )
     done_marker = out / "synth_options.json"
-    if done_marker.is_file() and json.loads(done_marker.read_text()) == options:
+    written = json.loads(done_marker.read_text()) if done_marker.is_file() else None
+    same_audio = (
+        isinstance(written, dict) and {k: v for k, v in written.items() if k != "layout"} == options
+    )
+    if same_audio and written.get("layout", "sdsv") == layout:
         print(f"Synthetic corpus already in {out} (same options): skipping generation.")
         return out
     plan = plan_corpus(
         seed, speakers, eval_speakers, reps, trials_per_model, free_text, free_text_trials,
         free_text_train,
     )  # fmt: skip
+    genders = [gender(s) for s in draw_speakers(seed, speakers + eval_speakers)]
+    if same_audio:
+        _write_docs(out, plan, layout, genders)
+        done_marker.write_text(json.dumps({**options, "layout": layout}))
+        print(f"Rewrote the lists of the synthetic corpus in {out} in the {layout} layout.")
+        return out
     _clear_previous_corpus(out)
     seconds = render_plan(
         out, plan, seed, speakers + eval_speakers, jobs, DEEPMINE_TEXTS,
         lambda utt: wav_path(out, utt.subdir, utt.file_id),
     )  # fmt: skip
-    _write_docs(out, plan)
-    done_marker.write_text(json.dumps(options))
+    _write_docs(out, plan, layout, genders)
+    done_marker.write_text(json.dumps({**options, "layout": layout}))
     _say_written(out, plan, seconds, speakers, eval_speakers)
     return out
 
@@ -603,12 +718,11 @@ def render_plan(out: Path, plan: CorpusPlan, seed, n_speakers, jobs, texts, path
     ``synth_speakers.json`` (each speaker's identity) in ``out``.
     """
     _init_espeak()
-    rng = np.random.default_rng([seed, 4])
     phrases = sorted({u.phrase_id for u in plan.enrollment})
     babble_phrases = None if texts is DEEPMINE_TEXTS else [texts[p] for p in phrases]
     _SHARED.update(
         out=out,
-        speakers=[draw_speaker(rng) for _ in range(n_speakers)],
+        speakers=draw_speakers(seed, n_speakers),
         babble=_fork_map(partial(babble_bank, phrases=babble_phrases), [seed], 1)[0],
         texts=texts,
         path_of=path_of,
@@ -649,6 +763,10 @@ def main(argv=None) -> None:
         "--free_text_train", type=int, default=0, help="free-text sentences per training speaker"
     )
     parser.add_argument("--jobs", type=int, default=multiprocessing.cpu_count())
+    parser.add_argument(
+        "--layout", default="sdsv", choices=sorted(LAYOUTS),
+        help="the official lists' form: sdsv (SdSV 2020-21) or tdsv2024 (dev and eval pairs)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     synthesize_corpus(
         args.out,
@@ -660,6 +778,7 @@ def main(argv=None) -> None:
         free_text=args.free_text,
         free_text_trials=args.free_text_trials,
         free_text_train=args.free_text_train,
+        layout=args.layout,
     )
 
 

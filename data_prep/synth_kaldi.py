@@ -186,7 +186,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="corpus folder to write")
     parser.add_argument("--phrases", required=True, help="text file: one pass-phrase per line")
-    parser.add_argument("--speakers", type=int, default=4, help="training speakers (dev too)")
+    parser.add_argument(
+        "--speakers", type=int, default=4, help="training speakers (validation too)"
+    )
     parser.add_argument("--eval_speakers", type=int, default=2)
     parser.add_argument("--reps", type=int, default=6, help="repetitions of each phrase")
     parser.add_argument("--enrol_utts", type=int, default=5, help="utterances per model")

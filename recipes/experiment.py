@@ -34,7 +34,8 @@ from speechbrain.utils.logger import get_logger
 from tqdm import tqdm
 
 from data_prep.audio_checks import check_finite, check_waveform, file_problem
-from data_prep.corpus import CORPUS_OPTIONS, FREE_TEXT_ID, preparer
+from data_prep.corpus import CORPUS_OPTIONS, FREE_TEXT_ID, SPLITS, preparer
+from data_prep.manifests import official_lists
 from data_prep.synth_deepmine import synthesize_corpus
 from recipes.distributed import gathered, shard
 from recipes.evaluation.scoring import EmbeddingTable
@@ -63,7 +64,7 @@ class CorpusSettings:
     data_folder: str
     prep_folder: str
     corpus: str  # its layout: one of data_prep.corpus.CORPORA
-    dev_speakers: int
+    valid_speakers: int  # training speakers held out: the validation split
     seed: int
     include_free_text: bool
     skip_bad: bool
@@ -72,20 +73,26 @@ class CorpusSettings:
     synthetic_corpus: dict | None  # data_prep/synth_deepmine.py options; None: a real corpus
     phrase_min_count: int  # corpus kaldi: a transcript seen fewer times in training is free text
     audio_outside_data_folder: bool  # corpus kaldi: wav.scp paths may lead out of data_folder
+    valid_enrol_utts: int | None = None  # per validation model; None: what the repetitions allow
+    eval_key_file: str | None = None  # corpus deepmine: keys of the official lists (optional)
+    dev_key_file: str | None = None
 
     def preparer_options(self) -> dict:
         """The keyword arguments of the ``corpus`` preparer (``data_prep/corpus.py``)."""
         common = {
-            "dev_speakers": self.dev_speakers,
+            "valid_speakers": self.valid_speakers,
             "seed": self.seed,
             "include_free_text": self.include_free_text,
             "skip_bad": self.skip_bad,
             "enrol_utts": self.enrol_utts,
             "min_seconds": self.min_audio_seconds,
+            "valid_enrol_utts": self.valid_enrol_utts,
         }
         own = {
             "phrase_min_count": self.phrase_min_count,
             "audio_outside_data_folder": self.audio_outside_data_folder,
+            "eval_key_file": self.eval_key_file,
+            "dev_key_file": self.dev_key_file,
         }
         return {**common, **{key: own[key] for key in CORPUS_OPTIONS[self.corpus]}}
 
@@ -153,11 +160,17 @@ def prepare_data(corpus: CorpusSettings) -> None:
 
 
 class Split(NamedTuple):
-    """One evaluation split: its utterances (a dataset), enrollment models and trials."""
+    """One evaluation split: its utterances (a dataset), enrollment models and trials.
+
+    ``official``: for an official list pair, what its answer file is checked against
+    (``data_prep.manifests.official_record``: the list, its trial count, the trials kept);
+    None for the validation split.
+    """
 
     utterances: DynamicItemDataset
     models: pd.DataFrame
     trials: pd.DataFrame
+    official: dict | None = None
 
 
 def _utterances(csv_paths, data_folder) -> DynamicItemDataset:
@@ -248,13 +261,14 @@ def dataio_prep(corpus: CorpusSettings, audio: AudioSettings) -> RecipeData:
         utts.set_output_keys(["id", "sig"])
         return utts.filtered_sorted(sort_key="duration", reverse=True)
 
-    splits = {}
-    for split in ("dev", "eval"):
+    splits, official = {}, official_lists(prep)
+    for split in SPLITS:  # valid, then the official list pairs the corpus has
         if (prep / f"{split}_trials.csv").is_file():
             splits[split] = Split(
                 eval_utterances([prep / f"{split}_enrol_utts.csv", prep / f"{split}_test.csv"]),
                 pd.read_csv(prep / f"{split}_enrol.csv", dtype=str, keep_default_na=False),
                 pd.read_csv(prep / f"{split}_trials.csv", dtype=str, keep_default_na=False),
+                official.get(split),
             )
 
     def usable(wav: str) -> bool:
@@ -389,11 +403,11 @@ def train_loader_options(sampling: SamplingSettings, train) -> dict:
 # The trained model
 # ------------------------------------------------------------------------------------------------
 def best_checkpoint(checkpointer):
-    """The checkpoint with the lowest dev EER; a clear error when the folder has none."""
+    """The checkpoint with the lowest validation EER; a clear error when the folder has none."""
     checkpoint = checkpointer.find_checkpoint(min_key="EER")
     if checkpoint is None:
         raise FileNotFoundError(
-            f"no checkpoint with a dev EER in {checkpointer.checkpoints_dir}: "
+            f"no checkpoint with a validation EER in {checkpointer.checkpoints_dir}: "
             "train first (recipes/train_speaker_embeddings.py) or point --output_folder at a run"
         )
     return checkpoint

@@ -15,10 +15,10 @@ model, the data and the fusion it was trained and scored with. Writes ``export_f
   built from its config): a self-contained SpeechBrain inference folder, loaded offline with
   ``foreign_class(source=folder, pymodule_file="tdsv_speaker_model.py",
   classname="TDSVSpeakerRecognition")``;
-- thresholds calibrated on the dev trials (EER and minDCF operating points, for 1 .. N enrollment
-  utterances), recorded in ``hyperparams.yaml`` and used by ``verify_files`` by default;
-- ``label_encoder.txt`` (the training classes), ``README.md`` (a model card with the dev / eval
-  metrics of this checkpoint) and ``export.json`` (the same facts, machine-readable);
+- thresholds calibrated on the validation trials (EER and minDCF operating points, for 1 .. N
+  enrollment utterances), recorded in ``hyperparams.yaml`` and used by ``verify_files`` by default;
+- ``label_encoder.txt`` (the training classes), ``README.md`` (a model card with the metrics of
+  this checkpoint on every labelled split) and ``export.json`` (the same facts, machine-readable);
 - ``hf/``: the same model as a ``transformers.WavLMForXVector`` directory (x-vector head only;
   the head's BatchNorm layers are folded into the following layers, so the weights fit HF's
   layout exactly);
@@ -29,9 +29,10 @@ model, the data and the fusion it was trained and scored with. Writes ``export_f
   onnxruntime, numpy and soundfile alone (``recipes/onnx_trial_example.py``).
 
 The export is checked before it is published: the folder is loaded back and its embeddings of a
-few dev utterances must equal those of the trained model, the module training ran (and so must
-the HF model's and the ONNX model's; the ONNX model must also give every dev trial's score to
-1e-3 and its decision); the int8 model's effect on the dev and eval metrics is in the model card.
+few validation utterances must equal those of the trained model, the module training ran (and so
+must the HF model's and the ONNX model's; the ONNX model must also give every validation trial's
+score to 1e-3 and its decision); the int8 model's effect on every labelled split's metrics is in
+the model card.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from transformers import WavLMConfig, WavLMForXVector
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from data_prep.corpus import VALID_SPLIT
 from recipes.evaluation.pretrained import (
     EXPORTED_CODE,
     EXPORTED_MODULE,
@@ -137,7 +139,7 @@ MIN_COSINE = 0.9999
 # Calibration and metrics
 # ------------------------------------------------------------------------------------------------
 def enrolment_thresholds(table, models: pd.DataFrame, trials: pd.DataFrame) -> dict:
-    """Dev thresholds ``{"eer": {n: t}, "min_dcf": {n: t}}`` for ``n`` enrollment utterances.
+    """Validation thresholds ``{"eer": {n: t}, "min_dcf": {n: t}}`` for ``n`` enrollment utterances.
 
     Scores of a model made of fewer utterances are lower for targets, so one threshold does not
     fit all: each ``n`` is calibrated on the same trials with models made of their first ``n``
@@ -149,10 +151,19 @@ def enrolment_thresholds(table, models: pd.DataFrame, trials: pd.DataFrame) -> d
         first_n = models.assign(enrol_ids=enrol_lists.map(lambda ids, n=n: " ".join(ids[:n])))
         pooled = metrics_by_condition(score_trials(table, first_n, trials), trials["condition"])
         if "pooled" not in pooled:
-            raise ValueError("the dev trials need targets (TC) and non-targets to calibrate")
+            raise ValueError("the validation trials need targets (TC) and non-targets to calibrate")
         for point in OPERATING_POINTS:
             thresholds[point][n] = round(pooled["pooled"][f"{point}_threshold"], 6)
     return thresholds
+
+
+def labelled_splits(splits: dict) -> dict:
+    """The splits whose trials a key labels: the model card's (a blind list has no metrics).
+
+    The validation split always is; the export embeds no blind list (real TdSV 2024 lists are
+    blind: their utterances would be embedded twice more for nothing).
+    """
+    return {name: s for name, s in splits.items() if (s.trials["condition"] != "").all()}
 
 
 def split_metrics(per_split: dict, splits: dict, fused: bool) -> dict:
@@ -178,10 +189,10 @@ class ExportCalibration(NamedTuple):
 def exported_calibration(folder: Path, scoring: ScoringSettings, data, run, run_opts: dict):
     """The ``ExportCalibration`` of the model in ``folder``, as it embeds.
 
-    The folder's model embeds the dev and eval utterances, and the training speakers where the
-    fusion weights the quality measure "cohort" (cached under the checkpoint's ``export/``
-    embeddings); the fusion is learned on them (stored beside the recipe's as
-    ``<checkpoint>_export``), and the metrics are without score normalization.
+    The folder's model embeds every labelled split's utterances (``labelled_splits``), and the
+    training speakers where the fusion weights the quality measure "cohort" (cached under the
+    checkpoint's ``export/`` embeddings); the fusion is learned on them (stored beside the
+    recipe's as ``<checkpoint>_export``), and the metrics are without score normalization.
     """
     verifier = load_verifier(folder, {"device": str(run_device(run_opts))})
     embed = partial(
@@ -191,20 +202,21 @@ def exported_calibration(folder: Path, scoring: ScoringSettings, data, run, run_
         progress=not run_opts.get("noprogressbar"),
     )
     cache = embedding_cache(run.cache / "export", run.cache_settings(scoring, "fp32"))
-    tables = split_embeddings(embed, data.splits, cache)
+    splits = labelled_splits(data.splits)
+    tables = split_embeddings(embed, splits, cache)
     cohort = None
     if scoring.fusion != "none" and "cohort" in scoring.fusion_quality:
         cohort_table = cached_embeddings(embed, data.cohort.utterances, cache / "cohort")
         cohort = speaker_cohort(cohort_table["speaker"], data.cohort.speakers)
-    dev = data.splits["dev"]
-    thresholds = enrolment_thresholds(tables["dev"]["speaker"], dev.models, dev.trials)
+    valid = data.splits[VALID_SPLIT]
+    thresholds = enrolment_thresholds(tables[VALID_SPLIT]["speaker"], valid.models, valid.trials)
     source = run.fusion._replace(
         path=run.fusion.path.with_name(f"{run.fusion.path.stem}_export.json"),
         stamp={**run.fusion.stamp, "embedded_by": "export"},
     )
     card_scoring = dataclasses.replace(scoring, score_norm="none")  # raw (or fused) scores
-    per_split, fusion = scored_tables(tables, cohort, card_scoring, data.splits, source)
-    metrics = split_metrics(per_split, data.splits, fused=fusion is not None)
+    per_split, fusion = scored_tables(tables, cohort, card_scoring, splits, source)
+    metrics = split_metrics(per_split, splits, fused=fusion is not None)
     scores = {name: scored.final for name, scored in per_split.items()}
     return ExportCalibration(thresholds, fusion, metrics, cohort, scores)
 
@@ -327,8 +339,8 @@ HYPERPARAMS = """\
 sample_rate: {sample_rate}
 max_eval_seconds: {max_eval_seconds}       # longer test files are cut (logged), as in training
 min_audio_seconds: {min_audio_seconds}       # shorter, silent or non-finite files are refused
-# verify_* accept a trial when score >= threshold. Thresholds were calibrated on the dev trials
-# (speakers unseen in training), per operating point and number of enrollment utterances.
+# verify_* accept a trial when score >= threshold. Thresholds were calibrated on the validation
+# trials (speakers unseen in training), per operating point and number of enrollment utterances.
 operating_point: {operating_point}          # eer | min_dcf
 thresholds: {thresholds}
 
@@ -435,9 +447,9 @@ def check_agreement(what: str, cosine: float) -> None:
 def export(target: ExportSettings, trained: ExportedRun, run_opts) -> Path:
     """Export the best checkpoint of the run ``trained`` to ``target``; the folder.
 
-    The folder is first written without its calibration; the dev thresholds, the fusion and the
-    model card's metrics are then computed with that folder's own model (fp32, one utterance at
-    a time, as a user's ``verify_*`` calls run it), not with the recipe's batched
+    The folder is first written without its calibration; the validation thresholds, the fusion and
+    the model card's metrics are then computed with that folder's own model (fp32, one utterance
+    at a time, as a user's ``verify_*`` calls run it), not with the recipe's batched
     ``eval_precision`` embeddings, and written in.
     """
     settings = trained.settings
@@ -511,7 +523,7 @@ def write_folder(staging: Path, target: ExportSettings, trained: ExportedRun, da
     branch = None
     if model.phrase_branch is not None and scoring.fusion != "none":
         branch = dict(model.phrase_branch.config)
-    wavs = reference_utterances(data.splits["dev"].utterances)
+    wavs = reference_utterances(data.splits[VALID_SPLIT].utterances)
 
     state = model.state_dict()
     if branch is None:  # a speaker-only export: the folder's model has no phrase branch
@@ -669,7 +681,7 @@ class OnnxInputs(NamedTuple):
 
     data: object  # dataio_prep's
     run: object  # checkpoint_scoring's
-    wavs: list  # the self-check's dev waveforms
+    wavs: list  # the self-check's validation waveforms
     scoring: ScoringSettings
     audio: AudioSettings
 
@@ -685,8 +697,9 @@ class OnnxExport(NamedTuple):
 def export_onnx(folder: Path, calibration: ExportCalibration, text_dependent, inputs: OnnxInputs):
     """Write the folder model's ONNX copies and check them (``check_onnx``); an ``OnnxExport``.
 
-    The fp32 graph must reproduce the folder's embeddings and every dev trial's score and
-    decision; the int8 copy's dev / eval metrics are measured with the folder's own fusion.
+    The fp32 graph must reproduce the folder's embeddings and every validation trial's score and
+    decision; the int8 copy's metrics on every labelled split are measured with the folder's own
+    fusion.
     """
     audio = inputs.audio
     verifier = load_verifier(folder)  # the folder's own model, as its SpeechBrain copy loads
@@ -699,15 +712,16 @@ def export_onnx(folder: Path, calibration: ExportCalibration, text_dependent, in
     )
     fp32 = OnnxVerifier(folder, settings=settings)
     checks = graph_agreement(fp32, model, inputs.wavs)
-    dev_splits = {"dev": inputs.data.splits["dev"]}
-    dev = backend_scores(fp32, dev_splits, calibration, inputs)["dev"].final
+    valid = {VALID_SPLIT: inputs.data.splits[VALID_SPLIT]}
+    onnx_scores = backend_scores(fp32, valid, calibration, inputs)[VALID_SPLIT].final
     fused = calibration.fusion is not None
     threshold = decision_threshold(calibration.thresholds, hyperparams.operating_point, fused)
-    checks.update(trial_agreement(calibration.scores["dev"], dev, threshold))
+    checks.update(trial_agreement(calibration.scores[VALID_SPLIT], onnx_scores, threshold))
     check_onnx(checks)
     int8 = OnnxVerifier(folder, ONNX_INT8_MODEL, settings=settings)
-    int8_scores = backend_scores(int8, inputs.data.splits, calibration, inputs)
-    int8_metrics = split_metrics(int8_scores, inputs.data.splits, fused=fused)
+    splits = labelled_splits(inputs.data.splits)
+    int8_scores = backend_scores(int8, splits, calibration, inputs)
+    int8_metrics = split_metrics(int8_scores, splits, fused=fused)
     return OnnxExport(settings, checks, int8_metrics)
 
 
@@ -733,11 +747,12 @@ def check_onnx(checks: dict) -> None:
     if checks["onnx_phrase_max_logp_difference"] > MAX_LOGP_DIFFERENCE:
         difference = checks["onnx_phrase_max_logp_difference"]
         problems.append(f"phrase log-posteriors differ by {difference:.2e}")
-    if checks["onnx_dev_max_score_difference"] > MAX_LLR_DIFFERENCE:
-        difference = checks["onnx_dev_max_score_difference"]
-        problems.append(f"dev trial scores differ by up to {difference:.2e}")
-    if checks["onnx_dev_decisions_differing"]:
-        problems.append(f"{checks['onnx_dev_decisions_differing']} dev decisions differ")
+    if checks["onnx_valid_max_score_difference"] > MAX_LLR_DIFFERENCE:
+        difference = checks["onnx_valid_max_score_difference"]
+        problems.append(f"validation trial scores differ by up to {difference:.2e}")
+    if checks["onnx_valid_decisions_differing"]:
+        differing = checks["onnx_valid_decisions_differing"]
+        problems.append(f"{differing} validation decisions differ")
     if problems:
         raise RuntimeError("export check failed: model.onnx: " + "; ".join(problems))
 
@@ -766,8 +781,8 @@ def _scoring_note(facts: dict) -> str:
     quality = f", weighting the quality measures {quality} (fusion_quality)" if quality else ""
     return (
         f"Scores are calibrated log-likelihood ratios (fusion `{facts['fusion']['kind']}`, "
-        "learned on the dev trials) of the speaker score and the pass-phrase score (the phrase "
-        "branch's log-posterior of the enrolled phrase, over the classes "
+        "learned on the validation trials) of the speaker score and the pass-phrase score (the "
+        "phrase branch's log-posterior of the enrolled phrase, over the classes "
         f"{', '.join(facts['phrase_labels'])}){quality}; decisions are taken at the Bayes "
         f"threshold of the SdSV costs. {hf}"
     ).strip()
@@ -799,7 +814,7 @@ def model_card(facts: dict, folder: Path) -> str:
     thresholds = facts["thresholds"]
     lines += [
         "",
-        "## Decision thresholds (calibrated on the dev trials)",
+        "## Decision thresholds (calibrated on the validation trials)",
         "",
         "Accept when `score >= threshold`. Default operating point: "
         f"`{facts['operating_point']}` (change it in `hyperparams.yaml` or pass `threshold=`).",
@@ -826,9 +841,9 @@ def onnx_card(facts: dict) -> list[str]:
         "## ONNX (`model.onnx`, `model.int8.onnx`)",
         "",
         f"`model.onnx` (fp32) was checked against this folder's PyTorch model: embedding cosine "
-        f">= {checks['onnx_min_cosine']:.6f}, every one of the {checks['onnx_dev_trials']} dev "
-        f"trials' scores within {checks['onnx_dev_max_score_difference']:.1e}, "
-        f"{checks['onnx_dev_decisions_differing']} decisions differing. `model.int8.onnx` "
+        f">= {checks['onnx_min_cosine']:.6f}, every one of the {checks['onnx_valid_trials']} "
+        f"validation trials' scores within {checks['onnx_valid_max_score_difference']:.1e}, "
+        f"{checks['onnx_valid_decisions_differing']} decisions differing. `model.int8.onnx` "
         "(weights of the matrix products in int8, onnxruntime's dynamic quantization) decides "
         "with the same thresholds and fusion; its effect, measured here:",
         "",

@@ -3,10 +3,10 @@
 ``recipes/export_model.py`` calls ``write_onnx_models`` on the folder's own model (the one its
 SpeechBrain copy loads) and publishes the folder only if its ``check_onnx`` passes: the fp32
 graph must give the trained model's embeddings (``graph_agreement``: cosine above the export's
-``MIN_COSINE``) and phrase log-posteriors, and the LLRs and decisions of every dev trial
-(``trial_agreement``, within ``MAX_LLR_DIFFERENCE``). The int8 copy is not
-held to that: its effect on the dev and eval metrics is measured (``int8_metrics``) and stated
-in the model card.
+``MIN_COSINE``) and phrase log-posteriors, and the LLRs and decisions of every validation trial
+(``trial_agreement``, within ``MAX_LLR_DIFFERENCE``). The int8 copy is not held to that: its
+effect on every labelled split's metrics is measured (``int8_metrics``) and stated in the model
+card.
 
 The graph is exported with torch.onnx's dynamo exporter (``torch.export``): the TorchScript one
 fails on the waveform normalization, a ``layer_norm`` over the input's dynamic length. One
@@ -34,7 +34,8 @@ from recipes.model.trial_decisions import SDSV_COSTS, bayes_threshold, cosine
 ONNX_MODEL, ONNX_INT8_MODEL, COHORT_ARRAY = "model.onnx", "model.int8.onnx", "cohort.npy"
 #: The graph's input: one waveform at the model's sample rate, ``[1, samples]``.
 INPUT = "wav"
-#: The largest difference of a dev trial's LLR (or cosine) between ONNX and PyTorch that passes.
+#: The largest difference of a validation trial's LLR (or cosine) between ONNX and PyTorch that
+#: passes.
 MAX_LLR_DIFFERENCE = 1e-3
 
 
@@ -154,16 +155,16 @@ def trial_agreement(reference, candidate, threshold: float) -> dict:
     """
     reference, candidate = np.asarray(reference), np.asarray(candidate)
     return {
-        "onnx_dev_trials": int(reference.size),
-        "onnx_dev_max_score_difference": float(np.abs(reference - candidate).max()),
-        "onnx_dev_decisions_differing": int(
+        "onnx_valid_trials": int(reference.size),
+        "onnx_valid_max_score_difference": float(np.abs(reference - candidate).max()),
+        "onnx_valid_decisions_differing": int(
             ((reference >= threshold) != (candidate >= threshold)).sum()
         ),
     }
 
 
 def decision_threshold(thresholds: dict, operating_point: str, fused: bool) -> float:
-    """The threshold dev decisions are compared at: the SdSV Bayes one, or the 1-utterance one."""
+    """The threshold validation decisions are compared at: SdSV's Bayes one, or the 1-utt one."""
     if fused:
         return bayes_threshold(**SDSV_COSTS)
     return float(thresholds[operating_point]["1"])

@@ -25,7 +25,7 @@ import torch
 from hyperpyyaml.core import resolve_references
 from ruamel.yaml.constructor import DuplicateKeyError, SafeConstructor
 
-from data_prep import corpus
+from data_prep import corpus, synth_deepmine
 from recipes import experiment
 from recipes.evaluation import scoring
 from recipes.experiment_lock import hold_experiment_lock
@@ -108,8 +108,9 @@ WAVLM_RECEPTIVE_FIELD = 400
 #: Numeric settings and their ranges (``total_steps`` may also be null: derived from the data).
 RANGES = {
     "seed": Range(0, integer=True),
-    "dev_speakers": Range(1, integer=True),
+    "valid_speakers": Range(1, integer=True),
     "enrol_utts": Range(0, integer=True),  # 0: any number of enrollment utterances
+    "valid_enrol_utts": Range(1, integer=True),  # null: what the repetitions allow
     "phrase_min_count": Range(1, integer=True),
     "sample_rate": Range(1, integer=True),
     "number_of_epochs": Range(1, integer=True),
@@ -152,7 +153,7 @@ MARGIN_LIMITS = {"am": 1.0, "aam": math.pi / 2}
 #: Paths (``noise_csv`` may be null: no noise list).
 PATHS = (
     "output_folder", "save_folder", "train_log", "data_folder", "prep_folder", "bad_audio_log",
-    "noise_csv", "run_hparams", "export_folder",
+    "noise_csv", "run_hparams", "export_folder", "eval_key_file", "dev_key_file",
 )  # fmt: skip
 #: The YAML's wiring: objects HyperPyYAML builds from the checked keys (they check their own).
 WIRING = (
@@ -173,9 +174,16 @@ FREE = {
 }
 
 
+#: Settings renamed: the old name is refused naming the new one.
+RENAMED = {
+    "dev_speakers": "valid_speakers (the held-out split is 'valid'; 'dev' is an official list "
+    "pair, TdSV 2024's)",
+}
+
+
 def settings_problems(hparams) -> list[str]:
     """One line per bad setting (empty when all are usable)."""
-    problems = []
+    problems = [f"{old}: renamed {new}" for old, new in RENAMED.items() if old in hparams]
     for key, allowed in choices(hparams).items():
         if key in hparams and hparams[key] not in allowed:
             shown = ", ".join(map(str, allowed))
@@ -231,7 +239,20 @@ def combination_problems(hparams) -> list[str]:
         )
     if hparams.get("head_type") == "mhfa" and no_layer_weights:
         problems.append("head_type: 'mhfa' needs the WavLM encoder's layer_weighting: True")
-    if hparams.get("corpus", "deepmine") != "deepmine" and hparams.get("synthetic_corpus"):
+    corpus_name = hparams.get("corpus", "deepmine")
+    for key in ("eval_key_file", "dev_key_file"):
+        if hparams.get(key) and corpus_name != "deepmine":
+            problems.append(
+                f"{key}: keys a DeepMine list pair; corpus {corpus_name!r} labels its trials "
+                "in its own trials file"
+            )
+    synthetic = hparams.get("synthetic_corpus")
+    layouts = tuple(synth_deepmine.LAYOUTS)
+    if isinstance(synthetic, dict) and synthetic.get("layout", layouts[0]) not in layouts:
+        problems.append(
+            f"synthetic_corpus: layout {synthetic['layout']!r} is not one of {', '.join(layouts)}"
+        )
+    if corpus_name != "deepmine" and hparams.get("synthetic_corpus"):
         problems.append(
             f"synthetic_corpus: writes DeepMine's layout, not corpus {hparams['corpus']!r}: "
             "set synthetic_corpus: null (data_prep/synth_kaldi.py writes a Kaldi-layout corpus)"

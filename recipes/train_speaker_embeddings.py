@@ -3,9 +3,10 @@
 
 WavLM -> weighted sum of its layers -> x-vector (or ECAPA-TDNN) head -> cosine classifier ->
 AM-Softmax / AAM-Softmax, and a pass-phrase branch on the same WavLM pass, trained on random crops;
-validated each epoch by the trial-based EER of a speaker-disjoint dev split (of the fused LLR when
-speaker and phrase scores are fused), keeping the best checkpoint by it; then the best checkpoint is
-scored (``recipes/evaluation/verification.py``). Everything is wired in the YAML; the data side
+validated each epoch by the trial-based EER of a speaker-disjoint validation split (of the fused
+LLR when speaker and phrase scores are fused), keeping the best checkpoint by it; then the best
+checkpoint is scored on every split, the official lists' answer files written
+(``recipes/evaluation/verification.py``). Everything is wired in the YAML; the data side
 lives in ``recipes/experiment.py``.
 
     python recipes/train_speaker_embeddings.py hparams/synthetic_demo.yaml            # CPU demo
@@ -33,7 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recipes.distributed import gathered, on_main, shard
 from recipes.evaluation.scoring import EmbeddingTable
-from recipes.evaluation.verification import ScoringSettings, dev_pass_metrics, run_verification
+from recipes.evaluation.verification import (
+    ScoringSettings,
+    check_validation_split,
+    run_verification,
+    validation_pass_metrics,
+)
 from recipes.experiment import (
     AudioSettings,
     CorpusSettings,
@@ -64,29 +70,29 @@ logger = get_logger(__name__)
 
 
 class SpeakerBrain(sb.core.Brain):
-    """Trains the speaker embedding model and the phrase branch; scores the dev trials each epoch.
+    """Trains the speaker embedding model and the phrase branch; scores validation each epoch.
 
     ``phrase_labels`` (constructor) are the phrase classifier's classes in output order; the
-    training length and the dev trials come through ``use_data`` before ``fit``.
+    training length and the validation trials come through ``use_data`` before ``fit``.
     """
 
     def __init__(self, *args, phrase_labels=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.phrase_labels = list(phrase_labels or [])
-        self.steps_per_epoch, self.dev = 1, None
+        self.steps_per_epoch, self.valid = 1, None
         self.randomness = TrainingRandomness(self.hparams.seed)
         self.preemption = Preemption()
         # WavLM's own trainable weights (not the frozen CNN, not the layer weights): frozen in
         # the warm-up epochs by requires_grad, so they are fixed here, before any freezing.
         self.wavlm_weights = [p for p in self.model().encoder.model.parameters() if p.requires_grad]
 
-    def use_data(self, steps_per_epoch: int, dev, randomness: TrainingRandomness = None) -> None:
-        """What training needs from the data: batches per epoch (margin warm-up), dev ``Split``.
+    def use_data(self, steps_per_epoch: int, valid, randomness: TrainingRandomness = None) -> None:
+        """What training needs from the data: batches per epoch (margin warm-up), the validation.
 
         ``randomness``: the ``TrainingRandomness`` that the training crops are drawn with; the
         Brain sets its epoch and seeds each step by it (default: its own, of ``seed``).
         """
-        self.steps_per_epoch, self.dev = max(1, steps_per_epoch), dev
+        self.steps_per_epoch, self.valid = max(1, steps_per_epoch), valid
         self.randomness = randomness or self.randomness
 
     def compute_forward(self, batch, stage):
@@ -366,7 +372,7 @@ class SpeakerBrain(sb.core.Brain):
         return self._data_wait / max(self._last_batch_end - self._first_batch_start, 1e-9)
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
-        """Log training loss; score the dev trials; keep the best checkpoint by EER."""
+        """Log training loss; score the validation trials; keep the best checkpoint by EER."""
         if stage == sb.Stage.TRAIN:
             wait = self.data_wait_share()
             self.train_stats = {"loss": stage_loss, "data_wait_share": round(wait, 3)}
@@ -377,7 +383,7 @@ class SpeakerBrain(sb.core.Brain):
                     self.hparams.train_dataloader_options.get("num_workers", 0),
                 )
             return
-        stats = self._dev_metrics()
+        stats = self._validation_metrics()
         meta = self._progress_stats(epoch)
         self.hparams.train_logger.log_stats(
             stats_meta=meta, train_stats=self.train_stats, valid_stats=stats
@@ -392,17 +398,17 @@ class SpeakerBrain(sb.core.Brain):
             self._exit_preempted("end-of-epoch checkpoint saved")
 
     def make_dataloader(self, dataset, stage, *args, **kwargs):
-        """SpeechBrain's loaders; under ``torchrun`` each process validates on its dev share.
+        """SpeechBrain's loaders; under ``torchrun`` each process validates on its share.
 
         Their workers leave the stop signals to this process (``preemption.worker_init``).
         """
         if stage == sb.Stage.VALID:
-            dataset = shard(dataset)  # SpeechBrain would run the whole dev set on every process
+            dataset = shard(dataset)  # SpeechBrain would run the whole set on every process
         kwargs["worker_init_fn"] = partial(worker_init, kwargs.get("worker_init_fn"))
         return super().make_dataloader(dataset, stage, *args, **kwargs)
 
-    def _dev_metrics(self) -> dict:
-        """Pooled EER / minDCF of the dev trials from this epoch's outputs (dev_pass_metrics).
+    def _validation_metrics(self) -> dict:
+        """Pooled EER / minDCF of the validation trials from this epoch's outputs.
 
         Every process's share of the outputs is gathered; the main process scores, and every
         process gets its numbers (the best checkpoint is chosen by them).
@@ -413,15 +419,15 @@ class SpeakerBrain(sb.core.Brain):
         return on_main(self._metrics_of, tables)
 
     def _metrics_of(self, tables: dict) -> dict:
-        """``dev_pass_metrics`` of the dev trials from all of their utterances' tables."""
-        models, trials = self.dev.models, self.dev.trials
+        """``validation_pass_metrics`` from all of the validation utterances' tables."""
+        models, trials = self.valid.models, self.valid.trials
         if self.debug:  # --debug embeds only a few batches: score the trials they cover
             done = set(tables["speaker"].ids)
             models = models[models["enrol_ids"].str.split().map(done.issuperset)]
             trials = trials[
                 trials["model_id"].isin(models["model_id"]) & trials["test_id"].isin(done)
             ]
-        return dev_pass_metrics(
+        return validation_pass_metrics(
             tables, models, trials, self.phrase_labels, self.hparams.fusion,
             self.hparams.fusion_prior,
         )  # fmt: skip
@@ -458,7 +464,8 @@ def recipe_settings(hparams) -> RecipeSettings:
         data_folder=hparams["data_folder"],
         prep_folder=hparams["prep_folder"],
         corpus=hparams["corpus"],
-        dev_speakers=hparams["dev_speakers"],
+        valid_speakers=hparams["valid_speakers"],
+        valid_enrol_utts=hparams["valid_enrol_utts"],
         seed=hparams["seed"],
         include_free_text=hparams["include_free_text"],
         skip_bad=hparams["skip_bad"],
@@ -467,6 +474,8 @@ def recipe_settings(hparams) -> RecipeSettings:
         synthetic_corpus=hparams["synthetic_corpus"],
         phrase_min_count=hparams["phrase_min_count"],
         audio_outside_data_folder=hparams["audio_outside_data_folder"],
+        eval_key_file=hparams["eval_key_file"],
+        dev_key_file=hparams["dev_key_file"],
     )
     audio = AudioSettings(
         sample_rate=hparams["sample_rate"],
@@ -563,7 +572,7 @@ def brain_for_data(hparams, run_opts, data: RecipeData) -> SpeakerBrain:
 
 
 def main(argv) -> None:
-    """Prepare data, train, then evaluate the best checkpoint on the dev (and eval) trials."""
+    """Prepare data, train, then evaluate the best checkpoint on every split."""
     # Checked, the experiment folder held by this run, the process group set up:
     hparams_file, run_opts, overrides, hparams = load_checked_hparams(argv, lock=True)
     given = raw_settings(hparams_file, overrides)  # what this command sets, as plain values
@@ -578,18 +587,19 @@ def main(argv) -> None:
     guard_data(hparams["save_folder"], given, hparams["prep_folder"])  # ... or on other data
     data = dataio_prep(settings.corpus, settings.audio)
     train, splits = data.train, data.splits
+    check_validation_split(splits["valid"].trials, settings.scoring)  # before any training
     # Read by the loader's workers, not in the training step:
     add_noise_crops(data, noise_list(hparams), settings.corpus, settings.audio)
     brain = brain_for_data(hparams, run_opts, data)
     train_loader = brain.make_dataloader(
         train, stage=sb.Stage.TRAIN, **train_loader_options(settings.sampling, train)
     )
-    brain.use_data(len(train_loader), splits["dev"], data.randomness)
+    brain.use_data(len(train_loader), splits["valid"], data.randomness)
     schedule_lengths(hparams, len(train_loader))
     brain.fit(
         brain.hparams.epoch_counter,
         train_loader,
-        splits["dev"].utterances,
+        splits["valid"].utterances,
         valid_loader_kwargs=hparams["eval_dataloader_options"],
     )
     run_verification(settings.scoring, settings.model, data, run_opts)

@@ -125,9 +125,10 @@ def recipe_readme() -> str:
     return f"""# Text-dependent speaker verification on DeepMine / SdSV / TdSV task 1 (WavLM)
 
 WavLM fine-tuned with a speaker head (x-vector, ECAPA-TDNN or MHFA) and a pass-phrase branch on
-the same WavLM pass; speaker and phrase scores fused into calibrated log-likelihood ratios on the
-dev trials. Evaluated as the challenge defines it: TC / TW / IC / IW trials, EER, the SdSV minDCF,
-actual DCF and Cllr.
+the same WavLM pass; speaker and phrase scores fused into calibrated log-likelihood ratios on a
+validation split of held-out training speakers. Evaluated as the challenge defines it: TC / TW /
+IC / IW trials, EER, the SdSV minDCF, actual DCF and Cllr; each official list (eval, and TdSV
+2024's dev) gets the challenge's answer file and a zip to upload.
 
 ## Installing extra dependencies
 
@@ -137,8 +138,10 @@ pip install -r extra_requirements.txt
 
 ## Data
 
-The task-1 folder of DeepMine / SdSV 2020-21 / TdSV 2024 (`docs/`, `wav/`). The demo YAML
-synthesizes a small corpus in exactly that layout (no data needed).
+The task-1 folder of DeepMine / SdSV 2020-21 / TdSV 2024 (`docs/`, `wav/`), either release's
+lists (SdSV: `model_enrollment.txt` + `trials.txt`; TdSV 2024: `dev_*` and `eval_*` pairs with a
+gender column). The demo YAML synthesizes a small corpus in exactly that layout (no data
+needed).
 
 ## Training and evaluation
 
@@ -157,7 +160,7 @@ training writes into its output folder.
 
 ## Results
 
-| Release | hyperparams file | dev EER / minDCF | eval EER / minDCF | Model link | GPUs |
+| Release | hyperparams file | TdSV 2024 dev EER / minDCF | eval EER / minDCF | Model link | GPUs |
 |:---:|:---:|:---:|:---:|:---:|:---:|
 | - | wavlm_td.yaml | (to be measured) | (to be measured) | [model](TODO) / [logs](TODO) | - |
 | - | synthetic_demo.yaml | in the repository's README ("Results") | (same) | - | CPU (2 cores) |
@@ -173,7 +176,8 @@ checks, a step's YAML and the run's record), `experiment_lock` (one run per outp
 branch, the embedding model, fused LLR, the inference interface copied into exports), `modules`
 (WavLM encoder, margin losses); `training/`: `augmentation`, `sampling`, `schedules`,
 `checkpointing`, `resume_guard`, `preemption`; `evaluation/`: `verification`, `scoring`, `fusion`,
-`metrics`, `verification_report`, `pretrained`; `tiny_wavlm` (the demo's random WavLM).
+`metrics`, `verification_report`, `submission`, `pretrained`; `tiny_wavlm` (the demo's random
+WavLM).
 """
 
 

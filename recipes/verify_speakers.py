@@ -12,8 +12,10 @@ Trials of a training run (SdSV / TdSV protocol, reports per condition):
 reads the run's record (``<output_folder>/hyperparams.yaml``: data, model, scoring), with the
 settings of ``hparams/verification.yaml`` that are not null in place of the run's; uses its best
 checkpoint, embeds every utterance once (cached under ``embeddings/<checkpoint>/``) and writes,
-per split: ``scores_<split>.txt``, ``verification_<split>.json``, ``det_<split>.png``, and
-``answer.txt`` (one score per line in ``trials.txt`` order) for the eval trials. With
+per split (``valid``, ``eval``, TdSV 2024's ``dev``): ``scores_<split>.txt``,
+``verification_<split>.json``, ``det_<split>.png``, and for each official list the challenge's
+answer file (``answer.txt`` for eval, ``answer_dev.txt``: one score per line in the trial list's
+order) and ``submission_<split>.zip`` holding it as ``answer.txt``. With
 ``--model DIR`` (an exported folder or a Hugging Face ``*ForXVector`` directory) it scores that
 model on the same trials instead, writing under ``<output_folder>/models/<name>/``: other models
 compared on our protocol (``--run_hparams hparams/wavlm_td.yaml`` then needs no training run).
@@ -79,6 +81,8 @@ def scoring_replacements(verification: dict) -> dict:
     return {
         "output_folder": verification["output_folder"],
         "data_folder": verification["data_folder"],
+        "eval_key_file": verification["eval_key_file"],
+        "dev_key_file": verification["dev_key_file"],
         "score_norm": verification["score_norm"],
         "cohort_top_k": verification["cohort_top_k"],
         "fusion": verification["fusion"],
@@ -274,7 +278,10 @@ def decision_note(verifier, n_enrol: int, args) -> str:
         return "no calibrated threshold in this model: scores only (use --threshold)"
     point, count = verifier.hparams.operating_point, verifier.calibrated_count(n_enrol)
     nearest = "" if count == n_enrol else f", the nearest calibrated count to {n_enrol}"
-    return f"threshold {calibrated:.4f} (dev {point} point, {count}-utterance enrollment{nearest})"
+    return (
+        f"threshold {calibrated:.4f} (validation {point} point, {count}-utterance "
+        f"enrollment{nearest})"
+    )
 
 
 def unusable_audio(paths, digests: dict | None = None) -> list[str]:
@@ -404,7 +411,7 @@ def parse_arguments(argv) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
     trials = commands.add_parser(
         "trials",
-        help="score a recipe's dev / eval trials (reports per condition)",
+        help="score a recipe's validation and official trials (reports per condition)",
         description="Score a training run's trials with its best checkpoint or another model. "
         "Other options are SpeechBrain's and overrides of hparams/verification.yaml "
         "(--output_folder DIR, --score_norm as-norm, ...).",
@@ -455,7 +462,7 @@ def add_file_arguments(parser) -> None:
     parser.add_argument("--test", nargs="+", help="test audio file(s) (with --enrol)")
     parser.add_argument("--audio_root", default=".", help="base of relative paths in --pairs")
     parser.add_argument(
-        "--threshold", type=float, help="decision threshold (default: dev-calibrated)"
+        "--threshold", type=float, help="decision threshold (default: validation-calibrated)"
     )
     parser.add_argument(
         "--operating_point", choices=("eer", "min_dcf"), help="calibrated threshold to use"

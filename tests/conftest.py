@@ -70,10 +70,13 @@ def write_wav(path: Path, seconds=0.5, rate=16000, channels=1, seed=0) -> None:
 
 
 def make_miniature(root: Path, style: str = "sdsv") -> Path:
-    """A hand-made corpus in the real layout: 4 speakers x 2 phrases x 4 reps, 2 models.
+    """A hand-made corpus in a real release's layout: 4 speakers x 2 phrases x 4 reps.
 
-    ``style`` "sdsv" names the lists model_enrollment.txt / trials.txt (SdSV 2020-21);
-    "tdsv" names them dev_model_enrollment.txt / dev_trials.txt (TdSV 2024), with no key.
+    ``style`` "sdsv" is SdSV 2020-21's: ``model_enrollment.txt`` (five columns, 2 models) and
+    ``trials.txt``, with a ``trials_key.txt``. "tdsv2024" is TdSV 2024's as its evaluation plan
+    (v1.1, sections 2.5-2.7) lays it out and quotes it, with no key: ``README.txt``, a dev pair
+    (one model, 2 trials) and an eval pair whose lines are the plan's own examples (2 models, 3
+    trials), six-column enrollment lines with a gender column.
     """
     docs = root / "docs"
     docs.mkdir(parents=True)
@@ -87,25 +90,63 @@ def make_miniature(root: Path, style: str = "sdsv") -> Path:
     lines.append("trn_000099 spk_000001 FT")  # free text: excluded by default
     write_wav(root / "wav" / "train" / "trn_000099.wav")
     (docs / "train_labels.txt").write_text("\n".join(lines) + "\n")
+    if style == "tdsv2024":
+        return _tdsv2024_lists(root)
     for i in range(1, 7):
         write_wav(root / "wav" / "enrollment" / f"enr_{i:06d}.wav", seed=100 + i)
     for i in range(1, 4):
         write_wav(root / "wav" / "evaluation" / f"evl_{i:06d}.wav", seed=200 + i)
-    prefix = "dev_" if style == "tdsv" else ""
-    (docs / f"{prefix}model_enrollment.txt").write_text(
+    (docs / "model_enrollment.txt").write_text(
         "model-id phrase-id enroll-file-id1 enroll-file-id2 enroll-file-id3\n"
         "model_00000 01 enr_000001 enr_000002 enr_000003\n"
         "model_00001 06 enr_000004 enr_000005 enr_000006\n"
     )
     trials = ["model_00000 evl_000001", "model_00000 evl_000002", "model_00001 evl_000003"]
-    (docs / f"{prefix}trials.txt").write_text(
-        "model-id evaluation-file-id\n" + "\n".join(trials) + "\n"
+    (docs / "trials.txt").write_text("model-id evaluation-file-id\n" + "\n".join(trials) + "\n")
+    (docs / "trials_key.txt").write_text(
+        "model-id evaluation-file-id target-type trial-type\n"
+        "model_00000 evl_000001 target TC\n"
+        "model_00000 evl_000002 nontarget IC\n"
+        "model_00001 evl_000003 nontarget TW\n"
     )
-    if style == "sdsv":
-        (docs / "trials_key.txt").write_text(
-            "model-id evaluation-file-id target-type trial-type\n"
-            "model_00000 evl_000001 target TC\n"
-            "model_00000 evl_000002 nontarget IC\n"
-            "model_00001 evl_000003 nontarget TW\n"
-        )
+    return root
+
+
+#: The TdSV 2024 miniature's official lists (``make_miniature(root, "tdsv2024")``): the eval
+#: lines are the evaluation plan's examples.
+TDSV2024_LISTS = {
+    "dev_model_enrollment.txt": [
+        "model-id phrase-id gender enroll-file-id1 enroll-file-id2 enroll-file-id3",
+        "dev_model_000001 01 f enr_000001 enr_000002 enr_000003",
+    ],
+    "dev_trials.txt": [
+        "model-id evaluation-file-id",
+        "dev_model_000001 evl_000001",
+        "dev_model_000001 evl_000002",
+    ],
+    "eval_model_enrollment.txt": [
+        "model-id phrase-id gender enroll-file-id1 enroll-file-id2 enroll-file-id3",
+        "eval_model_000001 05 m enr_036529 enr_036530 enr_036531",
+        "eval_model_000002 08 f enr_010048 enr_010049 enr_010050",
+    ],
+    "eval_trials.txt": [
+        "model-id evaluation-file-id",
+        "eval_model_000001 evl_000122",
+        "eval_model_000002 evl_000123",
+        "eval_model_000001 evl_000123",
+    ],
+}
+
+
+def _tdsv2024_lists(root: Path) -> Path:
+    """The official lists and their audio of the TdSV 2024 miniature (``TDSV2024_LISTS``)."""
+    (root / "README.txt").write_text("TdSV 2024 task 1 (a miniature for tests)\n")
+    for name, lines in TDSV2024_LISTS.items():
+        (root / "docs" / name).write_text("\n".join(lines) + "\n")
+        for line in lines[1:]:
+            fields = line.split()
+            subdir = "enrollment" if "enrollment" in name else "evaluation"
+            for file_id in fields[3:] if subdir == "enrollment" else fields[1:]:
+                seed = int(file_id.split("_")[1])
+                write_wav(root / "wav" / subdir / f"{file_id}.wav", seed=seed)
     return root

@@ -60,7 +60,7 @@ def demo_overrides(out, corpus) -> dict[str, str]:
         "output_folder": str(out),
         "data_folder": str(corpus),
         "synthetic_corpus": "null",
-        "dev_speakers": "2",
+        "valid_speakers": "2",
         "crop_seconds": "1.0",
         "batch_size": "8",
         "margin_warmup_epochs": "0",

@@ -144,15 +144,15 @@ def _wav_paths(out: Path, split: str, corpus: Path) -> pd.Series:
     return utts.set_index("ID")["wav"].str.replace("$data_root", str(corpus), regex=False)
 
 
-def _dev_pair(out: Path, corpus: Path, condition: str | None = None, quality=DEFAULT_QUALITY):
-    """A dev trial (the first, or the one of ``condition`` least like its phrase), audio paths.
+def _valid_pair(out: Path, corpus: Path, condition: str | None = None, quality=DEFAULT_QUALITY):
+    """A validation trial (the first, or the ``condition`` one least like its phrase), audio paths.
 
-    Returns enrollment ids, test id, the trial's row of ``scores_dev.txt`` (``score``: the
+    Returns enrollment ids, test id, the trial's row of ``scores_valid.txt`` (``score``: the
     fused LLR, ``speaker``, ``phrase``, ...; with other quality measures ``quality``, the row of
     their tagged score file) and the audio path by utterance id.
     """
-    models = pd.read_csv(out / "prep" / "dev_enrol.csv", dtype=str).set_index("model_id")
-    report = "_".join(filter(None, ["dev", quality_tag(quality)]))
+    models = pd.read_csv(out / "prep" / "valid_enrol.csv", dtype=str).set_index("model_id")
+    report = "_".join(filter(None, ["valid", quality_tag(quality)]))
     trials = pd.read_csv(
         out / f"scores_{report}.txt", sep=" ", header=None, names=score_columns(quality)
     )
@@ -160,12 +160,12 @@ def _dev_pair(out: Path, corpus: Path, condition: str | None = None, quality=DEF
         trials = trials[trials["condition"] == condition].sort_values("phrase", kind="stable")
     trial = trials.iloc[0]
     enrol_ids = models.loc[trial["model_id"], "enrol_ids"].split()
-    return enrol_ids, trial["test_id"], trial, _wav_paths(out, "dev", corpus)
+    return enrol_ids, trial["test_id"], trial, _wav_paths(out, "valid", corpus)
 
 
 def _model_phrase(out: Path, model_id: str) -> str:
-    """The enrolled phrase id of a dev model."""
-    models = pd.read_csv(out / "prep" / "dev_enrol.csv", dtype=str).set_index("model_id")
+    """The enrolled phrase id of a validation model."""
+    models = pd.read_csv(out / "prep" / "valid_enrol.csv", dtype=str).set_index("model_id")
     return models.loc[model_id, "phrase_id"]
 
 
@@ -187,18 +187,18 @@ def test_export_folder_is_complete_and_self_checked(exported):
     assert facts["fusion"]["kind"] == "llr" and "act_dcf" in facts["metrics"]["eval"]["pooled"]
     assert set(facts["thresholds"]["eer"]) == {"1", "2", "3"}
     card = (folder / "README.md").read_text()
-    assert f"| dev | pooled | {facts['metrics']['dev']['pooled']['eer']:.2f} |" in card
+    assert f"| valid | pooled | {facts['metrics']['valid']['pooled']['eer']:.2f} |" in card
     assert "The phrase check needs this SpeechBrain folder" in card
     # An untouched model: the code in the folder is the repository's.
     for name, module in EXPORTED_CODE.items():
         assert (folder / name).read_bytes() == Path(module.__file__).read_bytes(), name
-    # ONNX: checked at export (every dev trial), the int8 copy measured, both described.
+    # ONNX: checked at export (every validation trial), the int8 copy measured, both described.
     assert {"model.onnx", "model.int8.onnx", "cohort.npy"} <= names
     assert facts["checks"]["onnx_min_cosine"] > 0.9999
-    assert facts["checks"]["onnx_dev_max_score_difference"] < 1e-3
-    assert facts["checks"]["onnx_dev_decisions_differing"] == 0
-    trials = pd.read_csv(out / "prep" / "dev_trials.csv")
-    assert facts["checks"]["onnx_dev_trials"] == len(trials)
+    assert facts["checks"]["onnx_valid_max_score_difference"] < 1e-3
+    assert facts["checks"]["onnx_valid_decisions_differing"] == 0
+    trials = pd.read_csv(out / "prep" / "valid_trials.csv")
+    assert facts["checks"]["onnx_valid_trials"] == len(trials)
     assert facts["onnx"]["fusion"] == facts["fusion"] and facts["onnx"]["outputs"][0] == "speaker"
     int8 = facts["onnx_int8_metrics"]["eval"]["pooled"]
     assert f"| eval | int8 | {int8['eer']:.2f} | {int8['min_dcf']:.3f} |" in card
@@ -207,8 +207,8 @@ def test_export_folder_is_complete_and_self_checked(exported):
 @pytest.mark.slow
 def test_export_loads_offline_elsewhere_and_scores_like_the_recipe(exported, tiny_corpus, tmp_path):
     out, folder = exported
-    enrol_ids, test_id, _, wav = _dev_pair(out, tiny_corpus)
-    table = EmbeddingTable.load(next((out / "embeddings").glob("*/dev.npy")).with_suffix(""))
+    enrol_ids, test_id, _, wav = _valid_pair(out, tiny_corpus)
+    table = EmbeddingTable.load(next((out / "embeddings").glob("*/valid.npy")).with_suffix(""))
     a, b = table.matrix[table.rows([enrol_ids[0], test_id], "pair")]
     expected = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
     script = textwrap.dedent(
@@ -243,17 +243,17 @@ def test_export_loads_offline_elsewhere_and_scores_like_the_recipe(exported, tin
     assert accept == (llr >= threshold) and shape == [1, 1, 64]
 
 
-def _dev_trial_pairs(out: Path, corpus: Path, path: Path) -> tuple[int, str]:
-    """Write the dev trials of one enrolled phrase as a pairs file; their count and the phrase.
+def _valid_trial_pairs(out: Path, corpus: Path, path: Path) -> tuple[int, str]:
+    """Write the validation trials of one enrolled phrase as a pairs file; their count, phrase.
 
     (The CLI takes one ``--phrase`` for a pairs file; a short run's phrase classifier may not
     recognize every enrollment.)
     """
-    models = pd.read_csv(out / "prep" / "dev_enrol.csv", dtype=str).set_index("model_id")
+    models = pd.read_csv(out / "prep" / "valid_enrol.csv", dtype=str).set_index("model_id")
     phrase = models["phrase_id"].mode()[0]
-    trials = pd.read_csv(out / "prep" / "dev_trials.csv", dtype=str)
+    trials = pd.read_csv(out / "prep" / "valid_trials.csv", dtype=str)
     trials = trials[trials["model_id"].map(models["phrase_id"]) == phrase]
-    wavs = _wav_paths(out, "dev", corpus)
+    wavs = _wav_paths(out, "valid", corpus)
     enrol_ids = models["enrol_ids"].str.split()
     enrolments = {model: ",".join(wavs[i] for i in ids) for model, ids in enrol_ids.items()}
     lines = [
@@ -265,11 +265,11 @@ def _dev_trial_pairs(out: Path, corpus: Path, path: Path) -> tuple[int, str]:
 
 
 @pytest.mark.slow
-def test_the_onnx_backend_decides_every_dev_trial_like_the_pytorch_one(
+def test_the_onnx_backend_decides_every_validation_trial_like_the_pytorch_one(
     exported, tiny_corpus, tmp_path
 ):
     out, folder = exported
-    count, phrase = _dev_trial_pairs(out, tiny_corpus, tmp_path / "pairs.txt")
+    count, phrase = _valid_trial_pairs(out, tiny_corpus, tmp_path / "pairs.txt")
     assert count > 20
     columns = {}
     for backend in ("pytorch", "onnx", "onnx-int8"):
@@ -298,7 +298,7 @@ def test_the_torch_free_example_decides_a_trial_like_the_speechbrain_folder(
 ):
     """``recipes/onnx_trial_example.py`` with torch unimportable and no repository on the path."""
     out, folder = exported
-    enrol_ids, test_id, recipe, wavs = _dev_pair(out, tiny_corpus)
+    enrol_ids, test_id, recipe, wavs = _valid_pair(out, tiny_corpus)
     enrol, test = [wavs[i] for i in enrol_ids], wavs[test_id]
     phrase = _model_phrase(out, recipe["model_id"])
     example = ROOT / "recipes" / "onnx_trial_example.py"
@@ -331,7 +331,7 @@ def test_the_torch_free_example_decides_a_trial_like_the_speechbrain_folder(
 @pytest.mark.slow
 def test_cli_enrollment_reproduces_the_recipe_trial_score(exported, tiny_corpus):
     out, folder = exported
-    enrol_ids, test_id, recipe, wavs = _dev_pair(out, tiny_corpus)
+    enrol_ids, test_id, recipe, wavs = _valid_pair(out, tiny_corpus)
     paths = [wavs[i] for i in [*enrol_ids, test_id]]
     phrase = _model_phrase(out, recipe["model_id"])
     result = cli("--model", folder, "--enrol", *paths[:-1], "--test", paths[-1], "--phrase", phrase)
@@ -356,7 +356,7 @@ def test_a_quality_aware_fusion_is_scored_exported_and_applied_by_the_cli(
     out, _ = trained
     quality = ("duration", "cohort")
     run_script("verify_speakers.py", out, tiny_corpus, "--fusion_quality", "[duration, cohort]")
-    enrol_ids, test_id, recipe, wavs = _dev_pair(out, tiny_corpus, quality=quality)
+    enrol_ids, test_id, recipe, wavs = _valid_pair(out, tiny_corpus, quality=quality)
     seconds = {i: sf.info(wavs[i]).duration for i in [*enrol_ids, test_id]}
     assert recipe["log_test_duration"] == pytest.approx(np.log(seconds[test_id]), abs=1e-4)
     enrol_seconds = sum(seconds[i] for i in enrol_ids)
@@ -391,7 +391,7 @@ def test_a_quality_aware_fusion_is_scored_exported_and_applied_by_the_cli(
 @pytest.mark.slow
 def test_cli_rejects_another_pass_phrase_and_says_why(exported, tiny_corpus):
     out, folder = exported
-    enrol_ids, test_id, recipe, wavs = _dev_pair(out, tiny_corpus, condition="TW")
+    enrol_ids, test_id, recipe, wavs = _valid_pair(out, tiny_corpus, condition="TW")
     fusion = json.loads(next((out / "fusion").glob("*_none_cohort.json")).read_text())
     speaker_llr = float(fused_llr(fusion, recipe, kind="speaker"))  # the row's features
     assert recipe["score"] < speaker_llr  # the phrase score lowered the LLR of this TW trial
@@ -410,7 +410,7 @@ def test_cli_rejects_another_pass_phrase_and_says_why(exported, tiny_corpus):
 @pytest.mark.slow
 def test_cli_rejects_a_replayed_enrollment_file_and_an_unknown_phrase(exported, tiny_corpus):
     out, folder = exported
-    enrol_ids, _, recipe, wavs = _dev_pair(out, tiny_corpus)
+    enrol_ids, _, recipe, wavs = _valid_pair(out, tiny_corpus)
     enrol = [wavs[i] for i in enrol_ids]
     phrase = _model_phrase(out, recipe["model_id"])
     replayed = cli("--model", folder, "--enrol", *enrol, "--test", enrol[1], "--phrase", phrase)
@@ -429,7 +429,7 @@ def test_cli_rejects_a_replayed_enrollment_file_and_an_unknown_phrase(exported, 
 @pytest.mark.slow
 def test_cli_resamples_and_downmixes_and_says_so(exported, tiny_corpus, tmp_path):
     out, folder = exported
-    enrol_ids, test_id, _, wavs = _dev_pair(out, tiny_corpus)
+    enrol_ids, test_id, _, wavs = _valid_pair(out, tiny_corpus)
     enrol, test = wavs[enrol_ids[0]], wavs[test_id]
     samples, _ = sf.read(test)
     stereo = np.stack([resample_poly(samples, 441, 160)] * 2, axis=1)
@@ -525,7 +525,7 @@ def test_an_mhfa_model_exports_a_self_checked_speechbrain_folder_without_hf(tmp_
     assert facts["checks"]["onnx_min_cosine"] > 0.9999  # an MHFA model exports to ONNX too
     card = (folder / "README.md").read_text()
     assert "No `hf/` folder" in card and "WavLMForXVector.from_pretrained" not in card
-    enrol_ids, test_id, trial, wav = _dev_pair(out, tiny_corpus)
+    enrol_ids, test_id, trial, wav = _valid_pair(out, tiny_corpus)
     phrase = _model_phrase(out, trial["model_id"])
     verifier = load_verifier(folder)
     verdict = verifier.verify_trial([wav[i] for i in enrol_ids], wav[test_id], phrase=phrase)
@@ -552,10 +552,10 @@ def test_export_calibrates_on_its_own_models_embeddings(trained, tiny_corpus, tm
     facts = json.loads((folder / "export.json").read_text())
     overrides = {
         "output_folder": str(out), "data_folder": str(tiny_corpus), "synthetic_corpus": None,
-        "dev_speakers": 2, "emb_dim": 64, "noise_csv": None, "cohort_utts_per_speaker": 2,
+        "valid_speakers": 2, "emb_dim": 64, "noise_csv": None, "cohort_utts_per_speaker": 2,
     }  # fmt: skip
     settings = recipe_settings(load_yaml("synthetic_demo.yaml", overrides))
-    dev = dataio_prep(settings.corpus, settings.audio).splits["dev"]
+    dev = dataio_prep(settings.corpus, settings.audio).splits["valid"]
     tables = embed_dataset(load_verifier(folder), dev.utterances, {"batch_size": 4}, False)
     expected = enrolment_thresholds(tables["speaker"], dev.models, dev.trials)
     assert facts["thresholds"] == json.loads(json.dumps(expected))

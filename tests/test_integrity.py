@@ -189,7 +189,9 @@ def test_decisions_say_which_enrollment_count_was_calibrated():
     assert "3-utterance enrollment, the nearest calibrated count to 5" in decision_note(
         verifier, 5, args
     )
-    assert decision_note(verifier, 3, args).endswith("(dev eer point, 3-utterance enrollment)")
+    assert decision_note(verifier, 3, args).endswith(
+        "(validation eer point, 3-utterance enrollment)"
+    )
 
 
 def test_pairs_files_take_a_byte_order_mark_and_quoted_paths(tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections import Counter
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -70,7 +72,7 @@ def _csv(folder, name):
 
 
 def _prepare(root, tmp_path, **options):
-    options = {"dev_speakers": 1, "enrol_utts": 3, "phrase_min_count": 3, **options}
+    options = {"valid_speakers": 1, "enrol_utts": 3, "phrase_min_count": 3, **options}
     return prepare_kaldi(root, tmp_path / "prep", **options)
 
 
@@ -84,7 +86,7 @@ def test_manifests_of_a_kaldi_corpus(tmp_path):
     _prepare(root, tmp_path, include_free_text=True)
     prep = tmp_path / "prep"
     train = _csv(prep, "train.csv")
-    dev = pd.concat([_csv(prep, "dev_enrol_utts.csv"), _csv(prep, "dev_test.csv")])
+    dev = pd.concat([_csv(prep, "valid_enrol_utts.csv"), _csv(prep, "valid_test.csv")])
     everything = pd.concat([train, dev])
     # Three spellings, one phrase each; numbered in the order of their normalized text.
     assert set(everything["phrase_id"]) == {"p01", "p02", FREE_TEXT_ID}
@@ -100,8 +102,8 @@ def test_manifests_of_a_kaldi_corpus(tmp_path):
     ]  # fmt: skip
     test = _csv(prep, "eval_test.csv")
     assert (test[["spk_id", "phrase_id", "phrase"]] == "").all(axis=None)  # blind: never read
-    dev_models = _csv(prep, "dev_enrol.csv")
-    assert len(dev_models) == 2 and (dev_models["enrol_ids"].str.split().map(len) == 3).all()
+    valid_models = _csv(prep, "valid_enrol.csv")
+    assert len(valid_models) == 2 and (valid_models["enrol_ids"].str.split().map(len) == 3).all()
 
 
 def test_rare_transcripts_are_free_text_and_left_out_unless_asked(tmp_path):
@@ -120,7 +122,7 @@ def test_trials_with_target_labels_only_or_none(tmp_path):
     _prepare(root, tmp_path)
     assert list(_csv(tmp_path / "prep", "eval_trials.csv")["condition"]) == ["TC", "NT", "NT"]
     root = make_kaldi_miniature(tmp_path / "blind", trial_fields=2)
-    prepare_kaldi(root, tmp_path / "blind_prep", dev_speakers=1, phrase_min_count=3)
+    prepare_kaldi(root, tmp_path / "blind_prep", valid_speakers=1, phrase_min_count=3)
     trials = _csv(tmp_path / "blind_prep", "eval_trials.csv")
     assert (trials[["label", "condition"]] == "").all(axis=None) and len(trials) == 3
 
@@ -226,18 +228,50 @@ def test_a_pipe_in_wav_scp_is_refused(tmp_path):
         _prepare(root, tmp_path)
 
 
+def _fewer_training_repetitions(corpus: Path, folder: Path, reps: int) -> Path:
+    """``corpus`` whose training speakers say each phrase only ``reps`` times (audio linked)."""
+    folder.mkdir()
+    (folder / "wav").symlink_to(corpus / "wav")
+    for path in corpus.rglob("*"):
+        if path.is_file() and "wav" not in path.relative_to(corpus).parts[:1]:
+            (folder / path.relative_to(corpus)).parent.mkdir(parents=True, exist_ok=True)
+            (folder / path.relative_to(corpus)).write_bytes(path.read_bytes())
+    speaker = dict(line.split() for line in (corpus / "train/utt2spk").read_text().splitlines())
+    text = dict(line.split(" ", 1) for line in (corpus / "train/text").read_text().splitlines())
+    said, kept = Counter(), set()
+    for utt in sorted(speaker):  # a phrase is its normalized transcript (three spellings here)
+        said[speaker[utt], normalized(text[utt])] += 1
+        if said[speaker[utt], normalized(text[utt])] <= reps:
+            kept.add(utt)
+    for name in ("wav.scp", "utt2spk", "text", "utt2lang"):
+        lines = (corpus / "train" / name).read_text().splitlines()
+        kept_lines = [line for line in lines if line.split(" ", 1)[0] in kept]
+        (folder / "train" / name).write_text("\n".join(kept_lines) + "\n")
+    return folder
+
+
 @pytest.mark.slow
 def test_the_recipe_trains_and_scores_a_kaldi_corpus_with_its_own_phrases(tmp_path, kaldi_corpus):
-    """The demo YAML on a corpus sharing nothing with DeepMine, end to end (one epoch)."""
+    """The demo YAML on a corpus sharing nothing with DeepMine, end to end (one epoch).
+
+    Its training speakers say each phrase 4 times and its models have 5 utterances: the
+    validation split's models have 3 (what 4 repetitions allow), never none.
+    """
+    corpus = _fewer_training_repetitions(kaldi_corpus, tmp_path / "corpus", reps=4)
     out = tmp_path / "exp"
     command = run_script_command(
-        "train_speaker_embeddings.py", out, kaldi_corpus, "--corpus", "kaldi",
+        "train_speaker_embeddings.py", out, corpus, "--corpus", "kaldi",
         "--enrol_utts", str(KALDI_EN30["enrol_utts"]), "--number_of_epochs", "1",
     )  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=1200)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "models of 3 enrollment utterance(s) (the evaluation's models have 5, but the " in (
+        result.stdout
+    )
+    valid = pd.read_csv(out / "prep" / "valid_enrol.csv", dtype=str)
+    assert len(valid) > 0 and (valid["enrol_ids"].str.split().map(len) == 3).all()
     # The answer file: one LLR per trials line, in order.
-    trials = (kaldi_corpus / "trials").read_text().splitlines()
+    trials = (corpus / "trials").read_text().splitlines()
     answer = (out / "answer.txt").read_text().splitlines()
     assert len(answer) == len(trials) and all(float(v) == float(v) for v in answer)
     scored = [line.split()[:2] for line in (out / "scores_eval.txt").read_text().splitlines()]
@@ -246,7 +280,7 @@ def test_the_recipe_trains_and_scores_a_kaldi_corpus_with_its_own_phrases(tmp_pa
     phrases = [f"p{i:02d}" for i in range(1, 31)]
     classes = (out / "save" / "phrase_encoder.txt").read_text()
     assert all(f"'{p}'" in classes for p in phrases) and "'other'" in classes
-    for split in ("dev", "eval"):
+    for split in ("valid", "eval"):
         report = json.loads((out / f"verification_{split}.json").read_text())
         assert set(report["by_phrase"]) == set(phrases), split
         assert set(report["by_language"]) == {"english"}, split

@@ -98,10 +98,10 @@ def _calibration(fusion, scores, conditions):
 
 def test_a_duration_the_scores_depend_on_calibrates_held_out_trials_better():
     rng = np.random.default_rng(3)
-    dev, dev_conditions = _trials_whose_targets_depend_on_duration(rng)
+    dev, valid_conditions = _trials_whose_targets_depend_on_duration(rng)
     held_out, conditions = _trials_whose_targets_depend_on_duration(rng)
-    plain = learn_fusion(dev, dev_conditions, prior=0.01)
-    aware = learn_fusion(dev, dev_conditions, prior=0.01, quality=("duration",))
+    plain = learn_fusion(dev, valid_conditions, prior=0.01)
+    aware = learn_fusion(dev, valid_conditions, prior=0.01, quality=("duration",))
     assert aware["quality"] == ["duration"] and plain["quality"] == []
     for name, features in calibrations_with(("duration",)).items():
         assert aware[name]["features"] == list(features)
@@ -137,8 +137,8 @@ def test_fusions_and_reports_of_other_quality_measures_are_kept_apart(tmp_path, 
     assert report_name("eval", plain, phrase_scored=True) == "eval_quality-none"
     # The score file lists the quality features after the others.
     trials = pd.DataFrame({"model_id": "m", "test_id": "t", "label": "x", "condition": conditions})
-    write_report(tmp_path, "dev_duration", trials, fused_llr({**aware, "kind": "llr"},
+    write_report(tmp_path, "valid_duration", trials, fused_llr({**aware, "kind": "llr"},
                  dev.features), {}, parts=dev)  # fmt: skip
-    columns = pd.read_csv(tmp_path / "scores_dev_duration.txt", sep=" ", header=None)
+    columns = pd.read_csv(tmp_path / "scores_valid_duration.txt", sep=" ", header=None)
     assert columns.shape[1] == 3 + 5 + 2
     assert columns[6].to_numpy() == pytest.approx(dev.features["log_test_duration"], abs=1e-4)

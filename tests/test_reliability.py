@@ -156,7 +156,7 @@ def test_killed_mid_epoch_resumes_from_the_intra_epoch_checkpoint(tmp_path, tiny
     command = [
         sys.executable, str(ROOT / "recipes" / "train_speaker_embeddings.py"),
         str(ROOT / "hparams" / "synthetic_demo.yaml"), "--output_folder", str(out),
-        "--data_folder", str(tiny_corpus), "--synthetic_corpus", "null", "--dev_speakers", "2",
+        "--data_folder", str(tiny_corpus), "--synthetic_corpus", "null", "--valid_speakers", "2",
         "--crop_seconds", "1.0", "--batch_size", "4", "--noise_csv", "null", "--emb_dim", "64",
         "--number_of_epochs", "1", "--ckpt_interval_minutes", "0", "--ckpt_interval_steps", "4",
         "--noprogressbar",
@@ -258,7 +258,7 @@ def test_sigterm_mid_epoch_checkpoints_exits_143_and_resumes_exactly(tmp_path, t
     ]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-    for report in ("scores_dev.txt", "scores_eval.txt"):
+    for report in ("scores_valid.txt", "scores_eval.txt"):
         assert (out / report).read_bytes() == (whole / report).read_bytes(), report
 
 
@@ -373,7 +373,7 @@ def test_nonfinite_loss_is_skipped_then_stops_training(tmp_path, tiny_wavlm_dir)
 def _break_after_prep(tmp_path, tiny_corpus):
     corpus = _copy_corpus(tiny_corpus, tmp_path)
     prepare_deepmine(  # as the demo YAML prepares it, so the recipe's data prep has nothing to do
-        corpus, tmp_path / "exp" / "prep", dev_speakers=2, seed=1986, include_free_text=True
+        corpus, tmp_path / "exp" / "prep", valid_speakers=2, seed=1986, include_free_text=True
     )
     train = (tmp_path / "exp" / "prep" / "train.csv").read_text().splitlines()
     victim = train[1].split(",")[0]
@@ -393,7 +393,7 @@ def test_audio_broken_after_prep_fails_with_its_name(tmp_path, tiny_corpus):
     command = [
         sys.executable, str(ROOT / "recipes" / "train_speaker_embeddings.py"),
         str(ROOT / "hparams" / "synthetic_demo.yaml"), "--output_folder", str(tmp_path / "exp"),
-        "--data_folder", str(corpus), "--synthetic_corpus", "null", "--dev_speakers", "2",
+        "--data_folder", str(corpus), "--synthetic_corpus", "null", "--valid_speakers", "2",
         "--crop_seconds", "1.0", "--batch_size", "8", "--noise_csv", "null", "--emb_dim", "64",
         "--number_of_epochs", "1", "--noprogressbar",
     ]  # fmt: skip
@@ -412,13 +412,13 @@ def test_audio_broken_after_prep_is_skipped_and_logged_when_asked(tmp_path, tiny
     )  # fmt: skip
     log = (tmp_path / "exp" / "rejected_train_audio.txt").read_text().splitlines()
     assert log and all(f"{victim}.wav" in line for line in log)
-    assert (tmp_path / "exp" / "verification_dev.json").is_file()
+    assert (tmp_path / "exp" / "verification_valid.json").is_file()
     # The scoring cohort (training speakers) passed over it too.
     assert f"{victim}.wav" not in (tmp_path / "exp" / "prep" / "cohort.csv").read_text()
 
 
 def _losses(folder: Path) -> list[str]:
-    """Each epoch's training loss and dev EER (not the data-wait share: that is a timing)."""
+    """Each epoch's training loss and validation EER (not the data-wait share: that is a timing)."""
     return re.findall(
         r"train loss: ([^,\s]+),.* - valid EER: ([^,\s]+),", (folder / "train_log.txt").read_text()
     )
@@ -465,7 +465,7 @@ def test_two_processes_with_torchrun_on_cpu(tmp_path, tiny_corpus):
     wavlm = build_tiny_wavlm(tmp_path / "masked_wavlm", mask_time_prob=0.05)
     common = [
         str(ROOT / "hparams" / "wavlm_td.yaml"), "--output_folder", str(out),
-        "--data_folder", str(tiny_corpus), "--dev_speakers", "2",
+        "--data_folder", str(tiny_corpus), "--valid_speakers", "2",
         "--wavlm_source", wavlm, "--wavlm_hidden_size", "96",
         "--precision", "fp32", "--eval_precision", "fp32", "--num_workers", "1",
         "--crop_seconds", "1.0", "--batch_size", "8", "--noise_csv", "null", "--emb_dim", "64",
@@ -493,12 +493,12 @@ def test_two_processes_with_torchrun_on_cpu(tmp_path, tiny_corpus):
     shares = re.findall(
         r"embedded (\d+) of (\d+) utterances on 2 process\(es\): (\d+) \+ (\d+)", output
     )
-    assert len(shares) == 3  # the cohort (of the default quality measure), dev and eval
+    assert len(shares) == 3  # the cohort (of the default quality measure), valid and eval
     for embedded, total, first, second in shares:
         assert embedded == total and int(first) + int(second) == int(total)
         assert abs(int(first) - int(second)) <= 1
-    ddp_report = (out / "verification_dev.json").read_text()
-    (out / "verification_dev.json").unlink()
+    ddp_report = (out / "verification_valid.json").read_text()
+    (out / "verification_valid.json").unlink()
     shutil.rmtree(out / "embeddings")  # the single process must embed everything itself
     step = [str(ROOT / "hparams" / "verification.yaml"), "--output_folder", str(out),
             "--noprogressbar", "--device", "cpu"]  # fmt: skip
@@ -510,7 +510,7 @@ def test_two_processes_with_torchrun_on_cpu(tmp_path, tiny_corpus):
     assert single.returncode == 0, single.stderr[-3000:]
     # Same numbers from one process (float sums may still differ in the last digits, so
     # thresholds are compared with a tolerance).
-    single_report = json.loads((out / "verification_dev.json").read_text())
+    single_report = json.loads((out / "verification_valid.json").read_text())
     for name, metrics in json.loads(ddp_report)["conditions"].items():
         assert single_report["conditions"][name] == pytest.approx(metrics, rel=1e-5, abs=1e-6)
 
@@ -657,7 +657,10 @@ def _report(folder, scores, labelled=True):
 
 def test_a_report_is_published_whole_or_not_at_all(tmp_path, monkeypatch):
     _report(tmp_path, [0.9, 0.1, 0.3, 0.2, 0.8, 0.4, 0.1, 0.0])
-    names = ["answer.txt", "det_eval.png", "scores_eval.txt", "verification_eval.json"]
+    names = [
+        "answer.txt", "det_eval.png", "scores_eval.txt", "submission_eval.zip",
+        "verification_eval.json",
+    ]  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir()) == names
     before = {name: (tmp_path / name).read_bytes() for name in names}
 
@@ -739,7 +742,9 @@ def test_a_run_recorded_before_a_setting_existed_is_read_with_its_old_behaviour(
         timeout=600,
     )  # fmt: skip
     # Read as far as the run's checkpoints (it has none), not stopped at a missing setting.
-    assert result.returncode != 0 and "no checkpoint with a dev EER" in result.stderr, result.stderr
+    assert result.returncode != 0 and "no checkpoint with a validation EER" in result.stderr, (
+        result.stderr
+    )
     recorded = {"settings": {"emb_dim": 64}, "manifests": {}}
     current = {"settings": {"emb_dim": 64, **SETTINGS_ADDED_SINCE}, "manifests": {}}
     assert differences(recorded, current) == ([], [])

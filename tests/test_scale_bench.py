@@ -23,8 +23,8 @@ def test_every_stage_runs_and_is_reported(tmp_path):
         final["written"]
     )
     counts = bench_scale.real_counts(0.001)
-    assert final["eval_trials"] > 0 and stages[0]["dev_trials"] > 0
-    assert counts["dev_speakers"] >= 2
+    assert final["eval_trials"] > 0 and stages[0]["valid_trials"] > 0
+    assert counts["valid_speakers"] >= 2
 
 
 def test_the_drawn_trials_have_every_condition_and_no_repeat():

@@ -44,7 +44,7 @@ BAD_VALUES = {
     "batch_size": -4,
     "crop_seconds": 0,
     "max_eval_seconds": -1.0,
-    "dev_speakers": 0,
+    "valid_speakers": 0,
     "phrase_loss_weight": -0.5,
     "l2sp_weight": -0.01,
     "cohort_top_k": 0,
@@ -182,3 +182,24 @@ def test_a_choice_added_where_the_code_dispatches_is_allowed_with_no_second_list
     # A speaker head is chosen among the YAML's own ``heads``: wiring one in allows it.
     head = "heads:\n    resnet: !name:recipes.model.speaker_model.XVectorHead\nhead_type: resnet"
     assert settings_problems(raw_settings(demo, head)) == []
+
+
+def test_renamed_and_layout_settings_are_named():
+    demo = ROOT / "hparams" / "synthetic_demo.yaml"
+    problems = settings_problems(raw_settings(demo, {"dev_speakers": 4}))
+    assert problems == [
+        "dev_speakers: renamed valid_speakers (the held-out split is 'valid'; 'dev' is an "
+        "official list pair, TdSV 2024's)"
+    ]
+    kaldi = {"corpus": "kaldi", "synthetic_corpus": None, "dev_key_file": "keys/dev.txt"}
+    assert settings_problems(raw_settings(demo, kaldi)) == [
+        "dev_key_file: keys a DeepMine list pair; corpus 'kaldi' labels its trials in its own "
+        "trials file"
+    ]
+    layout = "synthetic_corpus:\n    speakers: 8\n    layout: tdsv"
+    assert settings_problems(raw_settings(demo, layout)) == [
+        "synthetic_corpus: layout 'tdsv' is not one of sdsv, tdsv2024"
+    ]
+    assert settings_problems(raw_settings(demo, {"valid_enrol_utts": 0})) == [
+        "valid_enrol_utts: 0 must be a whole number >= 1"
+    ]

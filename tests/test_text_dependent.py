@@ -6,6 +6,7 @@ hold the phrase branch, the fusion's arithmetic and decisions, the reports and t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ from recipes.evaluation.fusion import (
 )
 from recipes.evaluation.metrics import actual_dcf, bayes_threshold, cllr
 from recipes.evaluation.scoring import EmbeddingTable, score_trials
+from recipes.evaluation.verification import ScoringSettings, check_validation_split
 from recipes.evaluation.verification_report import score_columns, write_report
 from recipes.model import trial_decisions
 from recipes.model.speaker_model import PhraseBranch
@@ -171,7 +173,7 @@ def test_prior_weighted_calibration_recovers_the_true_llr():
 def test_calibration_does_not_depend_on_the_mix_of_nontarget_conditions():
     # Same score distributions per condition, 9x more IW trials in one list: same calibration.
     rng = np.random.default_rng(1)
-    base, conditions = _dev_like_scores(rng, n=4000)
+    base, conditions = _validation_like_scores(rng, n=4000)
     iw = conditions == "IW"
     repeat = np.where(iw, 9, 1)
     calibrations = [
@@ -187,8 +189,8 @@ def test_calibration_does_not_depend_on_the_mix_of_nontarget_conditions():
     assert calibrations[0]["bias"] == pytest.approx(calibrations[1]["bias"], abs=1e-3)
 
 
-def _dev_like_scores(rng, n=400):
-    """Synthetic dev trials: TC, TW (low phrase score), IC, IW: (TrialScores, conditions)."""
+def _validation_like_scores(rng, n=400):
+    """Synthetic validation trials: TC, TW (low phrase score), IC, IW: (TrialScores, conditions)."""
     conditions = np.array(["TC", "TW", "IC", "IW"] * (n // 4))
     same_speaker = np.isin(conditions, ["TC", "TW"])
     same_phrase = np.isin(conditions, ["TC", "IC"])
@@ -200,7 +202,7 @@ def _dev_like_scores(rng, n=400):
 
 
 def test_fusion_separates_wrong_phrase_trials_and_is_stored(tmp_path, caplog):
-    scores, conditions = _dev_like_scores(np.random.default_rng(1))
+    scores, conditions = _validation_like_scores(np.random.default_rng(1))
     fusion = learn_fusion(scores, conditions, prior=0.01)
     llr = fused_llr({**fusion, "kind": "llr"}, scores.features, scores.known)
     assert llr[conditions == "TC"].min() > llr[conditions == "TW"].max()
@@ -223,6 +225,23 @@ def test_fusion_separates_wrong_phrase_trials_and_is_stored(tmp_path, caplog):
     assert json.loads(path.read_text())["stamp"]["checkpoint"] == "CKPT+1"
 
 
+def test_a_fusion_without_wrong_phrase_validation_trials_is_refused_before_training():
+    """A held-out split whose speakers say one phrase each has no TW: named, with the fixes."""
+    scoring = ScoringSettings(
+        output_folder="x", score_norm="none", cohort_top_k=10, fusion="llr", fusion_prior=0.09,
+        eval_precision="fp32", loader_options={}, max_eval_seconds=8.0, sample_rate=16000,
+    )  # fmt: skip
+    trials = pd.DataFrame({"condition": ["TC", "IC", "IC"]})
+    with pytest.raises(
+        SystemExit,
+        match=r"fusion: 'llr' learns on the validation split's "
+        r"wrong-phrase \(TW\) trials, and it has none \(its conditions: IC, TC\)",
+    ):
+        check_validation_split(trials, scoring)
+    check_validation_split(pd.DataFrame({"condition": ["TC", "TW"]}), scoring)
+    check_validation_split(trials, dataclasses.replace(scoring, fusion="none"))
+
+
 def test_a_new_trial_feature_is_learned_applied_and_reported(tmp_path, monkeypatch):
     """A feature named in the schema (and computed) reaches learning, applying and the report."""
     monkeypatch.setattr(
@@ -231,7 +250,7 @@ def test_a_new_trial_feature_is_learned_applied_and_reported(tmp_path, monkeypat
     phrase_features = (*trial_decisions.CALIBRATIONS["phrase"], "quality")
     monkeypatch.setitem(trial_decisions.CALIBRATIONS, "phrase", phrase_features)
     rng = np.random.default_rng(2)
-    scores, conditions = _dev_like_scores(rng)
+    scores, conditions = _validation_like_scores(rng)
     # A quality measure that tells targets apart a little: the fusion should weight it.
     scores.features["quality"] = (conditions == "TC") + rng.normal(size=conditions.size)
     fusion = {**learn_fusion(scores, conditions, prior=0.01), "kind": "llr"}
@@ -242,8 +261,8 @@ def test_a_new_trial_feature_is_learned_applied_and_reported(tmp_path, monkeypat
     assert difference == pytest.approx(fusion["phrase"]["weights"][-1])
     trials = pd.DataFrame({"model_id": "m", "test_id": "t", "label": "x", "condition": conditions})
     final = fused_llr(fusion, scores.features, scores.known)
-    write_report(tmp_path, "dev", trials, final, {}, parts=scores)
-    columns = pd.read_csv(tmp_path / "scores_dev.txt", sep=" ", header=None).shape[1]
+    write_report(tmp_path, "valid", trials, final, {}, parts=scores)
+    columns = pd.read_csv(tmp_path / "scores_valid.txt", sep=" ", header=None).shape[1]
     assert columns == 3 + 4 + 2  # model test score, speaker phrase content quality, label condition
 
 

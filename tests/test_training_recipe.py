@@ -136,10 +136,10 @@ def test_short_run_learns_checkpoints_and_reports(trained):
     checkpoints = list((out / "save").glob("CKPT*"))
     assert checkpoints and all((c / "CKPT.yaml").is_file() for c in checkpoints)
     assert "Going into epoch 1" in output
-    report = json.loads((out / "verification_dev.json").read_text())
+    report = json.loads((out / "verification_valid.json").read_text())
     assert set(report["conditions"]) == {"pooled", "TC-vs-IC", "TC-vs-TW", "TC-vs-IW"}
     assert set(report["by_language"]) == {"persian", "english"} and len(report["by_phrase"]) == 10
-    for split in ("dev", "eval"):  # the synthetic eval trials have a key, so both are scored
+    for split in ("valid", "eval"):  # the synthetic eval trials have a key, so both are scored
         assert (out / f"det_{split}.png").stat().st_size > 10_000
 
 
@@ -209,7 +209,7 @@ def test_verify_without_a_checkpoint_says_so(tmp_path, tiny_corpus):
         [*verify, "--run_hparams", str(record)], capture_output=True, text=True, cwd=ROOT,
         timeout=600,
     )  # fmt: skip
-    assert result.returncode != 0 and "no checkpoint with a dev EER" in result.stderr
+    assert result.returncode != 0 and "no checkpoint with a validation EER" in result.stderr
     assert not (tmp_path / "exp" / "prep").exists()  # refused before data prep
     assert "emb_dim: not a setting of" in _stderr([*verify, "--emb_dim", "64"])
     assert "score_norm: 'asnorm' is not one of" in _stderr([*verify, "--score_norm", "asnorm"])
@@ -240,14 +240,14 @@ def test_scoring_model_reproduces_the_trained_brain(trained, tiny_corpus):
     out, _ = trained
     overrides = {
         "output_folder": str(out), "data_folder": str(tiny_corpus), "synthetic_corpus": None,
-        "dev_speakers": 2, "emb_dim": 64, "noise_csv": None, "cohort_utts_per_speaker": 2,
+        "valid_speakers": 2, "emb_dim": 64, "noise_csv": None, "cohort_utts_per_speaker": 2,
     }  # fmt: skip
     hparams = load_yaml("synthetic_demo.yaml", overrides)
     settings = recipe_settings(hparams)
     data = dataio_prep(settings.corpus, settings.audio)
     checkpoint = best_checkpoint(settings.model.checkpointer)
     model = checkpoint_model(settings.model, checkpoint, len(data.phrase_encoder))
-    dev = data.splits["dev"].utterances.filtered_sorted(select_n=12)
+    dev = data.splits["valid"].utterances.filtered_sorted(select_n=12)
     tables = embed_tables(model, dev, {"batch_size": 4}, torch.device("cpu"), progress=False)
     brain = brain_for_data(hparams, {"device": "cpu", "noprogressbar": True}, data)
     brain.checkpointer.recover_if_possible(min_key="EER")

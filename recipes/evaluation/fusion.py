@@ -9,12 +9,12 @@ speaker score alone cannot reject the enrolled speaker saying another phrase (TW
   model whose phrase is not a class of the classifier (a user's own pass-phrase), the phrase
   score is the *content similarity* instead: the cosine between the mean phrase embedding of the
   enrollment utterances and the test's.
-- **Fusion.** Prior-weighted logistic regressions (scikit-learn), learned on the dev trials, map
-  a trial's named features (``trial_decisions.TRIAL_FEATURES``) to a calibrated log-likelihood
+- **Fusion.** Prior-weighted logistic regressions (scikit-learn), learned on the validation trials,
+  map a trial's named features (``trial_decisions.TRIAL_FEATURES``) to a calibrated log-likelihood
   ratio, one per ``trial_decisions.CALIBRATIONS`` entry: for log-posteriors, for content
   similarity, and the speaker score alone (the "gate" fusion and the reason of a reject).
   ``gate``: the calibrated speaker LLR, minus a large penalty when the phrase score is below the
-  dev threshold that best separates TC from TW.
+  validation threshold that best separates TC from TW.
 - **Quality measures** (``fusion_quality``, ``speaker_model.QUALITY_MEASURES``): each adds a pair
   of trial features (durations, or cohort neighbourhood) that every calibration also weights
   (``quality_scores``).
@@ -62,7 +62,7 @@ FUSION_VERSION = 3
 NONTARGET_CONDITIONS = ("TW", "IC", "IW")
 #: Inverse regularization of the logistic regressions. Their sample weights sum to 1 (the loss is
 #: the prior-weighted mean cross-entropy, whatever the number of trials), so this is a fixed,
-#: mild penalty: finite weights when dev separates TC from TW perfectly.
+#: mild penalty: finite weights when validation separates TC from TW perfectly.
 REGULARIZATION_C = 1e4
 
 
@@ -174,7 +174,7 @@ def fit_calibration(features: dict, names, conditions, prior: float) -> dict:
     Targets (TC) count as ``prior`` of the data and non-targets as ``1 - prior``, whatever their
     numbers, so the fitted log-odds are posterior log-odds at that prior and subtracting
     logit(prior) leaves the LLR. Within the non-targets each condition present (TW, IC, IW)
-    counts equally: a dev list of all pairs is mostly IW, an evaluation list is not, and the
+    counts equally: a validation list of all pairs is mostly IW, an evaluation list is not, and the
     calibration should not depend on that mix (docs/design.md section 6). Returns
     ``{"features": names, "weights", "bias"}``.
     """
@@ -195,7 +195,7 @@ def fit_calibration(features: dict, names, conditions, prior: float) -> dict:
 
 
 def learn_fusion(scores: TrialScores, conditions, prior: float, quality=()) -> dict:
-    """Every calibration of the fusion (``CALIBRATIONS``), learned on labelled (dev) trials.
+    """Every calibration of the fusion (``CALIBRATIONS``), learned on labelled (validation) trials.
 
     Each also weights the features of the quality measures ``quality`` (which ``scores`` must
     hold), and is learned on all the trials, whose phrases are the classifier's own. The gate's
@@ -207,7 +207,9 @@ def learn_fusion(scores: TrialScores, conditions, prior: float, quality=()) -> d
     if not scores.has_phrase:
         raise ValueError("the fusion needs phrase scores: train with phrase_branch: True")
     if not wrong_phrase.any():
-        raise ValueError("learning the fusion needs wrong-phrase (TW) trials in the dev list")
+        raise ValueError(
+            "learning the fusion needs wrong-phrase (TW) trials in the validation list"
+        )
     features = scores.features
     calibrations = {
         name: fit_calibration(features, names, conditions, prior)
@@ -231,11 +233,11 @@ def apply_fusion(fusion: dict, scores: TrialScores, kind: str) -> np.ndarray:
     return fused_llr(fusion, scores.features, scores.known, kind)
 
 
-def scores_digest(dev: TrialScores, conditions: np.ndarray) -> str:
+def scores_digest(scores: TrialScores, conditions: np.ndarray) -> str:
     """A hash of what a fusion is learned from: every trial's features and condition."""
     digest = hashlib.sha1()
-    for name in sorted(dev.features):
-        digest.update(name.encode() + np.ascontiguousarray(dev.features[name], "<f8").tobytes())
+    for name in sorted(scores.features):
+        digest.update(name.encode() + np.ascontiguousarray(scores.features[name], "<f8").tobytes())
     digest.update("\n".join(map(str, conditions)).encode())
     return digest.hexdigest()
 
@@ -253,12 +255,12 @@ def _stored_fusion(path: Path) -> dict | None:
 
 
 def stored_or_learned_fusion(
-    path: Path, dev: TrialScores, conditions, prior: float, stamp: dict, quality=()
+    path: Path, valid: TrialScores, conditions, prior: float, stamp: dict, quality=()
 ):
     """The fusion stored at ``path``, or one learned now (and stored there) if it is stale.
 
-    Stored means learned from the same model and dev trials (``stamp``, the prior, the trial
-    counts and a hash of the dev trials' features and conditions: another corpus of the same
+    Stored means learned from the same model and validation trials (``stamp``, the prior, the trial
+    counts and a hash of the validation trials' features and conditions: another corpus of the same
     shape is other trials) with the same quality measures, by the same fitting code
     (``FUSION_VERSION``); either way the log says which. A damaged file is learned again, with a
     warning.
@@ -267,7 +269,7 @@ def stored_or_learned_fusion(
     expected = {**stamp, "version": FUSION_VERSION, "prior": prior, "trials": len(conditions)}
     expected["quality"] = list(quality)
     expected["targets"] = int((conditions == "TC").sum())
-    expected["dev_scores"] = scores_digest(dev, conditions)
+    expected["valid_scores"] = scores_digest(valid, conditions)
     stored = _stored_fusion(path)
     if stored is not None:
         if stored.get("stamp") == expected:
@@ -275,11 +277,11 @@ def stored_or_learned_fusion(
             return stored
         logger.warning("fusion in %s was learned for %s, not %s: learning it again", path,
                        stored.get("stamp"), expected)  # fmt: skip
-    fusion = {**learn_fusion(dev, conditions, prior, quality), "stamp": expected}
+    fusion = {**learn_fusion(valid, conditions, prior, quality), "stamp": expected}
     if if_main_process():  # every process learns the same numbers; one writes them
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps(fusion, indent=2))
         temporary.replace(path)  # never a half-written fusion
-    logger.info("fusion: learned on %d dev trials, stored in %s", len(conditions), path)
+    logger.info("fusion: learned on %d validation trials, stored in %s", len(conditions), path)
     return fusion

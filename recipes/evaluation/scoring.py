@@ -1,11 +1,12 @@
 """Enrollment models, cosine scoring, metrics by trial condition (docs/design.md section 5).
 
-Shared by the training recipe (validation on the dev trials) and ``verify_speakers.py``.
+Shared by the training recipe (its validation pass) and ``verify_speakers.py``.
 
 - An enrollment model is the mean of its L2-normalized enrollment embeddings.
 - A trial's score is the cosine between its model and its test embedding. All trials are scored
-  at once: a matrix product over the unique models and tests when the trial list is dense (dev
-  trials are all pairs), else one row-wise product per trial in chunks; never a Python loop.
+  at once: a matrix product over the unique models and tests when the trial list is dense
+  (validation trials are all pairs), else one row-wise product per trial in chunks; never a
+  Python loop.
 - Optional s-norm / AS-norm against a cohort of training speakers.
 - The official result pools TC (the only targets) against all non-targets (TW, IC, IW); the pairs
   TC-vs-IC, TC-vs-TW and TC-vs-IW show which kind of impostor hurts.

@@ -1,4 +1,4 @@
-"""Score a trained model on the dev / eval trials.
+"""Score a trained model on the validation trials and the official lists.
 
 The code behind ``verify_speakers.py``, the training recipe's final evaluation and the export.
 Each utterance is embedded once (enrollment and test utterances together, longest first, in eval
@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from speechbrain.utils.checkpoints import Checkpoint
 
-from data_prep.corpus import file_digest
+from data_prep.corpus import VALID_SPLIT, file_digest
 from recipes.distributed import main_writes, on_main
 from recipes.evaluation.fusion import (
     QualityInputs,
@@ -340,7 +340,10 @@ def _score_and_report(tables, cohort, scoring, splits: dict, report_folder, fusi
         models, trials = splits[split].models, splits[split].trials
         metrics = trial_metrics(scored.final, trials, llr=fusion is not None)
         name = report_name(split, scoring, scored.features.has_phrase)
-        write_report(report_folder, name, trials, scored.final, metrics, models, scored.features)
+        write_report(
+            report_folder, name, trials, scored.final, metrics, models, scored.features,
+            splits[split].official,
+        )  # fmt: skip
         results[split] = metrics
     return results
 
@@ -376,7 +379,7 @@ def scored_tables(
 ):
     """``({split: ScoredSplit}, fusion or None)`` from ``embedded``'s tables and cohort means.
 
-    With ``fusion`` "llr" or "gate", the fusion is learned on the dev split's trials (or read
+    With ``fusion`` "llr" or "gate", the fusion is learned on the validation trials (or read
     back from ``fusion_source.path`` when it was learned there from the same model and trials)
     and the final scores are its LLRs; otherwise they are the speaker scores. A ``fusion`` given
     is applied as it is (another backend's embeddings scored with a model's own fusion).
@@ -424,13 +427,13 @@ def quality_inputs(scoring: ScoringSettings, split, cohort) -> QualityInputs:
 
 
 def learned_fusion(scoring: ScoringSettings, splits: dict, scores: dict, source):
-    """The fusion the settings ask for, learned on (or read back for) the dev trials; or None.
+    """The fusion the settings ask for, learned on (or read back for) validation; or None.
 
     ``source`` is the model's ``FusionSource`` (None: a model without a phrase branch).
     """
     if scoring.fusion == "none":
         return None
-    if source is None or not scores["dev"].has_phrase:
+    if source is None or not scores[VALID_SPLIT].has_phrase:
         raise ValueError(
             f"fusion {scoring.fusion!r} needs a model with a phrase branch "
             "(phrase_branch: True); use --fusion none for speaker scores only"
@@ -438,17 +441,34 @@ def learned_fusion(scoring: ScoringSettings, splits: dict, scores: dict, source)
     stamp = {**source.stamp, "score_norm": scoring.score_norm}
     tags = "".join(f"_{name}" for name in scoring.fusion_quality)
     path = source.path.with_name(f"{source.path.stem}_{scoring.score_norm}{tags}.json")
-    conditions = splits["dev"].trials["condition"]
+    conditions = splits[VALID_SPLIT].trials["condition"]
     return stored_or_learned_fusion(
-        path, scores["dev"], conditions, scoring.fusion_prior, stamp, scoring.fusion_quality
+        path, scores[VALID_SPLIT], conditions, scoring.fusion_prior, stamp, scoring.fusion_quality
     )
 
 
-def dev_pass_metrics(tables, models, trials, phrase_labels, fusion: str, prior: float) -> dict:
-    """Pooled ``{"EER", "minDCF"}`` of the dev trials from utterance tables: one validation pass.
+def check_validation_split(trials: pd.DataFrame, scoring: ScoringSettings) -> None:
+    """Refuse, before any training, a validation split the settings cannot learn or select on.
+
+    Data prep makes sure it has targets and non-targets (``manifests.split_valid``); a fusion
+    also learns on its wrong-phrase (TW) trials, which a corpus whose held-out speakers each
+    say one phrase lacks: the run would otherwise end, after training, without scores.
+    """
+    conditions = set(trials["condition"])
+    if scoring.fusion != "none" and "TW" not in conditions:
+        raise SystemExit(
+            f"error: fusion: {scoring.fusion!r} learns on the validation split's wrong-phrase "
+            f"(TW) trials, and it has none (its conditions: {', '.join(sorted(conditions))}): "
+            "hold out speakers who say several phrases (valid_speakers, seed), or set "
+            "fusion: none"
+        )
+
+
+def validation_pass_metrics(tables, models, trials, phrase_labels, fusion: str, prior: float):
+    """Pooled ``{"EER", "minDCF"}`` of the validation trials from utterance tables: one pass.
 
     The score is the system's: the speaker score, or with a fusion its LLR (the fusion learned
-    on these same dev trials: three numbers, so the selection is not noticeably optimistic).
+    on these same trials: three numbers, so the selection is not noticeably optimistic).
     ``tests/benchmarks/bench_scale.py`` times it at the real corpus's counts.
     """
     if trials.empty:

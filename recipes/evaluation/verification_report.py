@@ -8,16 +8,19 @@ Outputs in the experiment folder (docs/design.md section 5):
   ``duration``, ``test_cohort_mean model_cohort_mean`` for ``cohort``);
 - ``verification_<split>.json``: EER / minDCF (with thresholds and trial counts), and for fused
   LLRs the actual DCF at the Bayes threshold and Cllr, for the pooled condition and each TC-vs-X
-  pair, and for the pooled condition by phrase and by language;
+  pair, and for the pooled condition by phrase, by language and by gender (where the corpus
+  gives them);
 - ``det_<split>.png``: DET curves (normal-deviate axes) per condition with the EER and minDCF
   points (dashed: the speaker score alone, when the scores are fused), and a score histogram per
   condition;
-- ``answer.txt`` for the eval split: one score per line in the order of ``trials.txt``, the
-  challenge's submission format.
+- for each official list pair (``eval``, TdSV 2024's ``dev``) the challenge's answer file
+  (``answer.txt``, ``answer_dev.txt``: one score per line in the trial list's order) and
+  ``submission_<split>.zip`` holding it as ``answer.txt`` (``recipes/evaluation/submission.py``:
+  written only when every trial of the list is scored, each score finite).
 
 With score normalization or quality measures the split name carries them
-(``scores_eval_as-norm.txt``, ``answer_duration.txt``, ...), so runs with different settings do
-not overwrite each other.
+(``scores_eval_as-norm.txt``, ``answer_quality-duration.txt``, ...), so runs with different
+settings do not overwrite each other.
 """
 
 from __future__ import annotations
@@ -35,6 +38,13 @@ from scipy.stats import norm
 
 from recipes.evaluation.metrics import operating_points
 from recipes.evaluation.scoring import CONDITION_PAIRS, condition_pair, metrics_by_condition
+from recipes.evaluation.submission import (
+    answer_file,
+    check_finite,
+    submission_file,
+    submission_problem,
+    write_submission,
+)
 from recipes.model import trial_decisions
 
 matplotlib.use("Agg")  # files only, no display
@@ -42,6 +52,7 @@ import matplotlib.pyplot as plt
 
 # The run's log.txt records DEBUG lines: matplotlib's font search would fill it with hundreds.
 logging.getLogger("matplotlib").setLevel(logging.WARNING)
+logger = logging.getLogger(__name__)
 
 
 def breakdown(scores, trials: pd.DataFrame, key: pd.Series, llr: bool = False) -> dict:
@@ -55,34 +66,39 @@ def breakdown(scores, trials: pd.DataFrame, key: pd.Series, llr: bool = False) -
     return results
 
 
-def write_report(output_folder, split, trials, scores, metrics, models=None, parts=None) -> dict:
-    """Write the score file, the JSON report, the DET plot (and the answer file for eval).
+def write_report(
+    output_folder, split, trials, scores, metrics, models=None, parts=None, official=None
+) -> dict:
+    """Write the score file, the JSON report, the DET plot (and an official list's submission).
 
     ``parts`` (a ``recipes.evaluation.fusion.TrialScores``) adds a column per trial feature and,
-    when ``scores`` are fused from them, the speaker-only DET curves. The split's files are
-    published together (``published_together``): a failure while writing them (a full disk)
-    leaves the previous ones as they were, never a truncated score file beside an older report.
+    when ``scores`` are fused from them, the speaker-only DET curves. ``official``: the list's
+    record (``data_prep.manifests.official_record``), which its answer file is checked against
+    (``submission.submission_problem``): a list that lost trials gets reports, no answer file.
+    The split's files are published together (``published_together``): a failure while writing
+    them (a full disk) leaves the previous ones as they were, never a truncated score file
+    beside an older report.
     """
     folder = Path(output_folder)
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder, prefix=f".report_{split}.") as staging:
-        report = _write_report_files(Path(staging), split, trials, scores, metrics, models, parts)
+        report = _write_report_files(
+            Path(staging), split, trials, scores, metrics, models, parts, official
+        )
         published_together(Path(staging), folder, report_files(split))
+    if report.get("submission"):
+        logger.info("%s: to upload, %s (holding %s as answer.txt)", split,
+                    folder / report["submission"], answer_file(split))  # fmt: skip
     if metrics:
         print(format_table(split, metrics))
     return report
 
 
 def report_files(split: str) -> list[str]:
-    """The names of a split's report files (those it writes; answer file for eval splits)."""
+    """The names of a split's report files (those it writes; submissions for official lists)."""
     names = [f"scores_{split}.txt", f"verification_{split}.json", f"det_{split}.png"]
     answer = answer_file(split)
-    return names if answer is None else [*names, answer]
-
-
-def answer_file(split: str) -> str | None:
-    """The challenge's answer file of an eval split (``answer.txt``, ``answer_<tags>.txt``)."""
-    return f"{split.replace('eval', 'answer', 1)}.txt" if split.startswith("eval") else None
+    return names if answer is None else [*names, answer, submission_file(split)]
 
 
 def published_together(staging: Path, folder: Path, names: list[str]) -> None:
@@ -117,7 +133,7 @@ def score_columns(quality) -> list[str]:
     return ["model_id", "test_id", "score", *features, "label", "condition"]
 
 
-def _write_report_files(folder: Path, split, trials, scores, metrics, models, parts) -> dict:
+def _write_report_files(folder: Path, split, trials, scores, metrics, models, parts, official):
     """Write a split's report files into ``folder``; the JSON report."""
     scores = np.asarray(scores)
     score_text = _formatted(scores)
@@ -134,14 +150,14 @@ def _write_report_files(folder: Path, split, trials, scores, metrics, models, pa
         by_model = models.set_index("model_id")
         phrase = trials["model_id"].map(by_model["phrase_id"])
         report["by_phrase"] = breakdown(scores, trials, phrase, llr)
-        if "language" in by_model:  # the manifest's, where the corpus gives languages
-            languages = by_model["language"]
-            language = trials["model_id"].map(languages.where(languages != ""))
-            report["by_language"] = breakdown(scores, trials, language, llr)
-    (folder / f"verification_{split}.json").write_text(json.dumps(report, indent=2))
+        for column in ("language", "gender"):  # the manifest's, where the corpus gives them
+            if column in by_model and (column == "language" or (by_model[column] != "").any()):
+                values = by_model[column]
+                value = trials["model_id"].map(values.where(values != ""))
+                report[f"by_{column}"] = breakdown(scores, trials, value, llr)
     if answer_file(split) is not None:
-        answer = folder / answer_file(split)
-        answer.write_text("".join(f"{text}\n" for text in score_text))  # formatted once
+        report["submission"] = _submission(folder, split, scores, score_text, official)
+    (folder / f"verification_{split}.json").write_text(json.dumps(report, indent=2))
     if metrics:
         speaker_only = parts.speaker if parts is not None and llr else None
         plot_det(
@@ -153,6 +169,21 @@ def _write_report_files(folder: Path, split, trials, scores, metrics, models, pa
             speaker_only,
         )
     return report
+
+
+def _submission(folder: Path, split, scores, score_text, official) -> str | None:
+    """Write an official list's answer file and zip when its scores can be one; the zip's name.
+
+    A non-finite score is an error; a count other than the list's (trials left out by
+    ``skip_bad``) a warning, and no submission.
+    """
+    check_finite(scores, split)
+    problem = submission_problem(len(scores), official)
+    if problem:
+        logger.warning("%s: no answer file: %s", split, problem)
+        return None
+    write_submission(folder, split, "".join(f"{text}\n" for text in score_text))
+    return submission_file(split)
 
 
 def _formatted(values) -> pd.Series:

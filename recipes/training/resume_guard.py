@@ -3,15 +3,15 @@
 Rerunning a training command resumes from the last checkpoint, with whatever settings and data
 the new command has. Some differences are fine (more epochs, another number of loader workers, a
 learning rate lowered by hand); others make the checkpoint meaningless or unloadable: another
-head or embedding size, other training classes, another dev split, another corpus with the same
-speaker ids. So the first start writes ``save/run_fingerprint.json``: the settings that shape the
-model, its classes, the data and the dev EER that picks the best checkpoint (``SHAPING``), a
-hash of each manifest data prep wrote, and the identity of the audio they list (a hash of the
-samples, data prep's ``audio_record``: the same after a copy or a move of the corpus). A resume
-with a difference there is refused before any heavy work, naming each one and how to start
-fresh; other changed settings are logged. The
-settings are compared before anything of the run is written (``guard_settings``), the data
-after data prep (``guard_data``), which then records a new run.
+head or embedding size, other training classes, another validation split, another corpus with
+the same speaker ids. So the first start writes ``save/run_fingerprint.json``: the settings that
+shape the model, its classes, the data and the validation EER that picks the best checkpoint
+(``SHAPING``), a hash of each manifest data prep wrote, and the identity of the audio they list
+(a hash of the samples, data prep's ``audio_record``: the same after a copy or a move of the
+corpus). A resume with a difference there is refused before any heavy work, naming each one and
+how to start fresh; other changed settings are logged. The settings are compared before
+anything of the run is written (``guard_settings``), the data after data prep (``guard_data``),
+which then records a new run.
 """
 
 from __future__ import annotations
@@ -32,19 +32,20 @@ logger = get_logger(__name__)
 #: The record, in the run's save folder beside its checkpoints.
 FINGERPRINT_FILE = "run_fingerprint.json"
 
-#: Settings a checkpoint depends on: the model's shape and classes, the data and its dev split,
-#: the position in an epoch (batches), and what the best checkpoint is chosen by.
+#: Settings a checkpoint depends on: the model's shape and classes, the data and its validation
+#: split, the position in an epoch (batches), and what the best checkpoint is chosen by.
 SHAPING = (
     "corpus", "phrase_min_count", "wavlm_source", "sample_rate", "freeze_cnn", "head_type",
     "emb_dim", "phrase_branch", "phrase_pooling", "phrase_classifier_type", "target_type",
-    "margin_type", "scale_mode", "seed", "dev_speakers", "include_free_text", "skip_bad",
-    "enrol_utts", "min_audio_seconds", "synthetic_corpus", "batch_size",
-    "grad_accumulation_factor", "batch_sampler", "fusion", "fusion_prior", "max_eval_seconds",
+    "margin_type", "scale_mode", "seed", "valid_speakers", "valid_enrol_utts",
+    "include_free_text", "skip_bad", "enrol_utts", "min_audio_seconds", "synthetic_corpus",
+    "batch_size", "grad_accumulation_factor", "batch_sampler", "fusion", "fusion_prior",
+    "max_eval_seconds",
 )  # fmt: skip
 #: What data prep wrote that training reads (``$data_root`` in place of the corpus folder, so a
 #: moved corpus is the same data).
 MANIFESTS = (
-    "train.csv", "dev_enrol.csv", "dev_enrol_utts.csv", "dev_test.csv", "dev_trials.csv",
+    "train.csv", "valid_enrol.csv", "valid_enrol_utts.csv", "valid_test.csv", "valid_trials.csv",
 )  # fmt: skip
 
 

@@ -46,7 +46,7 @@ def main() -> None:
         corpus = build_corpus(Path(tmp), args.files)
         for jobs in (1, 16):
             start = time.perf_counter()
-            prepare_deepmine(corpus, Path(tmp) / f"prep{jobs}", dev_speakers=10, jobs=jobs)
+            prepare_deepmine(corpus, Path(tmp) / f"prep{jobs}", valid_speakers=10, jobs=jobs)
             seconds = time.perf_counter() - start
             print(
                 f"jobs={jobs:2d}: {seconds:.2f} s for {args.files} files = "

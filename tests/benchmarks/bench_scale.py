@@ -1,11 +1,12 @@
-"""DeepMine-scale dry run: data prep, dev validation, final scoring, AS-norm, export thresholds.
+"""DeepMine-scale dry run: data prep, a validation pass, final scoring, AS-norm, export thresholds.
 
 Builds a task-1 folder with the real corpus's counts, then times each stage a real run goes
 through and measures its peak memory (each stage in its own process: ``ru_maxrss``, imports
 included). At ``--scale 1`` (default): 1,000 training speakers x 10 phrases x 10 repetitions
 (100k files), 400 evaluation speakers with a 3-utterance model per phrase (4,000 models, 12k
 enrollment files) and 15 test utterances per phrase (60k), 10M trials (per model: every TC and TW
-test of its speaker, the rest IC and IW in equal numbers), 50 dev speakers (the real config's).
+test of its speaker, the rest IC and IW in equal numbers), 50 validation speakers (the real
+config's).
 
 What is real and what is not:
 - Audio: eight short noise wavs (1-4 s, as DeepMine's utterances) hard-linked under every file
@@ -37,7 +38,7 @@ from tests.benchmarks.common import peak_rss_mb
 
 PHRASE_IDS = [f"{i:02d}" for i in range(1, 11)]
 PHRASE_LABELS = [*PHRASE_IDS, "other"]
-STAGES = ("data_prep", "dev_validation", "final_scoring", "as_norm", "export_thresholds")
+STAGES = ("data_prep", "validation", "final_scoring", "as_norm", "export_thresholds")
 
 
 def real_counts(scale: float) -> dict:
@@ -48,7 +49,7 @@ def real_counts(scale: float) -> dict:
         "eval_speakers": max(4, round(400 * scale)),
         "test_reps": 15,
         "trials": max(2000, round(10_000_000 * scale)),
-        "dev_speakers": max(2, round(50 * scale)),
+        "valid_speakers": max(2, round(50 * scale)),
     }
 
 
@@ -169,13 +170,13 @@ def random_embed(dataset) -> dict:
 
 
 def load_splits(corpus: Path, prep: Path) -> dict:
-    """The dev and eval ``Split``s as the recipe reads them (datasets over the manifests)."""
+    """The validation and eval ``Split``s as the recipe reads them (datasets over the manifests)."""
     import pandas as pd
 
     from recipes.experiment import Split, _utterances
 
     splits = {}
-    for split in ("dev", "eval"):
+    for split in ("valid", "eval"):
         utts = _utterances([prep / f"{split}_enrol_utts.csv", prep / f"{split}_test.csv"], corpus)
         read = {"dtype": str, "keep_default_na": False}
         splits[split] = Split(
@@ -190,24 +191,26 @@ def stage_data_prep(work: Path, counts: dict) -> dict:
     """``prepare_deepmine`` on the corpus (lists read and checked, every sample read)."""
     from data_prep.deepmine_prepare import prepare_deepmine
 
-    prepare_deepmine(work / "corpus", work / "prep", dev_speakers=counts["dev_speakers"])
-    with open(work / "prep" / "dev_trials.csv", "rb") as handle:
-        return {"dev_trials": sum(1 for _ in handle) - 1}
+    prepare_deepmine(work / "corpus", work / "prep", valid_speakers=counts["valid_speakers"])
+    with open(work / "prep" / "valid_trials.csv", "rb") as handle:
+        return {"valid_trials": sum(1 for _ in handle) - 1}
 
 
-def stage_dev_validation(work: Path, counts: dict) -> dict:
-    """One dev validation pass from embeddings: the scores the Brain computes each epoch."""
-    from recipes.evaluation.verification import dev_pass_metrics
+def stage_validation(work: Path, counts: dict) -> dict:
+    """One validation pass from embeddings: the scores the Brain computes each epoch."""
+    from recipes.evaluation.verification import validation_pass_metrics
 
-    dev = load_splits(work / "corpus", work / "prep")["dev"]
-    tables = random_embed(dev.utterances)
+    valid = load_splits(work / "corpus", work / "prep")["valid"]
+    tables = random_embed(valid.utterances)
     start = time.perf_counter()
-    metrics = dev_pass_metrics(tables, dev.models, dev.trials, PHRASE_LABELS, "llr", 0.01)
-    return {"seconds": time.perf_counter() - start, "dev_trials": len(dev.trials), **metrics}
+    metrics = validation_pass_metrics(
+        tables, valid.models, valid.trials, PHRASE_LABELS, "llr", 0.01
+    )
+    return {"seconds": time.perf_counter() - start, "valid_trials": len(valid.trials), **metrics}
 
 
 def _score(work: Path, score_norm: str) -> dict:
-    """``score_splits`` on dev and eval as the recipe's final scoring runs it.
+    """``score_splits`` on validation and eval as the recipe's final scoring runs it.
 
     With the default quality measures (the cohort's: every training speaker, 5 utterances each).
     """
@@ -248,13 +251,13 @@ def stage_as_norm(work: Path, counts: dict) -> dict:
 
 
 def stage_export_thresholds(work: Path, counts: dict) -> dict:
-    """The export's threshold calibration per number of enrollment utterances (dev trials)."""
+    """The export's threshold calibration per number of enrollment utterances (validation)."""
     from recipes.export_model import enrolment_thresholds
 
-    dev = load_splits(work / "corpus", work / "prep")["dev"]
-    table = random_embed(dev.utterances)["speaker"]
+    valid = load_splits(work / "corpus", work / "prep")["valid"]
+    table = random_embed(valid.utterances)["speaker"]
     start = time.perf_counter()
-    enrolment_thresholds(table, dev.models, dev.trials)
+    enrolment_thresholds(table, valid.models, valid.trials)
     return {"seconds": time.perf_counter() - start}
 
 

@@ -35,8 +35,8 @@ COLUMNS = (
     ("eval Cllr", "eval", "pooled", "cllr"),
     ("eval TC-vs-TW EER %", "eval", "TC-vs-TW", "eer"),
     ("eval TC-vs-IC EER %", "eval", "TC-vs-IC", "eer"),
-    ("dev EER %", "dev", "pooled", "eer"),
-    ("dev minDCF", "dev", "pooled", "min_dcf"),
+    ("valid EER %", "valid", "pooled", "eer"),
+    ("valid minDCF", "valid", "pooled", "min_dcf"),
 )
 
 
@@ -58,7 +58,7 @@ def run_numbers(folder: Path) -> dict:
     """The ``COLUMNS`` of a finished demo run."""
     reports = {
         split: json.loads((folder / f"verification_{split}.json").read_text())["conditions"]
-        for split in ("dev", "eval")
+        for split in ("valid", "eval")
     }
     return {label: reports[split][cond][metric] for label, split, cond, metric in COLUMNS}
 

@@ -288,7 +288,7 @@ def end_to_end(args, context) -> dict:
         str(corpus),
         "--output_folder",
         str(tmp / "e2e"),
-        "--dev_speakers",
+        "--valid_speakers",
         "2",
         "--wavlm_source",
         HUB_ID,
@@ -328,14 +328,14 @@ def end_to_end(args, context) -> dict:
     no_hub = {**offline, "HF_HUB_CACHE": str(tmp / "empty_cache"), "CUDA_VISIBLE_DEVICES": ""}
     reload_log = run([sys.executable, "-c", RELOAD, str(folder), str(corpus)], "reload", env=no_hub)
     derived = [line for line in train_log.splitlines() if "total_steps derived" in line]
-    dev_report = tmp / "e2e" / "verification_dev.json"
+    valid_report = tmp / "e2e" / "verification_valid.json"
     facts = json.loads((folder / "export.json").read_text())
     report = {
         "train_s": trained_s,
         "export_s": exported_s,
         "total_steps_line": derived[-1].split("total_steps derived: ")[-1] if derived else None,
         "frozen_then_unfrozen": "WavLM frozen" in train_log and "WavLM unfrozen" in train_log,
-        "dev_pooled": json.loads(dev_report.read_text())["conditions"]["pooled"],
+        "valid_pooled": json.loads(valid_report.read_text())["conditions"]["pooled"],
         "export_checks": facts["checks"],
         "reloaded_on_cpu": json.loads(reload_log.strip().splitlines()[-1]),
         "exported": [line for line in export_log.splitlines() if line.startswith("exported ")][-1:],
@@ -344,7 +344,7 @@ def end_to_end(args, context) -> dict:
     return report
 
 
-#: Loads an export on the CPU with no hub and scores its first dev trial (a subprocess).
+#: Loads an export on the CPU with no hub and scores its first validation trial (a subprocess).
 RELOAD = """
 import json, sys
 from pathlib import Path
@@ -353,9 +353,9 @@ from recipes.evaluation.pretrained import load_verifier
 
 folder, corpus = Path(sys.argv[1]), sys.argv[2]
 prep = folder.parent / "prep"
-models = pd.read_csv(prep / "dev_enrol.csv", dtype=str)
-trials = pd.read_csv(prep / "dev_trials.csv", dtype=str)
-wavs = pd.concat([pd.read_csv(prep / f"dev_{n}.csv", dtype=str) for n in ("enrol_utts", "test")])
+models = pd.read_csv(prep / "valid_enrol.csv", dtype=str)
+trials = pd.read_csv(prep / "valid_trials.csv", dtype=str)
+wavs = pd.concat([pd.read_csv(prep / f"valid_{n}.csv", dtype=str) for n in ("enrol_utts", "test")])
 wav = wavs.set_index("ID")["wav"].str.replace("$data_root", corpus, regex=False)
 trial = trials.iloc[0]
 model = models.set_index("model_id").loc[trial["model_id"]]
