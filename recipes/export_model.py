@@ -9,12 +9,12 @@ The run is read from its record (``<output_folder>/hyperparams.yaml``, written b
 model, the data and the fusion it was trained and scored with. Writes ``export_folder`` (default
 ``<output_folder>/export``):
 
-- ``hyperparams.yaml``, ``tdsv_speaker_model.py`` and ``tdsv_trial_decisions.py`` (the model
-  code and the decisions, copies of ``recipes/model/speaker_model.py`` and ``trial_decisions.py``)
-  and ``embedding_model.ckpt`` (the trained model's state dict, as its checkpoint holds it; WavLM
-  built from its config): a self-contained SpeechBrain inference folder, loaded offline with
-  ``foreign_class(source=folder, pymodule_file="tdsv_speaker_model.py",
-  classname="TDSVSpeakerRecognition")``;
+- ``hyperparams.yaml``, ``tdsv_speaker_model.py`` (the model code and the decisions:
+  ``recipes/model/speaker_model.py`` with ``trial_decisions.py`` inlined, one self-contained file,
+  ``pretrained.exported_source``) and ``embedding_model.ckpt`` (the trained model's state dict,
+  as its checkpoint holds it; WavLM built from its config): a SpeechBrain inference folder,
+  loaded without this repository with ``foreign_class(source=folder or hub id,
+  pymodule_file="tdsv_speaker_model.py", classname="TDSVSpeakerRecognition", savedir=...)``;
 - thresholds calibrated on the validation trials (EER and minDCF operating points, for 1 .. N
   enrollment utterances), recorded in ``hyperparams.yaml`` and used by ``verify_files`` by default;
 - ``label_encoder.txt`` (the training classes), ``README.md`` (a model card with the metrics of
@@ -23,13 +23,16 @@ model, the data and the fusion it was trained and scored with. Writes ``export_f
   the head's BatchNorm layers are folded into the following layers, so the weights fit HF's
   layout exactly);
 - ``model.onnx`` and ``model.int8.onnx`` (``export_onnx: true``, ``recipes/onnx_export.py``):
-  the same model for onnxruntime, with ``tdsv_onnx_verifier.py`` (a copy of
-  ``recipes/model/onnx_verifier.py``), ``cohort.npy`` where the fusion needs the training
-  speakers, and the decision settings under ``"onnx"`` in ``export.json``: trials decided with
-  onnxruntime, numpy and soundfile alone (``recipes/onnx_trial_example.py``).
+  the same model for onnxruntime, with ``tdsv_onnx_verifier.py``
+  (``recipes/model/onnx_verifier.py``, ``trial_decisions.py`` inlined), ``cohort.npy`` where the
+  fusion needs the training speakers, and the decision settings under ``"onnx"`` in
+  ``export.json``: trials decided with onnxruntime, numpy and soundfile alone
+  (``recipes/onnx_trial_example.py``).
 
-The export is checked before it is published: the folder is loaded back and its embeddings of a
-few validation utterances must equal those of the trained model, the module training ran (and so
+The export is checked before it is published: loaded as a hub user loads it (a stand-in hub
+repository, a ``savedir``, an interpreter that cannot import this repository), the folder must
+score a validation trial as it does in place; loaded back, its embeddings of a few validation
+utterances must equal those of the trained model, the module training ran (and so
 must the HF model's and the ONNX model's; the ONNX model must also give every validation trial's
 score to 1e-3 and its decision); the int8 model's effect on every labelled split's metrics is in
 the model card.
@@ -61,7 +64,9 @@ from recipes.evaluation.pretrained import (
     EXPORTED_CODE,
     EXPORTED_MODULE,
     embed_dataset,
+    exported_source,
     load_verifier,
+    score_as_a_hub_user,
 )
 from recipes.evaluation.scoring import metrics_by_condition, score_trials, trial_metrics
 from recipes.evaluation.verification import (
@@ -329,10 +334,10 @@ def hf_xvector_model(model: WavLMSpeakerEmbedder, classifier, labels: list[str])
 # ------------------------------------------------------------------------------------------------
 HYPERPARAMS = """\
 # Text-dependent speaker verification model exported by recipes/export_model.py.
-# Load it (offline, no repository needed):
+# Load it (offline, no repository needed; source: this folder, or its hub repository's id):
 #   from speechbrain.inference.interfaces import foreign_class
 #   verifier = foreign_class(source="<this folder>", pymodule_file="{module}.py",
-#                            classname="TDSVSpeakerRecognition")
+#                            classname="TDSVSpeakerRecognition", savedir="pretrained_models/tdsv")
 #   score, accept = verifier.verify_files("enrol.wav", "test.wav")
 # HyperPyYAML files are code: load only folders you trust.
 
@@ -530,7 +535,7 @@ def write_folder(staging: Path, target: ExportSettings, trained: ExportedRun, da
         state = {k: v for k, v in state.items() if not k.startswith("phrase_branch.")}
     torch.save(state, staging / "embedding_model.ckpt")
     for name, module in EXPORTED_CODE.items():
-        shutil.copyfile(module.__file__, staging / name)
+        (staging / name).write_text(exported_source(module), encoding="utf-8")
 
     def write_hyperparams(thresholds, text_dependent):
         """The folder's ``hyperparams.yaml`` with these thresholds and text-dependent settings."""
@@ -560,6 +565,9 @@ def write_folder(staging: Path, target: ExportSettings, trained: ExportedRun, da
     class_encoder.save(staging / "label_encoder.txt")
     speaker = speaker_embedding(model)
     checks = {"speechbrain_min_cosine": _check_speechbrain(staging, speaker, wavs)}
+    checks["hub_load_score_difference"] = _check_hub_load(
+        staging, data.splits[VALID_SPLIT], text_dependent is not None
+    )
     if text_dependent is not None:
         checks["phrase_max_logp_difference"] = _check_phrase_branch(staging, model, wavs)
     if isinstance(model.head, XVectorHead):
@@ -601,6 +609,35 @@ def _check_speechbrain(folder: Path, trained, wavs) -> float:
     cosine = min_cosine(trained, lambda w: verifier.encode_batch(w).squeeze(1).cpu(), wavs)
     check_agreement("SpeechBrain folder", cosine)
     return cosine
+
+
+#: The largest difference of a trial's score between the folder loaded as from the hub and in
+#: place: the same code and weights, so only float rounding.
+MAX_HUB_DIFFERENCE = 1e-5
+
+
+def _check_hub_load(folder: Path, valid, phrase_scored: bool) -> float:
+    """Load the folder as a hub user does and score the first validation trial with it.
+
+    ``pretrained.score_as_a_hub_user``: SpeechBrain's ``foreign_class`` with a ``savedir``, from
+    a stand-in hub repository of the folder, in an interpreter that cannot import this
+    repository. Its score must be the one the folder gives loaded in place, in this process
+    (within ``MAX_HUB_DIFFERENCE``); the difference is returned.
+    """
+    trial = valid.trials.iloc[0]
+    model = valid.models.set_index("model_id").loc[trial["model_id"]]
+    wav = {uid: row["wav"] for uid, row in valid.utterances.data.items()}
+    enrol, test = [wav[uid] for uid in model["enrol_ids"].split()], wav[trial["test_id"]]
+    phrase = model["phrase_id"] if phrase_scored else None
+    in_place = load_verifier(folder).verify_trial(enrol, test, phrase=phrase).score
+    with tempfile.TemporaryDirectory() as workdir:
+        loaded = score_as_a_hub_user(folder, enrol, test, phrase, workdir)["score"]
+    if abs(loaded - in_place) > MAX_HUB_DIFFERENCE:
+        raise RuntimeError(
+            f"export check failed: loaded as from the hub, the folder scores a validation trial "
+            f"{loaded:.6f}, in place {in_place:.6f}"
+        )
+    return abs(loaded - in_place)
 
 
 def speaker_embedding(model: WavLMSpeakerEmbedder):
@@ -858,19 +895,24 @@ def onnx_card(facts: dict) -> list[str]:
 
 
 SB_USAGE = """\
-SpeechBrain (offline, this folder only):
+SpeechBrain: this folder alone, no recipe repository (`tdsv_speaker_model.py` is self-contained):
 
 ```python
 from speechbrain.inference.interfaces import foreign_class
 
 verifier = foreign_class(source="{folder}", pymodule_file="tdsv_speaker_model.py",
-                         classname="TDSVSpeakerRecognition")
+                         classname="TDSVSpeakerRecognition", savedir="pretrained_models/tdsv")
 score, accept = verifier.verify_files("enrol.wav", "test.wav")
 score, accept = verifier.verify_enrolment(["e1.wav", "e2.wav", "e3.wav"], "test.wav")
 verdict = verifier.verify_trial(["e1.wav", "e2.wav", "e3.wav"], "test.wav")  # + phrase check
 print(verdict.speaker_score, verdict.phrase_score, verdict.score, verdict.accept, verdict.reason)
 embeddings = verifier.encode_batch(wavs)  # [batch, 1, dim]
 ```
+
+On the Hugging Face hub: upload the whole folder (`huggingface-cli login`, then
+`huggingface-cli upload USER/MODEL {folder} .`: the token stays in your Hugging Face
+configuration, never in the folder), and load it with `source="USER/MODEL"` and a `savedir`, as
+above. The export checked this load before publishing the folder.
 
 """
 #: The model card's Hugging Face part (only for a folder with ``hf/``).
@@ -881,7 +923,7 @@ Hugging Face `transformers` (x-vector head only):
 import soundfile as sf, torch
 from transformers import AutoFeatureExtractor, WavLMForXVector
 
-model = WavLMForXVector.from_pretrained("{folder}/hf").eval()
+model = WavLMForXVector.from_pretrained("{folder}/hf").eval()  # hub: ("USER/MODEL", subfolder="hf")
 extractor = AutoFeatureExtractor.from_pretrained("{folder}/hf")
 wav, rate = sf.read("test.wav")  # 16 kHz mono
 inputs = extractor(wav, sampling_rate=16000, return_tensors="pt")
@@ -896,8 +938,8 @@ ONNX, without PyTorch (`pip install onnxruntime numpy soundfile`; 16 kHz audio):
 
 ```python
 import sys
-sys.path.insert(0, "{folder}")
-from tdsv_onnx_verifier import OnnxVerifier
+sys.path.insert(0, "{folder}")  # hub: huggingface_hub.snapshot_download("USER/MODEL")
+from tdsv_onnx_verifier import OnnxVerifier  # self-contained: onnxruntime, numpy, soundfile
 
 verifier = OnnxVerifier("{folder}")  # model="model.int8.onnx": the quantized copy
 verdict = verifier.verify_trial(["e1.wav", "e2.wav", "e3.wav"], "test.wav")

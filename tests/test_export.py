@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,7 +24,14 @@ import torch.nn.functional as F
 from scipy.signal import resample_poly
 from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMForXVector
 
-from recipes.evaluation.pretrained import EXPORTED_CODE, embed_dataset, load_verifier
+from recipes.evaluation import pretrained
+from recipes.evaluation.pretrained import (
+    EXPORTED_CODE,
+    embed_dataset,
+    exported_source,
+    load_verifier,
+    score_as_a_hub_user,
+)
 from recipes.evaluation.scoring import EmbeddingTable, score_trials
 from recipes.evaluation.verification import quality_tag
 from recipes.evaluation.verification_report import score_columns
@@ -189,9 +197,11 @@ def test_export_folder_is_complete_and_self_checked(exported):
     card = (folder / "README.md").read_text()
     assert f"| valid | pooled | {facts['metrics']['valid']['pooled']['eer']:.2f} |" in card
     assert "The phrase check needs this SpeechBrain folder" in card
-    # An untouched model: the code in the folder is the repository's.
+    # An untouched model: the code in the folder is the repository's, self-contained.
     for name, module in EXPORTED_CODE.items():
-        assert (folder / name).read_bytes() == Path(module.__file__).read_bytes(), name
+        assert (folder / name).read_text() == exported_source(module), name
+    assert not list(folder.glob("tdsv_trial_decisions.py"))  # inlined: nothing beside them
+    assert facts["checks"]["hub_load_score_difference"] <= 1e-5
     # ONNX: checked at export (every validation trial), the int8 copy measured, both described.
     assert {"model.onnx", "model.int8.onnx", "cohort.npy"} <= names
     assert facts["checks"]["onnx_min_cosine"] > 0.9999
@@ -202,6 +212,85 @@ def test_export_folder_is_complete_and_self_checked(exported):
     assert facts["onnx"]["fusion"] == facts["fusion"] and facts["onnx"]["outputs"][0] == "speaker"
     int8 = facts["onnx_int8_metrics"]["eval"]["pooled"]
     assert f"| eval | int8 | {int8['eer']:.2f} | {int8['min_dcf']:.3f} |" in card
+
+
+def test_the_exported_code_is_self_contained(tmp_path):
+    """Each exported file compiles alone and imports nothing of this repository."""
+    for name, module in EXPORTED_CODE.items():
+        source = exported_source(module)
+        compile(source, name, "exec")
+        imports = [
+            line for line in source.splitlines() if line.lstrip().startswith(("from ", "import "))
+        ]
+        assert not [line for line in imports if "recipes" in line or "data_prep" in line], name
+        assert "class TrialDecisions" in source, name
+    clash = tmp_path / "clash.py"  # a module defining a name the inlined one defines too
+    clash.write_text(
+        "from recipes.model.trial_decisions import Verdict\n\n\ndef fused_llr():\n    pass\n"
+    )
+    module = type(pretrained)("clash")
+    module.__file__ = str(clash)
+    with pytest.raises(ValueError, match=r"both define \['fused_llr'\]"):
+        exported_source(module)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("from_hub", [False, True], ids=["folder_with_savedir", "hub"])
+def test_a_copied_export_loads_the_speechbrain_way_without_the_repository(
+    exported, tiny_corpus, tmp_path, from_hub
+):
+    """``foreign_class(..., savedir=...)`` from a copy, or from the hub (a stand-in cache)."""
+    out, folder = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    enrol_ids, test_id, recipe, wavs = _valid_pair(out, tiny_corpus)
+    phrase = _model_phrase(out, recipe["model_id"])
+    enrol, test = [wavs[i] for i in enrol_ids], wavs[test_id]
+    expected = load_verifier(folder).verify_trial(enrol, test, phrase=phrase).score
+    work = tmp_path / "work"
+    work.mkdir()
+    loaded = score_as_a_hub_user(copy, enrol, test, phrase, work, from_hub=from_hub)
+    assert loaded["score"] == pytest.approx(expected, abs=1e-5)
+    assert loaded["score"] == pytest.approx(recipe["score"], abs=1e-3)  # the recipe's own trial
+    fetched = sorted(p.name for p in (work / "savedir").iterdir())
+    assert "tdsv_speaker_model.py" in fetched and "embedding_model.ckpt" in fetched, fetched
+
+
+@pytest.mark.slow
+def test_a_folder_that_needs_the_repository_does_not_load_as_from_the_hub(exported, tmp_path):
+    """What the export's check refuses: a module that imports this repository's code."""
+    _, folder = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    module = copy / "tdsv_speaker_model.py"
+    module.write_text(module.read_text().replace(
+        "from __future__ import annotations\n",
+        "from __future__ import annotations\n\nimport recipes.model.trial_decisions\n", 1,
+    ))  # fmt: skip
+    (tmp_path / "work").mkdir()
+    with pytest.raises(RuntimeError, match=r"does not load as SpeechBrain loads a model"):
+        score_as_a_hub_user(copy, [], "x.wav", None, tmp_path / "work")
+
+
+@pytest.mark.slow
+def test_an_export_whose_folder_needs_the_repository_is_not_published(exported, tmp_path):
+    """The export of before (byte copies, importing this repository) fails its hub check."""
+    out, _ = exported
+    target = tmp_path / "refused"
+    command = run_script_command(
+        "export_model.py", out, None, "--export_folder", str(target), "--export_onnx", "false"
+    )
+    script = (
+        "import sys; from pathlib import Path; import recipes.export_model as e; "
+        "e.exported_source = lambda module: Path(module.__file__).read_text(); "
+        "e.main(sys.argv[1:])"
+    )
+    result = subprocess.run([sys.executable, "-c", script, *command[2:]], capture_output=True,
+                            text=True, cwd=ROOT, timeout=900)  # fmt: skip
+    assert result.returncode != 0
+    assert "does not load as SpeechBrain loads a model" in result.stderr, result.stderr[-3000:]
+    assert "No module named 'recipes'" in result.stderr
+    assert not target.exists()
 
 
 @pytest.mark.slow
@@ -519,8 +608,10 @@ def test_an_mhfa_model_exports_a_self_checked_speechbrain_folder_without_hf(tmp_
     assert facts["head"] == "tdsv_speaker_model.MHFAHead" and not facts["hf_folder"]
     assert {k for k in facts["checks"] if not k.startswith("onnx_")} == {
         "speechbrain_min_cosine",
+        "hub_load_score_difference",
         "phrase_max_logp_difference",
     }
+    assert facts["checks"]["hub_load_score_difference"] <= 1e-5  # MHFA's module loads alone too
     assert facts["checks"]["speechbrain_min_cosine"] > 0.9999
     assert facts["checks"]["onnx_min_cosine"] > 0.9999  # an MHFA model exports to ONNX too
     card = (folder / "README.md").read_text()

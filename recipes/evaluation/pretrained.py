@@ -14,7 +14,11 @@ Both come back as a ``TDSVSpeakerRecognition`` (``encode_batch``, ``verify_files
 
 from __future__ import annotations
 
+import ast
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +37,54 @@ from recipes.model.speaker_model import TDSVSpeakerRecognition
 
 #: The name of the model code inside an exported folder.
 EXPORTED_MODULE = "tdsv_speaker_model.py"
-#: The repository's code an exported folder carries, by its name there (byte copies): the
-#: SpeechBrain model, the decisions both backends share, and the torch-free ONNX verifier.
+#: The repository's code an exported folder carries, by its name there: the SpeechBrain model
+#: and the torch-free ONNX verifier, each one self-contained file (``exported_source``).
 EXPORTED_CODE = {
     EXPORTED_MODULE: speaker_model,
-    "tdsv_trial_decisions.py": trial_decisions,
     "tdsv_onnx_verifier.py": onnx_verifier,
 }
+#: The repository module both exported files carry inlined: the decisions both backends share.
+INLINED = trial_decisions
+
+
+def exported_source(module) -> str:
+    """The source of ``module`` (an ``EXPORTED_CODE`` value) as an exported folder holds it.
+
+    Its ``from recipes.model.trial_decisions import ...`` is replaced by that module's code
+    (``INLINED``, without its docstring and ``__future__`` import), so the one file SpeechBrain's
+    ``foreign_class`` fetches (``pymodule_file``: into a ``savedir``, from a folder or the
+    Hugging Face hub) needs nothing beside it and nothing of this repository. A name that both
+    define is refused: one would silently replace the other.
+    """
+    source = Path(module.__file__).read_text(encoding="utf-8")
+    lines = source.splitlines(keepends=True)
+    imports = [
+        node for node in ast.parse(source).body
+        if isinstance(node, ast.ImportFrom) and node.module == INLINED.__name__
+    ]  # fmt: skip
+    if len(imports) != 1:
+        raise ValueError(f"{module.__file__}: expected one import from {INLINED.__name__}")
+    both = _defined(ast.parse(source)) & _defined(ast.parse(_inlined_source()))
+    if both:
+        raise ValueError(f"{module.__file__} and {INLINED.__file__} both define {sorted(both)}")
+    start, end = imports[0].lineno - 1, imports[0].end_lineno
+    banner = f"# ---- {Path(INLINED.__file__).name}, inlined by recipes/export_model.py ----\n"
+    return "".join([*lines[:start], banner, _inlined_source(), "# ---- end ----\n", *lines[end:]])
+
+
+def _inlined_source() -> str:
+    """``INLINED``'s code without its module docstring and ``from __future__`` import."""
+    source = Path(INLINED.__file__).read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    future = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module == "__future__"]
+    lines = source.splitlines(keepends=True)
+    return "".join(lines[future[-1].end_lineno :] if future else lines)
+
+
+def _defined(tree: ast.Module) -> set[str]:
+    """The functions and classes a module defines at its top level."""
+    kinds = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    return {node.name for node in tree.body if isinstance(node, kinds)}
 
 
 class HFXVectorEmbedder(nn.Module):
@@ -99,6 +144,77 @@ def load_verifier(folder, run_opts: dict | None = None) -> TDSVSpeakerRecognitio
         f"(hyperparams.yaml + {EXPORTED_MODULE}) or a Hugging Face *ForXVector directory "
         "(config.json with its architecture, weights, preprocessor_config.json)"
     )
+
+
+#: The repository id and revision an exported folder has in ``hub_cache_stand_in``.
+STAND_IN_REPO, STAND_IN_REVISION = "tdsv/exported-model", "0" * 40
+
+
+def hub_cache_stand_in(folder: Path, cache: Path, repo_id: str = STAND_IN_REPO) -> Path:
+    """A Hugging Face cache (``HF_HOME``) that holds ``folder`` as the hub repository ``repo_id``.
+
+    What downloading an uploaded export leaves in the cache (``hub/models--<id>/snapshots/<rev>``
+    and ``refs/main``; files linked, not copied): with ``HF_HUB_OFFLINE=1``, SpeechBrain fetches
+    ``source=repo_id`` from it through ``huggingface_hub`` exactly as from the hub, minus the
+    network. Returns ``cache``.
+    """
+    repo = Path(cache) / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / STAND_IN_REVISION
+    for file in Path(folder).rglob("*"):
+        if file.is_file():
+            (snapshot / file.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
+            (snapshot / file.relative_to(folder)).symlink_to(file.absolute())
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(STAND_IN_REVISION)
+    return Path(cache)
+
+
+#: Run by ``score_as_a_hub_user`` in an interpreter that cannot import this repository.
+HUB_USER_SCRIPT = """
+import importlib.util, json, sys
+args = json.loads(sys.argv[1])
+assert importlib.util.find_spec(args["package"]) is None, "the repository is importable"
+from speechbrain.inference.interfaces import foreign_class
+verifier = foreign_class(source=args["source"], pymodule_file="tdsv_speaker_model.py",
+                         classname="TDSVSpeakerRecognition", savedir=args["savedir"])
+verdict = verifier.verify_trial(args["enrol"], args["test"], phrase=args["phrase"])
+print(json.dumps({"score": float(verdict.score), "speaker_score": float(verdict.speaker_score)}))
+"""
+
+
+def score_as_a_hub_user(folder, enrol, test, phrase, workdir, from_hub=True) -> dict:
+    """One trial scored by ``folder`` loaded as SpeechBrain documents it, without this repository.
+
+    A fresh interpreter (``python -I``: no ``PYTHONPATH``, no working folder on the path, run in
+    ``workdir``) calls ``foreign_class(source, pymodule_file="tdsv_speaker_model.py",
+    classname="TDSVSpeakerRecognition", savedir=...)`` with ``source`` the stand-in hub
+    repository of ``folder`` (``from_hub``, ``hub_cache_stand_in``) or the folder itself, and
+    scores ``test`` against ``enrol`` (audio paths) for ``phrase``. Returns ``{"score",
+    "speaker_score"}``; a failure raises ``RuntimeError`` with what the interpreter said.
+    """
+    workdir = Path(workdir)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    source = str(Path(folder).absolute())
+    if from_hub:  # the stand-in is the only hub cache there (a user's HF_HUB_CACHE too)
+        cache = hub_cache_stand_in(folder, workdir / "hf_home")
+        env.update(HF_HOME=str(cache), HF_HUB_CACHE=str(cache / "hub"))
+        env.pop("HUGGINGFACE_HUB_CACHE", None)
+        source = STAND_IN_REPO
+    args = {
+        "source": source, "savedir": str(workdir / "savedir"), "phrase": phrase,
+        "enrol": [str(Path(p).absolute()) for p in enrol], "test": str(Path(test).absolute()),
+        "package": __name__.split(".")[0],  # this repository's package, unimportable there
+    }  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", HUB_USER_SCRIPT, json.dumps(args)],
+        capture_output=True, text=True, cwd=workdir, env=env, timeout=600,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"{folder} does not load as SpeechBrain loads a model (foreign_class with a savedir, "
+            f"source {source}, no repository):\n{result.stderr[-3000:]}"
+        )
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def embed_dataset(verifier, dataset, loader_kwargs: dict, progress=True) -> dict:

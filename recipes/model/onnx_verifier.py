@@ -2,7 +2,8 @@
 
 Needs ``onnxruntime``, ``numpy`` and ``soundfile`` only. ``recipes/export_model.py`` writes
 ``model.onnx`` (fp32) and ``model.int8.onnx`` (dynamically quantized) into the export folder,
-with this file (as ``tdsv_onnx_verifier.py``) and ``tdsv_trial_decisions.py`` beside them, and
+with this file (as ``tdsv_onnx_verifier.py``, ``trial_decisions.py`` inlined: one file) beside
+them, and
 what a decision needs (thresholds, fusion, costs, audio limits) under ``"onnx"`` in
 ``export.json``. Run from the folder (or with it on ``sys.path``)::
 
@@ -29,10 +30,8 @@ import numpy as np
 import onnxruntime
 import soundfile
 
-try:  # an exported folder: the copy beside this file
-    from tdsv_trial_decisions import TrialDecisions, scorable_waveform
-except ModuleNotFoundError:  # the repository
-    from recipes.model.trial_decisions import TrialDecisions, scorable_waveform
+# An exported folder's copy holds trial_decisions.py's code here instead (export_model.py).
+from recipes.model.trial_decisions import TrialDecisions, scorable_waveform
 
 #: Where an export folder describes its ONNX models (the ``"onnx"`` entry of this file).
 EXPORT_FACTS = "export.json"

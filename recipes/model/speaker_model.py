@@ -9,14 +9,16 @@
   with ``WavLMFromConfig``, WavLM built from its config instead of loaded from model files).
 - ``TDSVSpeakerRecognition``: SpeechBrain's ``SpeakerRecognition`` interface with embeddings
   computed one utterance at a time, several enrollment utterances, thresholds calibrated on the
-  dev trials (or Bayes decisions on fused LLRs, with the reason of a reject), and audio of any
-  sample rate or channel count. Its decisions (trial features, fused LLRs, verdicts) are
+  validation trials (or Bayes decisions on fused LLRs, with the reason of a reject), and audio of
+  any sample rate or channel count. Its decisions (trial features, fused LLRs, verdicts) are
   ``trial_decisions.py``'s, shared with the torch-free ONNX backend.
 
 This file imports only torch, SpeechBrain, transformers and ``trial_decisions.py``:
-``recipes/export_model.py`` copies both into every exported model folder (as
-``tdsv_speaker_model.py`` and ``tdsv_trial_decisions.py``), where SpeechBrain's ``foreign_class``
-loads them, so an exported folder works without this repository.
+``recipes/export_model.py`` writes it into every exported model folder as
+``tdsv_speaker_model.py``, with ``trial_decisions.py``'s code in place of that import
+(``pretrained.exported_source``): one self-contained file, which SpeechBrain's ``foreign_class``
+fetches (into a ``savedir``, from a folder or the Hugging Face hub) and loads without this
+repository.
 """
 
 from __future__ import annotations
@@ -33,20 +35,13 @@ from speechbrain.inference.speaker import SpeakerRecognition
 from torch import nn
 from transformers import WavLMConfig, WavLMModel
 
-try:  # an exported folder: the copy beside this file (recipes/export_model.py writes both)
-    from tdsv_trial_decisions import (
-        TrialDecisions,
-        enrolment_model,
-        scorable_waveform,
-        vectors,
-    )
-except ModuleNotFoundError:  # the repository
-    from recipes.model.trial_decisions import (
-        TrialDecisions,
-        enrolment_model,
-        scorable_waveform,
-        vectors,
-    )
+# An exported folder's copy holds trial_decisions.py's code here instead (export_model.py).
+from recipes.model.trial_decisions import (
+    TrialDecisions,
+    enrolment_model,
+    scorable_waveform,
+    vectors,
+)
 
 logger = logging.getLogger(__name__)
 

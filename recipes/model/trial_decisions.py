@@ -9,7 +9,8 @@ decision with its reason (``TrialDecisions.score_trial``).
 One implementation for every backend: the SpeechBrain folder (``TDSVSpeakerRecognition`` in
 ``speaker_model.py``), the ONNX one (``onnx_verifier.py``, torch-free) and the recipe's scoring
 (``recipes/evaluation/fusion.py`` learns the calibrations applied here). ``recipes/export_model.py``
-copies it into every exported folder as ``tdsv_trial_decisions.py``, beside the two backends.
+inlines it into both backends' files of every exported folder (``pretrained.exported_source``),
+so each is one self-contained file: keep its top-level names apart from theirs (checked).
 """
 
 from __future__ import annotations
