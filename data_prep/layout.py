@@ -127,19 +127,15 @@ def find_release(docs: Path, key_files: dict | None = None) -> Release:
             have, lack = (enrollment, trials) if enrollment.is_file() else (trials, enrollment)
             raise LayoutError(f"{have} has no {lack.name} beside it: a list pair is both files")
         if enrollment.is_file():
-            key = key_files.get(split) or docs / f"{prefix}trials_key.txt"
-            splits[split] = OfficialLists(enrollment, trials, Path(key) if _exists(key) else None)
+            in_docs = docs / f"{prefix}trials_key.txt"  # a missing one: no key, scored blind
+            key = Path(key_files[split]) if split in key_files else in_docs
+            splits[split] = OfficialLists(enrollment, trials, key if key.is_file() else None)
     for split, key in key_files.items():
         if split not in splits:
             raise LayoutError(f"{split}_key_file {key}: {docs} has no {split} list pair to key")
         if not Path(key).is_file():
             raise LayoutError(f"{split}_key_file {key} not found")
     return Release(name, splits)
-
-
-def _exists(path) -> bool:
-    """Whether ``path`` names a file (a missing default key is no key)."""
-    return Path(path).is_file()
 
 
 def phrase_language(phrase_id: str) -> str:
