@@ -92,7 +92,7 @@ class LayoutError(ValueError):
     """The folder is not one task-1 release: the message names the files."""
 
 
-def _list_names(prefix: str) -> tuple[str, str]:
+def list_names(prefix: str) -> tuple[str, str]:
     """The enrollment and trial list names of one official pair."""
     return f"{prefix}model_enrollment.txt", f"{prefix}trials.txt"
 
@@ -107,7 +107,7 @@ def find_release(docs: Path, key_files: dict | None = None) -> Release:
     docs, key_files = Path(docs), {s: k for s, k in (key_files or {}).items() if k}
     found = {
         release: [
-            p for prefix in pairs.values() for p in _list_names(prefix) if (docs / p).is_file()
+            p for prefix in pairs.values() for p in list_names(prefix) if (docs / p).is_file()
         ]
         for release, pairs in RELEASES.items()
     }
@@ -122,7 +122,7 @@ def find_release(docs: Path, key_files: dict | None = None) -> Release:
     name = present[0] if present else ""
     splits = {}
     for split, prefix in RELEASES.get(name, {}).items():
-        enrollment, trials = (docs / n for n in _list_names(prefix))
+        enrollment, trials = (docs / n for n in list_names(prefix))
         if enrollment.is_file() != trials.is_file():
             have, lack = (enrollment, trials) if enrollment.is_file() else (trials, enrollment)
             raise LayoutError(f"{have} has no {lack.name} beside it: a list pair is both files")

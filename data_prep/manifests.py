@@ -476,8 +476,12 @@ def write_all(
         name = marker
         tmp = save_folder / f".{name}.{os.getpid()}.tmp"
         temporary.append((tmp, save_folder / name))
-        record = {"options": options, "manifests": digests, "audio": audio}
-        record["official"] = official or {}
+        record = {
+            "options": options,
+            "manifests": digests,
+            "audio": audio,
+            "official": official or {},
+        }
         tmp.write_text(json.dumps(record, indent=1))
     except BaseException:
         for tmp, _ in temporary:

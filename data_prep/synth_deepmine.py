@@ -55,6 +55,7 @@ from data_prep.layout import (
     FREE_TEXT_ID,
     PHRASES,
     RELEASES,
+    list_names,
     phrase_language,
     wav_path,
 )
@@ -566,14 +567,11 @@ def _write_docs(out: Path, plan: CorpusPlan, layout: str = "sdsv", genders=()) -
 
 
 def _layout_files(out: Path, layout: str) -> list[Path]:
-    """The list files this script writes for ``layout`` (keys included)."""
-    if layout == "sdsv":
-        return [out / "docs" / n for n in ("model_enrollment.txt", "trials.txt", "trials_key.txt")]
-    prefixes = RELEASES[LAYOUTS["tdsv2024"]].values()
-    docs = [
-        out / "docs" / f"{p}{n}" for p in prefixes for n in ("model_enrollment.txt", "trials.txt")
-    ]
-    return docs + [out / "keys" / f"{p}trials_key.txt" for p in prefixes]
+    """The list files this script writes for ``layout`` (keys included: in ``keys/`` for TdSV)."""
+    prefixes = RELEASES[LAYOUTS[layout]].values()
+    keys = out / ("docs" if layout == "sdsv" else "keys")
+    lists = [out / "docs" / name for prefix in prefixes for name in list_names(prefix)]
+    return lists + [keys / f"{prefix}trials_key.txt" for prefix in prefixes]
 
 
 def _sdsv_lists(docs: Path, plan: CorpusPlan) -> dict[Path, list[str]]:

@@ -68,7 +68,7 @@ from recipes.evaluation.pretrained import (
     load_verifier,
     score_as_a_hub_user,
 )
-from recipes.evaluation.scoring import metrics_by_condition, score_trials, trial_metrics
+from recipes.evaluation.scoring import labelled, metrics_by_condition, score_trials, trial_metrics
 from recipes.evaluation.verification import (
     ScoringSettings,
     cached_embeddings,
@@ -168,7 +168,7 @@ def labelled_splits(splits: dict) -> dict:
     The validation split always is; the export embeds no blind list (real TdSV 2024 lists are
     blind: their utterances would be embedded twice more for nothing).
     """
-    return {name: s for name, s in splits.items() if (s.trials["condition"] != "").all()}
+    return {name: s for name, s in splits.items() if labelled(s.trials)}
 
 
 def split_metrics(per_split: dict, splits: dict, fused: bool) -> dict:
@@ -564,12 +564,13 @@ def write_folder(staging: Path, target: ExportSettings, trained: ExportedRun, da
     write_hyperparams(thresholds, text_dependent)
     class_encoder.save(staging / "label_encoder.txt")
     speaker = speaker_embedding(model)
-    checks = {"speechbrain_min_cosine": _check_speechbrain(staging, speaker, wavs)}
+    verifier = load_verifier(staging)  # the folder as a user loads it: every check below
+    checks = {"speechbrain_min_cosine": _check_speechbrain(verifier, speaker, wavs)}
     checks["hub_load_score_difference"] = _check_hub_load(
-        staging, data.splits[VALID_SPLIT], text_dependent is not None
+        staging, verifier, data.splits[VALID_SPLIT], text_dependent is not None
     )
     if text_dependent is not None:
-        checks["phrase_max_logp_difference"] = _check_phrase_branch(staging, model, wavs)
+        checks["phrase_max_logp_difference"] = _check_phrase_branch(verifier, model, wavs)
     if isinstance(model.head, XVectorHead):
         hf = write_hf_folder(staging / "hf", trained.classifier, run, class_encoder)
         checks.update(_check_hf(staging / "hf", hf, speaker, wavs, model.encoder.normalize_wav))
@@ -603,9 +604,8 @@ def write_folder(staging: Path, target: ExportSettings, trained: ExportedRun, da
     return facts
 
 
-def _check_speechbrain(folder: Path, trained, wavs) -> float:
-    """Load the folder as a user would and compare its embeddings with the trained model's."""
-    verifier = load_verifier(folder)
+def _check_speechbrain(verifier, trained, wavs) -> float:
+    """The loaded folder's embeddings must be the trained model's."""
     cosine = min_cosine(trained, lambda w: verifier.encode_batch(w).squeeze(1).cpu(), wavs)
     check_agreement("SpeechBrain folder", cosine)
     return cosine
@@ -616,20 +616,20 @@ def _check_speechbrain(folder: Path, trained, wavs) -> float:
 MAX_HUB_DIFFERENCE = 1e-5
 
 
-def _check_hub_load(folder: Path, valid, phrase_scored: bool) -> float:
+def _check_hub_load(folder: Path, verifier, valid, phrase_scored: bool) -> float:
     """Load the folder as a hub user does and score the first validation trial with it.
 
     ``pretrained.score_as_a_hub_user``: SpeechBrain's ``foreign_class`` with a ``savedir``, from
     a stand-in hub repository of the folder, in an interpreter that cannot import this
-    repository. Its score must be the one the folder gives loaded in place, in this process
-    (within ``MAX_HUB_DIFFERENCE``); the difference is returned.
+    repository. Its score must be the one ``verifier`` (the folder loaded in place, in this
+    process) gives (within ``MAX_HUB_DIFFERENCE``); the difference is returned.
     """
     trial = valid.trials.iloc[0]
     model = valid.models.set_index("model_id").loc[trial["model_id"]]
     wav = {uid: row["wav"] for uid, row in valid.utterances.data.items()}
     enrol, test = [wav[uid] for uid in model["enrol_ids"].split()], wav[trial["test_id"]]
     phrase = model["phrase_id"] if phrase_scored else None
-    in_place = load_verifier(folder).verify_trial(enrol, test, phrase=phrase).score
+    in_place = verifier.verify_trial(enrol, test, phrase=phrase).score
     with tempfile.TemporaryDirectory() as workdir:
         loaded = score_as_a_hub_user(folder, enrol, test, phrase, workdir)["score"]
     if abs(loaded - in_place) > MAX_HUB_DIFFERENCE:
@@ -656,9 +656,8 @@ MAX_LOGP_DIFFERENCE = 1e-3
 
 
 @torch.no_grad()
-def _check_phrase_branch(folder: Path, model: WavLMSpeakerEmbedder, wavs) -> float:
-    """The folder's phrase log-posteriors must be the trained model's."""
-    verifier = load_verifier(folder)
+def _check_phrase_branch(verifier, model: WavLMSpeakerEmbedder, wavs) -> float:
+    """The loaded folder's phrase log-posteriors must be the trained model's."""
     worst = max(
         float(
             (model.embed_all(w[None])["phrase_logp"][0] - verifier.embed_waveform(w)["phrase_logp"])

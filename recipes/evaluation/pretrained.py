@@ -64,12 +64,13 @@ def exported_source(module) -> str:
     ]  # fmt: skip
     if len(imports) != 1:
         raise ValueError(f"{module.__file__}: expected one import from {INLINED.__name__}")
-    both = _defined(ast.parse(source)) & _defined(ast.parse(_inlined_source()))
+    inlined = _inlined_source()
+    both = _defined(ast.parse(source)) & _defined(ast.parse(inlined))
     if both:
         raise ValueError(f"{module.__file__} and {INLINED.__file__} both define {sorted(both)}")
     start, end = imports[0].lineno - 1, imports[0].end_lineno
     banner = f"# ---- {Path(INLINED.__file__).name}, inlined by recipes/export_model.py ----\n"
-    return "".join([*lines[:start], banner, _inlined_source(), "# ---- end ----\n", *lines[end:]])
+    return "".join([*lines[:start], banner, inlined, "# ---- end ----\n", *lines[end:]])
 
 
 def _inlined_source() -> str:

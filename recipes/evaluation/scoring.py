@@ -167,9 +167,14 @@ def metrics_by_condition(scores, conditions, llr: bool = False) -> dict:
     return results
 
 
+def labelled(trials: pd.DataFrame) -> bool:
+    """Whether every trial has a condition (a key labels the list); else the list is blind."""
+    return bool((trials["condition"] != "").all())
+
+
 def trial_metrics(scores, trials: pd.DataFrame, llr: bool = False) -> dict:
     """``metrics_by_condition`` of labelled trials; ``{}`` for a blind (unlabelled) list."""
-    if not (trials["condition"] != "").all():
+    if not labelled(trials):
         return {}
     return metrics_by_condition(scores, trials["condition"], llr)
 

@@ -90,8 +90,8 @@ def check_finite(scores: np.ndarray, report: str) -> None:
         )
 
 
-def write_submission(folder: Path, report: str, answer_text: str) -> list[str]:
-    """Write a report's answer file and its zip into ``folder``; the names written.
+def write_submission(folder: Path, report: str, answer_text: str) -> None:
+    """Write a report's answer file and its zip into ``folder``.
 
     The zip holds only ``answer.txt`` at its root, with a fixed time stamp: the same scores give
     the same bytes.
@@ -102,7 +102,6 @@ def write_submission(folder: Path, report: str, answer_text: str) -> list[str]:
     entry.compress_type = zipfile.ZIP_DEFLATED
     with zipfile.ZipFile(folder / submission, "w") as archive:
         archive.writestr(entry, answer_text)
-    return [answer, submission]
 
 
 def read_answer(path) -> np.ndarray:

@@ -37,7 +37,12 @@ import pandas as pd
 from scipy.stats import norm
 
 from recipes.evaluation.metrics import operating_points
-from recipes.evaluation.scoring import CONDITION_PAIRS, condition_pair, metrics_by_condition
+from recipes.evaluation.scoring import (
+    CONDITION_PAIRS,
+    condition_pair,
+    labelled,
+    metrics_by_condition,
+)
 from recipes.evaluation.submission import (
     answer_file,
     check_finite,
@@ -140,7 +145,7 @@ def _write_report_files(folder: Path, split, trials, scores, metrics, models, pa
     columns = [trials["model_id"], trials["test_id"], score_text]
     if parts is not None and parts.has_phrase:  # every feature, in TRIAL_FEATURES order
         columns += [_formatted(parts.features[n]) for n in reported_features(parts.features)]
-    if (trials["condition"] != "").all():
+    if labelled(trials):
         columns += [trials["label"], trials["condition"]]
     lines = pd.concat([c.reset_index(drop=True) for c in columns], axis=1)
     lines.to_csv(folder / f"scores_{split}.txt", sep=" ", header=False, index=False)
