@@ -17,8 +17,9 @@ scripts import only ``recipe_settings`` from it.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -453,6 +454,31 @@ PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 PRECISION_CHOICES = ("fp32", *PRECISIONS)
 
 
+@contextlib.contextmanager
+def strict_fp32() -> Iterator[None]:
+    """fp32 matrix products and convolutions as IEEE fp32, TF32 off, for the block's duration.
+
+    ``import speechbrain`` allows TF32 (10-bit mantissas) for both on Ampere and later GPUs: an
+    "fp32" embedding there is not the fp32 embedding of the CPU. The export's measurements use
+    this, so that a GPU export and the CPU's onnxruntime compare like with like. (SpeechBrain's
+    own switch, the legacy flags, is the one set here: torch refuses the two APIs mixed.)
+    """
+    flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    previous = [flag.allow_tf32 for flag in flags]
+    for flag in flags:
+        flag.allow_tf32 = False
+    try:
+        yield
+    finally:
+        for flag, allowed in zip(flags, previous, strict=True):
+            flag.allow_tf32 = allowed
+
+
+def native_bf16() -> bool:
+    """Whether the GPU computes bf16 itself (``is_bf16_supported()`` is also True for emulation)."""
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def usable_precision(precision: str, device) -> str:
     """``precision`` where ``device`` runs it as autocast; else fp32, with a log line.
 
@@ -462,8 +488,8 @@ def usable_precision(precision: str, device) -> str:
     device = torch.device(device)
     if precision == "fp16" and device.type == "cpu":
         reason = "the CPU has no fast fp16 autocast (SpeechBrain refuses it there)"
-    elif precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        reason = "this GPU has no bf16"
+    elif precision == "bf16" and device.type == "cuda" and not native_bf16():
+        reason = "this GPU has no bf16 (before Ampere, torch only emulates it, slowly)"
     else:
         return precision
     logger.warning("eval_precision %s on %s: %s; evaluating in fp32", precision, device, reason)

@@ -84,6 +84,7 @@ from recipes.experiment import (
     dataio_prep,
     prepare_data,
     run_device,
+    strict_fp32,
 )
 from recipes.model import speaker_model
 from recipes.model.onnx_verifier import OnnxVerifier
@@ -191,6 +192,7 @@ class ExportCalibration(NamedTuple):
     scores: dict  # the final score (LLR, or cosine) of every trial, per split
 
 
+@strict_fp32()
 def exported_calibration(folder: Path, scoring: ScoringSettings, data, run, run_opts: dict):
     """The ``ExportCalibration`` of the model in ``folder``, as it embeds.
 
@@ -198,6 +200,8 @@ def exported_calibration(folder: Path, scoring: ScoringSettings, data, run, run_
     training speakers where the fusion weights the quality measure "cohort" (cached under the
     checkpoint's ``export/`` embeddings); the fusion is learned on them (stored beside the
     recipe's as ``<checkpoint>_export``), and the metrics are without score normalization.
+    Embedded in IEEE fp32 (``strict_fp32``): on a GPU with TF32 the ONNX check (CPU, fp32) would
+    compare its scores with others of 10-bit products, and could refuse a good model.
     """
     verifier = load_verifier(folder, {"device": str(run_device(run_opts))})
     embed = partial(

@@ -2,8 +2,8 @@
 
 No model hub is needed: the demo and the tests use this instead of ``microsoft/wavlm-base-plus``.
 The directory holds ``config.json``, the weights and the ``preprocessor_config.json`` that
-SpeechBrain's wrapper reads. ``wavlm_base_plus_config()`` gives the architecture of WavLM Base+
-(for benchmarks with random weights).
+SpeechBrain's wrapper reads. ``wavlm_base_plus_config()`` and ``wavlm_large_config()`` give the
+hub's WavLM Base+ and Large configs (for benchmarks and GPU checks with random weights).
 
     python recipes/tiny_wavlm.py --out results/tiny_wavlm
 """
@@ -41,9 +41,40 @@ TINY = dict(
 )
 
 
+#: Dropouts, LayerDrop and SpecAugment of the hub's WavLM configs (the recipe switches LayerDrop
+#: off when it loads one: ``modules.WavLMEncoder``).
+HUB_REGULARIZATION = dict(
+    hidden_dropout=0.1,
+    attention_dropout=0.1,
+    activation_dropout=0.0,
+    feat_proj_dropout=0.1,
+    mask_time_prob=0.05,
+)
+
+
 def wavlm_base_plus_config() -> WavLMConfig:
-    """The architecture of ``microsoft/wavlm-base-plus`` (WavLMConfig's defaults are Base)."""
-    return WavLMConfig(feat_extract_norm="group", do_stable_layer_norm=False, layerdrop=0.0)
+    """``microsoft/wavlm-base-plus``'s config (WavLMConfig's defaults are Base's architecture).
+
+    Post-norm layers and a first CNN layer with GroupNorm (``feat_extract_norm: group``).
+    """
+    return WavLMConfig(
+        feat_extract_norm="group", do_stable_layer_norm=False, layerdrop=0.05,
+        **HUB_REGULARIZATION,
+    )  # fmt: skip
+
+
+def wavlm_large_config(**overrides) -> WavLMConfig:
+    """``microsoft/wavlm-large``'s config: 24 pre-norm layers of 1024 ("stable layer norm").
+
+    The encoder ends with a LayerNorm (``speaker_model.model_states``); every CNN layer has a
+    per-frame LayerNorm (``feat_extract_norm: layer``). ``overrides``: e.g. a reduced width.
+    """
+    large = dict(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+        feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=False, layerdrop=0.1,
+        **HUB_REGULARIZATION,
+    )  # fmt: skip
+    return WavLMConfig(**{**large, **overrides})
 
 
 def save_wavlm(
@@ -128,11 +159,15 @@ def main() -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--base_plus", action="store_true", help="WavLM Base+ size, random weights")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--base_plus", action="store_true", help="WavLM Base+, random weights")
+    size.add_argument("--large", action="store_true", help="WavLM Large, random weights")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.base_plus:
         print(save_wavlm(args.out, wavlm_base_plus_config(), args.seed))
+    elif args.large:
+        print(save_wavlm(args.out, wavlm_large_config(), args.seed))
     else:
         print(build_tiny_wavlm(args.out, args.seed))
 

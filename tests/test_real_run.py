@@ -24,8 +24,10 @@ import torch.nn.functional as F
 from speechbrain.dataio.batch import PaddedData
 from transformers import WavLMConfig, WavLMModel
 
+from recipes import export_model
 from recipes.experiment import usable_precision
 from recipes.export_model import hf_xvector_model, recipe_input
+from recipes.model.modules import WavLMEncoder
 from recipes.model.speaker_model import (
     MaskedGroupNorm,
     WavLMFromConfig,
@@ -33,10 +35,17 @@ from recipes.model.speaker_model import (
     XVectorHead,
 )
 from recipes.settings import load_checked_hparams
-from recipes.tiny_wavlm import TINY, build_tiny_wavlm, save_to_hub_cache
+from recipes.tiny_wavlm import (
+    TINY,
+    build_tiny_wavlm,
+    save_to_hub_cache,
+    save_wavlm,
+    wavlm_large_config,
+)
 from recipes.train_speaker_embeddings import build_brain, schedule_lengths
 from recipes.training.augmentation import PrefetchedNoise, noise_reader
 from recipes.training.randomness import TrainingRandomness
+from tests.benchmarks.bench_cnn_norm import matrix_product_masked
 from tests.helpers import ROOT, fake_batch, free_port, load_yaml, run_script_command
 
 DEMO = str(ROOT / "hparams" / "synthetic_demo.yaml")
@@ -88,6 +97,62 @@ def test_masked_group_norm_matches_group_norm_under_autocast(dtype, seconds):
         assert (y[row : row + 1, :, :valid] - expected).abs().max() < 1e-3
 
 
+def tf32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` cut to TF32's 10 mantissa bits, as Ampere+ tensor cores may read fp32 inputs.
+
+    Truncated, the worst case: a sum of squares then drifts one way, as on the GPU.
+    """
+    bits = x.contiguous().view(torch.int32)
+    return (bits & ~0x1FFF).view(torch.float32)
+
+
+def tf32_matrix_products(monkeypatch) -> None:
+    """TF32 switched on as SpeechBrain does on a GPU, and emulated for the CPU's products."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    for name in ("bmm", "matmul", "mm"):
+        exact = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda a, b, _f=exact: _f(tf32(a), tf32(b)))
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: torch.matmul(a, b))
+
+
+@pytest.mark.parametrize("seconds", [3, 20])
+def test_masked_group_norm_statistics_are_fp32_with_tf32_on(monkeypatch, seconds):
+    frames = seconds * 16000 // 5
+    torch.manual_seed(0)
+    x = 3 * torch.randn(2, 512, frames) + 1.5
+    tf32_matrix_products(monkeypatch)
+    norm = MaskedGroupNorm(512, 512)
+    norm.valid_frames = torch.tensor([frames, frames // 2])
+
+    def error(y):
+        return max(
+            float(
+                (y[r : r + 1, :, :n] - F.group_norm(x[r : r + 1, :, :n].double(), 512)).abs().max()
+            )
+            for r, n in enumerate((frames, frames // 2))
+        )
+
+    with torch.no_grad():
+        assert error(norm(x)) < 1e-4
+        assert error(matrix_product_masked(norm)(x)) > 2e-4  # the form it replaced: TF32 shows
+
+
+def test_the_exports_reference_embeddings_are_ieee_fp32_with_tf32_on(monkeypatch):
+    tf32_matrix_products(monkeypatch)  # as SpeechBrain leaves the flags on a GPU
+    seen = {}
+
+    def load_verifier(folder, run_opts):  # the calibration's first step: see the flags, stop
+        seen["flags"] = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_model, "load_verifier", load_verifier)
+    with pytest.raises(KeyboardInterrupt):
+        export_model.exported_calibration(None, None, None, None, {"device": "cpu"})
+    assert seen["flags"] == (False, False)
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # restored
+
+
 # ------------------------------------------------------------------------------------------------
 # 3 and 9. The frozen warm-up: the layer weights learn, WavLM does not; DDP with L2-SP and a
 # WavLM that has SpecAugment's masked_spec_embed (as Base+: mask_time_prob 0.05)
@@ -100,44 +165,55 @@ from recipes.train_speaker_embeddings import build_brain
 from tests.helpers import fake_batch, load_yaml
 
 output_folder, wavlm_source, find_unused = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+overrides = json.loads(sys.argv[4])
 distributed = "RANK" in os.environ
 if distributed:
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    torch.distributed.init_process_group("gloo")  # rank and size from the environment
 hparams = load_yaml("wavlm_td.yaml", {
     "data_folder": "unused", "output_folder": output_folder, "wavlm_source": wavlm_source,
     "wavlm_hidden_size": 96, "noise_csv": None, "emb_dim": 32, "augment": False,
-    "warmup_steps": 1,
+    "warmup_steps": 1, **overrides,
 })
 run_opts = {"device": "cpu", "precision": "fp32", "eval_precision": "fp32",
             "distributed_backend": "gloo", "find_unused_parameters": find_unused}
 brain = build_brain(hparams, run_opts, n_classes=3, n_phrases=2)
 brain.on_fit_start()
 model = brain.model()
-report = {"masked_spec_embed_trains": model.encoder.model.masked_spec_embed.requires_grad}
+wavlm = model.encoder.model
+report = {"masked_spec_embed_trains": wavlm.masked_spec_embed.requires_grad}
 for epoch, steps in ((1, 2), (2, 3)):  # freeze_wavlm_epochs: 1
     brain.hparams.epoch_counter.current = epoch
     brain.on_stage_start(sb.Stage.TRAIN, epoch)
     layers = model.layer_logits.detach().clone()
     weights = [p.detach().clone() for p in brain.wavlm_weights]
+    named = {n: p.detach().clone() for n, p in wavlm.named_parameters()}
     losses = [float(brain.fit_batch(fake_batch())) for _ in range(steps)]
     report[epoch] = {
         "losses": losses,
         "layer_weights_moved": bool((model.layer_logits != layers).any()),
         "wavlm_moved": any(bool((p != w).any()) for p, w in zip(brain.wavlm_weights, weights)),
-        "l2sp": float(brain.l2sp()),
+        "unmoved": [n for n, p in wavlm.named_parameters()  # trainable, yet no update
+                    if p.requires_grad and bool((p == named[n]).all())],
+        "l2sp": float(brain.l2sp()) if brain.l2sp is not None else None,
     }
 print("REPORT", json.dumps(report))
 """
 
 
-def _warm_up_report(tmp_path, wavlm_dir, find_unused=False, distributed=False) -> dict:
+def _warm_up_report(
+    tmp_path, wavlm_dir, find_unused=False, distributed=False, processes=1, **overrides
+) -> dict:
+    """The warm-up steps' report: one process, or DDP (gloo) over ``processes`` processes."""
+    script = tmp_path / "warm_up_steps.py"
+    script.write_text(WARM_UP_STEPS)
+    args = [str(tmp_path), wavlm_dir, str(int(find_unused)), json.dumps(overrides)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if distributed:  # one gloo process: DDP's reducer checks as with many
-        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(free_port()))  # fmt: skip
-    command = [sys.executable, "-c", WARM_UP_STEPS, str(tmp_path), wavlm_dir, str(int(find_unused))]
+    command = [sys.executable, str(script), *args]
+    if distributed:  # DDP's reducer checks every process's gradients, as on GPUs
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                   f"--master_port={free_port()}", str(script), *args]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     line = next(x for x in result.stdout.splitlines() if x.startswith("REPORT "))
     return json.loads(line.removeprefix("REPORT "))
 
@@ -165,6 +241,45 @@ def test_ddp_with_frozen_warm_up_and_l2sp_trains_through_the_unfreezing(
     report = _warm_up_report(tmp_path, masked_wavlm_dir, find_unused, distributed=True)
     assert report["1"]["layer_weights_moved"] and not report["1"]["wavlm_moved"]
     assert report["2"]["wavlm_moved"] and len(report["2"]["losses"]) == 3
+
+
+def large_shaped(folder) -> str:
+    """WavLM Large's layers, states and norms at a small width (random weights)."""
+    narrow = dict(hidden_size=64, intermediate_size=128, conv_dim=(32,) * 7, layerdrop=0.0)
+    return save_wavlm(folder, wavlm_large_config(**narrow))
+
+
+def test_wavlm_large_last_state_is_the_normalized_encoder_output(tmp_path):
+    encoder = WavLMEncoder(large_shaped(tmp_path / "large"), str(tmp_path / "hf"),
+                           freeze_feature_extractor=False)  # fmt: skip
+    wavlm = encoder.model.train()
+    wav, lens = torch.randn(2, 16000), torch.tensor([1.0, 0.75])
+    states = encoder(wav, lens)
+    assert states.shape[0] == wavlm.config.num_hidden_layers + 1 == 25
+    one = F.layer_norm(wav[:1], wav.shape[1:])  # Large's waveform normalization
+    with torch.no_grad():  # what transformers 4.x returned last: the final LayerNorm applied
+        wavlm.eval()
+        unnormalized = wavlm(one, output_hidden_states=True).hidden_states[-1]
+        expected = wavlm(one).last_hidden_state
+        wavlm.train()
+    assert not torch.allclose(unnormalized, expected, atol=1e-2)  # 5.x leaves it out
+    torch.testing.assert_close(encoder.eval()(wav[:1])[-1], expected, atol=1e-5, rtol=1e-5)
+    (states[-1].square().mean() + states[1].mean()).backward()
+    norm = wavlm.encoder.layer_norm
+    assert norm.weight.grad is not None and norm.bias.grad.abs().sum() > 0
+
+
+def test_wavlm_large_trains_every_weight_under_ddp_without_l2sp_or_unused_parameter_search(
+    tmp_path,
+):
+    report = _warm_up_report(
+        tmp_path, large_shaped(tmp_path / "large"), distributed=True, processes=2,
+        wavlm_hidden_size=64, l2sp_weight=0.0,
+    )  # fmt: skip
+    unfrozen = report["2"]
+    assert unfrozen["l2sp"] is None and unfrozen["wavlm_moved"]
+    assert unfrozen["unmoved"] == []  # the final LayerNorm included: each got a gradient
+    assert all(math.isfinite(x) for x in unfrozen["losses"])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -92,8 +92,7 @@ class WavLMEncoder(WavLM):
             # back-propagates through it for nothing. HF's own switch skips both.
             self.model.freeze_feature_encoder()
         if gradient_checkpointing:
-            # Non-reentrant checkpointing works with DDP and with frozen inputs.
-            self.model.gradient_checkpointing_enable({"use_reentrant": False})
+            enable_activation_checkpointing(self.model)
         mask_cnn_padding(self.model)  # after: it takes its layer out of checkpointing
         use_attention(self.model, attention)
         self.attention = attention
@@ -106,6 +105,19 @@ class WavLMEncoder(WavLM):
         return wavlm_features(
             self.model, wav, wav_lens, self.normalize_wav, self.output_all_hiddens
         )
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute ``model``'s layer activations in the backward pass (non-reentrant).
+
+    Non-reentrant checkpointing works with DDP and with frozen inputs. transformers renamed the
+    switch (``gradient_checkpointing_enable`` goes away in 6); the old name serves older 5.x / 4.x.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is None:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    else:
+        enable({"use_reentrant": False})
 
 
 def local_wavlm_source(source) -> str:

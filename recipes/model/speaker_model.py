@@ -342,21 +342,24 @@ class MaskedGroupNorm(nn.GroupNorm):
         if self.valid_frames is None or self.num_groups != self.num_channels:
             return super().forward(x)
         # Statistics in fp32, as autocast runs GroupNorm. Autocast must be off here, not only
-        # the input cast: it would run the bmm below in fp16 / bf16, where the sum of squares
-        # of a 20 s utterance overflows fp16 (NaN) and bf16 loses the variance's digits.
+        # the input cast: it would run the products below in fp16 / bf16, where a 20 s
+        # utterance's variance overflows fp16 (NaN) or loses its digits in bf16.
         with torch.autocast(x.device.type, enabled=False):
             return self._masked_norm(x.float())
 
     def _masked_norm(self, x: torch.Tensor) -> torch.Tensor:
         """The normalization of fp32 ``x`` over its valid frames (autocast off)."""
-        frames = torch.arange(x.shape[-1], device=x.device)
-        mask = (frames[None, :] < self.valid_frames[:, None]).to(x.dtype)[:, :, None]  # [B,T,1]
-        # This tensor is the largest of the model ([B, 512, samples / 5]), so the statistics are
-        # masked sums as batched matrix products and the output is one fused multiply-add,
-        # faster than the elementwise masked_mean_var form (tests/benchmarks/bench_cnn_norm.py).
-        count = mask.sum(1, keepdim=True).clamp(min=1)
-        mean = torch.bmm(x, mask) / count
-        var = (torch.bmm(x * x, mask) / count - mean * mean).clamp(min=0)  # fp32, mean ~ 0
+        # Each row's statistics are one var_mean over a view of its valid frames: no copy of
+        # this tensor, the model's largest ([B, 512, samples / 5]), and no matrix product, which
+        # TF32 (on with SpeechBrain on Ampere and later GPUs) would round to 10 bits: these are
+        # fp32 whatever torch.backends says (tests/test_real_run.py). The output is one fused
+        # multiply-add (tests/benchmarks/bench_cnn_norm.py times the forms it replaced).
+        stats = [
+            torch.var_mean(row[:, : max(int(n), 1)], dim=-1, correction=0)
+            for row, n in zip(x, self.valid_frames.tolist(), strict=True)
+        ]
+        var = torch.stack([v for v, _ in stats])[:, :, None]
+        mean = torch.stack([m for _, m in stats])[:, :, None]
         scale = torch.rsqrt(var + self.eps)
         shift = -mean * scale
         if self.affine:
@@ -406,8 +409,7 @@ def wavlm_features(model, wav, wav_lens, normalize_wav: bool, all_hiddens: bool)
     if wav_lens is None:
         if normalize_wav:
             wav = F.layer_norm(wav, wav.shape[1:])
-        out = model(wav, output_hidden_states=all_hiddens)
-        return torch.stack(list(out.hidden_states)) if all_hiddens else out.last_hidden_state
+        return model_states(model(wav, output_hidden_states=all_hiddens), all_hiddens)
     samples = torch.round(wav_lens.to(wav.device) * wav.shape[1]).long()
     valid = torch.arange(wav.shape[1], device=wav.device)[None, :] < samples[:, None]
     if normalize_wav:  # F.layer_norm of each unpadded waveform, padding left at zero
@@ -422,7 +424,21 @@ def wavlm_features(model, wav, wav_lens, normalize_wav: bool, all_hiddens: bool)
     finally:
         if cnn_norm is not None:
             cnn_norm.valid_frames = None
-    return torch.stack(list(out.hidden_states)) if all_hiddens else out.last_hidden_state
+    return model_states(out, all_hiddens)
+
+
+def model_states(out, all_hiddens: bool) -> torch.Tensor:
+    """WavLM's stacked hidden states ``[L, B, T, H]`` (or its last ``[B, T, H]``).
+
+    The last state is the encoder's output, ``last_hidden_state``: for stable-layer-norm configs
+    (WavLM Large) transformers 5 records each layer's output, before the encoder's final
+    LayerNorm, which 4.x applied to the last state. Without it the head would see another
+    representation under each version, and that LayerNorm would get no gradient (DDP without
+    ``find_unused_parameters`` fails). For post-norm configs (Base+) the two are one tensor.
+    """
+    if not all_hiddens:
+        return out.last_hidden_state
+    return torch.stack([*out.hidden_states[:-1], out.last_hidden_state])
 
 
 # ------------------------------------------------------------------------------------------------
