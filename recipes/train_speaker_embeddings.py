@@ -185,22 +185,21 @@ class SpeakerBrain(sb.core.Brain):
             self.preemption.active = False
             self.preemption.restore(previous)
 
-    def _stop_requested(self) -> int | None:
-        """The signal to stop for, checked at an optimizer step (under torchrun: every few)."""
-        if self.distributed_launch and self.optimizer_step % DISTRIBUTED_CHECK_STEPS:
-            return None
-        return self.preemption.requested(self.device, self.distributed_launch)
-
     def _should_save_intra_epoch_ckpt(self, last_ckpt_time, steps_since_ckpt):
         """SpeechBrain's interval checkpoints, and one when a stop is requested.
 
         Never mid-accumulation: the checkpoint would lose the accumulated gradients, and a run
         resumed from it would differ from the uninterrupted one (an interval checkpoint waits
-        for the optimizer step).
+        for the optimizer step). Under torchrun both questions are collectives (SpeechBrain
+        broadcasts its interval decision), so they are asked every ``DISTRIBUTED_CHECK_STEPS``
+        optimizer steps, not after every batch: an interval checkpoint comes up to that many
+        steps late.
         """
         if self.step % self.grad_accumulation_factor:
             return False
-        self._stop_signal = self._stop_requested()
+        if self.distributed_launch and self.optimizer_step % DISTRIBUTED_CHECK_STEPS:
+            return False
+        self._stop_signal = self.preemption.requested(self.device, self.distributed_launch)
         if self._stop_signal is not None:
             return True
         return super()._should_save_intra_epoch_ckpt(last_ckpt_time, steps_since_ckpt)

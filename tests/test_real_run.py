@@ -13,8 +13,11 @@ import json
 import logging
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import soundfile
@@ -25,6 +28,7 @@ from speechbrain.dataio.batch import PaddedData
 from transformers import WavLMConfig, WavLMModel
 
 from recipes import export_model
+from recipes.evaluation.pretrained import package_paths
 from recipes.experiment import usable_precision
 from recipes.export_model import hf_xvector_model, recipe_input
 from recipes.model.modules import WavLMEncoder
@@ -46,6 +50,7 @@ from recipes.train_speaker_embeddings import build_brain, schedule_lengths
 from recipes.training.augmentation import PrefetchedNoise, noise_reader
 from recipes.training.randomness import TrainingRandomness
 from tests.benchmarks.bench_cnn_norm import matrix_product_masked
+from tests.benchmarks.gpu_smoke import run as gpu_smoke_run
 from tests.helpers import ROOT, fake_batch, free_port, load_yaml, run_script_command
 
 DEMO = str(ROOT / "hparams" / "synthetic_demo.yaml")
@@ -455,19 +460,76 @@ def test_noise_reader_gives_crops_and_checks_a_users_noise_list(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # The GPU smoke script runs its steps small on the CPU, so that it works the day a GPU is lent
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_gpu_smoke_script_runs_quick_on_the_cpu(tmp_path, tiny_corpus):
-    out = tmp_path / "smoke.json"
-    command = [sys.executable, str(ROOT / "tests" / "benchmarks" / "gpu_smoke.py"), "--device",
-               "cpu", "--quick", "--json", str(out), "--corpus", str(tiny_corpus)]  # fmt: skip
+GPU_SMOKE = ROOT / "tests" / "benchmarks" / "gpu_smoke.py"
+
+
+def gpu_smoke_call(tmp_path, call: str, *args) -> tuple[subprocess.CompletedProcess, dict]:
+    """``gpu_smoke.py --device cpu --quick --call CALL ARGS``: the process and its JSON."""
+    out = tmp_path / f"{call}.json"
+    command = [sys.executable, str(GPU_SMOKE), "--device", "cpu", "--quick", "--call", call,
+               "--json", str(out), *args]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    return result, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_gpu_smoke_script_runs_its_two_calls_quick_on_the_cpu(tmp_path, tiny_corpus):
+    result, core = gpu_smoke_call(tmp_path, "core")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    report = json.loads(out.read_text())
-    assert set(report) == {"versions", "group_norm", "ddp", "training", "extraction", "end_to_end"}
-    assert all(section["status"] == "ok" for section in report.values())
-    e2e = report["end_to_end"]["result"]
+    assert list(core) == ["versions", "group_norm", "ddp", "training", "extraction"]
+    assert all(section["status"] == "ok" for section in core.values())
+    ddp = core["ddp"]["result"]
+    assert ddp["base_plus"]["masked_spec_embed_trains"] is False
+    assert ddp["large"]["l2sp"] is None and ddp["large"]["wavlm_moved"]  # no L2-SP, no unused
+    assert {row["model"] for row in core["training"]["result"]} == {"base_plus", "large"}
+    result, e2e = gpu_smoke_call(tmp_path, "end_to_end", "--corpus", str(tiny_corpus))
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert list(e2e) == ["versions", "end_to_end"]
+    e2e = e2e["end_to_end"]["result"]
     assert e2e["frozen_then_unfrozen"] and e2e["export_checks"]["speechbrain_min_cosine"] > 0.9999
     # 20 training batches of 8 per epoch, accumulated 2 by 2: 10 optimizer steps per epoch.
     assert e2e["total_steps_line"].startswith("2 epochs x 10 optimizer steps per epoch")
     assert e2e["reloaded_on_cpu"]["reason"] in ("", "speaker", "wrong pass-phrase")
-    assert report["ddp"]["result"]["masked_spec_embed_trains"] is False
+
+
+def test_a_gpu_smoke_call_skips_the_sections_its_budget_cannot_hold(tmp_path):
+    result, report = gpu_smoke_call(tmp_path, "core", "--budget_s", "25")
+    assert result.returncode == 1  # not every section ran: the call did not pass
+    assert report["versions"]["status"] == report["group_norm"]["status"] == "ok"
+    for section in ("ddp", "training", "extraction"):
+        assert re.fullmatch(r"skipped: \d+ s left of the call's budget, it needs up to \d+ s",
+                            report[section]["status"])  # fmt: skip
+
+
+def test_a_gpu_smoke_call_stopped_midway_leaves_its_finished_sections(tmp_path):
+    out = tmp_path / "core.json"
+    command = [sys.executable, str(GPU_SMOKE), "--device", "cpu", "--quick", "--call", "core",
+               "--json", str(out)]  # fmt: skip
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True, **quiet)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and process.poll() is None:
+            report = json.loads(out.read_text()) if out.exists() else {}
+            if report.get("ddp", {}).get("status") == "running":
+                break
+            time.sleep(0.05)
+    finally:  # as the lent machine stops a command at its limit: all of it, at once
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    report = json.loads(out.read_text())
+    assert report["versions"]["status"] == report["group_norm"]["status"] == "ok"
+    assert report["ddp"] == {"status": "running"}  # named, with what finished before it
+
+
+def test_the_hub_user_check_keeps_the_packages_on_pythonpath_not_the_repository(monkeypatch):
+    site = "/tmp/site"  # where device_kit.py installs what the GPU machine's image lacks
+    paths = [str(ROOT), site, str(ROOT / "recipes")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(paths))
+    assert package_paths() == [site]
+
+
+def test_gpu_smokes_subprocesses_keep_the_packages_on_pythonpath(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}  # as device_kit.py installs them
+    printed = gpu_smoke_run([sys.executable, "-c", "import sys; print(sys.path)"], "print", env=env)
+    assert str(tmp_path / "site") in printed and str(ROOT) in printed

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import speechbrain.core
 import torch
 import yaml
 from speechbrain.utils.checkpoints import (
@@ -37,7 +38,7 @@ from recipes.experiment_lock import LOCK_FILE, FolderInUse, hold_experiment_lock
 from recipes.export_model import EXPORT_MARKERS, check_export_target, published
 from recipes.settings import SETTINGS_ADDED_SINCE
 from recipes.tiny_wavlm import build_tiny_wavlm
-from recipes.train_speaker_embeddings import build_brain, recipe_settings
+from recipes.train_speaker_embeddings import SpeakerBrain, build_brain, recipe_settings
 from recipes.training.checkpointing import (
     AtomicCheckpointer,
     CheckpointLoadError,
@@ -45,7 +46,7 @@ from recipes.training.checkpointing import (
     SplitModelCheckpoint,
     trim_train_log,
 )
-from recipes.training.preemption import Preemption
+from recipes.training.preemption import DISTRIBUTED_CHECK_STEPS, Preemption
 from recipes.training.resume_guard import (
     FINGERPRINT_FILE,
     MANIFESTS,
@@ -280,6 +281,25 @@ def test_a_repeated_scheduler_signal_is_one_stop_request_and_a_second_ctrl_c_exi
         assert interrupted.value.code == 130
     finally:
         preemption.restore(previous)
+
+
+def test_under_torchrun_the_checkpoint_questions_are_collectives_every_few_steps(monkeypatch):
+    # SpeechBrain broadcasts its interval decision: asked after every batch, one collective per
+    # step over NCCL. Asked with the stop request: every DISTRIBUTED_CHECK_STEPS optimizer steps.
+    collectives = []
+    monkeypatch.setattr(speechbrain.core, "is_distributed_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list",
+                        lambda decision, src: collectives.append("interval"))  # fmt: skip
+    brain = SpeakerBrain.__new__(SpeakerBrain)  # the method alone, on a 2-process run's state
+    brain.distributed_launch, brain.grad_accumulation_factor, brain.device = True, 2, "cpu"
+    brain.checkpointer, brain.ckpt_interval_minutes, brain.ckpt_interval_steps = object(), 15, 0
+    brain.preemption = Preemption()
+    monkeypatch.setattr(brain.preemption, "requested",
+                        lambda device, distributed: collectives.append("stop"))  # fmt: skip
+    for step in range(1, 2 * 2 * DISTRIBUTED_CHECK_STEPS + 1):  # 2 batches per optimizer step
+        brain.step, brain.optimizer_step = step, step // 2
+        assert not brain._should_save_intra_epoch_ckpt(time.time(), step)
+    assert collectives == ["stop", "interval"] * 2
 
 
 @pytest.mark.slow

@@ -174,6 +174,7 @@ def hub_cache_stand_in(folder: Path, cache: Path, repo_id: str = STAND_IN_REPO) 
 HUB_USER_SCRIPT = """
 import importlib.util, json, sys
 args = json.loads(sys.argv[1])
+sys.path[1:1] = args["package_paths"]  # where the user's packages are, as PYTHONPATH gave them
 assert importlib.util.find_spec(args["package"]) is None, "the repository is importable"
 from speechbrain.inference.interfaces import foreign_class
 verifier = foreign_class(source=args["source"], pymodule_file="tdsv_speaker_model.py",
@@ -186,8 +187,9 @@ print(json.dumps({"score": float(verdict.score), "speaker_score": float(verdict.
 def score_as_a_hub_user(folder, enrol, test, phrase, workdir, from_hub=True) -> dict:
     """One trial scored by ``folder`` loaded as SpeechBrain documents it, without this repository.
 
-    A fresh interpreter (``python -I``: no ``PYTHONPATH``, no working folder on the path, run in
-    ``workdir``) calls ``foreign_class(source, pymodule_file="tdsv_speaker_model.py",
+    A fresh interpreter (``python -I``: no working folder on the path, run in ``workdir``, and of
+    ``PYTHONPATH`` only the folders outside this repository, ``package_paths``) calls
+    ``foreign_class(source, pymodule_file="tdsv_speaker_model.py",
     classname="TDSVSpeakerRecognition", savedir=...)`` with ``source`` the stand-in hub
     repository of ``folder`` (``from_hub``, ``hub_cache_stand_in``) or the folder itself, and
     scores ``test`` against ``enrol`` (audio paths) for ``phrase``. Returns ``{"score",
@@ -205,6 +207,7 @@ def score_as_a_hub_user(folder, enrol, test, phrase, workdir, from_hub=True) -> 
         "source": source, "savedir": str(workdir / "savedir"), "phrase": phrase,
         "enrol": [str(Path(p).absolute()) for p in enrol], "test": str(Path(test).absolute()),
         "package": __name__.split(".")[0],  # this repository's package, unimportable there
+        "package_paths": package_paths(),
     }  # fmt: skip
     result = subprocess.run(
         [sys.executable, "-I", "-c", HUB_USER_SCRIPT, json.dumps(args)],
@@ -216,6 +219,17 @@ def score_as_a_hub_user(folder, enrol, test, phrase, workdir, from_hub=True) -> 
             f"source {source}, no repository):\n{result.stderr[-3000:]}"
         )
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def package_paths() -> list[str]:
+    """The folders of ``PYTHONPATH`` other than this repository (and folders in it).
+
+    Packages installed with ``pip install --target`` are reached that way (the GPU machine's
+    ``tests/benchmarks/device_kit.py``): a user's interpreter has them, not this repository.
+    """
+    repository = Path(__file__).resolve().parents[2]
+    paths = [Path(p).resolve() for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return [str(p) for p in paths if p != repository and repository not in p.parents]
 
 
 def embed_dataset(verifier, dataset, loader_kwargs: dict, progress=True) -> dict:
