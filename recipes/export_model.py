@@ -898,7 +898,10 @@ def onnx_card(facts: dict) -> list[str]:
 
 
 SB_USAGE = """\
-SpeechBrain: this folder alone, no recipe repository (`tdsv_speaker_model.py` is self-contained):
+SpeechBrain: this folder alone, no recipe repository (`tdsv_speaker_model.py` is self-contained).
+`foreign_class` runs this folder's code (its `hyperparams.yaml` and `tdsv_speaker_model.py`): load
+it from a source you trust. The recipe's repository reads it as data instead (`--model` below,
+`recipes.evaluation.pretrained.load_verifier`):
 
 ```python
 from speechbrain.inference.interfaces import foreign_class
@@ -937,7 +940,9 @@ with torch.no_grad():
 """
 #: The model card's torch-free part (only for a folder with ONNX models).
 ONNX_USAGE = """\
-ONNX, without PyTorch (`pip install onnxruntime numpy soundfile`; 16 kHz audio):
+ONNX, without PyTorch (`pip install onnxruntime numpy soundfile`; 16 kHz audio), with this
+folder's own `tdsv_onnx_verifier.py` (its code runs: a source you trust; the recipe's repository
+has the same class, `recipes.model.onnx_verifier.OnnxVerifier`, reading the folder as data):
 
 ```python
 import sys
@@ -951,7 +956,7 @@ print(verdict.score, verdict.accept, verdict.reason)
 
 """
 CLI_USAGE = """\
-Command line (from the recipe repository):
+Command line (from the recipe repository; the folder is read as data, nothing in it runs):
 
 ```
 python recipes/verify_speakers.py files --model {folder} --enrol e1.wav e2.wav e3.wav --test t.wav

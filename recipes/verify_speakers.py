@@ -92,11 +92,12 @@ def scoring_replacements(verification: dict) -> dict:
     }
 
 
-def verify_recipe(argv, model=None) -> None:
+def verify_recipe(argv, model=None, trust_model_code=False) -> None:
     """Score a run's trials with its best checkpoint, or with the model folder ``model``.
 
     ``argv``: ``hparams/verification.yaml`` and SpeechBrain's options / overrides of its keys
-    (``--output_folder`` names the run).
+    (``--output_folder`` names the run). ``trust_model_code``: load ``model`` by running its
+    own code (``pretrained.load_verifier``).
     """
     run_opts, verification = load_step(argv)
     hparams = load_run(verification["run_hparams"], scoring_replacements(verification), run_opts)
@@ -104,13 +105,15 @@ def verify_recipe(argv, model=None) -> None:
     scoring = settings.scoring
     if model is None:
         best_checkpoint(settings.model.checkpointer)  # a clear error now, not after data prep
+    else:  # a folder that cannot load is named now, not after data prep
+        device = {"device": run_opts.get("device", "cpu")}
+        verifier = load_verifier(model, device, trust_model_code=trust_model_code)
     prepare_data(settings.corpus)
     data = dataio_prep(settings.corpus, settings.audio)
     if model is None:
         run_verification(scoring, settings.model, data, run_opts)
         return
     check_splits(data.splits)
-    verifier = load_verifier(model, {"device": run_opts.get("device", "cpu")})
     if scoring.fusion != "none" and not getattr(verifier.hparams, "phrase_labels", None):
         raise SystemExit(
             f"error: fusion: {scoring.fusion!r} needs a model with a phrase branch, and "
@@ -340,7 +343,7 @@ def load_backend(args):
     ``AudioNormalizer``); a torch-free user resamples beforehand (``OnnxVerifier``).
     """
     if BACKENDS[args.backend] is None:
-        return load_verifier(args.model, {"device": args.device})
+        return load_verifier(args.model, {"device": args.device}, args.trust_model_code)
     settings = read_settings(Path(args.model))
     normalizer = AudioNormalizer(settings["sample_rate"])
 
@@ -420,6 +423,7 @@ def parse_arguments(argv) -> argparse.Namespace:
     trials.add_argument(
         "--model", help="score this exported folder or HF *ForXVector directory instead"
     )
+    trials.add_argument("--trust_model_code", action="store_true", help=TRUST_HELP)
     files = commands.add_parser(
         "files",
         help="verify speakers in audio files with a trained model",
@@ -483,14 +487,23 @@ def add_file_arguments(parser) -> None:
         "--allow_replay", action="store_true",
         help="score a test that is an enrollment file again (rejected as a replay by default)",
     )  # fmt: skip
+    parser.add_argument("--trust_model_code", action="store_true", help=TRUST_HELP)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+#: ``--trust_model_code``: by default a model folder is read as data and nothing of it runs.
+TRUST_HELP = (
+    "load an exported folder the way SpeechBrain's foreign_class does, running its "
+    "hyperparams.yaml and tdsv_speaker_model.py: only for a folder from a source you trust "
+    "(default: read as data; nothing in the folder runs)"
+)
 
 
 def main(argv) -> None:
     """Run the ``trials`` or the ``files`` command."""
     args = parse_arguments(argv)
     if args.command == "trials":
-        verify_recipe(args.recipe_argv, args.model)
+        verify_recipe(args.recipe_argv, args.model, args.trust_model_code)
         return
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # says what it resampled
     os.environ["SB_LOG_LEVEL"] = "WARNING"  # SpeechBrain loggers made from now on

@@ -293,6 +293,78 @@ def test_an_export_whose_folder_needs_the_repository_is_not_published(exported, 
     assert not target.exists()
 
 
+def _planted(folder: Path, copy: Path, marker: Path) -> Path:
+    """A copy of an export whose two Python files write ``marker`` when they are imported."""
+    shutil.copytree(folder, copy)
+    for name in ("tdsv_speaker_model.py", "tdsv_onnx_verifier.py"):
+        module = copy / name
+        future = "from __future__ import annotations\n"
+        plant = f"\nimport pathlib\npathlib.Path({str(marker)!r}).write_text({name!r})\n"
+        module.write_text(module.read_text().replace(future, future + plant, 1))
+    return copy
+
+
+@pytest.mark.slow
+def test_a_model_folder_is_read_as_data_and_its_code_runs_only_when_trusted(
+    exported, tiny_corpus, tmp_path
+):
+    out, folder = exported
+    marker = tmp_path / "ran"
+    copy = _planted(folder, tmp_path / "copy", marker)
+    enrol_ids, test_id, recipe, wavs = _valid_pair(out, tiny_corpus)
+    phrase = _model_phrase(out, recipe["model_id"])
+    trial = ["--enrol", *(wavs[i] for i in enrol_ids), "--test", wavs[test_id], "--phrase", phrase]
+    original = cli("--model", folder, *trial)
+    assert original.returncode == 0, original.stderr[-3000:]
+    for backend in ("pytorch", "onnx", "onnx-int8"):  # the default and both torch-free ones
+        result = cli("--model", copy, "--backend", backend, *trial)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert not marker.exists(), f"--backend {backend} ran the folder's code"
+    assert cli("--model", copy, *trial).stdout == original.stdout  # same decisions, as data
+    # A YAML tag that calls a function (HyperPyYAML runs it): refused, by line, before it runs.
+    yaml_file = copy / "hyperparams.yaml"
+    text = yaml_file.read_text()
+    yaml_file.write_text(text + f"\nnote: !apply:os.system ['touch {marker}']\n")
+    line = len((text + "\n").splitlines()) + 1
+    result = cli("--model", copy, *trial)
+    assert result.returncode != 0 and not marker.exists()
+    assert f"{yaml_file} line {line}: !apply:os.system is not an object an export builds" in (
+        result.stderr
+    )
+    steps = run_script_command("verify_speakers.py", out, None, "--model", str(copy))
+    result = subprocess.run(steps, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode != 0 and not marker.exists()  # the recipe's trials: the same
+    assert "!apply:os.system is not an object an export builds" in result.stderr
+    assert "Wrote manifests" not in result.stdout + result.stderr  # refused before data prep
+    # Asked for: SpeechBrain's foreign_class runs the folder's code (and its YAML's tags).
+    yaml_file.write_text(text)
+    result = cli("--model", copy, "--trust_model_code", *trial)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert marker.read_text() == "tdsv_speaker_model.py"
+    assert result.stdout == original.stdout
+
+
+def test_a_pickled_object_in_a_model_folder_is_refused_by_name(exported, tmp_path):
+    _, folder = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    marker = tmp_path / "ran"
+    torch.save({"weights": Payload(str(marker))}, copy / "embedding_model.ckpt")
+    with pytest.raises(ValueError, match=r"embedding_model.ckpt: not a file of tensors"):
+        load_verifier(copy)
+    assert not marker.exists()
+
+
+class Payload:
+    """An object whose unpickling would write a file."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path(self.path).write_text, ("ran",))
+
+
 @pytest.mark.slow
 def test_export_loads_offline_elsewhere_and_scores_like_the_recipe(exported, tiny_corpus, tmp_path):
     out, folder = exported
@@ -386,36 +458,46 @@ def test_the_onnx_backend_decides_every_validation_trial_like_the_pytorch_one(
 def test_the_torch_free_example_decides_a_trial_like_the_speechbrain_folder(
     exported, tiny_corpus, tmp_path
 ):
-    """``recipes/onnx_trial_example.py`` with torch unimportable and no repository on the path."""
+    """``recipes/onnx_trial_example.py`` with torch unimportable, in the repository and alone.
+
+    In the repository it reads the folder as data; copied out alone, it imports the folder's own
+    code, with --trust_model_code only.
+    """
     out, folder = exported
     enrol_ids, test_id, recipe, wavs = _valid_pair(out, tiny_corpus)
     enrol, test = [wavs[i] for i in enrol_ids], wavs[test_id]
     phrase = _model_phrase(out, recipe["model_id"])
-    example = ROOT / "recipes" / "onnx_trial_example.py"
-    script = textwrap.dedent(
-        f"""
-        import importlib.util, json, runpy, sys
-        sys.modules["torch"] = None  # any import of torch fails
-        sys.path = [p for p in sys.path if p not in ("", {str(ROOT)!r})]
-        assert importlib.util.find_spec("recipes") is None  # the repository is not importable
-        sys.argv = ["example", {str(folder)!r}, "--enrol", *{enrol!r}, "--test", {test!r},
-                    "--phrase", {phrase!r}]
-        runpy.run_path({str(example)!r}, run_name="__main__")
-        assert "speechbrain" not in sys.modules and sys.modules["torch"] is None
-        """
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env,
-        timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    verdict = json.loads(result.stdout.strip().splitlines()[-1])
+    alone = tmp_path / "onnx_trial_example.py"
+    shutil.copy(ROOT / "recipes" / "onnx_trial_example.py", alone)
     expected = load_verifier(folder).verify_trial(enrol, test, phrase=phrase)
-    assert verdict["score"] == pytest.approx(recipe["score"], abs=1e-3)  # the recipe's LLR
-    assert verdict["score"] == pytest.approx(expected.score, abs=1e-3)
-    assert verdict["accept"] == expected.accept and verdict["phrase"] == expected.phrase
-    assert verdict["speaker_score"] == pytest.approx(expected.speaker_score, abs=1e-4)
+    for example, trust in ((ROOT / "recipes" / "onnx_trial_example.py", []),
+                           (alone, ["--trust_model_code"]), (alone, [])):  # fmt: skip
+        script = textwrap.dedent(
+            f"""
+            import importlib.util, json, runpy, sys
+            sys.modules["torch"] = None  # any import of torch fails
+            sys.path = [p for p in sys.path if p not in ("", {str(ROOT)!r})]
+            assert importlib.util.find_spec("recipes") is None  # not importable from here
+            sys.argv = ["example", {str(folder)!r}, "--enrol", *{enrol!r}, "--test", {test!r},
+                        "--phrase", {phrase!r}, *{trust!r}]
+            runpy.run_path({str(example)!r}, run_name="__main__")
+            assert "speechbrain" not in sys.modules and sys.modules["torch"] is None
+            """
+        )
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        result = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+            env=env, timeout=300,
+        )  # fmt: skip
+        if example == alone and not trust:  # the folder's code: only when asked for
+            assert result.returncode != 0 and "add --trust_model_code" in result.stderr
+            continue
+        assert result.returncode == 0, result.stderr[-3000:]
+        verdict = json.loads(result.stdout.strip().splitlines()[-1])
+        assert verdict["score"] == pytest.approx(recipe["score"], abs=1e-3)  # the recipe's LLR
+        assert verdict["score"] == pytest.approx(expected.score, abs=1e-3)
+        assert verdict["accept"] == expected.accept and verdict["phrase"] == expected.phrase
+        assert verdict["speaker_score"] == pytest.approx(expected.speaker_score, abs=1e-4)
 
 
 @pytest.mark.slow

@@ -3,7 +3,9 @@
 Two kinds of folder are accepted, so that models from both ecosystems are scored the same way:
 
 - a folder written by ``recipes/export_model.py`` (SpeechBrain: ``hyperparams.yaml`` and
-  ``tdsv_speaker_model.py``), loaded with SpeechBrain's ``foreign_class``;
+  ``tdsv_speaker_model.py``), read as data by this repository's code (``load_exported``): its
+  YAML without constructing any object it names, its tensors with ``weights_only``; the folder's
+  own code (SpeechBrain's ``foreign_class``) runs only when asked (``trust_model_code``);
 - a Hugging Face ``*ForXVector`` directory (``config.json``, weights, ``preprocessor_config.json``),
   e.g. a local copy of ``aliyzd95/wavlm-deepmine-base-plus-sv`` or the ``hf/`` folder of an
   export, run the way ``transformers`` runs it (its feature extractor, its ``embeddings`` output).
@@ -20,12 +22,17 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import speechbrain as sb
 import torch
+from ruamel.yaml import YAML, YAMLError
+from ruamel.yaml.constructor import SafeConstructor
+from ruamel.yaml.nodes import MappingNode, SequenceNode
 from speechbrain.dataio.preprocess import AudioNormalizer
 from speechbrain.inference.interfaces import foreign_class
+from speechbrain.lobes.models.ECAPA_TDNN import ECAPA_TDNN
 from speechbrain.utils.fetching import LocalStrategy
 from torch import nn
 from tqdm import tqdm
@@ -121,11 +128,20 @@ def is_hf_xvector(folder: Path) -> bool:
     return any(name.endswith("ForXVector") for name in architectures)
 
 
-def load_verifier(folder, run_opts: dict | None = None) -> TDSVSpeakerRecognition:
-    """The model in ``folder`` (exported SpeechBrain folder or HF x-vector directory)."""
+def load_verifier(
+    folder, run_opts: dict | None = None, trust_model_code: bool = False
+) -> TDSVSpeakerRecognition:
+    """The model in ``folder`` (exported SpeechBrain folder or HF x-vector directory).
+
+    An exported folder is read as data (``load_exported``); ``trust_model_code`` loads it as
+    SpeechBrain's ``foreign_class`` does instead, running its ``hyperparams.yaml`` and
+    ``tdsv_speaker_model.py``: only for a folder from a source you trust.
+    """
     folder = Path(folder)
     run_opts = {"device": "cpu", **(run_opts or {})}
     if (folder / "hyperparams.yaml").is_file() and (folder / EXPORTED_MODULE).is_file():
+        if not trust_model_code:
+            return load_exported(folder, run_opts)
         return foreign_class(
             source=str(folder),
             pymodule_file=EXPORTED_MODULE,
@@ -144,6 +160,158 @@ def load_verifier(folder, run_opts: dict | None = None) -> TDSVSpeakerRecognitio
         f"{folder}: not a model folder. Expected an export of recipes/export_model.py "
         f"(hyperparams.yaml + {EXPORTED_MODULE}) or a Hugging Face *ForXVector directory "
         "(config.json with its architecture, weights, preprocessor_config.json)"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# An exported folder read as data. Its hyperparams.yaml is HyperPyYAML, which constructs the
+# objects its tags name and can call any function (!apply:); SpeechBrain's foreign_class also
+# imports the folder's own module. Here the YAML is parsed as plain data (a tag becomes a
+# ``Tagged`` value, nothing is constructed), every tag must be one the export writes, and the
+# model is built from this repository's classes (``BUILDABLE``) with the folder's weights
+# loaded as tensors only (``weights_only``): a downloaded folder cannot run code.
+# ------------------------------------------------------------------------------------------------
+class Tagged(NamedTuple):
+    """A tagged YAML node, kept as data: its tag, its value, its line in the file."""
+
+    tag: str
+    value: object
+    line: int
+
+
+class _DataConstructor(SafeConstructor):
+    """ruamel's safe constructor (YAML 1.2, as HyperPyYAML reads), every ``!tag`` kept as data."""
+
+
+def _tagged(constructor, suffix: str, node) -> Tagged:
+    """A ``Tagged`` of ``node`` (its value parsed as plain data)."""
+    if isinstance(node, MappingNode):
+        value = constructor.construct_mapping(node, deep=True)
+    elif isinstance(node, SequenceNode):
+        value = constructor.construct_sequence(node, deep=True)
+    else:
+        value = constructor.construct_scalar(node)
+    return Tagged(f"!{suffix}", value, node.start_mark.line + 1)
+
+
+_DataConstructor.add_multi_constructor("!", _tagged)
+
+
+#: The classes an exported ``hyperparams.yaml`` may build, all of them this repository's (or
+#: SpeechBrain's and torch's): the folder's copy of the model code is never imported.
+BUILDABLE = {
+    **{
+        f"{Path(EXPORTED_MODULE).stem}.{name}": cls
+        for name, cls in vars(speaker_model).items()
+        if isinstance(cls, type)
+        and issubclass(cls, nn.Module)
+        and cls.__module__ == speaker_model.__name__
+        and not issubclass(cls, TDSVSpeakerRecognition)  # the verifier: made by the loader
+    },
+    "speechbrain.lobes.models.ECAPA_TDNN.ECAPA_TDNN": ECAPA_TDNN,
+    "torch.nn.Linear": nn.Linear,
+}
+#: Other tags an export writes, for objects this loader makes itself (``load_exported``).
+NOT_BUILT = {
+    "!new:speechbrain.dataio.preprocess.AudioNormalizer",
+    "!new:speechbrain.utils.parameter_transfer.Pretrainer",
+}
+#: The decision data of an exported folder, by its ``hyperparams.yaml`` key (plain values).
+DECISION_KEYS = (
+    "sample_rate", "max_eval_seconds", "min_audio_seconds", "operating_point", "thresholds",
+    "phrase_labels", "fusion", "costs", "cohort_top_k",
+)  # fmt: skip
+
+
+class UntrustedModelCode(ValueError):
+    """A model folder asks to run code (or to build objects) that an export never writes."""
+
+
+def read_exported_yaml(path: Path) -> dict:
+    """``hyperparams.yaml`` of an exported folder as plain data, its tags checked, none run."""
+    reader = YAML(typ="safe", pure=True)
+    reader.Constructor = _DataConstructor
+    try:
+        data = reader.load(path.read_text(encoding="utf-8"))
+    except (YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not readable as YAML ({error})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, found {type(data).__name__}")
+    for tagged in _tags(data):
+        allowed = tagged.tag == "!ref" or tagged.tag in NOT_BUILT
+        if not allowed and tagged.tag.removeprefix("!new:") not in BUILDABLE:
+            raise UntrustedModelCode(
+                f"{path} line {tagged.line}: {tagged.tag} is not an object an export builds (only "
+                f"!ref and !new: of the recipe's model classes): loading it would run code. Load "
+                "this folder with trust_model_code=True (verify_speakers.py --trust_model_code) "
+                "only if you trust where it came from"
+            )
+    return data
+
+
+def _tags(value):
+    """Every ``Tagged`` value inside ``value``, depth first."""
+    if isinstance(value, Tagged):
+        yield value
+        value = value.value
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _tags(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _tags(item)
+
+
+def build_exported(value, data: dict, path: Path):
+    """``value`` of an exported YAML with its ``!ref`` resolved and its ``!new:`` built."""
+    if isinstance(value, Tagged):
+        if value.tag == "!ref":
+            key = str(value.value).strip().removeprefix("<").removesuffix(">")
+            if key not in data:
+                raise ValueError(f"{path} line {value.line}: !ref to {key}, which it does not set")
+            return build_exported(data[key], data, path)
+        arguments = build_exported(value.value, data, path)
+        cls = BUILDABLE[value.tag.removeprefix("!new:")]
+        return cls(**arguments) if isinstance(arguments, dict) else cls(*(arguments or []))
+    if isinstance(value, dict):
+        return {key: build_exported(item, data, path) for key, item in value.items()}
+    if isinstance(value, list):
+        return [build_exported(item, data, path) for item in value]
+    return value
+
+
+def load_weights(module: nn.Module, path: Path) -> None:
+    """``path``'s tensors into ``module`` (tensors only: a pickled object is refused, named)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing from the model folder") from None
+    except Exception as error:  # pickle's and torch's errors name no file
+        raise ValueError(
+            f"{path}: not a file of tensors ({type(error).__name__}: {str(error)[:300]})"
+        ) from None
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path}: does not fit the model of hyperparams.yaml: {error}") from None
+
+
+def load_exported(folder: Path, run_opts: dict) -> TDSVSpeakerRecognition:
+    """An exported folder as a ``TDSVSpeakerRecognition``, read as data (nothing of it runs)."""
+    path = folder / "hyperparams.yaml"
+    data = read_exported_yaml(path)
+    missing = [key for key in ("embedding_model", *DECISION_KEYS[:5]) if key not in data]
+    if missing:
+        raise ValueError(f"{path}: no {', '.join(missing)}: not a complete export")
+    hparams = {key: data[key] for key in DECISION_KEYS if key in data}
+    hparams["audio_normalizer"] = AudioNormalizer(data["sample_rate"])
+    model = build_exported(data["embedding_model"], data, path)
+    load_weights(model, folder / "embedding_model.ckpt")
+    if data.get("cohort") is not None:
+        hparams["cohort"] = build_exported(data["cohort"], data, path)
+        load_weights(hparams["cohort"], folder / "cohort.ckpt")
+    return TDSVSpeakerRecognition(
+        modules={"embedding_model": model}, hparams=hparams, run_opts=run_opts
     )
 
 
