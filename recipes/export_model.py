@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -203,7 +204,7 @@ def exported_calibration(folder: Path, scoring: ScoringSettings, data, run, run_
     Embedded in IEEE fp32 (``strict_fp32``): on a GPU with TF32 the ONNX check (CPU, fp32) would
     compare its scores with others of 10-bit products, and could refuse a good model.
     """
-    verifier = load_verifier(folder, {"device": str(run_device(run_opts))})
+    verifier = load_verifier(folder, {"device": str(run_device(run_opts))}, complete=False)
     embed = partial(
         embed_dataset,
         verifier,
@@ -393,6 +394,23 @@ cohort: !new:torch.nn.Linear
 """
 
 
+def yaml_flow(value) -> str:
+    """``value`` (JSON-like data) as a YAML flow collection: JSON, with YAML's ``.inf`` / ``.nan``.
+
+    (``json.dumps`` writes ``Infinity``, which YAML reads as a string: a min_dcf threshold
+    calibrated to reject everything is +inf.)
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")
+    if isinstance(value, dict):
+        return (
+            "{" + ", ".join(f"{json.dumps(str(k))}: {yaml_flow(v)}" for k, v in value.items()) + "}"
+        )
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(yaml_flow(v) for v in value) + "]"
+    return json.dumps(value)
+
+
 def hyperparams_text(
     audio: AudioSettings, operating_point, settings, thresholds, head, text_dependent
 ) -> str:
@@ -407,7 +425,7 @@ def hyperparams_text(
     module = Path(EXPORTED_MODULE).stem
     branch = "null"
     if text_dependent is not None:
-        branch = f"!new:{module}.PhraseBranch {json.dumps(text_dependent['phrase_branch'])}"
+        branch = f"!new:{module}.PhraseBranch {yaml_flow(text_dependent['phrase_branch'])}"
     text_dependent = text_dependent or {}
     cohort = text_dependent.get("cohort")
     cohort_text = (
@@ -421,17 +439,17 @@ def hyperparams_text(
         max_eval_seconds=audio.max_eval_seconds,
         min_audio_seconds=audio.min_audio_seconds,
         operating_point=operating_point,
-        thresholds=json.dumps(thresholds),
-        wavlm_config=json.dumps(settings["wavlm_config"]),
+        thresholds=yaml_flow(thresholds),
+        wavlm_config=yaml_flow(settings["wavlm_config"]),
         normalize_wav=settings["normalize_wav"],
         output_all_hiddens=settings["output_all_hiddens"],
         attention=settings["attention"],
         head_class=head_class,
-        head_kwargs=json.dumps(head_kwargs),
+        head_kwargs=yaml_flow(head_kwargs),
         phrase_branch=branch,
-        phrase_labels=json.dumps(text_dependent.get("phrase_labels")),
-        fusion=json.dumps(text_dependent.get("fusion")),
-        costs=json.dumps(SDSV_COSTS),
+        phrase_labels=yaml_flow(text_dependent.get("phrase_labels")),
+        fusion=yaml_flow(text_dependent.get("fusion")),
+        costs=yaml_flow(SDSV_COSTS),
     )
 
 
@@ -467,6 +485,7 @@ def export(target: ExportSettings, trained: ExportedRun, run_opts) -> Path:
     run = checkpoint_scoring(settings.scoring, settings.model, data, run_opts)
     out = Path(target.folder)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         facts = write_folder(staging, target, trained, data, run, run_opts)
@@ -505,6 +524,22 @@ def check_export_target(folder: Path, run_folder: Path) -> None:
             f"error: export_folder {folder} holds files that are not an export of this "
             f"recipe (no {' / '.join(EXPORT_MARKERS)}): empty it, or give another folder"
         )
+
+
+def remove_leftovers(out: Path) -> None:
+    """Remove what an interrupted export of ``out`` left beside it.
+
+    Its unfinished staging folders (``.NAME.*``, never loadable: no ``export.json``), and an
+    earlier export moved aside by ``published`` (``.NAME.previous.*``) once ``out`` is complete;
+    if ``out`` is not, that earlier export is the only complete one and stays.
+    """
+    complete = (out / "export.json").is_file()
+    for path in sorted(out.parent.glob(f".{out.name}.*")):
+        if path.name.startswith(f".{out.name}.previous.") and not complete:
+            logger.warning("%s holds the last complete export of %s: kept", path, out)
+            continue
+        logger.warning("removing %s, left by an interrupted export", path)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def published(staging: Path, out: Path) -> None:
@@ -568,7 +603,7 @@ def write_folder(staging: Path, target: ExportSettings, trained: ExportedRun, da
     write_hyperparams(thresholds, text_dependent)
     class_encoder.save(staging / "label_encoder.txt")
     speaker = speaker_embedding(model)
-    verifier = load_verifier(staging)  # the folder as a user loads it: every check below
+    verifier = load_verifier(staging, complete=False)  # as a user loads it: every check below
     checks = {"speechbrain_min_cosine": _check_speechbrain(verifier, speaker, wavs)}
     checks["hub_load_score_difference"] = _check_hub_load(
         staging, verifier, data.splits[VALID_SPLIT], text_dependent is not None
@@ -603,8 +638,8 @@ def write_folder(staging: Path, target: ExportSettings, trained: ExportedRun, da
         "onnx": None if onnx is None else onnx.settings,
         "onnx_int8_metrics": None if onnx is None else onnx.int8_metrics,
     }
-    (staging / "export.json").write_text(json.dumps(facts, indent=2))
     (staging / "README.md").write_text(model_card(facts, Path(target.folder)))
+    (staging / "export.json").write_text(json.dumps(facts, indent=2))  # last: it marks completion
     return facts
 
 
@@ -742,7 +777,7 @@ def export_onnx(folder: Path, calibration: ExportCalibration, text_dependent, in
     fusion.
     """
     audio = inputs.audio
-    verifier = load_verifier(folder)  # the folder's own model, as its SpeechBrain copy loads
+    verifier = load_verifier(folder, complete=False)  # the folder's own model, as a user loads it
     model, hyperparams = verifier.mods.embedding_model.eval(), verifier.hparams
     names = write_onnx_models(folder, model, audio)
     if calibration.cohort is not None:  # for torch-free use: cohort.ckpt's rows as an array

@@ -8,6 +8,7 @@ embeddings; a plain HF x-vector model scores a recipe's trials; bad inputs fail 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ import pytest
 import soundfile as sf
 import torch
 import torch.nn.functional as F
+from ruamel.yaml import YAML
 from scipy.signal import resample_poly
 from transformers import Wav2Vec2FeatureExtractor, WavLMConfig, WavLMForXVector
 
@@ -36,7 +38,13 @@ from recipes.evaluation.scoring import EmbeddingTable, score_trials
 from recipes.evaluation.verification import quality_tag
 from recipes.evaluation.verification_report import score_columns
 from recipes.experiment import dataio_prep
-from recipes.export_model import enrolment_thresholds, hf_xvector_model
+from recipes.export_model import (
+    enrolment_thresholds,
+    hf_xvector_model,
+    remove_leftovers,
+    yaml_flow,
+)
+from recipes.model.onnx_verifier import OnnxVerifier
 from recipes.model.speaker_model import (
     TDSVSpeakerRecognition,
     WavLMFromConfig,
@@ -363,6 +371,182 @@ class Payload:
 
     def __reduce__(self):
         return (Path(self.path).write_text, ("ran",))
+
+
+def _yaml_line(folder: Path, key: str, edit) -> None:
+    """Replace the value of ``key:`` in an export's hyperparams.yaml by ``edit(value)``.
+
+    The export writes its values as JSON (YAML flow collections), which ``edit`` gets parsed.
+    """
+    path = folder / "hyperparams.yaml"
+    lines = path.read_text().splitlines()
+    index = next(i for i, line in enumerate(lines) if line.startswith(f"{key}:"))
+    text = lines[index].split(":", 1)[1].split("#")[0].strip()
+    lines[index] = f"{key}: " + edit(YAML(typ="safe").load(text) if text[:1] in "[{" else text)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _yaml_nan(folder: Path, key: str, path: str) -> None:
+    """Put YAML's NaN (``.nan``) at a dotted ``path`` inside the JSON value of ``key``."""
+    _yaml_line(folder, key, lambda v: yaml_flow(_with(v, path, math.nan)))
+
+
+def _with(value: dict, path: str, new):
+    """``value`` (parsed JSON) with the item at a dotted ``path`` replaced by ``new``."""
+    *parents, last = path.split(".")
+    item = value
+    for key in parents:
+        item = item[key]
+    if new is _DROP:
+        del item[last]
+    else:
+        item[last] = new
+    return value
+
+
+_DROP = object()
+
+
+def _cohort(folder: Path, weight) -> None:
+    torch.save({"weight": weight}, folder / "cohort.ckpt")
+
+
+#: Damaged decision data of the PyTorch backend's files: (edit of a copy, what the error names).
+TORCH_DAMAGES = {
+    "nan fusion bias": (
+        lambda f: _yaml_nan(f, "fusion", "phrase.bias"),
+        "hyperparams.yaml: fusion.phrase.bias nan: a finite number",
+    ),
+    "nan threshold": (
+        lambda f: _yaml_nan(f, "thresholds", "eer.1"),
+        "thresholds.eer.1 nan: a number, not NaN",
+    ),
+    "seconds as text": (
+        lambda f: _yaml_line(f, "max_eval_seconds", lambda v: '"8"'),
+        "max_eval_seconds '8': a positive number of seconds",
+    ),
+    "rate as text": (
+        lambda f: _yaml_line(f, "sample_rate", lambda v: '"16000"'),
+        "sample_rate '16000': a whole number of Hz",
+    ),
+    "no operating point": (
+        lambda f: _yaml_line(f, "operating_point", lambda v: "null"),
+        "operating_point None: one of ('eer', 'min_dcf')",
+    ),
+    "phrase labels short": (
+        lambda f: _yaml_line(f, "phrase_labels", lambda v: yaml_flow(v[:-1])),
+        "phrase_labels: 10 labels for 11 phrase classes",
+    ),
+    "nan cohort": (
+        lambda f: _cohort(f, torch.full_like(torch.load(f / "cohort.ckpt")["weight"], math.nan)),
+        "non-finite values",
+    ),
+    "cohort of another width": (
+        lambda f: _cohort(f, torch.zeros(6, 3)),
+        "cohort.ckpt: does not fit the model of hyperparams.yaml",
+    ),
+    "truncated cohort": (
+        lambda f: (f / "cohort.ckpt").write_bytes((f / "cohort.ckpt").read_bytes()[:100]),
+        "cohort.ckpt: not a file of tensors",
+    ),
+    "unfinished export": (
+        lambda f: (f / "export.json").unlink(),
+        "no export.json, which an export writes last: an unfinished export",
+    ),
+}
+
+
+def _onnx_settings(folder: Path, path: str, new) -> None:
+    facts = json.loads((folder / "export.json").read_text())
+    _with(facts["onnx"], path, new)
+    (folder / "export.json").write_text(json.dumps(facts))
+
+
+#: Damaged decision data of the ONNX backends' files: (edit of a copy, what the error names).
+ONNX_DAMAGES = {
+    "nan fusion bias": (
+        lambda f: _onnx_settings(f, "fusion.phrase.bias", math.nan),
+        "export.json ('onnx'): fusion.phrase.bias nan: a finite number",
+    ),
+    "nan threshold": (
+        lambda f: _onnx_settings(f, "thresholds.min_dcf.2", math.nan),
+        "thresholds.min_dcf.2 nan: a number, not NaN",
+    ),
+    "nan cost": (lambda f: _onnx_settings(f, "costs.c_fa", math.nan), "costs {"),
+    "no operating point": (
+        lambda f: _onnx_settings(f, "operating_point", _DROP),
+        "operating_point None: one of",
+    ),
+    "rate as text": (
+        lambda f: _onnx_settings(f, "sample_rate", "16000"),
+        "sample_rate '16000': a whole number of Hz",
+    ),
+    "phrase labels short": (
+        lambda f: _onnx_settings(f, "phrase_labels", ["01", "02"]),
+        "phrase_labels: 2 labels for 11 phrase classes",
+    ),
+    "truncated export.json": (
+        lambda f: (f / "export.json").write_text((f / "export.json").read_text()[:200]),
+        "export.json: not a JSON object",
+    ),
+    "nan cohort": (
+        lambda f: np.save(f / "cohort.npy", np.full_like(np.load(f / "cohort.npy"), np.nan)),
+        "non-finite values",
+    ),
+    "cohort of another width": (
+        lambda f: np.save(f / "cohort.npy", np.zeros((6, 3), np.float32)),
+        "cohort of shape [6, 3]: rows of 64 values",
+    ),
+    "truncated cohort": (
+        lambda f: (f / "cohort.npy").write_bytes((f / "cohort.npy").read_bytes()[:100]),
+        "cohort.npy: not a readable array of numbers",
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("backend", "damage"),
+    [("pytorch", name) for name in TORCH_DAMAGES] + [("onnx", name) for name in ONNX_DAMAGES],
+)
+def test_damaged_decision_data_is_refused_naming_file_and_key(exported, tmp_path, backend, damage):
+    _, folder = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    edit, message = (TORCH_DAMAGES if backend == "pytorch" else ONNX_DAMAGES)[damage]
+    edit(copy)
+    with pytest.raises(ValueError) as refused:
+        (load_verifier if backend == "pytorch" else OnnxVerifier)(copy)
+    assert message in str(refused.value) and str(copy) in str(refused.value)
+
+
+def test_the_cli_names_damaged_decision_data_and_decides_nothing(exported, tiny_corpus, tmp_path):
+    _, folder = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    TORCH_DAMAGES["nan threshold"][0](copy)
+    ONNX_DAMAGES["nan fusion bias"][0](copy)
+    wav = str(next((tiny_corpus / "wav" / "evaluation").glob("*.wav")))
+    for backend, named in (("pytorch", "thresholds.eer.1 nan"), ("onnx", "fusion.phrase.bias nan")):
+        result = cli("--model", copy, "--backend", backend, "--enrol", wav, "--test", wav)
+        assert result.returncode != 0, result.stdout
+        assert "accept" not in result.stdout and "reject" not in result.stdout  # no decision
+        assert named in result.stderr, result.stderr[-2000:]
+
+
+def test_the_next_export_removes_an_interrupted_ones_leftovers(tmp_path):
+    out = tmp_path / "export"
+    staging = tmp_path / ".export.abc123"  # an export stopped before it published
+    aside = tmp_path / ".export.previous.xyz" / "export"  # published halfway: the earlier one
+    for folder in (staging, aside):
+        folder.mkdir(parents=True)
+        (folder / "hyperparams.yaml").write_text("sample_rate: 16000\n")
+    (aside / "export.json").write_text("{}")
+    remove_leftovers(out)  # out is not there: the earlier export is the only complete one
+    assert not staging.exists() and aside.exists()
+    out.mkdir()
+    (out / "export.json").write_text("{}")
+    remove_leftovers(out)
+    assert not aside.parent.exists() and (out / "export.json").exists()
 
 
 @pytest.mark.slow

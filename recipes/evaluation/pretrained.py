@@ -40,7 +40,9 @@ from transformers import AutoFeatureExtractor, AutoModelForAudioXVector
 
 from recipes.evaluation.scoring import EmbeddingTable
 from recipes.model import onnx_verifier, speaker_model, trial_decisions
+from recipes.model.onnx_verifier import EXPORT_FACTS
 from recipes.model.speaker_model import TDSVSpeakerRecognition
+from recipes.model.trial_decisions import check_decisions, check_model_outputs
 
 #: The name of the model code inside an exported folder.
 EXPORTED_MODULE = "tdsv_speaker_model.py"
@@ -129,19 +131,19 @@ def is_hf_xvector(folder: Path) -> bool:
 
 
 def load_verifier(
-    folder, run_opts: dict | None = None, trust_model_code: bool = False
+    folder, run_opts: dict | None = None, trust_model_code: bool = False, complete: bool = True
 ) -> TDSVSpeakerRecognition:
     """The model in ``folder`` (exported SpeechBrain folder or HF x-vector directory).
 
-    An exported folder is read as data (``load_exported``); ``trust_model_code`` loads it as
-    SpeechBrain's ``foreign_class`` does instead, running its ``hyperparams.yaml`` and
-    ``tdsv_speaker_model.py``: only for a folder from a source you trust.
+    An exported folder is read as data (``load_exported``, ``complete`` passed on);
+    ``trust_model_code`` loads it as SpeechBrain's ``foreign_class`` does instead, running its
+    ``hyperparams.yaml`` and ``tdsv_speaker_model.py``: only for a folder from a source you trust.
     """
     folder = Path(folder)
     run_opts = {"device": "cpu", **(run_opts or {})}
     if (folder / "hyperparams.yaml").is_file() and (folder / EXPORTED_MODULE).is_file():
         if not trust_model_code:
-            return load_exported(folder, run_opts)
+            return load_exported(folder, run_opts, complete)
         return foreign_class(
             source=str(folder),
             pymodule_file=EXPORTED_MODULE,
@@ -296,23 +298,38 @@ def load_weights(module: nn.Module, path: Path) -> None:
         raise ValueError(f"{path}: does not fit the model of hyperparams.yaml: {error}") from None
 
 
-def load_exported(folder: Path, run_opts: dict) -> TDSVSpeakerRecognition:
-    """An exported folder as a ``TDSVSpeakerRecognition``, read as data (nothing of it runs)."""
+def load_exported(folder: Path, run_opts: dict, complete: bool = True) -> TDSVSpeakerRecognition:
+    """An exported folder as a ``TDSVSpeakerRecognition``, read as data (nothing of it runs).
+
+    Its decision data is checked (``trial_decisions.check_decisions``), and against the model's
+    outputs for one second of silence (``check_model_outputs``). ``complete``: refuse a folder
+    without ``export.json``, the file an export writes last (False: the export's own checks of
+    the folder it is writing).
+    """
     path = folder / "hyperparams.yaml"
+    if complete and not (folder / EXPORT_FACTS).is_file():
+        raise ValueError(
+            f"{folder}: no {EXPORT_FACTS}, which an export writes last: an unfinished export "
+            "(interrupted, or still being written); export it again"
+        )
     data = read_exported_yaml(path)
-    missing = [key for key in ("embedding_model", *DECISION_KEYS[:5]) if key not in data]
-    if missing:
-        raise ValueError(f"{path}: no {', '.join(missing)}: not a complete export")
-    hparams = {key: data[key] for key in DECISION_KEYS if key in data}
+    if "embedding_model" not in data:
+        raise ValueError(f"{path}: no embedding_model: not an export of recipes/export_model.py")
+    hparams = {key: data.get(key) for key in DECISION_KEYS}
+    check_decisions(hparams, str(path))
     hparams["audio_normalizer"] = AudioNormalizer(data["sample_rate"])
     model = build_exported(data["embedding_model"], data, path)
     load_weights(model, folder / "embedding_model.ckpt")
     if data.get("cohort") is not None:
         hparams["cohort"] = build_exported(data["cohort"], data, path)
         load_weights(hparams["cohort"], folder / "cohort.ckpt")
-    return TDSVSpeakerRecognition(
+    verifier = TDSVSpeakerRecognition(
         modules={"embedding_model": model}, hparams=hparams, run_opts=run_opts
     )
+    probe = verifier.embed_waveform(torch.zeros(data["sample_rate"]))
+    cohort = verifier.cohort_matrix() if data.get("cohort") is not None else None
+    check_model_outputs(probe, hparams, cohort, f"{path} with {folder / 'embedding_model.ckpt'}")
+    return verifier
 
 
 #: The repository id and revision an exported folder has in ``hub_cache_stand_in``.

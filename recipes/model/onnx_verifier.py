@@ -31,7 +31,13 @@ import onnxruntime
 import soundfile
 
 # An exported folder's copy holds trial_decisions.py's code here instead (export_model.py).
-from recipes.model.trial_decisions import TrialDecisions, scorable_waveform
+from recipes.model.trial_decisions import (
+    DecisionDataError,
+    TrialDecisions,
+    check_decisions,
+    check_model_outputs,
+    scorable_waveform,
+)
 
 #: Where an export folder describes its ONNX models (the ``"onnx"`` entry of this file).
 EXPORT_FACTS = "export.json"
@@ -41,14 +47,30 @@ def read_settings(folder: Path) -> dict:
     """The ``"onnx"`` settings of an export folder (``EXPORT_FACTS``); a clear error without."""
     facts = folder / EXPORT_FACTS
     if not facts.is_file():
-        raise FileNotFoundError(f"{folder}: no {EXPORT_FACTS}; not an export of this recipe")
-    settings = json.loads(facts.read_text()).get("onnx")
+        raise FileNotFoundError(
+            f"{folder}: no {EXPORT_FACTS}; not an export of this recipe, or an unfinished one "
+            "(the export writes it last)"
+        )
+    try:
+        settings = json.loads(facts.read_text(encoding="utf-8")).get("onnx")
+    except (ValueError, AttributeError) as error:  # truncated, or not a JSON object
+        raise DecisionDataError(f"{facts}: not a JSON object ({error})") from None
+    if settings is not None and not isinstance(settings, dict):
+        raise DecisionDataError(f"{facts}: 'onnx' is {type(settings).__name__}, not a mapping")
     if not settings:
         raise FileNotFoundError(
             f"{folder}: this export has no ONNX model (exported with export_onnx: false, or "
             "before ONNX export existed): export it again"
         )
     return settings
+
+
+def read_cohort(path: Path) -> np.ndarray:
+    """The cohort array of an export (``cohort.npy``): numbers only, a damaged file named."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:  # missing, truncated, or an object array
+        raise DecisionDataError(f"{path}: not a readable array of numbers ({error})") from None
 
 
 class OnnxVerifier(TrialDecisions):
@@ -75,7 +97,9 @@ class OnnxVerifier(TrialDecisions):
 
     def __init__(self, folder, model=None, threads=None, resampler=None, settings=None):
         self.folder = Path(folder)
+        source = f"{self.folder / EXPORT_FACTS} ('onnx')" if settings is None else "settings"
         settings = settings or read_settings(self.folder)
+        check_decisions(settings, source)
         self.hparams = SimpleNamespace(**settings)
         options = onnxruntime.SessionOptions()
         if threads:
@@ -88,8 +112,10 @@ class OnnxVerifier(TrialDecisions):
         )
         self.outputs = [output.name for output in self.session.get_outputs()]
         cohort = settings.get("cohort")
-        self.cohort = None if cohort is None else np.load(self.folder / cohort)
+        self.cohort = None if cohort is None else read_cohort(self.folder / cohort)
         self.resampler = resampler
+        probe = self.embed_waveform(np.zeros(settings["sample_rate"], np.float32))
+        check_model_outputs(probe, settings, self.cohort, f"{source} with {path}")
 
     def has_fusion(self) -> bool:
         """True when the model checks the pass-phrase and fuses (phrase outputs + fusion)."""

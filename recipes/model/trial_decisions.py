@@ -249,6 +249,141 @@ def cosine(a, b) -> float:
     return float(a @ b)
 
 
+# ------------------------------------------------------------------------------------------------
+# A model folder's decision data, checked on load by every backend: a number that is not finite
+# (a threshold, a fusion weight, a cost) would decide every trial the same way with exit 0.
+# ------------------------------------------------------------------------------------------------
+class DecisionDataError(ValueError):
+    """A model folder's decision data that no decision may be made with (file and keys named)."""
+
+
+def _finite(value) -> bool:
+    """True for a finite int or float (not a bool, not a string)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _calibration_problems(name: str, calibration, allowed: set) -> list[str]:
+    """What is wrong with one affine calibration of a fusion (``calibrated``'s input)."""
+    if not isinstance(calibration, dict):
+        return [f"fusion.{name}: missing, or not a mapping"]
+    features, weights = calibration.get("features"), calibration.get("weights")
+    problems = []
+    if not isinstance(features, list) or not set(features) <= allowed:
+        problems.append(f"fusion.{name}.features {features!r}: names of {sorted(allowed)}")
+    if not isinstance(weights, list) or not all(map(_finite, weights)):
+        problems.append(f"fusion.{name}.weights {weights!r}: a list of finite numbers")
+    elif isinstance(features, list) and len(weights) != len(features):
+        problems.append(f"fusion.{name}: {len(weights)} weights for {len(features)} features")
+    if not _finite(calibration.get("bias")):
+        problems.append(f"fusion.{name}.bias {calibration.get('bias')!r}: a finite number")
+    return problems
+
+
+def _fusion_problems(fusion, values) -> list[str]:
+    """What is wrong with a stored fusion (``fused_llr``'s ``fusion``)."""
+    if not isinstance(fusion, dict):
+        return [f"fusion {fusion!r}: a mapping or null"]
+    problems = []
+    if fusion.get("kind") not in DECISION_KINDS:
+        problems.append(f"fusion.kind {fusion.get('kind')!r}: one of {DECISION_KINDS}")
+    quality = fusion.get("quality", [])
+    if not isinstance(quality, list) or not set(quality) <= set(QUALITY_MEASURES):
+        problems.append(f"fusion.quality {quality!r}: names of {sorted(QUALITY_MEASURES)}")
+        quality = []
+    allowed = {*TRIAL_FEATURES, *quality_features(quality)}
+    for name in CALIBRATIONS:
+        problems += _calibration_problems(name, fusion.get(name), allowed)
+    gate = fusion.get("gate_threshold")
+    if fusion.get("kind") == "gate" and not (
+        isinstance(gate, dict) and all(_finite(gate.get(name)) for name in GATE_FEATURES)
+    ):
+        problems.append(f"fusion.gate_threshold {gate!r}: finite phrase and content thresholds")
+    labels = values.get("phrase_labels")
+    if not isinstance(labels, list) or not labels:
+        problems.append(f"phrase_labels {labels!r}: the phrase classes a fusion needs")
+    top_k = values.get("cohort_top_k")
+    if "cohort" in quality and not (isinstance(top_k, int) and not isinstance(top_k, bool)):
+        problems.append(f"cohort_top_k {top_k!r}: a whole number, for the quality measure cohort")
+    elif "cohort" in quality and top_k < 1:
+        problems.append(f"cohort_top_k {top_k}: at least 1")
+    return problems
+
+
+def decision_problems(values) -> list[str]:
+    """What is wrong with a model folder's decision data (``TrialDecisions``' ``hparams``)."""
+    problems, get = [], values.get
+    rate = get("sample_rate")
+    if not (isinstance(rate, int) and not isinstance(rate, bool) and rate > 0):
+        problems.append(f"sample_rate {rate!r}: a whole number of Hz")
+    cut = get("max_eval_seconds")
+    if cut is not None and not (_finite(cut) and cut > 0):
+        problems.append(f"max_eval_seconds {cut!r}: a positive number of seconds, or null")
+    shortest = get("min_audio_seconds")
+    if not (_finite(shortest) and shortest >= 0):
+        problems.append(f"min_audio_seconds {shortest!r}: a number of seconds, 0 or more")
+    point = get("operating_point")
+    if point not in OPERATING_POINTS:
+        problems.append(f"operating_point {point!r}: one of {OPERATING_POINTS}")
+    thresholds = get("thresholds")  # empty: not calibrated (decisions need a threshold given)
+    if not isinstance(thresholds, dict) or (thresholds and point not in thresholds):
+        problems.append(f"thresholds: no mapping with the operating point {point!r}")
+    else:
+        for name, by_count in thresholds.items():
+            counts = by_count.items() if isinstance(by_count, dict) else [("?", None)]
+            for count, value in counts:  # inf: calibrated to reject all (min_dcf can be)
+                number = _finite(value) or (isinstance(value, float) and math.isinf(value))
+                if not (str(count).isdigit() and number):
+                    problems.append(f"thresholds.{name}.{count} {value!r}: a number, not NaN")
+    costs = get("costs")
+    if not isinstance(costs, dict) or not all(_finite(costs.get(k)) for k in SDSV_COSTS):
+        problems.append(f"costs {costs!r}: finite {', '.join(SDSV_COSTS)}")
+    elif not (0 < costs["p_target"] < 1 and costs["c_miss"] > 0 and costs["c_fa"] > 0):
+        problems.append(f"costs {costs!r}: p_target in (0, 1), positive c_miss and c_fa")
+    labels = get("phrase_labels")
+    if labels is not None and not (
+        isinstance(labels, list) and all(isinstance(x, str) for x in labels)
+        and len(set(labels)) == len(labels)
+    ):  # fmt: skip
+        problems.append(f"phrase_labels {labels!r}: distinct phrase ids, or null")
+    if get("fusion") is not None:
+        problems += _fusion_problems(get("fusion"), values)
+    return problems
+
+
+def check_decisions(values, source: str) -> None:
+    """Refuse the decision data ``values`` read from ``source`` (a file) if it has problems."""
+    problems = decision_problems(values)
+    if problems:
+        raise DecisionDataError(f"{source}: " + "; ".join(problems))
+
+
+def check_model_outputs(outputs: dict, values, cohort, source: str) -> None:
+    """Refuse decision data that does not fit the model's outputs (one utterance's, ``[D]``).
+
+    The phrase classes must be the phrase branch's outputs, and the cohort (``[S, D]``, the
+    quality measure "cohort") finite and as wide as the speaker embedding.
+    """
+    labels = values.get("phrase_labels")
+    problems = []
+    if values.get("fusion") is not None and "phrase_logp" not in outputs:
+        problems.append("a fusion, but the model has no phrase branch")
+    classes = len(outputs["phrase_logp"]) if "phrase_logp" in outputs else None
+    if labels is not None and classes is not None and len(labels) != classes:
+        problems.append(f"phrase_labels: {len(labels)} labels for {classes} phrase classes")
+    quality = (values.get("fusion") or {}).get("quality", [])
+    if "cohort" in quality and cohort is None:
+        problems.append("the fusion weights the quality measure cohort, and there is no cohort")
+    if cohort is not None:
+        cohort = np.asarray(cohort)
+        width = len(outputs["speaker"])
+        if cohort.ndim != 2 or cohort.shape[1] != width:
+            problems.append(f"cohort of shape {list(cohort.shape)}: rows of {width} values")
+        elif not np.isfinite(cohort).all():
+            problems.append(f"cohort: {int((~np.isfinite(cohort)).sum())} non-finite values")
+    if problems:
+        raise DecisionDataError(f"{source}: " + "; ".join(problems))
+
+
 class TrialDecisions:
     """Thresholds, pass-phrase checks, trial features and verdicts of an exported model.
 
