@@ -364,6 +364,8 @@ def verify_files(args) -> None:
         if missing:
             raise SystemExit(f"no such file: {', '.join(missing)}")
         pairs = [Pair(None, [Path(p) for p in args.enrol], Path(t), t) for t in args.test]
+    if args.out:
+        check_output(Path(args.out), pairs, args)
     digests = {}
     problems = unusable_audio(
         (path for pair in pairs for path in [*pair.enrol, pair.test]), digests
@@ -398,6 +400,27 @@ def verify_files(args) -> None:
             f"minDCF {metrics['min_dcf']:.4f} ({metrics['targets']} targets, "
             f"{metrics['nontargets']} non-targets)"
         )
+
+
+def check_output(out: Path, pairs, args) -> None:
+    """Refuse an ``--out`` that would replace an input: audio, the pairs file, the model folder.
+
+    Any existing audio file is refused too (``soundfile`` reads it): scores never replace a
+    recording, named or not.
+    """
+    target = out.resolve()
+    inputs = {path.resolve() for pair in pairs for path in [*pair.enrol, pair.test]}
+    if args.pairs:
+        inputs.add(Path(args.pairs).resolve())
+    model = Path(args.model).resolve()
+    if target in inputs or model == target or model in target.parents:
+        raise SystemExit(f"error: --out {out} is an input of this run: give another file")
+    if target.is_file():
+        try:
+            sf.info(str(target))
+        except RuntimeError:  # soundfile's errors are RuntimeErrors
+            return  # not audio: an earlier scores file, replaced
+        raise SystemExit(f"error: --out {out} is an audio file: scores never replace a recording")
 
 
 def parse_arguments(argv) -> argparse.Namespace:

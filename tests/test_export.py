@@ -798,6 +798,29 @@ def test_cli_resamples_and_downmixes_and_says_so(exported, tiny_corpus, tmp_path
     assert converted == pytest.approx(native, abs=0.05)  # the speaker scores
 
 
+def test_cli_output_never_replaces_an_input_or_a_recording(tmp_path, tiny_corpus):
+    wavs = sorted((tiny_corpus / "wav" / "evaluation").glob("*.wav"))[:3]
+    victim, other = tmp_path / "victim.wav", tmp_path / "other.wav"
+    shutil.copy(wavs[0], victim)
+    shutil.copy(wavs[1], other)
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text(f"{victim} {wavs[2]}\n")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "README.md").write_text("a model card")
+    before = {path: path.read_bytes() for path in (victim, other, pairs, model / "README.md")}
+    trial = ["--model", model, "--enrol", wavs[2], "--test", victim]
+    for args, reason in (
+        ([*trial, "--out", victim], "is an input of this run"),
+        ([*trial, "--out", other], "is an audio file: scores never replace a recording"),
+        (["--model", model, "--pairs", pairs, "--out", pairs], "is an input of this run"),
+        ([*trial, "--out", model / "README.md"], "is an input of this run"),
+    ):
+        result = cli(*args)
+        assert result.returncode != 0 and reason in result.stderr, result.stderr[-2000:]
+    assert {path: path.read_bytes() for path in before} == before  # nothing replaced
+
+
 def test_cli_names_bad_pairs_lines_and_bad_model_folders(tmp_path, tiny_corpus):
     wav = next((tiny_corpus / "wav" / "evaluation").glob("*.wav"))
     pairs = tmp_path / "pairs.txt"
