@@ -75,6 +75,7 @@ from data_prep.manifests import (
     OfficialSplit,
     Problems,
     Utt,
+    check_utf8,
     expect_fields,
     first_occurrence,
     list_fingerprint,
@@ -145,10 +146,8 @@ def read_train_labels(
 
 def first_line(path: Path) -> ListLine | None:
     """The first non-blank line of a list (a header included); None for an empty list."""
-    with open(path, encoding="utf-8-sig") as handle:
-        for lineno, text in enumerate(handle, start=1):
-            if text.split():
-                return ListLine(Path(path), lineno, tuple(text.split()))
+    for line in read_list(path, header=False):
+        return line
     return None
 
 
@@ -290,7 +289,10 @@ def _list_columns(path: Path, names: list[str]):
             path, sep=" ", header=None, names=[*names, "_extra"], dtype=str, quoting=csv.QUOTE_NONE,
             encoding="utf-8-sig", keep_default_na=False, skip_blank_lines=False, engine="c",
         )  # fmt: skip
-    except (pd.errors.ParserError, UnicodeDecodeError):
+    except UnicodeDecodeError:
+        check_utf8(path)  # names the file, line and byte
+        raise
+    except pd.errors.ParserError:
         return None
     header = int(len(frame) > 0 and str(frame.iat[0, 0]).lower().endswith("-id"))
     frame = frame.iloc[header:]

@@ -61,6 +61,7 @@ from data_prep.manifests import (
     OfficialSplit,
     Problems,
     Utt,
+    check_utf8,
     first_occurrence,
     list_fingerprint,
     prepare_manifests,
@@ -316,6 +317,9 @@ def read_trials(path: Path, models: dict, tests: dict, problems: Problems, refus
             path, sep=r"\s+", header=None, names=["model_id", "test_id", "label", "condition"],
             dtype=str, keep_default_na=False, skip_blank_lines=False, encoding="utf-8-sig",
         )  # fmt: skip
+    except UnicodeDecodeError:
+        check_utf8(path)  # names the file, line and byte
+        raise
     except pd.errors.ParserError as error:  # a line of more than 4 fields: pandas names it
         problems.add(str(path), str(path), f"cannot read the trials: {error}")
         return pd.DataFrame(columns=["model_id", "test_id", "condition"]), {}, 0

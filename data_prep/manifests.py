@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import hashlib
+import io
 import json
 import os
 from collections import defaultdict
@@ -61,6 +62,31 @@ class ListLine(NamedTuple):
         return f"{self.path}:{self.lineno}"
 
 
+def not_utf8(path, data: bytes, error: UnicodeDecodeError) -> TextEncodingError:
+    """The named error of ``path`` (its bytes ``data``) failing to decode at ``error``."""
+    line = data.count(b"\n", 0, error.start) + 1
+    byte = data[error.start : error.start + 1].hex()
+    return TextEncodingError(
+        f"{path}:{line}: not UTF-8 (byte 0x{byte}); lists, tables and transcripts are read as "
+        f"UTF-8. Convert the file, e.g. from Windows Arabic/Persian: iconv -f CP1256 -t UTF-8 "
+        f"{path} > {path}.utf8 (from Latin-1: -f LATIN1), and use the converted copy"
+    )
+
+
+def read_utf8(path) -> str:
+    """The text of ``path`` (UTF-8, a byte-order mark dropped), or a ``TextEncodingError``."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise not_utf8(path, data, error) from None
+
+
+def check_utf8(path) -> None:
+    """Raise ``read_utf8``'s named error for ``path`` (after a reader failed to decode it)."""
+    read_utf8(path)
+
+
 def read_list(path: Path, header: bool = True) -> list[ListLine]:
     """The lines of a whitespace-separated list, each with its file and line number.
 
@@ -69,7 +95,7 @@ def read_list(path: Path, header: bool = True) -> list[ListLine]:
     is kept with its number so that callers can report a bad line precisely.
     """
     lines, path = [], Path(path)
-    with open(path, encoding="utf-8-sig") as handle:  # a byte-order mark is not part of an id
+    with io.StringIO(read_utf8(path), newline=None) as handle:  # newlines as open() reads them
         for lineno, text in enumerate(handle, start=1):
             fields = tuple(text.split())
             if not fields or (header and lineno == 1 and fields[0].lower().endswith("-id")):
@@ -80,6 +106,10 @@ def read_list(path: Path, header: bool = True) -> list[ListLine]:
 
 class DataPrepError(ValueError):
     """The corpus folder has problems; the message lists each with its file and line."""
+
+
+class TextEncodingError(DataPrepError):
+    """A list or table that is not UTF-8: its file, line and byte, and how to convert it."""
 
 
 @dataclass

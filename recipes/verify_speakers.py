@@ -52,6 +52,7 @@ from speechbrain.dataio.preprocess import AudioNormalizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_prep.audio_checks import declared_wav_frames, waveform_problem
+from data_prep.manifests import read_utf8
 from recipes.evaluation.metrics import verification_metrics
 from recipes.evaluation.pretrained import embed_dataset, load_verifier
 from recipes.evaluation.verification import (
@@ -174,7 +175,7 @@ class Pair(NamedTuple):
 def read_pairs(path: Path, audio_root: Path) -> list[Pair]:
     """The trials of a pairs file; every problem (file:line) reported at once."""
     pairs, problems = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for number, line in enumerate(read_utf8(path).splitlines(), start=1):
         where = f"{path}:{number}"
         try:
             fields = shlex.split(line, comments=True)  # "quoted paths/with spaces.wav"

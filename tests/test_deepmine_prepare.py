@@ -382,7 +382,23 @@ AUDIO_BREAKAGES = [
     _break_nonfinite,
     _break_short,
 ]
-LIST_BREAKAGES += [_break_unknown_model, _break_duplicate]
+
+
+def _break_trials_encoding(root):
+    path = root / "docs/trials.txt"  # read column-wise by pandas
+    path.write_bytes(path.read_bytes() + "model_00000 évl_000003\n".encode("latin-1"))
+    return "not UTF-8 (byte 0xe9)", "iconv -f CP1256 -t UTF-8", "trials.txt:5"
+
+
+def _break_labels_encoding(root):
+    path = root / "docs/train_labels.txt"  # read line by line
+    path.write_bytes(path.read_bytes() + "trn_000100 spk_000002 کن\n".encode("cp1256"))
+    return f"not UTF-8 (byte 0x{'ک'.encode('cp1256').hex()})", "iconv", "train_labels.txt:35"
+
+
+LIST_BREAKAGES += [
+    _break_unknown_model, _break_duplicate, _break_trials_encoding, _break_labels_encoding,
+]  # fmt: skip
 BREAKAGES = AUDIO_BREAKAGES + LIST_BREAKAGES
 
 

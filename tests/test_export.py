@@ -832,6 +832,10 @@ def test_cli_names_bad_pairs_lines_and_bad_model_folders(tmp_path, tiny_corpus):
     pairs.write_text(f"{wav} {wav}\n")
     result = cli("--model", tmp_path, "--pairs", pairs)
     assert result.returncode != 0 and "not a model folder" in result.stderr
+    pairs.write_bytes(f"# enrôlement\n{wav} {wav}\n".encode("latin-1"))
+    result = cli("--model", tmp_path, "--pairs", pairs)
+    assert result.returncode != 0
+    assert f"{pairs}:1: not UTF-8 (byte 0xf4)" in result.stderr and "iconv" in result.stderr
 
 
 @pytest.fixture(scope="module")

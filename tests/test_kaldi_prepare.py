@@ -193,10 +193,25 @@ def _outside(root):
     return r"test/wav.scp:3: ../elsewhere.wav: outside the corpus folder .* audio_outside_data_f"
 
 
+def _cp1256_transcripts(root):
+    """Transcripts saved in Windows Arabic/Persian (cp1256), one of them Persian."""
+    lines = (root / "train/text").read_text().splitlines()
+    lines[5] = lines[5].split()[0] + " در را باز کن"
+    (root / "train/text").write_bytes(("\n".join(lines) + "\n").encode("cp1256"))
+    return r"train/text:6: not UTF-8 \(byte 0x[0-9a-f]{2}\).* iconv -f CP1256 -t UTF-8"
+
+
+def _latin1_trials(root):
+    """A trials file in Latin-1 (an accented test id)."""
+    text = (root / "trials").read_text() + "m1 t\u00e9 nontarget IC\n"
+    (root / "trials").write_bytes(text.encode("latin-1"))
+    return r"trials:4: not UTF-8 \(byte 0xe9\)"
+
+
 @pytest.mark.parametrize(
     "breakage",
     [_no_path, _not_in_utt2spk, _disagreeing_model, _unknown_model, _unknown_test,
-     _duplicate_id, _outside],
+     _duplicate_id, _outside, _cp1256_transcripts, _latin1_trials],
     ids=lambda f: f.__name__.strip("_"),
 )  # fmt: skip
 def test_bad_input_is_named_with_its_file_and_line_and_nothing_is_written(tmp_path, breakage):

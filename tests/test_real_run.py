@@ -455,6 +455,11 @@ def test_noise_reader_gives_crops_and_checks_a_users_noise_list(tmp_path):
     csv.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"noise.csv line 4: .*n2.wav is at 8000 Hz"):
         noise_reader(csv, tmp_path, 16000, 16000, check=True, randomness=randomness)
+    csv.write_bytes(("\n".join([*lines[:3], "bruit_é,1.0,$data_root/n0.wav,wav,"]) + "\n").encode(
+        "latin-1"
+    ))  # fmt: skip
+    with pytest.raises(ValueError, match=r"noise.csv:4: not UTF-8 \(byte 0xe9\)"):
+        noise_reader(csv, tmp_path, 16000, 16000, check=True, randomness=randomness)
 
 
 # ------------------------------------------------------------------------------------------------

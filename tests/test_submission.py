@@ -136,3 +136,7 @@ def test_a_submission_is_checked_against_its_list(tmp_path):
     (tmp_path / "bad.txt").write_text("1.0\nnan x\n")
     with pytest.raises(ValueError, match=r"bad.txt:2: 'nan x' is not one number"):
         read_answer(tmp_path / "bad.txt")
+    with zipfile.ZipFile(tmp_path / "latin1.zip", "w") as archive:
+        archive.writestr("answer.txt", "1.0\n2,5 é\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.zip:answer.txt:2: not UTF-8 \(byte 0xe9\)"):
+        read_answer(tmp_path / "latin1.zip")

@@ -29,7 +29,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from data_prep.corpus import OFFICIAL_SPLITS
-from data_prep.manifests import read_list
+from data_prep.manifests import not_utf8, read_list, read_utf8
 from recipes.evaluation.scoring import metrics_by_condition
 
 #: The answer file's name inside a submission zip.
@@ -112,9 +112,13 @@ def read_answer(path) -> np.ndarray:
             names = archive.namelist()
             if names != [ANSWER]:
                 raise ValueError(f"{path} holds {names}: a submission holds only {ANSWER}")
-            text = archive.read(ANSWER).decode("utf-8")
+            data = archive.read(ANSWER)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise not_utf8(f"{path}:{ANSWER}", data, error) from None
     else:
-        text = path.read_text(encoding="utf-8")
+        text = read_utf8(path)
     lines = text.splitlines()
     scores = np.full(len(lines), np.nan)
     for number, line in enumerate(lines, start=1):

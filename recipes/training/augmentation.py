@@ -16,6 +16,7 @@ import torch
 from speechbrain.augment.time_domain import AddNoise
 from speechbrain.dataio.dataio import read_audio
 
+from data_prep.manifests import check_utf8
 from recipes.training.randomness import NOISE, TrainingRandomness, crop_start
 
 
@@ -71,6 +72,7 @@ def noise_reader(
     line, one that cannot be read or has another sample rate (a noise list of the user's; the
     recipe's own, training utterances, was checked by data prep).
     """
+    check_utf8(noise_csv)  # SpeechBrain's reader would fail on another encoding, naming nothing
     rows = sb.dataio.dataio.load_data_csv(noise_csv, replacements={"data_root": str(data_folder)})
     files = [(row["wav"], int(float(row["duration"]) * sample_rate)) for row in rows.values()]
     if not files:
