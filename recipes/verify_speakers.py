@@ -258,10 +258,12 @@ def verdict_text(verdict) -> str:
     if verdict.phrase_score is not None:
         fields += [f"{verdict.phrase_score:.6f}", f"{verdict.score:.6f}"]
     if verdict.accept is None:
-        return " ".join([*fields, "-"])
-    fields.append("accept" if verdict.accept else "reject")
+        fields.append("-")
+    else:
+        fields.append("accept" if verdict.accept else "reject")
     if verdict.reason in ("wrong pass-phrase", REPLAY):
         fields.append(f"({verdict.reason})")
+    fields += [f"({note})" for note in verdict.notes]
     return " ".join(fields)
 
 

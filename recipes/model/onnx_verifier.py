@@ -132,10 +132,6 @@ class OnnxVerifier(TrialDecisions):
         outputs = {name: v.reshape(-1) for name, v in zip(self.outputs, values, strict=True)}
         return {**outputs, "seconds": wav.shape[1] / self.hparams.sample_rate}
 
-    def embed_file_all(self, path) -> dict:
-        """``embed_waveform`` of an audio file (``load_audio``)."""
-        return self.embed_waveform(self.load_audio(path))
-
     def load_audio(self, path) -> np.ndarray:
         """A mono waveform at the model's rate: channels averaged, checked, cut as training cut."""
         try:

@@ -682,10 +682,6 @@ class TDSVSpeakerRecognition(TrialDecisions, SpeakerRecognition):
         """The training speakers of the quality measure "cohort" (``cohort.ckpt``), ``[S, D]``."""
         return self.hparams.cohort.weight.detach().cpu().numpy()
 
-    def embed_file_all(self, path) -> dict:
-        """Speaker embedding ``[D]`` and, with a phrase branch, phrase log-posteriors/embedding."""
-        return self.embed_waveform(self.load_audio(path))
-
     def embed_waveform(self, wav: torch.Tensor) -> dict:
         """The model's outputs ``{name: [D]}`` (CPU tensors) for one unpadded waveform ``[T]``.
 

@@ -20,6 +20,7 @@ import math
 from typing import NamedTuple
 
 import numpy as np
+import soundfile
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +177,26 @@ class Verdict(NamedTuple):
     accept: bool | None  # None: no threshold given or calibrated
     reason: str  # why a trial was rejected: "wrong pass-phrase", "speaker", or ""
     phrase: str | None  # the enrolled pass-phrase the test was checked against ("custom": none)
+    notes: tuple = ()  # what to know about its audio, e.g. "test upsampled from 8 kHz"
+
+
+def band_notes(enrol_outputs, test_outputs) -> tuple[str, ...]:
+    """Notes of a trial whose files were below the model's sample rate (``"upsampled_from"``).
+
+    Upsampling adds no bandwidth: an 8 kHz file lacks the 4-8 kHz band the model was trained and
+    calibrated with, so its scores are not those of 16 kHz speech (docs/guide.md).
+    """
+    notes = []
+    test = test_outputs.get("upsampled_from")
+    if test:
+        notes.append(f"test upsampled from {test / 1000:g} kHz")
+    enrol = [o["upsampled_from"] for o in enrol_outputs if o.get("upsampled_from")]
+    if enrol:
+        notes.append(
+            f"{len(enrol)} of {len(enrol_outputs)} enrollment file(s) upsampled from "
+            f"{min(enrol) / 1000:g} kHz"
+        )
+    return tuple(notes)
 
 
 class AudioRefused(ValueError):
@@ -516,7 +537,8 @@ class TrialDecisions:
             threshold = self.threshold(n_enrol) if threshold is None else threshold
             accept = self.decide(speaker, n_enrol, threshold)
             reason = "" if accept or accept is None else "speaker"
-            return Verdict(speaker, None, None, speaker, threshold, accept, reason, None)
+            notes = band_notes(enrol_outputs, test_outputs)
+            return Verdict(speaker, None, None, speaker, threshold, accept, reason, None, notes)
         phrase = self.enrolled_phrase(enrol_outputs, phrase)
         features = self.trial_features(enrol_outputs, test_outputs, phrase)
         fusion = self.hparams.fusion
@@ -530,7 +552,22 @@ class TrialDecisions:
             speaker_llr = float(fused_llr(fusion, features, kind="speaker"))
             reason = "wrong pass-phrase" if speaker_llr >= threshold else "speaker"
         scores = [features[name] for name in TRIAL_FEATURES]
-        return Verdict(*scores, llr, threshold, accept, reason, phrase)
+        notes = band_notes(enrol_outputs, test_outputs)
+        return Verdict(*scores, llr, threshold, accept, reason, phrase, notes)
+
+    def embed_file_all(self, path) -> dict:
+        """``embed_waveform`` of an audio file (``load_audio``).
+
+        Also ``"upsampled_from"``: the file's rate, where it is below the model's (``band_notes``).
+        """
+        outputs = self.embed_waveform(self.load_audio(path))
+        model_rate = getattr(self.hparams, "sample_rate", None)
+        if model_rate is None:  # a Hugging Face x-vector folder: its feature extractor's rate
+            model_rate = self.audio_normalizer.sample_rate
+        rate = soundfile.info(str(path)).samplerate
+        if rate < model_rate:
+            outputs["upsampled_from"] = rate
+        return outputs
 
     def verify_trial(self, enrol_paths, test_path, phrase=None, threshold=None, costs=None):
         """A ``Verdict`` for a test file against enrollment files (see ``score_trial``)."""
