@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import unicodedata
 from collections import Counter
@@ -81,9 +82,27 @@ TARGET_LABELS = ("target", "nontarget")
 LABELLED_CONDITIONS = ("TC", "TW", "IC", "IW")
 
 
+#: Letters typed two ways in Persian text (Arabic and Persian keyboards), as one: Arabic kaf and
+#: yeh (and alef maksura) as Persian keheh and yeh, the zero-width non-joiner as a space, and
+#: Arabic-Indic and Persian digits as ASCII ones.
+LETTER_VARIANTS = str.maketrans(
+    {
+        "\u0643": "\u06a9",  # kaf -> keheh
+        "\u064a": "\u06cc",  # Arabic yeh -> Farsi yeh
+        "\u0649": "\u06cc",  # alef maksura -> Farsi yeh
+        "\u200c": " ",  # zero-width non-joiner
+        **{chr(0x0660 + d): str(d) for d in range(10)},
+        **{chr(0x06F0 + d): str(d) for d in range(10)},
+    }
+)
+
+
 def normalized(text: str) -> str:
-    """A transcript as a phrase: Unicode-normalized, case-folded, punctuation and spacing gone."""
-    text = unicodedata.normalize("NFKC", text).casefold()
+    """A transcript as a phrase: Unicode-normalized, case-folded, punctuation and spacing gone.
+
+    Letters that Persian text writes two ways are one (``LETTER_VARIANTS``).
+    """
+    text = unicodedata.normalize("NFKC", text).casefold().translate(LETTER_VARIANTS)
     kept = "".join(" " if unicodedata.category(c).startswith("P") else c for c in text)
     return " ".join(kept.split())
 
@@ -122,18 +141,51 @@ def audio_path(corpus: Path, value: str, line: ListLine, problems: Problems, out
     if value.endswith("|") or value.startswith("-"):
         problems.add(value, line.where, "a command or pipe, not an audio file: write wav files")
         return None
+    if re.search(r"\.(ark|scp):\d+$", value) or value.startswith(("ark:", "scp:")):
+        problems.add(
+            value, line.where,
+            "a Kaldi archive entry, not an audio file: archives are not read; write wav files "
+            "(e.g. wav-copy) and list their paths",
+        )  # fmt: skip
+        return None
     root = os.path.normpath(corpus.absolute())
     full = os.path.normpath(os.path.join(root, value))  # an absolute value stays absolute
-    if os.path.commonpath([root, full]) == root:
+    # Inside by its text and where it really is: a symbolic link in the corpus may lead out.
+    resolved_root = os.path.realpath(root)
+    inside = os.path.commonpath([root, full]) == root and (
+        os.path.commonpath([resolved_root, os.path.realpath(full)]) == resolved_root
+    )
+    if inside:
         return Path(os.path.relpath(full, root)).as_posix()
     if not outside_ok:
         problems.add(
             value,
             line.where,
-            f"outside the corpus folder {corpus} (set audio_outside_data_folder: True to allow)",
+            f"outside the corpus folder {corpus}, by its path or through a symbolic link (set "
+            "audio_outside_data_folder: True to allow)",
         )
         return None
     return Path(full).as_posix()
+
+
+def near_duplicates(phrases: list[str]) -> list[tuple[str, str]]:
+    """Pairs of ``phrases`` that one edit (insert, delete or replace a character) makes equal."""
+    return [
+        (a, b)
+        for i, a in enumerate(phrases)
+        for b in phrases[i + 1 :]
+        if abs(len(a) - len(b)) <= 1 and _one_edit(a, b)
+    ]
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` (lengths within one) differ by exactly one edit."""
+    if len(a) > len(b):
+        a, b = b, a
+    start = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), len(a))
+    if len(a) == len(b):
+        return a[start + 1 :] == b[start + 1 :] and start < len(a)
+    return a[start:] == b[start + 1 :]
 
 
 class Phrases:
@@ -145,6 +197,12 @@ class Phrases:
         width = max(2, len(str(len(kept))))
         self.ids = {key: f"p{i + 1:0{width}d}" for i, key in enumerate(kept)}
         self.texts, self.counts, self.min_count = texts, counts, min_count
+        for first, second in near_duplicates(kept):
+            print(
+                f"warning: phrases {self.ids[first]} ({first!r}, {counts[first]} utterances) and "
+                f"{self.ids[second]} ({second!r}, {counts[second]}) differ by one character: "
+                "one phrase typed two ways? If so, write it one way in the transcripts"
+            )
 
     def of(self, key: str) -> str:
         """The phrase id of a normalized transcript (or ``utt2phrase`` id); free text if rare."""
@@ -181,8 +239,21 @@ def _optional(path: Path, problems: Problems, what: str):
 
 
 def read_audio_list(corpus: Path, name: str, problems: Problems, outside_ok: bool, seen: dict):
-    """``{utt: Utt}`` of ``<name>/wav.scp`` (no labels yet); ``seen``: ids of every data dir."""
+    """``{utt: Utt}`` of ``<name>/wav.scp`` (no labels yet); ``seen``: ids of every data dir.
+
+    A ``segments`` file (utterances cut from longer recordings) is refused: each utterance must
+    be its own audio file.
+    """
     utts = {}
+    segments = corpus / name / "segments"
+    if segments.is_file():
+        problems.add(
+            str(segments), str(segments),
+            "utterances cut from recordings (Kaldi segments) are not supported: write each "
+            "segment as its own wav file (e.g. Kaldi's extract-segments) and list those in "
+            "wav.scp",
+        )  # fmt: skip
+        return utts
     for utt, (value, line) in read_table(corpus / name / "wav.scp", problems, "a path").items():
         if utt in seen:
             problems.add(utt, line.where, f"duplicate utterance id (also at {seen[utt].where})")
@@ -308,7 +379,7 @@ def _model_phrase(model_id, ids, line, labels: Labels, utts, owner, phrases, pro
 def read_trials(path: Path, models: dict, tests: dict, problems: Problems, refused=()):
     """Trials (``model_id``, ``test_id``, ``condition``: "" when blind), test utts, line count.
 
-    Read column-wise (10M trials in seconds). Every line has the fields of the first: 2 (blind),
+    Read column-wise (10M trials in seconds). Every line has the fields most lines have: 2 (blind),
     3 (``target|nontarget``) or 4 (and the trial type); each bad line is a problem naming it.
     Trials of a ``refused`` model (a problem of its own) are dropped without another.
     """
@@ -328,7 +399,11 @@ def read_trials(path: Path, models: dict, tests: dict, problems: Problems, refus
     frame = frame[~frame["model_id"].isin(refused)]
     where = {i: f"{path}:{i + 1}" for i in frame.index}
     fields = (frame != "").sum(axis=1)
-    expected = int(fields.iloc[0]) if len(frame) else 2
+    # The form most lines have: one unlabelled line among labelled ones is the problem, not
+    # the others (and skip_bad drops it alone); a tie goes to the first line's form.
+    counts = fields.value_counts()
+    tied = counts.index[counts == counts.max()] if len(frame) else [2]
+    expected = int(fields.iloc[0]) if len(frame) and fields.iloc[0] in tied else int(tied[0])
     bad = pd.Series(False, index=frame.index)
 
     def refuse(mask, reason):
@@ -340,8 +415,8 @@ def read_trials(path: Path, models: dict, tests: dict, problems: Problems, refus
 
     bad = refuse(
         (fields != expected) | (fields < 2),
-        f"expected {max(expected, 2)} fields, as the first line has (<model> <test-utt> "
-        "[target|nontarget [TC|TW|IC|IW]])",
+        f"expected {max(expected, 2)} fields, as {int((fields == expected).sum())} of the "
+        f"{len(frame)} lines have (<model> <test-utt> [target|nontarget [TC|TW|IC|IW]])",
     )
     bad = refuse(~frame["model_id"].isin(models), "unknown model id (not in enroll/models)")
     bad = refuse(~frame["test_id"].isin(tests), "unknown test utterance (not in test/wav.scp)")

@@ -208,10 +208,40 @@ def _latin1_trials(root):
     return r"trials:4: not UTF-8 \(byte 0xe9\)"
 
 
+def _segments(root):
+    """Utterances cut from recordings (Kaldi's segments file)."""
+    (root / "train/segments").write_text("spk1-u001 rec1 0.00 1.20\n")
+    return r"train/segments: utterances cut from recordings \(Kaldi segments\) are not supported"
+
+
+def _ark(root):
+    """An archive entry in wav.scp (Kaldi's ark:offset)."""
+    text = (root / "test/wav.scp").read_text().replace("audio/test/t1.wav", "data/raw.ark:1234")
+    (root / "test/wav.scp").write_text(text)
+    return r"test/wav.scp:2: data/raw.ark:1234: a Kaldi archive entry, not an audio file"
+
+
+def _linked_outside(root):
+    """A folder inside the corpus that is a symbolic link to one outside it."""
+    outside = root.parent / "elsewhere"
+    write_wav(outside / "t2.wav", seed=5)
+    (root / "audio/linked").symlink_to(outside, target_is_directory=True)
+    text = (root / "test/wav.scp").read_text().replace("audio/test/t2.wav", "audio/linked/t2.wav")
+    (root / "test/wav.scp").write_text(text)
+    return r"test/wav.scp:3: audio/linked/t2.wav: outside the corpus folder .* symbolic link"
+
+
+def _unlabelled_first_trial(root):
+    """One unlabelled trial at the top of a labelled list: it is the problem, not the others."""
+    (root / "trials").write_text("m2 t0\n" + (root / "trials").read_text())
+    return r"trials:1: m2 t0: expected 4 fields, as 3 of the 4 lines have"
+
+
 @pytest.mark.parametrize(
     "breakage",
     [_no_path, _not_in_utt2spk, _disagreeing_model, _unknown_model, _unknown_test,
-     _duplicate_id, _outside, _cp1256_transcripts, _latin1_trials],
+     _duplicate_id, _outside, _cp1256_transcripts, _latin1_trials, _segments, _ark,
+     _linked_outside, _unlabelled_first_trial],
     ids=lambda f: f.__name__.strip("_"),
 )  # fmt: skip
 def test_bad_input_is_named_with_its_file_and_line_and_nothing_is_written(tmp_path, breakage):
@@ -220,6 +250,42 @@ def test_bad_input_is_named_with_its_file_and_line_and_nothing_is_written(tmp_pa
     with pytest.raises(DataPrepError, match=expected):
         _prepare(root, tmp_path)
     assert not (tmp_path / "prep" / "train.csv").exists()
+
+
+def test_skip_bad_drops_the_minority_of_a_mixed_trials_list(tmp_path):
+    root = make_kaldi_miniature(tmp_path / "corpus")
+    _unlabelled_first_trial(root)
+    _prepare(root, tmp_path, skip_bad=True)
+    trials = _csv(tmp_path / "prep", "eval_trials.csv")
+    assert list(trials["condition"]) == ["TC", "IC", "TW"]  # the labelled three kept
+
+
+def test_persian_letters_typed_two_ways_are_one_phrase_and_near_twins_are_named(tmp_path, capsys):
+    root = make_kaldi_miniature(tmp_path / "corpus")
+    arabic_kaf, keheh = "در را باز كن", "در را باز کن"  # Arabic and Persian keyboards
+    for folder in ("train", "enroll"):
+        lines = (root / folder / "text").read_text().splitlines()
+        for i, line in enumerate(lines):
+            utt, text = line.split(" ", 1)
+            if normalized(text) == "open the door":
+                lines[i] = f"{utt} {arabic_kaf if i % 2 else keheh}"
+        (root / folder / "text").write_text("\n".join(lines) + "\n")
+    _prepare(root, tmp_path)
+    train = _csv(tmp_path / "prep", "train.csv")
+    assert set(train["phrase_id"]) == {"p01", "p02"}  # one phrase, however its kaf was typed
+    models = _csv(tmp_path / "prep", "eval_enrol.csv")
+    assert models.set_index("model_id")["phrase_id"].to_dict() == {"m1": "p02", "m2": "p01"}
+    assert "differ by one character" not in capsys.readouterr().out
+    text = (
+        (root / "train/text")
+        .read_text()
+        .replace("verify my voice please", "verify my voices please")
+    )
+    (root / "train/text").write_text(text)
+    _prepare(root, tmp_path / "twins", phrase_min_count=1)
+    warned = capsys.readouterr().out
+    assert "warning: phrases" in warned and "differ by one character" in warned
+    assert "'verify my voice please'" in warned and "'verify my voices please'" in warned
 
 
 def test_audio_outside_the_corpus_folder_when_allowed(tmp_path):
@@ -277,6 +343,7 @@ def test_the_recipe_trains_and_scores_a_kaldi_corpus_with_its_own_phrases(tmp_pa
     command = run_script_command(
         "train_speaker_embeddings.py", out, corpus, "--corpus", "kaldi",
         "--enrol_utts", str(KALDI_EN30["enrol_utts"]), "--number_of_epochs", "1",
+        "--audio_outside_data_folder", "True",  # its wav/ links to the session's corpus
     )  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=1200)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
