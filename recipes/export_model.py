@@ -61,6 +61,7 @@ from transformers import WavLMConfig, WavLMForXVector
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_prep.corpus import VALID_SPLIT
+from recipes.disk import named_write_failures
 from recipes.evaluation.pretrained import (
     EXPORTED_CODE,
     EXPORTED_MODULE,
@@ -487,8 +488,10 @@ def export(target: ExportSettings, trained: ExportedRun, run_opts) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(out)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    kept = f"nothing was published: {out} is as it was"
     try:
-        facts = write_folder(staging, target, trained, data, run, run_opts)
+        with named_write_failures(f"the export of {out.name}", out.parent, kept):
+            facts = write_folder(staging, target, trained, data, run, run_opts)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # nothing partial is left behind
         raise

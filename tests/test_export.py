@@ -280,21 +280,26 @@ def test_a_folder_that_needs_the_repository_does_not_load_as_from_the_hub(export
         score_as_a_hub_user(copy, [], "x.wav", None, tmp_path / "work")
 
 
+def _patched_export(out: Path, target: Path, patch: str) -> subprocess.CompletedProcess:
+    """``export_model.py`` of the run ``out`` into ``target`` (no ONNX), ``patch`` run first."""
+    command = run_script_command(
+        "export_model.py", out, None, "--export_folder", str(target), "--export_onnx", "false"
+    )
+    script = f"import sys, torch; import recipes.export_model; {patch}; " + (
+        "recipes.export_model.main(sys.argv[1:])"
+    )
+    return subprocess.run([sys.executable, "-c", script, *command[2:]], capture_output=True,
+                          text=True, cwd=ROOT, timeout=900)  # fmt: skip
+
+
 @pytest.mark.slow
 def test_an_export_whose_folder_needs_the_repository_is_not_published(exported, tmp_path):
     """The export of before (byte copies, importing this repository) fails its hub check."""
     out, _ = exported
     target = tmp_path / "refused"
-    command = run_script_command(
-        "export_model.py", out, None, "--export_folder", str(target), "--export_onnx", "false"
-    )
-    script = (
-        "import sys; from pathlib import Path; import recipes.export_model as e; "
-        "e.exported_source = lambda module: Path(module.__file__).read_text(); "
-        "e.main(sys.argv[1:])"
-    )
-    result = subprocess.run([sys.executable, "-c", script, *command[2:]], capture_output=True,
-                            text=True, cwd=ROOT, timeout=900)  # fmt: skip
+    result = _patched_export(out, target, "import recipes.export_model as e; from pathlib import "
+                             "Path; e.exported_source = lambda module: Path(module.__file__)"
+                             ".read_text()")  # fmt: skip
     assert result.returncode != 0
     assert "does not load as SpeechBrain loads a model" in result.stderr, result.stderr[-3000:]
     assert "No module named 'recipes'" in result.stderr
@@ -547,6 +552,19 @@ def test_the_next_export_removes_an_interrupted_ones_leftovers(tmp_path):
     (out / "export.json").write_text("{}")
     remove_leftovers(out)
     assert not aside.parent.exists() and (out / "export.json").exists()
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_an_export_is_named_and_publishes_nothing(exported, tmp_path):
+    out, _ = exported
+    target = tmp_path / "refused"
+    full_disk = "RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 64')"
+    result = _patched_export(out, target, f"torch.save = lambda *a, **k: (_ for _ in ()).throw("
+                             f"{full_disk})")  # fmt: skip
+    assert result.returncode != 0
+    assert f"cannot write the export of refused in {tmp_path} (" in result.stderr
+    assert "MiB free on its disk" in result.stderr and f"{target} is as it was" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # no staging folder, no partial export
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ A kill mid-epoch or mid-save, non-finite losses, audio that broke after data pre
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,9 +30,11 @@ from speechbrain.utils.checkpoints import (
 )
 
 from data_prep.deepmine_prepare import prepare_deepmine
+from recipes.disk import WriteFailed, named_write_failures
 from recipes.evaluation import verification_report
 from recipes.evaluation.pretrained import EXPORTED_MODULE
-from recipes.evaluation.scoring import trial_metrics
+from recipes.evaluation.scoring import EmbeddingTable, trial_metrics
+from recipes.evaluation.verification import _save_tables
 from recipes.evaluation.verification_report import write_report
 from recipes.experiment import assembled_model, checkpoint_model
 from recipes.experiment_lock import LOCK_FILE, FolderInUse, hold_experiment_lock
@@ -688,14 +691,47 @@ def test_a_report_is_published_whole_or_not_at_all(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(verification_report, "plot_det", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(WriteFailed) as refused:
         _report(tmp_path, [0.5] * 8)
+    assert f"cannot write the eval reports in {tmp_path} (" in str(refused.value)
+    assert "MiB free on its disk): OSError: [Errno 28] No space left" in str(refused.value)
+    assert "the previous eval reports are whole" in str(refused.value)
     assert {name: (tmp_path / name).read_bytes() for name in names} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == names  # no staging folder left
     monkeypatch.undo()
     _report(tmp_path, [0.5] * 8, labelled=False)  # blind: no metrics, so no DET plot
     assert not (tmp_path / "det_eval.png").exists()  # not the labelled run's plot beside it
     assert (tmp_path / "answer.txt").read_text().split() == ["0.500000"] * 8
+
+
+def test_a_cache_that_cannot_be_written_is_a_named_warning_and_leaves_nothing(
+    tmp_path, monkeypatch, caplog
+):
+    tables = {"speaker": EmbeddingTable(["u1", "u2"], np.eye(2, dtype=np.float32))}
+    prefix = tmp_path / "cache" / "valid"
+    _save_tables(prefix, tables, {"u1": "a", "u2": "b"})
+    assert (tmp_path / "cache" / "valid.sources.json").exists()
+
+    def full_disk(self, prefix):
+        Path(f"{prefix}.npy").write_bytes(b"\x93NUMPY")  # a partial file, as a full disk leaves
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(EmbeddingTable, "save", full_disk)
+    with caplog.at_level(logging.WARNING):
+        _save_tables(prefix, tables, {"u1": "a", "u2": "b"})  # the scores go on
+    assert f"cannot write the embedding cache valid in {tmp_path / 'cache'}" in caplog.text
+    assert "the cache is dropped" in caplog.text
+    assert list((tmp_path / "cache").iterdir()) == []  # nothing half-written is left
+
+
+def test_a_refused_write_is_named_and_other_errors_pass(tmp_path):
+    named = named_write_failures("the thing", tmp_path, "nothing changed")
+    refused = pytest.raises(WriteFailed, match=r"cannot write the thing in .* MiB free on its disk")
+    with refused, named:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
+    other = named_write_failures("the thing", tmp_path, "nothing changed")
+    with pytest.raises(FileNotFoundError), other:  # not a refused write: unchanged
+        raise FileNotFoundError(2, "No such file", "audio.wav")
 
 
 # ------------------------------------------------------------------------------------------------

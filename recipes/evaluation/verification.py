@@ -22,6 +22,7 @@ import pandas as pd
 from speechbrain.utils.checkpoints import Checkpoint
 
 from data_prep.corpus import VALID_SPLIT, file_digest
+from recipes.disk import WriteFailed, named_write_failures
 from recipes.distributed import main_writes, on_main
 from recipes.evaluation.fusion import (
     QualityInputs,
@@ -131,13 +132,26 @@ def cached_embeddings(embed, dataset, cache_prefix: Path) -> dict[str, Embedding
 
 
 def _save_tables(prefix: Path, tables: dict, sources: dict) -> None:
-    """Cache ``tables`` at ``prefix``, the record of their audio files last."""
+    """Cache ``tables`` at ``prefix``, the record of their audio files last.
+
+    The old record goes first, so tables half written are never read as a cache. A cache that
+    cannot be written (a full disk) is a warning naming it, its files removed: the scores need
+    it not.
+    """
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    for name, table in tables.items():
-        table.save(prefix if name == "speaker" else f"{prefix}.{name}")
     record = Path(f"{prefix}.sources.json")
-    record.with_suffix(".tmp").write_text(json.dumps(sources))
-    record.with_suffix(".tmp").replace(record)
+    record.unlink(missing_ok=True)
+    kept = "the cache is dropped (its embeddings are computed again next time)"
+    try:
+        with named_write_failures(f"the embedding cache {prefix.name}", prefix.parent, kept):
+            for name, table in tables.items():
+                table.save(prefix if name == "speaker" else f"{prefix}.{name}")
+            record.with_suffix(".tmp").write_text(json.dumps(sources))
+            record.with_suffix(".tmp").replace(record)
+    except WriteFailed as error:
+        for path in prefix.parent.glob(f"{prefix.name}.*"):
+            path.unlink(missing_ok=True)
+        logger.warning("%s", error)
 
 
 def utterance_sources(dataset) -> dict[str, list]:

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
+from recipes.disk import named_write_failures
 from recipes.evaluation.metrics import operating_points
 from recipes.evaluation.scoring import (
     CONDITION_PAIRS,
@@ -86,7 +87,11 @@ def write_report(
     """
     folder = Path(output_folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=f".report_{split}.") as staging:
+    kept = f"the previous {split} reports are whole"
+    with (
+        named_write_failures(f"the {split} reports", folder, kept),
+        tempfile.TemporaryDirectory(dir=folder, prefix=f".report_{split}.") as staging,
+    ):
         report = _write_report_files(
             Path(staging), split, trials, scores, metrics, models, parts, official
         )

@@ -30,6 +30,8 @@ from speechbrain.utils.checkpoints import CKPT_PREFIX, METAFNAME, Checkpointer
 from speechbrain.utils.distributed import ddp_barrier, if_main_process
 from speechbrain.utils.logger import get_logger
 
+from recipes.disk import free_mib
+
 logger = get_logger(__name__)
 
 
@@ -65,9 +67,8 @@ class CheckpointSaveError(RuntimeError):
     """
 
     def __init__(self, folder: Path, error: Exception):
-        free = shutil.disk_usage(folder).free / 2**20 if Path(folder).exists() else float("nan")
         super().__init__(
-            f"cannot save a checkpoint in {folder} ({free:.0f} MiB free on its disk): "
+            f"cannot save a checkpoint in {folder} ({free_mib(folder):.0f} MiB free on its disk): "
             f"{type(error).__name__}: {error}. The earlier checkpoints are intact and the "
             "incomplete one was removed: free some space and rerun the same command to resume."
         )
