@@ -78,6 +78,7 @@ from data_prep.manifests import (
     check_utf8,
     expect_fields,
     first_occurrence,
+    in_corpus,
     list_fingerprint,
     prepare_manifests,
     read_list,
@@ -385,7 +386,7 @@ def prepare_deepmine(
         valid_speakers=valid_speakers, seed=seed, include_free_text=include_free_text,
         skip_bad=skip_bad, enrol_utts=enrol_utts, min_seconds=min_seconds,
         free_text_id=free_text_id, valid_enrol_utts=valid_enrol_utts,
-        keys={split: str(lists.key) if lists.key else None
+        keys={split: in_corpus(lists.key, data_folder) if lists.key else None
               for split, lists in release.splits.items()},
     )  # fmt: skip
     fingerprint = list_fingerprint("deepmine", PREP_VERSION, data_folder, docs_files, options)

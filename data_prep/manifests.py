@@ -394,8 +394,10 @@ def utt_rows(utts: list[Utt]) -> list[list]:
     ]  # fmt: skip
 
 
-def up_to_date(marker: Path, fingerprint: dict) -> bool:
+def up_to_date(marker: Path, fingerprint: dict, data_folder: Path) -> bool:
     """Whether the manifests beside ``marker`` were made from ``fingerprint`` and are as written.
+
+    ``data_folder``: where the corpus is now (its audio's times are checked there).
 
     A deleted, truncated or edited manifest, or a damaged marker, means preparing again (with a
     line saying why), never skipping: a missing ``eval_trials.csv`` would leave no eval reports.
@@ -407,7 +409,16 @@ def up_to_date(marker: Path, fingerprint: dict) -> bool:
     except (ValueError, UnicodeDecodeError):
         print(f"{marker} is damaged: preparing again.")
         return False
-    if not isinstance(record, dict) or record.get("options") != fingerprint:
+    recorded = record.get("options") if isinstance(record, dict) else None
+    if recorded != fingerprint:
+        differing = sorted(
+            key for key in {*(recorded or {}), *fingerprint}
+            if (recorded or {}).get(key) != fingerprint.get(key)
+        )  # fmt: skip
+        print(
+            f"Data prep's lists or settings changed since {marker} was written ("
+            f"{', '.join(differing)}; lists: their sizes and times): preparing again."
+        )
         return False
     changed = [
         name for name, digest in record.get("manifests", {}).items()
@@ -420,7 +431,7 @@ def up_to_date(marker: Path, fingerprint: dict) -> bool:
         return False
     audio = record.get("audio") or {}
     wavs = listed_audio(marker.parent)
-    if audio.get("stat") != audio_stamp(fingerprint["data_folder"], wavs):
+    if audio.get("stat") != audio_stamp(Path(data_folder).resolve(), wavs):
         print(
             f"Audio changed since data prep (the size or time of one of the {len(wavs)} listed "
             "files, or one is missing): preparing again."
@@ -680,17 +691,22 @@ def manifest_tables(
 def list_fingerprint(layout: str, version: int, data_folder: Path, lists, options: dict) -> dict:
     """What a preparer's manifests depend on besides the audio, to know when a redo is needed.
 
-    The layout and its preparer's ``version``, the corpus folder, the size and time of each of
-    its ``lists`` that exists, and the ``options``.
+    The layout and its preparer's ``version``, the size and time of each of its ``lists`` that
+    exists (by its path in the corpus folder), and the ``options``. Not where the corpus is:
+    the manifests name audio as ``$data_root/...``, so a corpus copied or moved with its file
+    times (``cp -a``, ``mv``, ``rsync -a``) is the same corpus, and its manifests are reused.
     """
-    stamp = {str(p): [p.stat().st_size, p.stat().st_mtime_ns] for p in lists if p.is_file()}
-    return {
-        "layout": layout,
-        "version": version,
-        "data_folder": str(Path(data_folder).resolve()),
-        "lists": stamp,
-        **options,
+    root = Path(data_folder).resolve()
+    stamp = {
+        in_corpus(p, root): [p.stat().st_size, p.stat().st_mtime_ns] for p in lists if p.is_file()
     }
+    return {"layout": layout, "version": version, "lists": stamp, **options}
+
+
+def in_corpus(path, root) -> str:
+    """``path`` relative to the corpus folder ``root`` (POSIX), or absolute outside it."""
+    path, root = Path(path).resolve(), Path(root).resolve()
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
 
 
 #: Data prep's record of what the manifests were made from, beside them.
@@ -708,7 +724,7 @@ def prepare_manifests(
     """A preparer's whole run: skip when up to date, else read, check, split and write all.
 
     ``fingerprint``: what the manifests depend on besides the audio (options and the lists'
-    sizes and times; it must hold ``data_folder``, resolved). ``read_lists(problems)`` reads the
+    sizes and times, ``list_fingerprint``). ``read_lists(problems)`` reads the
     corpus's lists, recording each problem. Holds a lock on ``save_folder`` meanwhile:
     concurrent runs take turns. ``jobs`` threads read the audio (default: one per CPU core;
     more pay off only on network storage). Returns the written CSVs by name.
@@ -716,7 +732,7 @@ def prepare_manifests(
     jobs = jobs or min(16, os.cpu_count() or 1)
     with folder_lock(save_folder):
         marker = save_folder / PREP_RECORD
-        if up_to_date(marker, fingerprint):
+        if up_to_date(marker, fingerprint, data_folder):
             print(
                 f"Manifests in {save_folder} are up to date (same lists, options, audio, and "
                 "each manifest as written): skipping data prep."

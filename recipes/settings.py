@@ -11,10 +11,12 @@ the settings the step replaces.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -267,15 +269,15 @@ def combination_problems(hparams) -> list[str]:
     return problems
 
 
-def raw_settings(hparams_file, overrides, added: str = "") -> dict:
+def raw_settings(hparams_file, overrides, added: str = "", moved=None) -> dict:
     """The settings of a HyperPyYAML file with overrides, as plain values: nothing is built.
 
     References are resolved by HyperPyYAML; tagged nodes (``!new:``, ``!name:``, ...) become
     plain mappings, lists or strings. ``added``: YAML lines read as the file's last ones
-    (``load_run``'s settings a record predates).
+    (``load_run``'s settings a record predates); ``moved``: see ``_yaml_source``.
     """
     try:
-        with _yaml_source(hparams_file, added) as handle:
+        with _yaml_source(hparams_file, added, moved) as handle:
             text = resolve_references(handle, overrides).getvalue()
     except DuplicateKeyError as error:
         raise SystemExit(f"error: {duplicate_key_message(error, hparams_file)}") from None
@@ -284,11 +286,29 @@ def raw_settings(hparams_file, overrides, added: str = "") -> dict:
     return yaml.load(text)
 
 
-def _yaml_source(hparams_file, added: str = ""):
-    """The file's text followed by ``added``, as a stream HyperPyYAML reads (line numbers kept)."""
-    if not added:
+def _yaml_source(hparams_file, added: str = "", moved=None):
+    """The file's text followed by ``added``, as a stream HyperPyYAML reads (line numbers kept).
+
+    ``moved``: ``(recorded, now)``, a run folder's path in its record and where it is now: every
+    path under the recorded one is read under the new one (``relocated``).
+    """
+    if not added and moved is None:
         return open(hparams_file, encoding="utf-8")
-    return io.StringIO(Path(hparams_file).read_text(encoding="utf-8").rstrip("\n") + "\n" + added)
+    text = Path(hparams_file).read_text(encoding="utf-8")
+    if moved is not None:
+        text = relocated(text, *moved)
+    return io.StringIO(text.rstrip("\n") + "\n" + added)
+
+
+def relocated(text: str, recorded: str, now: str) -> str:
+    """``text`` with each path at or under the folder ``recorded`` moved under ``now``.
+
+    A path is a value, or an item of a flow list, that starts with ``recorded`` followed by a
+    separator or its end: a longer folder name that merely begins the same is left alone.
+    """
+    start, end = r"(?<=[\s\[,'\"])", r"(?=/|[\s\],'\"]|$)"
+    pattern = re.compile(start + re.escape(recorded.rstrip("/")) + end, re.M)
+    return pattern.sub(lambda _: now.rstrip("/"), text)
 
 
 def duplicate_key_message(error: DuplicateKeyError, hparams_file) -> str:
@@ -354,17 +374,18 @@ def load_checked_hparams(argv, lock: bool = False):
 
 
 def checked_hparams(
-    hparams_file, overrides: str, run_opts, lock: bool = False, added: str = ""
+    hparams_file, overrides: str, run_opts, lock: bool = False, added: str = "", moved=None
 ) -> dict:
     """``hparams_file`` with ``overrides`` (YAML text), checked on its text, then loaded.
 
     With ``lock``, its ``output_folder`` is held for this process before anything is built
-    (the demo YAML builds its WavLM there). ``added``: YAML lines read after the file's own.
+    (the demo YAML builds its WavLM there). ``added``: YAML lines read after the file's own;
+    ``moved``: a run folder's recorded path and its path now (``_yaml_source``).
     """
     import speechbrain as sb
     from hyperpyyaml import load_hyperpyyaml
 
-    settings = raw_settings(hparams_file, overrides, added)
+    settings = raw_settings(hparams_file, overrides, added, moved)
     refuse_problems(hparams_file, settings_problems(settings))
     if lock:
         hold_experiment_lock(settings["output_folder"])
@@ -372,7 +393,7 @@ def checked_hparams(
     # while the others wait, which needs the process group (a no-op without torchrun).
     if not torch.distributed.is_initialized():
         sb.utils.distributed.ddp_init_group(run_opts)
-    with _yaml_source(hparams_file, added) as handle:
+    with _yaml_source(hparams_file, added, moved) as handle:
         return load_hyperpyyaml(handle, overrides)
 
 
@@ -415,6 +436,54 @@ def refuse_problems(hparams_file, problems: list[str]) -> None:
 #: What a run's output folder holds that says how it was trained: SpeechBrain's copy of the
 #: training YAML with the command line's settings applied (``create_experiment_directory``).
 RUN_RECORD = "hyperparams.yaml"
+
+
+#: Beside a run's record: its digest and its settings as training wrote them (``seal_record``).
+RECORD_SEAL = "hyperparams.seal.json"
+
+
+def seal_record(output_folder) -> None:
+    """Record the digest and plain settings of a run's record, to tell a later edit by hand."""
+    record = Path(output_folder) / RUN_RECORD
+    text = record.read_text(encoding="utf-8")
+    seal = {
+        "sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "settings": json.loads(json.dumps(raw_settings(record, ""), default=str)),
+    }
+    temporary = record.with_name(f".{RECORD_SEAL}.tmp")
+    temporary.write_text(json.dumps(seal, indent=1), encoding="utf-8")
+    os.replace(temporary, record.with_name(RECORD_SEAL))
+
+
+def check_record(record: Path) -> None:
+    """End the program when a run's record was edited since training, naming each change.
+
+    A record without a seal (an experiment YAML given as ``run_hparams``) is read as it is.
+    """
+    seal_file = record.with_name(RECORD_SEAL)
+    if not seal_file.is_file():
+        return
+    seal = json.loads(seal_file.read_text(encoding="utf-8"))
+    if hashlib.sha256(record.read_bytes()).hexdigest() == seal.get("sha256"):
+        return
+    then = seal.get("settings") or {}
+    try:
+        now = json.loads(json.dumps(raw_settings(record, ""), default=str))
+    except (Exception, SystemExit) as error:  # edited into something that does not load
+        now, unreadable = {}, f" (it no longer loads: {error})"
+    else:
+        unreadable = ""
+    changes = [
+        f"{key}: {then[key]!r} -> {now[key]!r}" if key in then and key in now
+        else (f"{key}: removed" if key in then else f"{key}: added")
+        for key in sorted({*then, *now}) if then.get(key, ...) != now.get(key, ...)
+    ]  # fmt: skip
+    changed = "; ".join(changes) or "its text"
+    raise SystemExit(
+        f"error: {record} was edited since training{unreadable} ({changed}): a run's record "
+        "says how it was trained, and steps read it as it is. Restore it; to score with other "
+        "settings, give them to the step on its command line (hparams/verification.yaml's keys)"
+    )
 
 
 def load_step(argv) -> tuple:
@@ -466,6 +535,7 @@ def load_run(record, replacements: dict, run_opts) -> dict:
             f"training run (train first: recipes/train_speaker_embeddings.py writes its "
             f"{RUN_RECORD})"
         )
+    check_record(record)
     replaced = {key: value for key, value in replacements.items() if value is not None}
     run_overrides = "\n".join(f"{key}: {json.dumps(value)}" for key, value in replaced.items())
     present = set(re.findall(r"^([A-Za-z_]\w*):", record.read_text(encoding="utf-8"), re.M))
@@ -474,9 +544,30 @@ def load_run(record, replacements: dict, run_opts) -> dict:
         for key, value in SETTINGS_ADDED_SINCE.items()
         if key not in present
     )
-    hparams = checked_hparams(record, run_overrides, run_opts, lock=True, added=added)
+    moved = moved_run(record.read_text(encoding="utf-8"), replaced.get("output_folder"))
+    hparams = checked_hparams(record, run_overrides, run_opts, lock=True, added=added, moved=moved)
     log_step(hparams["output_folder"])
+    if moved is not None:
+        logging.getLogger(__name__).info(
+            "the run was recorded at %s and is now at %s: its own files (checkpoints, manifests, "
+            "caches) are read and written there", *moved,
+        )  # fmt: skip
     return hparams
+
+
+def moved_run(record_text: str, now) -> tuple[str, str] | None:
+    """``(recorded, now)`` when the run's folder is not where its record says (moved or copied).
+
+    Then every path of the record under the recorded folder is read under ``now``: a copy never
+    reads or writes the original's files, a moved run finds its own.
+    """
+    found = re.search(r"^output_folder:\s*(\S+)", record_text, re.M)
+    if now is None or found is None:
+        return None
+    recorded = found.group(1).strip("'\"")
+    if os.path.abspath(recorded) == os.path.abspath(now):
+        return None
+    return recorded, str(now)
 
 
 def log_step(folder) -> None:

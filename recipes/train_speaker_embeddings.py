@@ -54,7 +54,7 @@ from recipes.experiment import (
 )
 from recipes.model.modules import L2SP
 from recipes.model.speaker_model import per_utterance, scoring_outputs
-from recipes.settings import load_checked_hparams, raw_settings
+from recipes.settings import load_checked_hparams, raw_settings, seal_record
 from recipes.training.checkpointing import MODEL_RECOVERABLE, trim_train_log
 from recipes.training.preemption import (
     DISTRIBUTED_CHECK_STEPS,
@@ -581,6 +581,7 @@ def main(argv) -> None:
         hyperparams_to_save=hparams_file,
         overrides=overrides,
     )
+    sb.utils.distributed.run_on_main(seal_record, args=[hparams["output_folder"]])
     settings = recipe_settings(hparams)
     prepare_data(settings.corpus)
     guard_data(hparams["save_folder"], given, hparams["prep_folder"])  # ... or on other data

@@ -808,6 +808,51 @@ def test_a_run_recorded_before_a_setting_existed_is_read_with_its_old_behaviour(
     assert differences(recorded, current)[0] == ["corpus: 'deepmine' (now 'kaldi')"]
 
 
+def _stamps(folder: Path) -> dict:
+    """Every file under ``folder`` with its size and modification time."""
+    return {
+        p.relative_to(folder): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in folder.rglob("*") if p.is_file()
+    }  # fmt: skip
+
+
+def test_a_hand_edited_run_record_is_refused_naming_each_change(trained, tmp_path):
+    out, _ = trained
+    copy = tmp_path / "exp"
+    shutil.copytree(out, copy, symlinks=True, copy_function=shutil.copy2)
+    record = copy / "hyperparams.yaml"
+    text = re.sub(r"^head_type: xvector", "head_type: mhfa", record.read_text(), flags=re.M)
+    record.write_text(re.sub(r"^corpus: .*\n", "", text, flags=re.M))
+    command = run_script_command("verify_speakers.py", copy, None)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode != 0
+    assert f"error: {record} was edited since training (" in result.stderr
+    assert "corpus: removed" in result.stderr and "head_type: 'xvector' -> 'mhfa'" in result.stderr
+    assert "Wrote manifests" not in result.stdout  # refused before anything ran
+
+
+@pytest.mark.slow
+def test_a_copied_then_moved_run_scores_and_exports_where_it_is_never_touching_the_original(
+    trained, tiny_corpus, tmp_path
+):
+    out, _ = trained
+    corpus, copy = tmp_path / "corpus", tmp_path / "copy" / "exp"
+    shutil.copytree(tiny_corpus, corpus, copy_function=shutil.copy2)  # cp -a: times kept
+    shutil.copytree(out, copy, symlinks=True, copy_function=shutil.copy2)
+    before = _stamps(out)
+    scored = run_script("verify_speakers.py", copy, None, "--data_folder", str(corpus))
+    assert "up to date" in scored and "skipping data prep" in scored  # the same corpus, moved
+    assert f"the run was recorded at {out} and is now at {copy}" in scored
+    assert (copy / "scores_valid.txt").stat().st_mtime_ns > before[Path("scores_valid.txt")][1]
+    moved = tmp_path / "moved"
+    copy.rename(moved)  # mv
+    run_script("export_model.py", moved, None, "--data_folder", str(corpus), "--export_onnx",
+               "false")  # fmt: skip
+    assert (moved / "export" / "export.json").is_file()
+    assert not (tmp_path / "copy" / "exp").exists()  # nothing recreated where it was
+    assert _stamps(out) == before  # the original: not one file read-written or added
+
+
 @pytest.mark.slow
 def test_resuming_a_run_with_another_model_shape_changes_nothing(trained, tiny_corpus):
     out, _ = trained
