@@ -17,9 +17,8 @@ scripts import only ``recipe_settings`` from it.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -452,26 +451,6 @@ def run_device(run_opts: dict) -> torch.device:
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 #: ``precision`` / ``eval_precision``: fp32, or autocast to one of ``PRECISIONS``.
 PRECISION_CHOICES = ("fp32", *PRECISIONS)
-
-
-@contextlib.contextmanager
-def strict_fp32() -> Iterator[None]:
-    """fp32 matrix products and convolutions as IEEE fp32, TF32 off, for the block's duration.
-
-    ``import speechbrain`` allows TF32 (10-bit mantissas) for both on Ampere and later GPUs: an
-    "fp32" embedding there is not the fp32 embedding of the CPU. The export's measurements use
-    this, so that a GPU export and the CPU's onnxruntime compare like with like. (SpeechBrain's
-    own switch, the legacy flags, is the one set here: torch refuses the two APIs mixed.)
-    """
-    flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
-    previous = [flag.allow_tf32 for flag in flags]
-    for flag in flags:
-        flag.allow_tf32 = False
-    try:
-        yield
-    finally:
-        for flag, allowed in zip(flags, previous, strict=True):
-            flag.allow_tf32 = allowed
 
 
 def native_bf16() -> bool:

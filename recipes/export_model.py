@@ -86,11 +86,10 @@ from recipes.experiment import (
     dataio_prep,
     prepare_data,
     run_device,
-    strict_fp32,
 )
 from recipes.model import speaker_model
 from recipes.model.onnx_verifier import OnnxVerifier
-from recipes.model.speaker_model import WavLMSpeakerEmbedder, XVectorHead
+from recipes.model.speaker_model import WavLMSpeakerEmbedder, XVectorHead, strict_fp32
 from recipes.model.trial_decisions import OPERATING_POINTS, SDSV_COSTS
 from recipes.onnx_export import (
     COHORT_ARRAY,

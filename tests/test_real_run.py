@@ -49,7 +49,6 @@ from recipes.tiny_wavlm import (
 from recipes.train_speaker_embeddings import build_brain, schedule_lengths
 from recipes.training.augmentation import PrefetchedNoise, noise_reader
 from recipes.training.randomness import TrainingRandomness
-from tests.benchmarks.bench_cnn_norm import matrix_product_masked
 from tests.benchmarks.gpu_smoke import run as gpu_smoke_run
 from tests.helpers import ROOT, fake_batch, free_port, load_yaml, run_script_command
 
@@ -115,9 +114,16 @@ def tf32_matrix_products(monkeypatch) -> None:
     """TF32 switched on as SpeechBrain does on a GPU, and emulated for the CPU's products."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+
+    def emulated(exact):
+        def product(a, b):  # TF32 where the flag allows it, as cuBLAS reads it at each call
+            allowed = torch.backends.cuda.matmul.allow_tf32
+            return exact(tf32(a), tf32(b)) if allowed else exact(a, b)
+
+        return product
+
     for name in ("bmm", "matmul", "mm"):
-        exact = getattr(torch, name)
-        monkeypatch.setattr(torch, name, lambda a, b, _f=exact: _f(tf32(a), tf32(b)))
+        monkeypatch.setattr(torch, name, emulated(getattr(torch, name)))
     monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: torch.matmul(a, b))
 
 
@@ -140,7 +146,8 @@ def test_masked_group_norm_statistics_are_fp32_with_tf32_on(monkeypatch, seconds
 
     with torch.no_grad():
         assert error(norm(x)) < 1e-4
-        assert error(matrix_product_masked(norm)(x)) > 2e-4  # the form it replaced: TF32 shows
+        assert error(norm._masked_norm(x)) > 2e-4  # its products without strict_fp32: TF32 shows
+    assert torch.backends.cuda.matmul.allow_tf32  # restored after the norm
 
 
 def test_the_exports_reference_embeddings_are_ieee_fp32_with_tf32_on(monkeypatch):

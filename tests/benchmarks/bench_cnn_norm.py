@@ -4,8 +4,7 @@ The output of WavLM's first CNN layer is the model's largest tensor ([B, channel
 Its GroupNorm is taken over each utterance's valid frames (``MaskedGroupNorm``) when a batch is
 padded; a batch without padding takes torch's fused ``GroupNorm``. Timed here, forward alone
 (frozen CNN, evaluation) and forward + backward (trained CNN), for the recipe's implementation,
-torch's GroupNorm, and the two masked forms it replaced: elementwise (``masked_mean_var``) and
-masked sums as batched matrix products (fast, but TF32 rounds them on Ampere and later GPUs).
+torch's GroupNorm, and the elementwise masked form it replaced (``masked_mean_var``).
 
     python tests/benchmarks/bench_cnn_norm.py               # 16 x 2 s, 64 (tiny) and 512 (Base+)
 """
@@ -35,21 +34,6 @@ def elementwise_masked(norm: MaskedGroupNorm):
         mean, var = masked_mean_var(x, mask, dim=-1)
         y = (x - mean) * torch.rsqrt(var + norm.eps)
         return y * norm.weight[None, :, None] + norm.bias[None, :, None]
-
-    return forward
-
-
-def matrix_product_masked(norm: MaskedGroupNorm):
-    """The implementation before this one: masked sums as batched matrix products."""
-
-    def forward(x):
-        frames = torch.arange(x.shape[-1], device=x.device)
-        mask = (frames[None, :] < norm.valid_frames[:, None]).to(x.dtype)[:, :, None]
-        count = mask.sum(1, keepdim=True).clamp(min=1)
-        mean = torch.bmm(x, mask) / count
-        var = (torch.bmm(x * x, mask) / count - mean * mean).clamp(min=0)
-        scale = torch.rsqrt(var + norm.eps) * norm.weight[None, :, None]
-        return torch.addcmul(norm.bias[None, :, None] - mean * scale, x, scale)
 
     return forward
 
@@ -86,8 +70,7 @@ def main() -> None:
         blind = torch.nn.GroupNorm(channels, channels).to(args.device)
         versions = {
             "MaskedGroupNorm (padded batch)": masked,
-            "matrix products (before, TF32-prone)": matrix_product_masked(masked),
-            "elementwise masked (earlier)": elementwise_masked(masked),
+            "elementwise masked (before)": elementwise_masked(masked),
             "torch GroupNorm (unpadded batch)": blind,
         }
         for backward in (False, True):
