@@ -606,4 +606,8 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    finally:  # under torchrun, as torch asks: a group left to the interpreter's exit can abort it
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
