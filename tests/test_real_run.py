@@ -209,6 +209,8 @@ for epoch, steps in ((1, 2), (2, 3)):  # freeze_wavlm_epochs: 1
         "l2sp": float(brain.l2sp()) if brain.l2sp is not None else None,
     }
 print("REPORT", json.dumps(report))
+if distributed:  # before the interpreter's exit, which can otherwise abort under gloo
+    torch.distributed.destroy_process_group()
 """
 
 

@@ -265,6 +265,7 @@ def worker_ddp(args) -> None:
             gc.collect()
     if sb.utils.distributed.if_main_process():
         Path(args.out).write_text(json.dumps(report))
+    torch.distributed.destroy_process_group()  # before exit, as torch asks
 
 
 def ddp_steps(brain, size: dict) -> dict:
