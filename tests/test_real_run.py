@@ -208,7 +208,8 @@ for epoch, steps in ((1, 2), (2, 3)):  # freeze_wavlm_epochs: 1
                     if p.requires_grad and bool((p == named[n]).all())],
         "l2sp": float(brain.l2sp()) if brain.l2sp is not None else None,
     }
-print("REPORT", json.dumps(report))
+if os.environ.get("RANK", "0") == "0":  # one report: two ranks' lines could interleave
+    print("REPORT", json.dumps(report), flush=True)
 if distributed:  # before the interpreter's exit, which can otherwise abort under gloo
     torch.distributed.destroy_process_group()
 """
