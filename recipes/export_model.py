@@ -88,7 +88,7 @@ from recipes.experiment import (
     run_device,
 )
 from recipes.model import speaker_model
-from recipes.model.onnx_verifier import OnnxVerifier
+from recipes.model.onnx_verifier import EXPORT_FACTS, OnnxVerifier
 from recipes.model.speaker_model import WavLMSpeakerEmbedder, XVectorHead, strict_fp32
 from recipes.model.trial_decisions import OPERATING_POINTS, SDSV_COSTS
 from recipes.onnx_export import (
@@ -501,7 +501,7 @@ def export(target: ExportSettings, trained: ExportedRun, run_opts) -> Path:
 
 
 #: What marks a folder as an export of this recipe (``write_folder`` writes both).
-EXPORT_MARKERS = ("export.json", EXPORTED_MODULE)
+EXPORT_MARKERS = (EXPORT_FACTS, EXPORTED_MODULE)
 
 
 def check_export_target(folder: Path, run_folder: Path) -> None:
@@ -535,7 +535,7 @@ def remove_leftovers(out: Path) -> None:
     earlier export moved aside by ``published`` (``.NAME.previous.*``) once ``out`` is complete;
     if ``out`` is not, that earlier export is the only complete one and stays.
     """
-    complete = (out / "export.json").is_file()
+    complete = (out / EXPORT_FACTS).is_file()
     for path in sorted(out.parent.glob(f".{out.name}.*")):
         if path.name.startswith(f".{out.name}.previous.") and not complete:
             logger.warning("%s holds the last complete export of %s: kept", path, out)
@@ -641,7 +641,7 @@ def write_folder(staging: Path, target: ExportSettings, trained: ExportedRun, da
         "onnx_int8_metrics": None if onnx is None else onnx.int8_metrics,
     }
     (staging / "README.md").write_text(model_card(facts, Path(target.folder)))
-    (staging / "export.json").write_text(json.dumps(facts, indent=2))  # last: it marks completion
+    (staging / EXPORT_FACTS).write_text(json.dumps(facts, indent=2))  # last: it marks completion
     return facts
 
 
