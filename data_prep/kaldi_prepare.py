@@ -12,6 +12,11 @@ corpus folder::
     CORPUS/test/wav.scp     <utt> <path>
     CORPUS/trials           <model> <test-utt> [target|nontarget [TC|TW|IC|IW]]
 
+A text-independent corpus (VoxCeleb-style: a first stage of training) has neither ``text`` nor
+``utt2phrase`` in ``train/`` and ``enroll/``: every utterance is one phrase, so the run trains
+speaker targets with the phrase branch off (``phrase_branch: False``, ``fusion: none``), and its
+trials are of the plain form (``target`` / ``nontarget``).
+
 Optional: ``train/utt2phrase`` and ``enroll/utt2phrase`` (``<utt> <phrase-id>``) give phrase ids
 where a corpus has them (they override ``text``); ``train/utt2lang`` and ``enroll/utt2lang``
 (``<utt> <language>``) give the per-language report rows.
@@ -73,9 +78,22 @@ PREP_VERSION = 2  # bump when the manifests change, so existing ones are redone
 PHRASE_MIN_COUNT = 5
 
 #: The files of the layout (``optional`` may be absent).
-REQUIRED = ("train/wav.scp", "train/utt2spk", "train/text", "enroll/wav.scp", "enroll/text",
-            "enroll/models", "test/wav.scp", "trials")  # fmt: skip
+REQUIRED = ("train/wav.scp", "train/utt2spk", "enroll/wav.scp", "enroll/models", "test/wav.scp",
+            "trials")  # fmt: skip
+#: The transcripts: in both data directories, or in neither (a text-independent corpus).
+TRANSCRIPTS = ("train/text", "enroll/text")
 OPTIONAL = ("train/utt2phrase", "train/utt2lang", "enroll/utt2phrase", "enroll/utt2lang")
+#: The phrase key of every utterance of a text-independent corpus (one phrase).
+TEXT_INDEPENDENT = ""
+
+
+def labelled_dirs(corpus: Path) -> list[str]:
+    """The data directories of ``corpus`` whose utterances have transcripts or phrase ids."""
+    return [
+        name for name in ("train", "enroll")
+        if (corpus / name / "text").is_file() or (corpus / name / "utt2phrase").is_file()
+    ]  # fmt: skip
+
 
 #: Trial labels and conditions (``target`` alone is TC, ``nontarget`` alone NT).
 TARGET_LABELS = ("target", "nontarget")
@@ -212,14 +230,18 @@ class Phrases:
 class Labels:
     """What labels an utterance in one data directory: phrase key, text and language."""
 
-    def __init__(self, folder: Path, problems: Problems):
-        self.folder = folder
-        self.text = read_table(folder / "text", problems, "a transcript", whole_rest=True)
+    def __init__(self, folder: Path, problems: Problems, text_independent: bool = False):
+        self.folder, self.text_independent = folder, text_independent
+        self.text = {}
+        if not text_independent:
+            self.text = read_table(folder / "text", problems, "a transcript", whole_rest=True)
         self.utt2phrase = _optional(folder / "utt2phrase", problems, "a phrase id")
         self.utt2lang = _optional(folder / "utt2lang", problems, "a language")
 
     def key(self, utt: str) -> str | None:
         """The phrase key of ``utt``: its ``utt2phrase`` id, else its normalized transcript."""
+        if self.text_independent:
+            return TEXT_INDEPENDENT
         if self.utt2phrase is not None:
             return self.utt2phrase[utt][0] if utt in self.utt2phrase else None
         return normalized(self.text[utt][0]) if utt in self.text else None
@@ -276,7 +298,7 @@ def read_train(corpus: Path, problems: Problems, options: dict, seen: dict):
     """Training utterances with speaker, phrase (free text kept if asked) and language."""
     utts = read_audio_list(corpus, "train", problems, options["outside_ok"], seen)
     utt2spk = read_table(corpus / "train" / "utt2spk", problems, "a speaker")
-    labels = Labels(corpus / "train", problems)
+    labels = Labels(corpus / "train", problems, options["text_independent"])
     for table, path in ((utt2spk, "utt2spk"), (labels.text, "text")):
         _named_by(table, utts, problems, corpus / "train" / path)
     keys = {}
@@ -311,7 +333,7 @@ def read_enroll(corpus: Path, problems: Problems, options: dict, seen: dict, phr
     Each model has ``enrol_utts`` utterances (0: any number) of one training phrase.
     """
     utts = read_audio_list(corpus, "enroll", problems, options["outside_ok"], seen)
-    labels = Labels(corpus / "enroll", problems)
+    labels = Labels(corpus / "enroll", problems, options["text_independent"])
     _named_by(labels.text, utts, problems, corpus / "enroll" / "text")
     models, enrolled, seen_models, owner = {}, {}, {}, {}
     refused = set()  # models named with a problem: their trials go with them, unsaid
@@ -463,6 +485,9 @@ def prepare_kaldi(
     """
     data_folder, save_folder = Path(data_folder), Path(save_folder)
     missing = [name for name in REQUIRED if not (data_folder / name).is_file()]
+    labelled = labelled_dirs(data_folder)
+    if len(labelled) == 1:  # one data directory with transcripts, the other without
+        missing += [name for name in TRANSCRIPTS if not name.startswith(labelled[0])]
     if missing:
         raise DataPrepError(
             f"{data_folder} is not a Kaldi-layout corpus: missing {', '.join(missing)} "
@@ -472,8 +497,13 @@ def prepare_kaldi(
         valid_speakers=valid_speakers, seed=seed, include_free_text=include_free_text,
         skip_bad=skip_bad, enrol_utts=enrol_utts, min_seconds=min_seconds,
         phrase_min_count=phrase_min_count, outside_ok=audio_outside_data_folder,
-        valid_enrol_utts=valid_enrol_utts,
+        valid_enrol_utts=valid_enrol_utts, text_independent=not labelled,
     )  # fmt: skip
+    if not labelled:
+        print(
+            f"{data_folder}: no transcripts (train/text, enroll/text): a text-independent corpus, "
+            "one phrase; train it with phrase_branch: False and fusion: none"
+        )
 
     def read_lists(problems: Problems) -> CorpusLists:
         """The data directories in the contract's terms (each problem recorded)."""
@@ -486,7 +516,7 @@ def prepare_kaldi(
         official = OfficialSplit(models, enrolled, trials, test_utts, trial_list, listed)
         return CorpusLists(train, {"eval": official})
 
-    lists = [data_folder / name for name in (*REQUIRED, *OPTIONAL)]
+    lists = [data_folder / name for name in (*REQUIRED, *TRANSCRIPTS, *OPTIONAL)]
     fingerprint = list_fingerprint("kaldi", PREP_VERSION, data_folder, lists, options)
     return prepare_manifests(data_folder, save_folder, fingerprint, read_lists, options, jobs)
 

@@ -39,6 +39,7 @@ from data_prep.manifests import official_lists
 from data_prep.synth_deepmine import synthesize_corpus
 from recipes.distributed import gathered, shard
 from recipes.evaluation.scoring import EmbeddingTable
+from recipes.model.adaptation import WavLMTuning, adapt_wavlm
 from recipes.model.speaker_model import WavLMSpeakerEmbedder, per_utterance
 from recipes.model.trial_decisions import OTHER_PHRASE
 from recipes.training.augmentation import noise_reader
@@ -130,6 +131,7 @@ class ModelWiring:
     embedding_model: Callable  # phrase_branch -> WavLMSpeakerEmbedder (YAML: embedding_model)
     phrase_branch_model: Callable | None  # n_phrases -> PhraseBranch; None: no phrase branch
     checkpointer: object  # SpeechBrain's Checkpointer of the run
+    tuning: WavLMTuning | None = None  # what of WavLM trains (LoRA adapters are part of the model)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -287,6 +289,19 @@ def dataio_prep(corpus: CorpusSettings, audio: AudioSettings) -> RecipeData:
     return RecipeData(train, splits, cohort, class_encoder, phrase_encoder, randomness)
 
 
+def check_phrase_classes(data: RecipeData, wiring: ModelWiring, target_type: str) -> None:
+    """Refuse a phrase classifier over fewer than two phrases (a text-independent corpus)."""
+    labels = data.phrase_labels
+    users = ["phrase_branch: True"] if wiring.phrase_branch_model is not None else []
+    users += ["target_type: 'speaker+phrase'"] if target_type == "speaker+phrase" else []
+    if len(labels) < 2 and users:
+        raise SystemExit(
+            f"error: {' and '.join(users)}: a phrase classifier needs two phrases or more, but "
+            f"the training data has one ({labels}): a text-independent corpus. Train it with "
+            "phrase_branch: False, fusion: none (and target_type speaker)"
+        )
+
+
 #: What a training batch holds (``add_noise_crops`` adds ``noise``).
 TRAIN_KEYS = ["id", "sig", "class_encoded", "phrase_encoded", "phrase_id"]
 
@@ -417,11 +432,14 @@ def assembled_model(wiring: ModelWiring, n_phrases: int) -> WavLMSpeakerEmbedder
     """The YAML's ``embedding_model``, with a phrase branch over ``n_phrases`` when configured.
 
     Training builds its model here, and so does loading a checkpoint: one model, one assembly.
+    ``wiring.tuning`` freezes WavLM or inserts its LoRA adapters (``adaptation.adapt_wavlm``).
     """
     branch = None
     if wiring.phrase_branch_model is not None:
         branch = wiring.phrase_branch_model(n_phrases=n_phrases)
-    return wiring.embedding_model(phrase_branch=branch)
+    model = wiring.embedding_model(phrase_branch=branch)
+    adapt_wavlm(model.encoder.model, wiring.tuning)
+    return model
 
 
 def checkpoint_state(checkpoint, name: str) -> dict:

@@ -88,6 +88,7 @@ from recipes.experiment import (
     run_device,
 )
 from recipes.model import speaker_model
+from recipes.model.adaptation import merge_lora
 from recipes.model.onnx_verifier import EXPORT_FACTS, OnnxVerifier
 from recipes.model.speaker_model import WavLMSpeakerEmbedder, XVectorHead, strict_fp32
 from recipes.model.trial_decisions import OPERATING_POINTS, SDSV_COSTS
@@ -474,7 +475,8 @@ def check_agreement(what: str, cosine: float) -> None:
 def export(target: ExportSettings, trained: ExportedRun, run_opts) -> Path:
     """Export the best checkpoint of the run ``trained`` to ``target``; the folder.
 
-    The folder is first written without its calibration; the validation thresholds, the fusion and
+    A LoRA run's adapters are merged into WavLM first (``adaptation.merge_lora``). The folder
+    is first written without its calibration; the validation thresholds, the fusion and
     the model card's metrics are then computed with that folder's own model (fp32, one utterance
     at a time, as a user's ``verify_*`` calls run it), not with the recipe's batched
     ``eval_precision`` embeddings, and written in.
@@ -483,6 +485,9 @@ def export(target: ExportSettings, trained: ExportedRun, run_opts) -> Path:
     prepare_data(settings.corpus)
     data = dataio_prep(settings.corpus, settings.audio)
     run = checkpoint_scoring(settings.scoring, settings.model, data, run_opts)
+    merged = merge_lora(run.model.encoder.model)  # a plain WavLM: hf/ and ONNX as ever
+    if merged:
+        logger.info("LoRA adapters merged into WavLM's weights (%d linear layers)", merged)
     out = Path(target.folder)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(out)

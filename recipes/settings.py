@@ -31,7 +31,7 @@ from data_prep import corpus, synth_deepmine
 from recipes import experiment
 from recipes.evaluation import scoring
 from recipes.experiment_lock import hold_experiment_lock
-from recipes.model import modules, speaker_model, trial_decisions
+from recipes.model import adaptation, modules, speaker_model, trial_decisions
 
 #: Enumerated settings: where the code that dispatches on each keeps its choices (module,
 #: attribute: a tuple, or a dict of what each choice does). Read when checking, so a choice added
@@ -51,11 +51,15 @@ REGISTRIES = {
     "phrase_pooling": (speaker_model, "PHRASE_POOLINGS"),
     "phrase_classifier_type": (speaker_model, "PHRASE_CLASSIFIERS"),
     "wavlm_attention": (speaker_model, "ATTENTION_KINDS"),
+    "wavlm_tuning": (adaptation, "TUNING_MODES"),
 }
 
 
 #: Settings that are a list of distinct choices (module, attribute), like ``REGISTRIES``.
-LIST_REGISTRIES = {"fusion_quality": (trial_decisions, "QUALITY_MEASURES")}
+LIST_REGISTRIES = {
+    "fusion_quality": (trial_decisions, "QUALITY_MEASURES"),
+    "lora_targets": (adaptation, "LORA_TARGETS"),
+}
 
 
 def choices(hparams) -> dict[str, tuple]:
@@ -127,6 +131,8 @@ RANGES = {
     "cohort_top_k": Range(1, integer=True),
     "cohort_utts_per_speaker": Range(1, integer=True),
     "emb_dim": Range(1, integer=True),
+    "lora_rank": Range(1, integer=True),
+    "lora_alpha": Range(0, low_open=True),
     "ckpt_interval_minutes": Range(0),
     "min_audio_seconds": Range(0),
     "crop_seconds": Range(0, low_open=True),
@@ -155,7 +161,7 @@ MARGIN_LIMITS = {"am": 1.0, "aam": math.pi / 2}
 #: Paths (``noise_csv`` may be null: no noise list).
 PATHS = (
     "output_folder", "save_folder", "train_log", "data_folder", "prep_folder", "bad_audio_log",
-    "noise_csv", "run_hparams", "export_folder", "eval_key_file", "dev_key_file",
+    "noise_csv", "run_hparams", "export_folder", "eval_key_file", "dev_key_file", "init_from",
 )  # fmt: skip
 #: The YAML's wiring: objects HyperPyYAML builds from the checked keys (they check their own).
 WIRING = (
@@ -238,6 +244,14 @@ def combination_problems(hparams) -> list[str]:
     if hparams.get("phrase_margin") and hparams.get("phrase_classifier_type") == "linear":
         problems.append(
             f"phrase_margin: {hparams['phrase_margin']!r} needs phrase_classifier_type: cosine"
+        )
+    targets = hparams.get("lora_targets")
+    attention = sorted(set(targets or ()) & set(adaptation.ATTENTION_PROJECTIONS))
+    lora = hparams.get("wavlm_tuning") == "lora"
+    if lora and attention and hparams.get("wavlm_attention") == "eager":
+        problems.append(
+            f"wavlm_tuning: 'lora' on {attention} needs wavlm_attention: sdpa (eager attention "
+            "reads the projections' weights past any adapter)"
         )
     if hparams.get("head_type") == "mhfa" and no_layer_weights:
         problems.append("head_type: 'mhfa' needs the WavLM encoder's layer_weighting: True")
@@ -517,6 +531,11 @@ SETTINGS_ADDED_SINCE = {
     "audio_outside_data_folder": False,
     "fusion_quality": [],
     "wavlm_attention": "eager",
+    "init_from": None,
+    "wavlm_tuning": "full",
+    "lora_rank": 16,
+    "lora_alpha": 32,
+    "lora_targets": list(adaptation.ATTENTION_PROJECTIONS),
 }
 
 

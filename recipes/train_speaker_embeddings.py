@@ -48,14 +48,17 @@ from recipes.experiment import (
     SamplingSettings,
     add_noise_crops,
     assembled_model,
+    check_phrase_classes,
     dataio_prep,
     prepare_data,
     train_loader_options,
 )
+from recipes.model.adaptation import WavLMTuning
 from recipes.model.modules import L2SP
 from recipes.model.speaker_model import per_utterance, scoring_outputs
 from recipes.settings import load_checked_hparams, raw_settings, seal_record
 from recipes.training.checkpointing import MODEL_RECOVERABLE, trim_train_log
+from recipes.training.init_from import start_from, starting_model
 from recipes.training.preemption import (
     DISTRIBUTED_CHECK_STEPS,
     Preemption,
@@ -155,8 +158,10 @@ class SpeakerBrain(sb.core.Brain):
         the pretrained weights too, not toward the ones it resumed from.
         """
         weight = getattr(self.hparams, "l2sp_weight", 0.0)
-        if weight > 0:
+        if weight > 0 and self.hparams.wavlm_tuning == "full":
             self.l2sp = L2SP(self.wavlm_weights, weight)
+        elif weight > 0:  # LoRA starts at the pretrained model and moves only its adapters
+            logger.info("l2sp_weight unused: wavlm_tuning %s", self.hparams.wavlm_tuning)
         self.preemption.active = True  # SIGTERM / SIGUSR1 / SIGINT: stop at a checkpoint
         super().on_fit_start()
         self._forget_epochs_after_checkpoint()
@@ -293,16 +298,16 @@ class SpeakerBrain(sb.core.Brain):
         """Two optimizers: WavLM at a small learning rate, everything else at a large one.
 
         The layer weights belong to our encoder, not to the HF model, so they learn at the
-        head's rate: they start uniform and must move in few steps.
+        head's rate: they start uniform and must move in few steps. With ``wavlm_tuning: lora``
+        WavLM's optimizer holds its adapters; with ``frozen`` there is none.
         """
         wavlm_ids = {id(p) for p in self.wavlm_weights}
         head_params = [
             p for p in self.modules.parameters() if p.requires_grad and id(p) not in wavlm_ids
         ]
-        self.optimizers_dict = {
-            "wavlm": self.hparams.wavlm_opt_class(self.wavlm_weights),
-            "head": self.hparams.head_opt_class(head_params),
-        }
+        self.optimizers_dict = {"head": self.hparams.head_opt_class(head_params)}
+        if self.wavlm_weights:  # none with wavlm_tuning: frozen
+            self.optimizers_dict["wavlm"] = self.hparams.wavlm_opt_class(self.wavlm_weights)
         self.optimizer = self.optimizers_dict["head"]  # for SpeechBrain code that expects one
         if self.checkpointer is not None:
             for name, optimizer in self.optimizers_dict.items():
@@ -510,6 +515,12 @@ def recipe_settings(hparams) -> RecipeSettings:
         embedding_model=hparams["embedding_model"],
         phrase_branch_model=hparams["phrase_branch_model"] if hparams["phrase_branch"] else None,
         checkpointer=hparams["checkpointer"],
+        tuning=WavLMTuning(
+            hparams["wavlm_tuning"],
+            hparams["lora_rank"],
+            hparams["lora_alpha"],
+            tuple(hparams["lora_targets"]),
+        ),
     )
     return RecipeSettings(corpus, audio, sampling, scoring, model)
 
@@ -576,21 +587,25 @@ def main(argv) -> None:
     hparams_file, run_opts, overrides, hparams = load_checked_hparams(argv, lock=True)
     given = raw_settings(hparams_file, overrides)  # what this command sets, as plain values
     guard_settings(hparams["save_folder"], given)  # a resume on other settings: before writing
+    settings = recipe_settings(hparams)
+    source = starting_model(hparams["init_from"], settings.model)  # a misfit: refused now
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"],
         hyperparams_to_save=hparams_file,
         overrides=overrides,
     )
     sb.utils.distributed.run_on_main(seal_record, args=[hparams["output_folder"]])
-    settings = recipe_settings(hparams)
     prepare_data(settings.corpus)
     guard_data(hparams["save_folder"], given, hparams["prep_folder"])  # ... or on other data
     data = dataio_prep(settings.corpus, settings.audio)
     train, splits = data.train, data.splits
-    check_validation_split(splits["valid"].trials, settings.scoring)  # before any training
+    check_phrase_classes(data, settings.model, hparams["target_type"])  # before any training
+    check_validation_split(splits["valid"].trials, settings.scoring)
     # Read by the loader's workers, not in the training step:
     add_noise_crops(data, noise_list(hparams), settings.corpus, settings.audio)
     brain = brain_for_data(hparams, run_opts, data)
+    if source is not None:
+        start_from(source, brain, data, hparams["output_folder"])
     train_loader = brain.make_dataloader(
         train, stage=sb.Stage.TRAIN, **train_loader_options(settings.sampling, train)
     )

@@ -40,7 +40,7 @@ SHAPING = (
     "margin_type", "scale_mode", "seed", "valid_speakers", "valid_enrol_utts",
     "include_free_text", "skip_bad", "enrol_utts", "min_audio_seconds", "synthetic_corpus",
     "batch_size", "grad_accumulation_factor", "batch_sampler", "fusion", "fusion_prior",
-    "max_eval_seconds",
+    "max_eval_seconds", "init_from", "wavlm_tuning", "lora_rank", "lora_alpha", "lora_targets",
 )  # fmt: skip
 #: What data prep wrote that training reads (``$data_root`` in place of the corpus folder, so a
 #: moved corpus is the same data).
