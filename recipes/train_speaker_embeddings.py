@@ -305,9 +305,10 @@ class SpeakerBrain(sb.core.Brain):
         head_params = [
             p for p in self.modules.parameters() if p.requires_grad and id(p) not in wavlm_ids
         ]
-        self.optimizers_dict = {"head": self.hparams.head_opt_class(head_params)}
+        self.optimizers_dict = {}
         if self.wavlm_weights:  # none with wavlm_tuning: frozen
             self.optimizers_dict["wavlm"] = self.hparams.wavlm_opt_class(self.wavlm_weights)
+        self.optimizers_dict["head"] = self.hparams.head_opt_class(head_params)
         self.optimizer = self.optimizers_dict["head"]  # for SpeechBrain code that expects one
         if self.checkpointer is not None:
             for name, optimizer in self.optimizers_dict.items():
