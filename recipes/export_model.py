@@ -1016,7 +1016,7 @@ def main(argv) -> None:
     """Read ``hparams/export.yaml`` and the run it names; export."""
     run_opts, step = load_step(argv)
     target = ExportSettings(
-        Path(step["export_folder"]), step["export_operating_point"], step.get("export_onnx", True)
+        Path(step["export_folder"]), step["export_operating_point"], step["export_onnx"]
     )
     check_export_target(target.folder, step["output_folder"])  # before any work
     hparams = load_run(step["run_hparams"], run_replacements(step), run_opts)

@@ -70,25 +70,33 @@ def referenced_keys(hparams_file: Path) -> set[str]:
 def keys_read_by(script: Path) -> set[str]:
     """The settings a script reads by name, found in its syntax tree.
 
-    ``x["key"]``, ``x.get("key")``, ``getattr(x, "key")``, ``hparams.key``, ``self.hparams.key``.
+    What SpeechBrain's ``check_yaml_vs_script`` counts (it matches text): ``x["key"]``,
+    ``hparams.get("key")``, ``getattr(self.hparams, "key")``, ``hparams.key`` and
+    ``self.hparams.key``. Not ``step.get("key")``: that rule reads ``hparams.get`` alone.
     """
     read = set()
     for node in ast.walk(ast.parse(script.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
             read.add(node.slice.value)
-        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[-1], ast.Constant):
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
             func = node.func
-            if isinstance(func, ast.Attribute) and func.attr == "get" and len(node.args) <= 2:
-                read.add(node.args[0].value if isinstance(node.args[0], ast.Constant) else None)
-            elif isinstance(func, ast.Name) and func.id == "getattr" and len(node.args) >= 2:
-                read.add(node.args[1].value if isinstance(node.args[1], ast.Constant) else None)
-        elif isinstance(node, ast.Attribute):
-            owner = node.value
-            if (isinstance(owner, ast.Name) and owner.id == "hparams") or (
-                isinstance(owner, ast.Attribute) and owner.attr == "hparams"
-            ):
-                read.add(node.attr)
+            if isinstance(func, ast.Attribute) and func.attr == "get" and _is_hparams(func.value):
+                read.add(node.args[0].value)
+        elif isinstance(node, ast.Call) and len(node.args) >= 2:
+            key = node.args[1]
+            getter = isinstance(node.func, ast.Name) and node.func.id == "getattr"
+            if getter and _is_hparams(node.args[0]) and isinstance(key, ast.Constant):
+                read.add(key.value)
+        if isinstance(node, ast.Attribute) and _is_hparams(node.value):
+            read.add(node.attr)
     return {key for key in read if isinstance(key, str)}
+
+
+def _is_hparams(node) -> bool:
+    """Whether ``node`` is ``hparams`` or ``<something>.hparams``."""
+    return (isinstance(node, ast.Name) and node.id == "hparams") or (
+        isinstance(node, ast.Attribute) and node.attr == "hparams"
+    )
 
 
 #: Settings that SpeechBrain's Brain reads from ``hparams`` itself (its run options).
@@ -123,6 +131,8 @@ def test_an_unread_key_is_found(tmp_path):
         "    print('crop')\n"
     )
     assert unread_keys(yaml, script) == ["crop"]
+    script.write_text(script.read_text() + "    x = step.get('crop', 1)\n")
+    assert unread_keys(yaml, script) == ["crop"]  # SpeechBrain's rule reads hparams.get only
     script.write_text(script.read_text() + "    x = hparams.get('crop', 1)\n")
     assert unread_keys(yaml, script) == []
 
