@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,7 @@ from recipes.evaluation.fusion import (
     fit_calibration,
     learn_fusion,
     stored_or_learned_fusion,
+    trial_scores,
 )
 from recipes.evaluation.metrics import actual_dcf, bayes_threshold, cllr
 from recipes.evaluation.scoring import EmbeddingTable, score_trials
@@ -264,6 +266,87 @@ def test_a_new_trial_feature_is_learned_applied_and_reported(tmp_path, monkeypat
     write_report(tmp_path, "valid", trials, final, {}, parts=scores)
     columns = pd.read_csv(tmp_path / "scores_valid.txt", sep=" ", header=None).shape[1]
     assert columns == 3 + 4 + 2  # model test score, speaker phrase content quality, label condition
+
+
+class _OneTrial(trial_decisions.TrialDecisions):
+    """The decisions mixin as both exported backends use it, with a given fusion."""
+
+    def __init__(self, fusion, phrase_labels):
+        self.hparams = SimpleNamespace(fusion=fusion, phrase_labels=phrase_labels, costs=None)
+
+    def has_fusion(self):
+        return True
+
+
+def test_a_fourth_trial_feature_works_on_trial_lists_and_on_one_trial(monkeypatch):
+    """A feature added to the schema is learned, applied and given in the verdict, both paths.
+
+    The same trials scored as a list (the recipe, the reports) and one by one (the exported
+    folder's backends, the CLI) get the same features and the same fused LLR.
+    """
+    monkeypatch.setattr(
+        trial_decisions, "TRIAL_FEATURES", (*trial_decisions.TRIAL_FEATURES, "agreement")
+    )
+    phrase_features = (*trial_decisions.CALIBRATIONS["phrase"], "agreement")
+    monkeypatch.setitem(trial_decisions.CALIBRATIONS, "phrase", phrase_features)
+    monkeypatch.setitem(
+        trial_decisions.FEATURE_FORMULAS,
+        "agreement",
+        lambda p: np.asarray(p["speaker"]) * p["content"],
+    )
+    rng = np.random.default_rng(5)
+    labels, dim = ["01", "02"], 8
+    voices, phrases = rng.normal(size=(4, dim)), rng.normal(size=(2, dim))
+    outputs, models, trials = {}, [], []
+
+    def utterance(name, speaker, phrase):
+        logp = np.log(np.where(np.arange(2) == phrase, 0.9, 0.1))
+        outputs[name] = {
+            "speaker": voices[speaker] + 0.3 * rng.normal(size=dim),
+            "phrase_embedding": phrases[phrase] + 0.3 * rng.normal(size=dim),
+            "phrase_logp": logp + 0.05 * rng.normal(size=2), "seconds": 1.5,
+        }  # fmt: skip
+
+    for speaker in range(4):
+        for phrase in range(2):
+            model = f"m{speaker}{phrase}"
+            enrol = [f"{model}_e{i}" for i in range(3)]
+            for name in enrol:
+                utterance(name, speaker, phrase)
+            models.append(
+                {"model_id": model, "enrol_ids": " ".join(enrol), "phrase_id": labels[phrase]}
+            )
+            for other in range(4):
+                for said in range(2):
+                    test = f"t_{model}_{other}{said}"
+                    utterance(test, other, said)
+                    condition = ("T" if other == speaker else "I") + (
+                        "C" if said == phrase else "W"
+                    )
+                    trials.append({"model_id": model, "test_id": test, "condition": condition})
+    models, trials = pd.DataFrame(models), pd.DataFrame(trials)
+    tables = {
+        name: EmbeddingTable.from_dict({u: o[name] for u, o in outputs.items()})
+        for name in ("speaker", "phrase_embedding", "phrase_logp")
+    }
+    scores = trial_scores(tables, models, trials, labels)
+    fusion = {**learn_fusion(scores, trials["condition"], prior=0.1), "kind": "llr"}
+    assert fusion["phrase"]["features"] == list(phrase_features)
+    listed = fused_llr(fusion, scores.features, scores.known)
+
+    decisions = _OneTrial(fusion, labels)
+    phrase_of = models.set_index("model_id")["phrase_id"]
+    enrol_of = models.set_index("model_id")["enrol_ids"].str.split()
+    for i, trial in trials.iterrows():
+        enrol = [outputs[u] for u in enrol_of[trial["model_id"]]]
+        verdict = decisions.score_trial(
+            enrol, outputs[trial["test_id"]], phrase_of[trial["model_id"]]
+        )
+        assert set(verdict.features) == set(trial_decisions.TRIAL_FEATURES)
+        # (the tables are float32)
+        for name, value in verdict.features.items():
+            assert value == pytest.approx(scores.features[name][i], abs=1e-5), name
+        assert verdict.score == pytest.approx(listed[i], abs=1e-4)
 
 
 def test_free_text_wrong_phrase_trials_are_in_the_synthetic_corpus():

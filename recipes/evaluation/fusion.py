@@ -50,7 +50,7 @@ from recipes.model.trial_decisions import (
     OTHER_PHRASE,
     calibrations_with,
     fused_llr,
-    phrase_feature,
+    named_features,
     quality_features,
 )
 
@@ -154,7 +154,7 @@ def trial_scores(
     if quality is not None and quality.measures:
         extra = quality_scores(tables["speaker"], models, trials, quality)
     if not has_phrase_outputs(tables):
-        return TrialScores({"speaker": speaker, **extra})
+        return TrialScores({**named_features({"speaker": speaker}), **extra})
     content = score_trials(tables["phrase_embedding"], models, trials)
     columns = phrase_columns(models, trials, phrase_labels)
     known = columns.notna().to_numpy()
@@ -163,9 +163,8 @@ def trial_scores(
         table = tables["phrase_logp"]
         rows = table.rows(trials["test_id"].to_numpy()[known], "test")
         logp[known] = table.matrix[rows, columns.to_numpy()[known].astype(np.int64)]
-    phrase = phrase_feature(logp, known, content)
-    features = {"speaker": speaker, "phrase": phrase, "content": content, **extra}
-    return TrialScores(features, known)
+    primitives = {"speaker": speaker, "content": content, "logp": logp, "known": known}
+    return TrialScores({**named_features(primitives), **extra}, known)
 
 
 def fit_calibration(features: dict, names, conditions, prior: float) -> dict:

@@ -46,9 +46,8 @@ TRIAL_FEATURES = ("speaker", "phrase", "content")
 #: The affine calibrations a fusion learns and the features each weights: "phrase" for trials whose
 #: enrolled phrase is a class of the phrase classifier, "content" for the others (a user's own
 #: pass-phrase), "speaker" the speaker score alone (the gate, the reason of a reject). A new feature
-#: is named in ``TRIAL_FEATURES`` and here, and computed where trials are scored
-#: (``recipes.evaluation.fusion.trial_scores``; ``TrialDecisions.trial_features`` for one
-#: trial): learning, applying, the stored fusion and the reports follow the names.
+#: is named in ``TRIAL_FEATURES`` and here, and computed in ``FEATURE_FORMULAS``: learning,
+#: applying, the stored fusion, the verdicts and the reports follow the names.
 CALIBRATIONS = {
     "phrase": ("speaker", "phrase", "content"),
     "content": ("speaker", "content"),
@@ -132,6 +131,29 @@ def phrase_feature(logp, known, content) -> np.ndarray:
     return np.where(known, logp, np.asarray(content, dtype=np.float64))
 
 
+#: How each of ``TRIAL_FEATURES`` is computed from a trial's primitive scores: "speaker" (the
+#: cosine of enrollment model and test, score-normalized where configured), "content" (the cosine
+#: of their phrase embeddings), "logp" (the phrase branch's log-posterior of the enrolled phrase)
+#: and "known" (the enrolled phrase is a class of the phrase classifier), each an array over
+#: trials. The one place both paths compute features: a list of trials
+#: (``recipes.evaluation.fusion.trial_scores``) and one trial (``TrialDecisions.trial_features``,
+#: in the exported folder's two backends too), so a feature added here works on both.
+FEATURE_FORMULAS = {
+    "speaker": lambda p: p["speaker"],
+    "phrase": lambda p: phrase_feature(p["logp"], p["known"], p["content"]),
+    "content": lambda p: p["content"],
+}
+
+
+def named_features(primitives: dict) -> dict:
+    """``TRIAL_FEATURES`` (``FEATURE_FORMULAS``) of trials from their primitive scores (arrays).
+
+    Without the phrase branch's primitives (``content``, ``logp``, ``known``): "speaker" alone.
+    """
+    names = TRIAL_FEATURES if "content" in primitives else ("speaker",)
+    return {name: np.asarray(FEATURE_FORMULAS[name](primitives), np.float64) for name in names}
+
+
 def calibrated(calibration: dict, features) -> np.ndarray:
     """An affine calibration (``{"features", "weights", "bias"}``) of named trial features."""
     weighted = [
@@ -178,6 +200,7 @@ class Verdict(NamedTuple):
     reason: str  # why a trial was rejected: "wrong pass-phrase", "speaker", or ""
     phrase: str | None  # the enrolled pass-phrase the test was checked against ("custom": none)
     notes: tuple = ()  # what to know about its audio, e.g. "test upsampled from 8 kHz"
+    features: dict | None = None  # every named feature the fusion weighed (TRIAL_FEATURES, quality)
 
 
 def band_notes(enrol_outputs, test_outputs) -> tuple[str, ...]:
@@ -505,12 +528,12 @@ class TrialDecisions:
         """
         model = enrolment_model(vectors([o["speaker"] for o in enrol_outputs]))
         test = vectors([test_outputs["speaker"]])[0]
-        features = {"speaker": cosine(model, test)}
+        primitives = {"speaker": [cosine(model, test)]}  # a list of one trial
         if phrase is not None:
             content = self.content_score(enrol_outputs, test_outputs)
             logp = self.phrase_score(test_outputs, phrase, content)
-            features["phrase"] = float(phrase_feature([logp], [phrase != "custom"], [content])[0])
-            features["content"] = content
+            primitives.update(content=[content], logp=[logp], known=[phrase != "custom"])
+        features = {name: float(v[0]) for name, v in named_features(primitives).items()}
         quality = (getattr(self.hparams, "fusion", None) or {}).get("quality", [])
         if "duration" in quality:
             features["log_test_duration"] = math.log(float(test_outputs["seconds"]))
@@ -538,7 +561,8 @@ class TrialDecisions:
             accept = self.decide(speaker, n_enrol, threshold)
             reason = "" if accept or accept is None else "speaker"
             notes = band_notes(enrol_outputs, test_outputs)
-            return Verdict(speaker, None, None, speaker, threshold, accept, reason, None, notes)
+            verdict = (speaker, None, None, speaker, threshold, accept, reason, None, notes)
+            return Verdict(*verdict, features={"speaker": speaker})
         phrase = self.enrolled_phrase(enrol_outputs, phrase)
         features = self.trial_features(enrol_outputs, test_outputs, phrase)
         fusion = self.hparams.fusion
@@ -551,9 +575,18 @@ class TrialDecisions:
         if not accept:
             speaker_llr = float(fused_llr(fusion, features, kind="speaker"))
             reason = "wrong pass-phrase" if speaker_llr >= threshold else "speaker"
-        scores = [features[name] for name in TRIAL_FEATURES]
-        notes = band_notes(enrol_outputs, test_outputs)
-        return Verdict(*scores, llr, threshold, accept, reason, phrase, notes)
+        return Verdict(
+            speaker_score=features["speaker"],
+            phrase_score=features["phrase"],
+            content_score=features["content"],
+            score=llr,
+            threshold=threshold,
+            accept=accept,
+            reason=reason,
+            phrase=phrase,
+            notes=band_notes(enrol_outputs, test_outputs),
+            features=features,
+        )
 
     def embed_file_all(self, path) -> dict:
         """``embed_waveform`` of an audio file (``load_audio``).
