@@ -43,11 +43,7 @@ from recipes.model.adaptation import WavLMTuning, adapt_wavlm
 from recipes.model.speaker_model import WavLMSpeakerEmbedder, per_utterance
 from recipes.model.trial_decisions import OTHER_PHRASE
 from recipes.training.augmentation import noise_reader
-from recipes.training.checkpointing import (
-    MODEL_RECOVERABLE,
-    CheckpointLoadError,
-    check_model_format,
-)
+from recipes.training.checkpointing import MODEL_RECOVERABLE, CheckpointLoadError
 from recipes.training.randomness import CROP, TrainingRandomness, crop_start
 from recipes.training.sampling import PhraseBatchSampler, collate_readable, log_bad_audio
 
@@ -452,7 +448,6 @@ def checkpoint_state(checkpoint, name: str) -> dict:
 
 def checkpoint_model(wiring: ModelWiring, checkpoint, n_phrases: int) -> WavLMSpeakerEmbedder:
     """The embedding model of ``checkpoint`` (``assembled_model`` with its weights; eval)."""
-    check_model_format(checkpoint.path)
     model = assembled_model(wiring, n_phrases)
     model.load_state_dict(checkpoint_state(checkpoint, MODEL_RECOVERABLE), strict=True)
     return model.eval()

@@ -32,6 +32,7 @@ from recipes import experiment
 from recipes.evaluation import scoring
 from recipes.experiment_lock import hold_experiment_lock
 from recipes.model import adaptation, modules, speaker_model, trial_decisions
+from recipes.training.resume_guard import WIRING
 
 #: Enumerated settings: where the code that dispatches on each keeps its choices (module,
 #: attribute: a tuple, or a dict of what each choice does). Read when checking, so a choice added
@@ -163,14 +164,6 @@ PATHS = (
     "output_folder", "save_folder", "train_log", "data_folder", "prep_folder", "bad_audio_log",
     "noise_csv", "run_hparams", "export_folder", "eval_key_file", "dev_key_file", "init_from",
 )  # fmt: skip
-#: The YAML's wiring: objects HyperPyYAML builds from the checked keys (they check their own).
-WIRING = (
-    "train_dataloader_options", "eval_dataloader_options", "dynamic_batch_sampler", "wavlm",
-    "wavlm_hidden_size", "heads", "embedding_head", "embedding_model", "classifier", "loss",
-    "phrase_classifier", "phrase_branch_model", "phrase_loss", "add_noise", "speed_perturb",
-    "drop_freq", "drop_chunk", "wav_augment", "wavlm_opt_class", "head_opt_class",
-    "lr_schedulers", "epoch_counter", "train_logger", "tensorboard_logger", "checkpointer",
-)  # fmt: skip
 #: Settings read as they are, with why. A key of a YAML that is in none of the checked lists
 #: and not here fails ``tests/test_settings.py``: every setting is checked or said to be free.
 FREE = {
@@ -283,15 +276,14 @@ def combination_problems(hparams) -> list[str]:
     return problems
 
 
-def raw_settings(hparams_file, overrides, added: str = "", moved=None) -> dict:
+def raw_settings(hparams_file, overrides, moved=None) -> dict:
     """The settings of a HyperPyYAML file with overrides, as plain values: nothing is built.
 
     References are resolved by HyperPyYAML; tagged nodes (``!new:``, ``!name:``, ...) become
-    plain mappings, lists or strings. ``added``: YAML lines read as the file's last ones
-    (``load_run``'s settings a record predates); ``moved``: see ``_yaml_source``.
+    plain mappings, lists or strings. ``moved``: see ``_yaml_source``.
     """
     try:
-        with _yaml_source(hparams_file, added, moved) as handle:
+        with _yaml_source(hparams_file, moved) as handle:
             text = resolve_references(handle, overrides).getvalue()
     except DuplicateKeyError as error:
         raise SystemExit(f"error: {duplicate_key_message(error, hparams_file)}") from None
@@ -300,18 +292,15 @@ def raw_settings(hparams_file, overrides, added: str = "", moved=None) -> dict:
     return yaml.load(text)
 
 
-def _yaml_source(hparams_file, added: str = "", moved=None):
-    """The file's text followed by ``added``, as a stream HyperPyYAML reads (line numbers kept).
+def _yaml_source(hparams_file, moved=None):
+    """The file's text, as a stream HyperPyYAML reads (line numbers kept).
 
     ``moved``: ``(recorded, now)``, a run folder's path in its record and where it is now: every
     path under the recorded one is read under the new one (``relocated``).
     """
-    if not added and moved is None:
+    if moved is None:
         return open(hparams_file, encoding="utf-8")
-    text = Path(hparams_file).read_text(encoding="utf-8")
-    if moved is not None:
-        text = relocated(text, *moved)
-    return io.StringIO(text.rstrip("\n") + "\n" + added)
+    return io.StringIO(relocated(Path(hparams_file).read_text(encoding="utf-8"), *moved))
 
 
 def relocated(text: str, recorded: str, now: str) -> str:
@@ -387,19 +376,17 @@ def load_checked_hparams(argv, lock: bool = False):
     return hparams_file, run_opts, overrides, hparams
 
 
-def checked_hparams(
-    hparams_file, overrides: str, run_opts, lock: bool = False, added: str = "", moved=None
-) -> dict:
+def checked_hparams(hparams_file, overrides: str, run_opts, lock: bool = False, moved=None) -> dict:
     """``hparams_file`` with ``overrides`` (YAML text), checked on its text, then loaded.
 
     With ``lock``, its ``output_folder`` is held for this process before anything is built
-    (the demo YAML builds its WavLM there). ``added``: YAML lines read after the file's own;
-    ``moved``: a run folder's recorded path and its path now (``_yaml_source``).
+    (the demo YAML builds its WavLM there). ``moved``: a run folder's recorded path and its path
+    now (``_yaml_source``).
     """
     import speechbrain as sb
     from hyperpyyaml import load_hyperpyyaml
 
-    settings = raw_settings(hparams_file, overrides, added, moved)
+    settings = raw_settings(hparams_file, overrides, moved)
     refuse_problems(hparams_file, settings_problems(settings))
     if lock:
         hold_experiment_lock(settings["output_folder"])
@@ -407,7 +394,7 @@ def checked_hparams(
     # while the others wait, which needs the process group (a no-op without torchrun).
     if not torch.distributed.is_initialized():
         sb.utils.distributed.ddp_init_group(run_opts)
-    with _yaml_source(hparams_file, added, moved) as handle:
+    with _yaml_source(hparams_file, moved) as handle:
         return load_hyperpyyaml(handle, overrides)
 
 
@@ -522,21 +509,20 @@ def load_step(argv) -> tuple:
         raise SystemExit(f"error: {step_file}: {error} (--output_folder RUN)") from error
 
 
-#: Settings added to the recipe after runs were trained without them, with the value that keeps
-#: those runs as they were: a step on an older run's record, and the resume guard comparing an
-#: older run's settings, read them from here.
-SETTINGS_ADDED_SINCE = {
-    "corpus": "deepmine",
-    "phrase_min_count": 5,
-    "audio_outside_data_folder": False,
-    "fusion_quality": [],
-    "wavlm_attention": "eager",
-    "init_from": None,
-    "wavlm_tuning": "full",
-    "lora_rank": 16,
-    "lora_alpha": 32,
-    "lora_targets": list(adaptation.ATTENTION_PROJECTIONS),
-}
+#: The training YAMLs this version ships: a run's record holds every setting they share.
+TRAINING_YAMLS = ("wavlm_td.yaml", "synthetic_demo.yaml")
+
+
+def _top_keys(text: str) -> set[str]:
+    """The top-level keys of a YAML text."""
+    return set(re.findall(r"^([A-Za-z_]\w*):", text, re.M))
+
+
+def missing_settings(record_text: str) -> list[str]:
+    """The settings of this version's training YAMLs that a run's record lacks."""
+    folder = Path(__file__).resolve().parents[1] / "hparams"
+    shared = set.intersection(*(_top_keys((folder / n).read_text("utf-8")) for n in TRAINING_YAMLS))
+    return sorted(shared - _top_keys(record_text))
 
 
 def load_run(record, replacements: dict, run_opts) -> dict:
@@ -544,8 +530,9 @@ def load_run(record, replacements: dict, run_opts) -> dict:
 
     ``record`` is a run's ``hyperparams.yaml`` (or any experiment YAML): the data, the model
     and the scoring are the run's own, so a step cannot disagree with what was trained. A None
-    replacement keeps the run's value; a record written before a setting existed gets the value
-    of ``SETTINGS_ADDED_SINCE``. The run's output folder is held while the step runs.
+    replacement keeps the run's value. A record written by an earlier version of the recipe,
+    without a setting this one reads, is refused. The run's output folder is held while the step
+    runs.
     """
     record = Path(record)
     if not record.is_file():
@@ -557,14 +544,17 @@ def load_run(record, replacements: dict, run_opts) -> dict:
     check_record(record)
     replaced = {key: value for key, value in replacements.items() if value is not None}
     run_overrides = "\n".join(f"{key}: {json.dumps(value)}" for key, value in replaced.items())
-    present = set(re.findall(r"^([A-Za-z_]\w*):", record.read_text(encoding="utf-8"), re.M))
-    added = "".join(
-        f"{key}: {json.dumps(value)}\n"
-        for key, value in SETTINGS_ADDED_SINCE.items()
-        if key not in present
-    )
-    moved = moved_run(record.read_text(encoding="utf-8"), replaced.get("output_folder"))
-    hparams = checked_hparams(record, run_overrides, run_opts, lock=True, added=added, moved=moved)
+    text = record.read_text(encoding="utf-8")
+    missing = missing_settings(text)
+    if missing:
+        raise SystemExit(
+            f"error: {record} was recorded by an earlier version of this recipe: it lacks "
+            f"{', '.join(missing)}. A step reads a run as it was trained: score or export it with "
+            "the version that trained it (its train_speaker_embeddings.py is beside the record), "
+            "or train it again"
+        )
+    moved = moved_run(text, replaced.get("output_folder"))
+    hparams = checked_hparams(record, run_overrides, run_opts, lock=True, moved=moved)
     log_step(hparams["output_folder"])
     if moved is not None:
         logging.getLogger(__name__).info(

@@ -36,24 +36,20 @@ from recipes.evaluation.pretrained import EXPORTED_MODULE
 from recipes.evaluation.scoring import EmbeddingTable, trial_metrics
 from recipes.evaluation.verification import _save_tables
 from recipes.evaluation.verification_report import write_report
-from recipes.experiment import assembled_model, checkpoint_model
 from recipes.experiment_lock import LOCK_FILE, FolderInUse, hold_experiment_lock
 from recipes.export_model import EXPORT_MARKERS, check_export_target, published
-from recipes.settings import SETTINGS_ADDED_SINCE
 from recipes.tiny_wavlm import build_tiny_wavlm
-from recipes.train_speaker_embeddings import SpeakerBrain, build_brain, recipe_settings
+from recipes.train_speaker_embeddings import SpeakerBrain, build_brain
 from recipes.training.checkpointing import (
     AtomicCheckpointer,
     CheckpointLoadError,
     CheckpointSaveError,
-    SplitModelCheckpoint,
     trim_train_log,
 )
 from recipes.training.preemption import DISTRIBUTED_CHECK_STEPS, Preemption
 from recipes.training.resume_guard import (
     FINGERPRINT_FILE,
     MANIFESTS,
-    differences,
     guard_data,
     guard_settings,
 )
@@ -538,63 +534,6 @@ def test_two_processes_with_torchrun_on_cpu(tmp_path, tiny_corpus):
         assert single_report["conditions"][name] == pytest.approx(metrics, rel=1e-5, abs=1e-6)
 
 
-def _split_model_layout(folder: Path) -> None:
-    """Rewrite a checkpoint's model file as recipe versions before the one-module model did.
-
-    ``wavlm.ckpt`` (WavLM as ``model.*``, and ``layer_logits``), a head-only
-    ``embedding_model.ckpt`` and ``phrase_branch.ckpt``.
-    """
-    parts = {"wavlm": {}, "embedding_model": {}, "phrase_branch": {}}
-    for key, value in torch.load(folder / "embedding_model.ckpt", weights_only=True).items():
-        if key == "layer_logits":
-            parts["wavlm"][key] = value
-        else:
-            prefix, rest = key.split(".", 1)
-            name = {"encoder": "wavlm", "head": "embedding_model"}.get(prefix, prefix)
-            parts[name][rest] = value
-    for name, state in parts.items():
-        torch.save(state, folder / f"{name}.ckpt")
-
-
-def test_a_split_model_checkpoint_is_refused_with_how_to_convert_it(tmp_path, tiny_wavlm_dir):
-    overrides = {"output_folder": str(tmp_path), "wavlm_source": tiny_wavlm_dir, "noise_csv": None}
-    hparams = load_yaml("synthetic_demo.yaml", overrides)
-    brain = build_brain(hparams, {"device": "cpu"}, n_classes=3, n_phrases=2)
-    trained = brain.modules.embedding_model.eval()
-    with torch.no_grad():  # away from the seeded initialization, which a fresh load repeats
-        for parameter in trained.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    checkpoint = brain.checkpointer.save_checkpoint(meta={"EER": 1.0})
-    _split_model_layout(checkpoint.path)
-
-    fresh = load_yaml("synthetic_demo.yaml", overrides)
-    command = r"python -m recipes.training.checkpointing \S+CKPT"
-    with pytest.raises(SplitModelCheckpoint, match=command):
-        checkpoint_model(recipe_settings(fresh).model, checkpoint, n_phrases=2)
-    with pytest.raises(SplitModelCheckpoint):  # resuming training is refused alike
-        build_brain(fresh, {"device": "cpu"}, 3, 2).checkpointer.recover_if_possible()
-
-    converted = subprocess.run(
-        [sys.executable, "-m", "recipes.training.checkpointing", str(checkpoint.path)],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
-    )  # fmt: skip
-    assert converted.returncode == 0, converted.stderr[-3000:]
-    assert not (checkpoint.path / "wavlm.ckpt").exists()
-    fresh = load_yaml("synthetic_demo.yaml", overrides)
-    wiring = recipe_settings(fresh).model
-    untrained = assembled_model(wiring, n_phrases=2).eval()
-    wav = 0.1 * torch.randn(1, 16000)
-    with torch.no_grad():
-        expected = trained(wav, all_outputs=True)
-        assert not torch.allclose(untrained(wav), expected["speaker"], atol=1e-4)
-        loaded = checkpoint_model(wiring, checkpoint, n_phrases=2)(wav, all_outputs=True)
-    for name, value in expected.items():
-        assert torch.equal(loaded[name], value), name
-    brain = build_brain(load_yaml("synthetic_demo.yaml", overrides), {"device": "cpu"}, 3, 2)
-    with pytest.raises(RuntimeError, match="converted from the split-model layout"):
-        brain.checkpointer.recover_if_possible()
-
-
 # ------------------------------------------------------------------------------------------------
 # One run per experiment folder; nothing of a run is destroyed or half-written
 # ------------------------------------------------------------------------------------------------
@@ -783,29 +722,25 @@ def test_a_resume_on_other_settings_or_data_is_refused_naming_each(tmp_path, cap
     assert json.loads((save / FINGERPRINT_FILE).read_text())["settings"]["lr_head"] == 0.002
 
 
-def test_a_run_recorded_before_a_setting_existed_is_read_with_its_old_behaviour(
+def test_a_run_recorded_by_an_earlier_version_is_refused_naming_what_it_lacks(
     tmp_path, tiny_corpus
 ):
-    """Settings added since a run was trained: its record loads, and it resumes unrefused."""
+    """A record without settings this version reads: one message, before anything runs."""
     record = experiment_record(tmp_path, tiny_corpus)
     lines = record.read_text().splitlines()
-    older = [line for line in lines if line.split(":")[0] not in SETTINGS_ADDED_SINCE]
-    assert len(older) == len(lines) - len(SETTINGS_ADDED_SINCE)
+    older = [line for line in lines if line.split(":")[0] not in ("wavlm_tuning", "corpus")]
     record.write_text("\n".join(older) + "\n")
     step = run_script_command("verify_speakers.py", tmp_path / "exp", tiny_corpus)
     result = subprocess.run(
         [*step, "--run_hparams", str(record)], capture_output=True, text=True, cwd=ROOT,
         timeout=600,
     )  # fmt: skip
-    # Read as far as the run's checkpoints (it has none), not stopped at a missing setting.
-    assert result.returncode != 0 and "no checkpoint with a validation EER" in result.stderr, (
-        result.stderr
-    )
-    recorded = {"settings": {"emb_dim": 64}, "manifests": {}}
-    current = {"settings": {"emb_dim": 64, **SETTINGS_ADDED_SINCE}, "manifests": {}}
-    assert differences(recorded, current) == ([], [])
-    current["settings"]["corpus"] = "kaldi"
-    assert differences(recorded, current)[0] == ["corpus: 'deepmine' (now 'kaldi')"]
+    assert result.returncode != 0
+    assert (
+        f"error: {record} was recorded by an earlier version of this recipe: it lacks corpus, "
+        "wavlm_tuning." in result.stderr
+    ), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "Wrote manifests" not in result.stdout
 
 
 def _stamps(folder: Path) -> dict:

@@ -59,8 +59,8 @@ def read_settings(folder: Path) -> dict:
         raise DecisionDataError(f"{facts}: 'onnx' is {type(settings).__name__}, not a mapping")
     if not settings:
         raise FileNotFoundError(
-            f"{folder}: this export has no ONNX model (exported with export_onnx: false, or "
-            "before ONNX export existed): export it again"
+            f"{folder}: this export has no ONNX model (exported with export_onnx: false): "
+            "export it again"
         )
     return settings
 

@@ -8,23 +8,17 @@ atomically (temporary file + rename): an interrupted save leaves a folder withou
 never loaded and is removed at the next recovery. ``tests/test_reliability.py`` kills a save
 midway to check this.
 
-The embedding model is one recoverable (``MODEL_RECOVERABLE``). Checkpoints written before it
-was (``wavlm.ckpt`` beside a head-only ``embedding_model.ckpt``) are refused with the command
-that converts them for scoring and export:
-
-    python -m recipes.training.checkpointing results/<experiment>/<seed>/save/CKPT+...
+The embedding model is one recoverable (``MODEL_RECOVERABLE``).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import time
 import zipfile
 from pathlib import Path
 
-import torch
 import yaml
 from speechbrain.utils.checkpoints import CKPT_PREFIX, METAFNAME, Checkpointer
 from speechbrain.utils.distributed import ddp_barrier, if_main_process
@@ -96,61 +90,6 @@ def write_metafile(path: Path, meta: dict) -> None:
 
 #: The recoverable (and file stem) of the whole ``WavLMSpeakerEmbedder``.
 MODEL_RECOVERABLE = "embedding_model"
-#: The file that marks a checkpoint of the split-model layout (WavLM apart from the head).
-SPLIT_MODEL_FILE = "wavlm.ckpt"
-#: ``CKPT.yaml`` key of a checkpoint converted by ``merge_split_model``: scored, never resumed.
-CONVERTED_KEY = "model_merged_from_split_files"
-
-
-class SplitModelCheckpoint(RuntimeError):
-    """A checkpoint in the layout before the model was one module (``check_model_format``)."""
-
-
-def check_model_format(folder) -> None:
-    """Refuse a checkpoint whose model is split over ``wavlm`` / head / ``phrase_branch`` files."""
-    folder = Path(folder)
-    if (folder / SPLIT_MODEL_FILE).exists():
-        raise SplitModelCheckpoint(
-            f"checkpoint {folder} holds the model in separate files (wavlm.ckpt, a head-only "
-            f"{MODEL_RECOVERABLE}.ckpt, phrase_branch.ckpt), as versions of this recipe before "
-            f"the model was one module wrote it. Convert it for scoring and export with (from the "
-            f"repository's root): "
-            f"python -m recipes.training.checkpointing {folder}"
-        )
-
-
-def merge_split_model(folder) -> Path:
-    """Rewrite a split-model checkpoint (``check_model_format``) with one model file.
-
-    WavLM's weights go under ``encoder.``, its layer weights stay ``layer_logits``, the head's
-    under ``head.`` and the phrase branch's under ``phrase_branch.``: the names of
-    ``WavLMSpeakerEmbedder``. The optimizer states follow the old parameter order, so the
-    checkpoint is marked (``CONVERTED_KEY``) and training does not resume from it.
-    """
-    folder = Path(folder)
-    if not (folder / SPLIT_MODEL_FILE).exists():
-        raise FileNotFoundError(f"{folder}: no {SPLIT_MODEL_FILE}, nothing to convert")
-
-    def load(name):
-        """One of the old files' state dicts (tensors only)."""
-        return torch.load(folder / f"{name}.ckpt", map_location="cpu", weights_only=True)
-
-    model = load(MODEL_RECOVERABLE)
-    if not any(k.startswith("encoder.") for k in model):  # not merged by an interrupted run
-        model = {f"head.{k}": v for k, v in model.items()}
-        for k, v in load("wavlm").items():
-            model[k if k == "layer_logits" else f"encoder.{k}"] = v
-        if (folder / "phrase_branch.ckpt").exists():
-            model.update({f"phrase_branch.{k}": v for k, v in load("phrase_branch").items()})
-        temporary = folder / f".{MODEL_RECOVERABLE}.ckpt.tmp"
-        torch.save(model, temporary)
-        os.replace(temporary, folder / f"{MODEL_RECOVERABLE}.ckpt")
-    meta_path = folder / METAFNAME
-    meta = yaml.safe_load(meta_path.read_text()) or {}
-    write_metafile(meta_path, {**meta, CONVERTED_KEY: True})
-    for name in ("phrase_branch", "wavlm"):  # wavlm.ckpt last: it marks the old layout
-        (folder / f"{name}.ckpt").unlink(missing_ok=True)
-    return folder
 
 
 class AtomicCheckpointer(Checkpointer):
@@ -199,17 +138,7 @@ class AtomicCheckpointer(Checkpointer):
         return removed
 
     def _call_load_hooks(self, checkpoint):
-        """Load as SpeechBrain does; a failure names the checkpoint and its damaged files.
-
-        A checkpoint of the old split layout, or one converted from it, is refused first.
-        """
-        check_model_format(checkpoint.path)
-        if checkpoint.meta.get(CONVERTED_KEY):
-            raise RuntimeError(
-                f"checkpoint {checkpoint.path} was converted from the split-model layout: it can "
-                "be scored and exported, not resumed (its optimizer states follow the old "
-                "parameter order); start a new run in another output_folder"
-            )
+        """Load as SpeechBrain does; a failure names the checkpoint and its damaged files."""
         try:
             return super()._call_load_hooks(checkpoint)
         except Exception as error:
@@ -251,15 +180,3 @@ def _logged_epoch(line: str) -> int | None:
     head = line.split(",", 1)[0].split(" - ", 1)[0]
     key, _, value = head.partition(":")
     return int(value) if key.strip() == "epoch" and value.strip().isdigit() else None
-
-
-def main(argv=None) -> None:
-    """Convert split-model checkpoints (``merge_split_model``) named on the command line."""
-    parser = argparse.ArgumentParser(description=merge_split_model.__doc__.splitlines()[0])
-    parser.add_argument("checkpoints", nargs="+", help="checkpoint folders (save/CKPT+...)")
-    for folder in parser.parse_args(argv).checkpoints:
-        print(f"converted {merge_split_model(folder)}")
-
-
-if __name__ == "__main__":
-    main()

@@ -25,9 +25,17 @@ from speechbrain.utils.logger import get_logger
 
 from data_prep.corpus import file_digest
 from data_prep.manifests import PREP_RECORD
-from recipes.settings import SETTINGS_ADDED_SINCE, WIRING
 
 logger = get_logger(__name__)
+
+#: The YAML's wiring: objects HyperPyYAML builds from the checked keys (they check their own).
+WIRING = (
+    "train_dataloader_options", "eval_dataloader_options", "dynamic_batch_sampler", "wavlm",
+    "wavlm_hidden_size", "heads", "embedding_head", "embedding_model", "classifier", "loss",
+    "phrase_classifier", "phrase_branch_model", "phrase_loss", "add_noise", "speed_perturb",
+    "drop_freq", "drop_chunk", "wav_augment", "wavlm_opt_class", "head_opt_class",
+    "lr_schedulers", "epoch_counter", "train_logger", "tensorboard_logger", "checkpointer",
+)  # fmt: skip
 
 #: The record, in the run's save folder beside its checkpoints.
 FINGERPRINT_FILE = "run_fingerprint.json"
@@ -121,12 +129,10 @@ def differences(recorded: dict, current: dict, compare_data: bool = True):
     """``(refused, changed)``: lines naming each difference that forbids a resume, and the rest.
 
     Plain settings are compared (the YAML's wiring follows from them; ``__`` keys are built for
-    their effect; a setting the record predates counts as its ``SETTINGS_ADDED_SINCE`` value),
-    and with ``compare_data`` the manifests.
+    their effect), and with ``compare_data`` the manifests.
     """
     refused, changed = [], []
-    old = {**SETTINGS_ADDED_SINCE, **recorded.get("settings", {})}  # a run from before them
-    new = {**SETTINGS_ADDED_SINCE, **current["settings"]}
+    old, new = recorded.get("settings", {}), current["settings"]
     for key in sorted(set(old) | set(new)):
         if key in WIRING or key.startswith("__") or old.get(key) == new.get(key):
             continue
