@@ -19,9 +19,7 @@ already finished only re-evaluates.
 
 from __future__ import annotations
 
-import signal
 import sys
-import time
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -54,17 +52,13 @@ from recipes.experiment import (
     train_loader_options,
 )
 from recipes.model.adaptation import WavLMTuning
-from recipes.model.modules import L2SP
 from recipes.model.speaker_model import per_utterance, scoring_outputs
 from recipes.settings import load_checked_hparams, raw_settings, seal_record
-from recipes.training.checkpointing import MODEL_RECOVERABLE, trim_train_log
+from recipes.training.checkpointing import MODEL_RECOVERABLE
+from recipes.training.fine_tuning import WavLMFineTuning
 from recipes.training.init_from import start_from, starting_model
-from recipes.training.preemption import (
-    DISTRIBUTED_CHECK_STEPS,
-    Preemption,
-    exit_code,
-    worker_init,
-)
+from recipes.training.monitoring import TrainingMonitor
+from recipes.training.preemption import PreemptibleTraining, worker_init
 from recipes.training.randomness import TrainingRandomness
 from recipes.training.resume_guard import guard_data, guard_settings
 from recipes.training.schedules import derive_total_steps
@@ -72,7 +66,7 @@ from recipes.training.schedules import derive_total_steps
 logger = get_logger(__name__)
 
 
-class SpeakerBrain(sb.core.Brain):
+class SpeakerBrain(TrainingMonitor, WavLMFineTuning, PreemptibleTraining, sb.core.Brain):
     """Trains the speaker embedding model and the phrase branch; scores validation each epoch.
 
     ``phrase_labels`` (constructor) are the phrase classifier's classes in output order; the
@@ -84,10 +78,7 @@ class SpeakerBrain(sb.core.Brain):
         self.phrase_labels = list(phrase_labels or [])
         self.steps_per_epoch, self.valid = 1, None
         self.randomness = TrainingRandomness(self.hparams.seed)
-        self.preemption = Preemption()
-        # WavLM's own trainable weights (not the frozen CNN, not the layer weights): frozen in
-        # the warm-up epochs by requires_grad, so they are fixed here, before any freezing.
-        self.wavlm_weights = [p for p in self.model().encoder.model.parameters() if p.requires_grad]
+        self.remember_wavlm_weights()
 
     def use_data(self, steps_per_epoch: int, valid, randomness: TrainingRandomness = None) -> None:
         """What training needs from the data: batches per epoch (margin warm-up), the validation.
@@ -145,87 +136,7 @@ class SpeakerBrain(sb.core.Brain):
         if "phrase_branch" in logits:  # its posteriors are what is scored
             branch = self.model().phrase_branch
             loss = loss + weight * branch.loss(logits["phrase_branch"], phrase_targets[:, 0])
-        if self.l2sp is not None and not self.wavlm_frozen():
-            loss = loss + self.l2sp()
-        return loss
-
-    l2sp = None
-
-    def on_fit_start(self):
-        """Record WavLM's pretrained weights for L2-SP (``l2sp_weight``), then SpeechBrain's start.
-
-        Before SpeechBrain's start, which recovers a checkpoint: a resumed run is pulled toward
-        the pretrained weights too, not toward the ones it resumed from.
-        """
-        weight = getattr(self.hparams, "l2sp_weight", 0.0)
-        if weight > 0 and self.hparams.wavlm_tuning == "full":
-            self.l2sp = L2SP(self.wavlm_weights, weight)
-        elif weight > 0:  # LoRA starts at the pretrained model and moves only its adapters
-            logger.info("l2sp_weight unused: wavlm_tuning %s", self.hparams.wavlm_tuning)
-        self.preemption.active = True  # SIGTERM / SIGUSR1 / SIGINT: stop at a checkpoint
-        super().on_fit_start()
-        self._forget_epochs_after_checkpoint()
-
-    def _forget_epochs_after_checkpoint(self) -> None:
-        """Drop logged epochs that the recovered checkpoint does not hold (trained again)."""
-        completed = self.hparams.epoch_counter.current
-        if sb.utils.distributed.if_main_process():
-            dropped = trim_train_log(self.hparams.train_logger.save_file, completed)
-            if dropped:
-                logger.warning(
-                    "train_log.txt: dropped the line(s) of epoch(s) %s, logged after the last "
-                    "checkpoint (epoch %d): they are trained again",
-                    ", ".join(map(str, dropped)), completed,
-                )  # fmt: skip
-
-    def fit(self, *args, **kwargs):
-        """SpeechBrain's ``fit`` with the pre-emption handlers installed (restored after it).
-
-        A signal after ``fit`` (final scoring) ends the run at once: nothing is left to save.
-        """
-        previous = self.preemption.install()
-        try:
-            return super().fit(*args, **kwargs)
-        finally:
-            self.preemption.active = False
-            self.preemption.restore(previous)
-
-    def _should_save_intra_epoch_ckpt(self, last_ckpt_time, steps_since_ckpt):
-        """SpeechBrain's interval checkpoints, and one when a stop is requested.
-
-        Never mid-accumulation: the checkpoint would lose the accumulated gradients, and a run
-        resumed from it would differ from the uninterrupted one (an interval checkpoint waits
-        for the optimizer step). Under torchrun both questions are collectives (SpeechBrain
-        broadcasts its interval decision), so they are asked every ``DISTRIBUTED_CHECK_STEPS``
-        optimizer steps, not after every batch: an interval checkpoint comes up to that many
-        steps late.
-        """
-        if self.step % self.grad_accumulation_factor:
-            return False
-        if self.distributed_launch and self.optimizer_step % DISTRIBUTED_CHECK_STEPS:
-            return False
-        self._stop_signal = self.preemption.requested(self.device, self.distributed_launch)
-        if self._stop_signal is not None:
-            return True
-        return super()._should_save_intra_epoch_ckpt(last_ckpt_time, steps_since_ckpt)
-
-    _stop_signal = None
-
-    def _save_intra_epoch_ckpt(self):
-        """SpeechBrain's mid-epoch checkpoint; then, if a stop was requested, the exit."""
-        super()._save_intra_epoch_ckpt()
-        if self._stop_signal is not None:
-            self._exit_preempted("mid-epoch checkpoint saved")
-
-    def _exit_preempted(self, what: str) -> None:
-        """Log where the run stopped and exit with the signal's code (``preemption``)."""
-        name = signal.Signals(self._stop_signal).name
-        code = exit_code(self._stop_signal)
-        logger.warning(
-            "%s: %s at epoch %d, step %d; rerun the same command to resume (exit %d)",
-            name, what, self.hparams.epoch_counter.current, self.step, code,
-        )  # fmt: skip
-        raise SystemExit(code)
+        return loss + self.regularization()
 
     def _targets(self, targets):
         """Targets repeated like the batch when augmentation adds copies of it."""
@@ -233,160 +144,25 @@ class SpeakerBrain(sb.core.Brain):
             return self.hparams.wav_augment.replicate_labels(targets)
         return targets
 
-    def unwrapped(self, name: str):
-        """A module without its DDP wrapper (for its own attributes and methods)."""
-        module = self.modules[name]
-        return (
-            module.module
-            if isinstance(module, torch.nn.parallel.DistributedDataParallel)
-            else module
-        )
-
-    def model(self):
-        """The ``WavLMSpeakerEmbedder`` being trained (without its DDP wrapper)."""
-        return self.unwrapped("embedding_model")
-
-    def _wrap_distributed(self):
-        """SpeechBrain's DDP wrapping (``distributed_wrapped``) of every module that trains.
-
-        On a GPU, BatchNorm layers become SyncBatchNorm first, as SpeechBrain does (once: the
-        model is wrapped again when the warm-up ends).
-        """
-        if not self.distributed_launch:
-            return super()._wrap_distributed()  # DataParallel, or nothing
-        for name, module in self.modules.items():
-            if any(p.requires_grad for p in module.parameters()):
-                if str(self.device).startswith("cuda"):
-                    module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
-                self.modules[name] = self.distributed_wrapped(module)
-        return None
-
-    def distributed_wrapped(self, module):
-        """``module`` in DDP as SpeechBrain wraps it (on CPU, gloo).
-
-        DDP registers the parameters that require gradients when it is built, so the model is
-        wrapped again when WavLM's warm-up ends (``set_wavlm_frozen``).
-        """
-        on_gpu = str(self.device).startswith("cuda")
-        return torch.nn.parallel.DistributedDataParallel(
-            module,
-            device_ids=[self.device] if on_gpu else None,
-            find_unused_parameters=self.find_unused_parameters,
-        )
-
-    def wavlm_frozen(self) -> bool:
-        """True during the head-only warm-up epochs."""
-        return self.hparams.epoch_counter.current <= self.hparams.freeze_wavlm_epochs
-
-    def set_wavlm_frozen(self, frozen: bool) -> None:
-        """Freeze or unfreeze WavLM's weights (``wavlm_weights``) by ``requires_grad``.
-
-        Not by ``no_grad``: the encoder's layer weights must learn in the warm-up too. Under DDP
-        every parameter that requires a gradient must get one in every step, so the model's
-        wrapper is rebuilt (on every process, at the same epoch) when the set changes.
-        """
-        if all(p.requires_grad != frozen for p in self.wavlm_weights):
-            return
-        for parameter in self.wavlm_weights:
-            parameter.requires_grad_(not frozen)
-        model = self.modules["embedding_model"]
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            self.modules["embedding_model"] = self.distributed_wrapped(model.module)
-        logger.info("WavLM %s", "frozen (warm-up: the head learns)" if frozen else "unfrozen")
-
-    def init_optimizers(self):
-        """Two optimizers: WavLM at a small learning rate, everything else at a large one.
-
-        The layer weights belong to our encoder, not to the HF model, so they learn at the
-        head's rate: they start uniform and must move in few steps. With ``wavlm_tuning: lora``
-        WavLM's optimizer holds its adapters; with ``frozen`` there is none.
-        """
-        wavlm_ids = {id(p) for p in self.wavlm_weights}
-        head_params = [
-            p for p in self.modules.parameters() if p.requires_grad and id(p) not in wavlm_ids
-        ]
-        self.optimizers_dict = {}
-        if self.wavlm_weights:  # none with wavlm_tuning: frozen
-            self.optimizers_dict["wavlm"] = self.hparams.wavlm_opt_class(self.wavlm_weights)
-        self.optimizers_dict["head"] = self.hparams.head_opt_class(head_params)
-        self.optimizer = self.optimizers_dict["head"]  # for SpeechBrain code that expects one
-        if self.checkpointer is not None:
-            for name, optimizer in self.optimizers_dict.items():
-                self.checkpointer.add_recoverable(f"{name}_optimizer", optimizer)
-
-    def check_gradients(self):
-        """SpeechBrain's check (a non-finite gradient is dropped), with one host sync per step.
-
-        SpeechBrain's loop reads one flag per parameter into Python: ~200 GPU syncs per step for
-        WavLM Base+ (``tests/benchmarks/bench_syncs.py``). Here the norms come from one
-        multi-tensor kernel and are read once; a gradient whose norm overflows is dropped too.
-        """
-        params = [p for p in self.modules.parameters() if p.requires_grad and p.grad is not None]
-        if not params:
-            return
-        finite = torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params])))
-        if bool(finite.all()):
-            return
-        for param, is_finite in zip(params, finite.tolist(), strict=True):
-            if not is_finite:
-                param.grad = None
-                logger.warning("non-finite gradient of shape %s dropped", tuple(param.shape))
-
-    def freeze_optimizers(self, optimizers):
-        """Leave WavLM's optimizer out while WavLM is frozen."""
-        if self.wavlm_frozen():
-            return {k: v for k, v in optimizers.items() if k != "wavlm"}
-        return optimizers
-
-    # Time between one training step's end and the next one's start: mostly waiting for the
-    # data loader. (fit_batch ends by copying the loss to the host, so the GPU is done by then.)
-    _data_wait, _first_batch_start, _last_batch_end = 0.0, None, None
-
     def on_fit_batch_start(self, batch, should_step):
-        """Tell the loss how far training is (margin warm-up); time the wait for this batch."""
-        now = time.perf_counter()
-        if self._last_batch_end is None:  # the first batch's wait is the workers' start-up
-            self._first_batch_start = now
-        else:
-            self._data_wait += now - self._last_batch_end
+        """Tell the loss how far training is (margin warm-up); key this step's random draws."""
+        super().on_fit_batch_start(batch, should_step)
         progress = self.hparams.epoch_counter.current - 1 + self.step / self.steps_per_epoch
         self.unwrapped("loss").set_progress(progress)
         # Augmentation and dropout keyed by the step: a resumed epoch repeats them exactly.
         self.randomness.seed_step(self.step)
 
-    def on_fit_batch_end(self, batch, outputs, loss, should_step):
-        """Advance each learning-rate schedule after its optimizer stepped."""
-        if should_step:
-            for name, optimizer in self.freeze_optimizers(self.optimizers_dict).items():
-                self.hparams.lr_schedulers[name](optimizer)
-        self._last_batch_end = time.perf_counter()
-
     def on_stage_start(self, stage, epoch=None):
-        """Start collecting embeddings for validation and test; reset the data-wait timer."""
+        """Start collecting embeddings for validation and test; set a training epoch's draws."""
         self.embeddings = {}
-        if stage == sb.Stage.TRAIN:
-            if epoch is not None:  # before the epoch's loader starts its workers
-                self.randomness.set_epoch(epoch)
-            self.set_wavlm_frozen(self.wavlm_frozen())
-            self._data_wait, self._first_batch_start, self._last_batch_end = 0.0, None, None
-
-    def data_wait_share(self) -> float:
-        """Share of this epoch's training time spent between steps (waiting for data)."""
-        if self._last_batch_end is None:
-            return 0.0
-        return self._data_wait / max(self._last_batch_end - self._first_batch_start, 1e-9)
+        if stage == sb.Stage.TRAIN and epoch is not None:  # before its loader starts workers
+            self.randomness.set_epoch(epoch)
+        super().on_stage_start(stage, epoch)
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         """Log training loss; score the validation trials; keep the best checkpoint by EER."""
         if stage == sb.Stage.TRAIN:
-            wait = self.data_wait_share()
-            self.train_stats = {"loss": stage_loss, "data_wait_share": round(wait, 3)}
-            if wait > self.hparams.max_data_wait_share:
-                logger.warning(
-                    "training waited for data %.0f %% of the time: raise num_workers (now %s)",
-                    100 * wait,
-                    self.hparams.train_dataloader_options.get("num_workers", 0),
-                )
+            self.train_stats = self.epoch_train_stats(stage_loss)
             return
         stats = self._validation_metrics()
         meta = self._progress_stats(epoch)
@@ -398,9 +174,7 @@ class SpeakerBrain(sb.core.Brain):
         self.checkpointer.save_and_keep_only(
             meta=stats, min_keys=["EER"], num_to_keep=self.hparams.ckpt_num_to_keep
         )
-        self._stop_signal = self.preemption.requested(self.device, self.distributed_launch)
-        if self._stop_signal is not None:  # a signal during validation: after its checkpoint
-            self._exit_preempted("end-of-epoch checkpoint saved")
+        self.stop_if_requested("end-of-epoch checkpoint saved")  # a signal during validation
 
     def make_dataloader(self, dataset, stage, *args, **kwargs):
         """SpeechBrain's loaders; under ``torchrun`` each process validates on its share.

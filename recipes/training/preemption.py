@@ -116,3 +116,84 @@ class Preemption:
         flag = torch.tensor([self.signum or 0], device=device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return int(flag.item()) or None
+
+
+class PreemptibleTraining:
+    """A ``Brain`` mixin: a stop request ends ``fit`` at a checkpoint (``Preemption``).
+
+    Mid-epoch, at the next optimizer step (SpeechBrain's intra-epoch checkpoint); during
+    validation, after the epoch's checkpoint (``stop_if_requested``).
+    """
+
+    _preemption = None
+
+    @property
+    def preemption(self) -> Preemption:
+        """The stop requests of this Brain (its ``Preemption``)."""
+        if self._preemption is None:
+            self._preemption = Preemption()
+        return self._preemption
+
+    @preemption.setter
+    def preemption(self, value: Preemption) -> None:
+        self._preemption = value
+
+    def on_fit_start(self):
+        """Signals are stop requests from here (before SpeechBrain's start recovers)."""
+        self.preemption.active = True  # SIGTERM / SIGUSR1 / SIGINT: stop at a checkpoint
+        super().on_fit_start()
+
+    def fit(self, *args, **kwargs):
+        """SpeechBrain's ``fit`` with the pre-emption handlers installed (restored after it).
+
+        A signal after ``fit`` (final scoring) ends the run at once: nothing is left to save.
+        """
+        previous = self.preemption.install()
+        try:
+            return super().fit(*args, **kwargs)
+        finally:
+            self.preemption.active = False
+            self.preemption.restore(previous)
+
+    def _should_save_intra_epoch_ckpt(self, last_ckpt_time, steps_since_ckpt):
+        """SpeechBrain's interval checkpoints, and one when a stop is requested.
+
+        Never mid-accumulation: the checkpoint would lose the accumulated gradients, and a run
+        resumed from it would differ from the uninterrupted one (an interval checkpoint waits
+        for the optimizer step). Under torchrun both questions are collectives (SpeechBrain
+        broadcasts its interval decision), so they are asked every ``DISTRIBUTED_CHECK_STEPS``
+        optimizer steps, not after every batch: an interval checkpoint comes up to that many
+        steps late.
+        """
+        if self.step % self.grad_accumulation_factor:
+            return False
+        if self.distributed_launch and self.optimizer_step % DISTRIBUTED_CHECK_STEPS:
+            return False
+        self._stop_signal = self.preemption.requested(self.device, self.distributed_launch)
+        if self._stop_signal is not None:
+            return True
+        return super()._should_save_intra_epoch_ckpt(last_ckpt_time, steps_since_ckpt)
+
+    _stop_signal = None
+
+    def _save_intra_epoch_ckpt(self):
+        """SpeechBrain's mid-epoch checkpoint; then, if a stop was requested, the exit."""
+        super()._save_intra_epoch_ckpt()
+        if self._stop_signal is not None:
+            self._exit_preempted("mid-epoch checkpoint saved")
+
+    def _exit_preempted(self, what: str) -> None:
+        """Log where the run stopped and exit with the signal's code (``preemption``)."""
+        name = signal.Signals(self._stop_signal).name
+        code = exit_code(self._stop_signal)
+        logger.warning(
+            "%s: %s at epoch %d, step %d; rerun the same command to resume (exit %d)",
+            name, what, self.hparams.epoch_counter.current, self.step, code,
+        )  # fmt: skip
+        raise SystemExit(code)
+
+    def stop_if_requested(self, what: str) -> None:
+        """Exit as ``_exit_preempted`` when any process was asked to stop (a collective)."""
+        self._stop_signal = self.preemption.requested(self.device, self.distributed_launch)
+        if self._stop_signal is not None:
+            self._exit_preempted(what)
