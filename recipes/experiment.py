@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -436,6 +436,14 @@ def assembled_model(wiring: ModelWiring, n_phrases: int) -> WavLMSpeakerEmbedder
     model = wiring.embedding_model(phrase_branch=branch)
     adapt_wavlm(model.encoder.model, wiring.tuning)
     return model
+
+
+def data_free_model(wiring: ModelWiring) -> WavLMSpeakerEmbedder:
+    """``assembled_model`` without the phrase branch: the part of the model the data does not size.
+
+    It shares the YAML's WavLM and head with the model training builds later.
+    """
+    return assembled_model(replace(wiring, phrase_branch_model=None), 0)
 
 
 def checkpoint_state(checkpoint, name: str) -> dict:

@@ -47,6 +47,7 @@ from recipes.experiment import (
     add_noise_crops,
     assembled_model,
     check_phrase_classes,
+    data_free_model,
     dataio_prep,
     prepare_data,
     train_loader_options,
@@ -363,7 +364,7 @@ def main(argv) -> None:
     given = raw_settings(hparams_file, overrides)  # what this command sets, as plain values
     guard_settings(hparams["save_folder"], given)  # a resume on other settings: before writing
     settings = recipe_settings(hparams)
-    source = starting_model(hparams["init_from"], settings.model)  # a misfit: refused now
+    source = starting_model(hparams["init_from"], partial(data_free_model, settings.model))
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"],
         hyperparams_to_save=hparams_file,

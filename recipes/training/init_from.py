@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,7 +30,6 @@ from speechbrain.utils.distributed import if_main_process
 from speechbrain.utils.logger import get_logger
 
 from data_prep.corpus import file_digest
-from recipes.experiment import assembled_model
 from recipes.model.adaptation import is_adapter_key, merged_state, plain_name
 from recipes.model.onnx_verifier import EXPORT_FACTS
 from recipes.settings import RUN_RECORD, raw_settings
@@ -213,16 +211,16 @@ def write_record(output_folder, record: dict) -> None:
     os.replace(temporary, path)
 
 
-def starting_model(init_from, wiring) -> Source | None:
+def starting_model(init_from, build_model) -> Source | None:
     """The source of ``init_from`` (None: none), checked against the run's model before data prep.
 
-    The model's WavLM and head do not depend on the data: they are built here (shared with the
-    model training builds later) without the phrase branch, which is sized by the data.
+    ``build_model()``: the run's model without its phrase branch (which the data sizes): its
+    WavLM and head do not depend on the data (``experiment.data_free_model``).
     """
     if init_from is None:
         return None
     source = read_source(init_from)
-    check_fits(source, assembled_model(replace(wiring, phrase_branch_model=None), 0))
+    check_fits(source, build_model())
     return source
 
 
