@@ -6,7 +6,8 @@
   on padding (``speaker_model.wavlm_features``), so utterances can be batched at evaluation. The
   encoder of ``speaker_model.WavLMSpeakerEmbedder``, which weights the layers.
 - ``L2SP``: the squared distance of WavLM's weights from their pretrained values (L2-SP), a
-  regularizer added to the loss when fine-tuning (as the published TdSV 2024 WavLM Base+ MHFA system fine-tuned).
+  regularizer added to the loss when fine-tuning (as the published TdSV 2024 WavLM Base+ MHFA
+  system fine-tuned).
 - ``MarginSoftmax``: SpeechBrain's ``LogSoftmaxWrapper`` around ``AngularMargin`` (AM-Softmax) or
   ``AdditiveAngularMargin`` (AAM), with a fixed, learnable or AdaCos-style adaptive scale and an
   optional margin warm-up.

@@ -136,6 +136,7 @@ class PreemptibleTraining:
 
     @preemption.setter
     def preemption(self, value: Preemption) -> None:
+        """Use ``value`` (a test's, say) for this Brain's stop requests."""
         self._preemption = value
 
     def on_fit_start(self):
