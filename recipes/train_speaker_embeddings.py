@@ -79,6 +79,11 @@ class SpeakerBrain(TrainingMonitor, WavLMFineTuning, PreemptibleTraining, sb.cor
         self.phrase_labels = list(phrase_labels or [])
         self.steps_per_epoch, self.valid = 1, None
         self.randomness = TrainingRandomness(self.hparams.seed)
+        # What the mixins (recipes/training/fine_tuning.py, monitoring.py) take from the YAML:
+        wavlm, head = self.hparams.wavlm_opt_class, self.hparams.head_opt_class
+        self.optimizer_classes = {"wavlm": wavlm, "head": head}
+        self.l2sp_weight = self.hparams.l2sp_weight
+        self.max_data_wait_share = self.hparams.max_data_wait_share
         self.remember_wavlm_weights()
 
     def use_data(self, steps_per_epoch: int, valid, randomness: TrainingRandomness = None) -> None:

@@ -20,9 +20,13 @@ logger = get_logger(__name__)
 
 
 class WavLMFineTuning:
-    """Freezing, optimizers, DDP wrapping and L2-SP of WavLM's weights (a ``Brain`` mixin)."""
+    """Freezing, optimizers, DDP wrapping and L2-SP of WavLM's weights (a ``Brain`` mixin).
 
-    l2sp = None
+    The Brain sets ``optimizer_classes`` (``{"wavlm": ..., "head": ...}``, each taking its
+    parameters) and ``l2sp_weight`` from its YAML.
+    """
+
+    l2sp, l2sp_weight, optimizer_classes = None, 0.0, None
 
     def remember_wavlm_weights(self) -> None:
         """Fix ``wavlm_weights``: WavLM's own weights that train, before any freezing.
@@ -39,7 +43,7 @@ class WavLMFineTuning:
         the starting weights too (the pretrained ones, or ``init_from``'s), not toward the ones it
         resumed from.
         """
-        weight = getattr(self.hparams, "l2sp_weight", 0.0)
+        weight = self.l2sp_weight
         if weight > 0 and self.hparams.wavlm_tuning == "full":
             self.l2sp = L2SP(self.wavlm_weights, weight)
         elif weight > 0:  # LoRA starts at the pretrained model and moves only its adapters
@@ -139,8 +143,8 @@ class WavLMFineTuning:
         ]
         self.optimizers_dict = {}
         if self.wavlm_weights:  # none with wavlm_tuning: frozen
-            self.optimizers_dict["wavlm"] = self.hparams.wavlm_opt_class(self.wavlm_weights)
-        self.optimizers_dict["head"] = self.hparams.head_opt_class(head_params)
+            self.optimizers_dict["wavlm"] = self.optimizer_classes["wavlm"](self.wavlm_weights)
+        self.optimizers_dict["head"] = self.optimizer_classes["head"](head_params)
         self.optimizer = self.optimizers_dict["head"]  # for SpeechBrain code that expects one
         if self.checkpointer is not None:
             for name, optimizer in self.optimizers_dict.items():

@@ -22,7 +22,12 @@ logger = get_logger(__name__)
 
 
 class TrainingMonitor:
-    """Data-wait timing, gradient checks and the train log's epochs (a ``Brain`` mixin)."""
+    """Data-wait timing, gradient checks and the train log's epochs (a ``Brain`` mixin).
+
+    The Brain sets ``max_data_wait_share`` (the share above which an epoch's wait is a warning).
+    """
+
+    max_data_wait_share = 1.0
 
     # Time between one training step's end and the next one's start: mostly waiting for the
     # data loader. (fit_batch ends by copying the loss to the host, so the GPU is done by then.)
@@ -70,7 +75,7 @@ class TrainingMonitor:
     def epoch_train_stats(self, stage_loss) -> dict:
         """The epoch's training statistics for the log; a warning when it waited for data."""
         wait = self.data_wait_share()
-        if wait > self.hparams.max_data_wait_share:
+        if wait > self.max_data_wait_share:
             logger.warning(
                 "training waited for data %.0f %% of the time: raise num_workers (now %s)",
                 100 * wait,
