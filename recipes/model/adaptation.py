@@ -58,24 +58,14 @@ def adapt_wavlm(wavlm: nn.Module, tuning: WavLMTuning | None) -> None:
         return
     if tuning.mode not in TUNING_MODES:
         raise ValueError(f"wavlm_tuning must be one of {TUNING_MODES}, not {tuning.mode!r}")
-    for parameter in wavlm.parameters():
-        if not _is_adapter(parameter, wavlm):
+    for name, parameter in wavlm.named_parameters():
+        if not is_adapter_key(name):  # an adapter already in place keeps training
             parameter.requires_grad_(False)
     if tuning.mode == "lora":
         for name in adapted_layer_names(wavlm, tuning.targets):
             layer = wavlm.get_submodule(name)
             if not isinstance(layer, LoRA):
                 replace_module(wavlm, name, LoRA(layer, rank=tuning.rank, alpha=tuning.alpha))
-
-
-def _is_adapter(parameter: nn.Parameter, wavlm: nn.Module) -> bool:
-    """Whether ``parameter`` belongs to a LoRA adapter already in ``wavlm``."""
-    return any(
-        parameter is p
-        for module in wavlm.modules()
-        if isinstance(module, LoRA)
-        for p in (*module.adapter_down_proj.parameters(), *module.adapter_up_proj.parameters())
-    )
 
 
 def adapted_layer_names(wavlm: nn.Module, targets) -> list[str]:
@@ -112,7 +102,7 @@ def merged_state(state: dict, scaling: float) -> dict:
     """
     merged = {}
     for key, value in state.items():
-        if ".adapter_down_proj." in key or ".adapter_up_proj." in key:
+        if is_adapter_key(key):
             continue
         if ".pretrained_module." in key:
             prefix, leaf = key.split(".pretrained_module.")
