@@ -19,6 +19,9 @@ model, the data and the fusion it was trained and scored with. Writes ``export_f
   enrollment utterances), recorded in ``hyperparams.yaml`` and used by ``verify_files`` by default;
 - ``label_encoder.txt`` (the training classes), ``README.md`` (a model card with the metrics of
   this checkpoint on every labelled split) and ``export.json`` (the same facts, machine-readable);
+  thresholds, fusion and metrics come from the recipe's own scoring of the checkpoint (its
+  cached embeddings and stored fusion: ``recipe_calibration``), so the card's numbers are the
+  training report's, and nothing is embedded twice;
 - ``hf/``: the same model as a ``transformers.WavLMForXVector`` directory (x-vector head only;
   the head's BatchNorm layers are folded into the following layers, so the weights fit HF's
   layout exactly);
@@ -32,10 +35,12 @@ model, the data and the fusion it was trained and scored with. Writes ``export_f
 The export is checked before it is published: loaded as a hub user loads it (a stand-in hub
 repository, a ``savedir``, an interpreter that cannot import this repository), the folder must
 score a validation trial as it does in place; loaded back, its embeddings of a few validation
-utterances must equal those of the trained model, the module training ran (and so
-must the HF model's and the ONNX model's; the ONNX model must also give every validation trial's
-score to 1e-3 and its decision); the int8 model's effect on every labelled split's metrics is in
-the model card.
+utterances must equal those of the trained model, the module training ran (and so must the HF
+model's and the ONNX model's). On a seeded sample of validation trials (``check_sample``,
+``export_check_trials``) the folder's own model (fp32, one utterance at a time) is compared with
+the recipe's scores (reported), the ONNX model with the folder's (to 1e-3, every decision the
+same: enforced) and the int8 model with the folder's (reported); ``export_int8_metrics: true``
+adds int8's metrics on every labelled split to the model card.
 """
 
 from __future__ import annotations
@@ -47,7 +52,6 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -55,6 +59,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from speechbrain.dataio.dataset import FilteredSortedDynamicItemDataset
 from speechbrain.utils.logger import get_logger
 from transformers import WavLMConfig, WavLMForXVector
 
@@ -73,24 +78,22 @@ from recipes.evaluation.pretrained import (
 from recipes.evaluation.scoring import labelled, metrics_by_condition, score_trials, trial_metrics
 from recipes.evaluation.verification import (
     ScoringSettings,
-    cached_embeddings,
     checkpoint_scoring,
+    embedded,
     embedding_cache,
     scored_tables,
-    speaker_cohort,
-    split_embeddings,
 )
 from recipes.experiment import (
     AudioSettings,
+    Split,
     checkpoint_state,
     dataio_prep,
     prepare_data,
-    run_device,
 )
 from recipes.model import speaker_model
 from recipes.model.adaptation import merge_lora
 from recipes.model.onnx_verifier import EXPORT_FACTS, OnnxVerifier
-from recipes.model.speaker_model import WavLMSpeakerEmbedder, XVectorHead, strict_fp32
+from recipes.model.speaker_model import WavLMSpeakerEmbedder, XVectorHead
 from recipes.model.trial_decisions import OPERATING_POINTS, SDSV_COSTS
 from recipes.onnx_export import (
     COHORT_ARRAY,
@@ -114,6 +117,8 @@ class ExportSettings(NamedTuple):
     folder: Path
     operating_point: str  # the default decision threshold, one of OPERATING_POINTS
     onnx: bool = True  # also model.onnx and model.int8.onnx (``recipes/onnx_export.py``)
+    check_trials: int = 2000  # validation trials the folder and ONNX are checked on (a sample)
+    int8_metrics: bool = False  # also int8's metrics on every labelled split (embeds them all)
 
 
 class ExportedRun(NamedTuple):
@@ -185,7 +190,7 @@ def split_metrics(per_split: dict, splits: dict, fused: bool) -> dict:
 
 
 class ExportCalibration(NamedTuple):
-    """What ``exported_calibration`` learns for a folder from its own model's embeddings."""
+    """What an export takes from the recipe's scoring of its checkpoint (``recipe_calibration``)."""
 
     thresholds: dict  # per operating point and number of enrollment utterances
     fusion: dict | None
@@ -194,42 +199,64 @@ class ExportCalibration(NamedTuple):
     scores: dict  # the final score (LLR, or cosine) of every trial, per split
 
 
-@strict_fp32()
-def exported_calibration(folder: Path, scoring: ScoringSettings, data, run, run_opts: dict):
-    """The ``ExportCalibration`` of the model in ``folder``, as it embeds.
+def recipe_calibration(scoring: ScoringSettings, data, run) -> ExportCalibration:
+    """The ``ExportCalibration`` of ``run``'s checkpoint, from the recipe's own scoring of it.
 
-    The folder's model embeds every labelled split's utterances (``labelled_splits``), and the
-    training speakers where the fusion weights the quality measure "cohort" (cached under the
-    checkpoint's ``export/`` embeddings); the fusion is learned on them (stored beside the
-    recipe's as ``<checkpoint>_export``), and the metrics are without score normalization.
-    Embedded in IEEE fp32 (``strict_fp32``): on a GPU with TF32 the ONNX check (CPU, fp32) would
-    compare its scores with others of 10-bit products, and could refuse a good model.
+    The embeddings are the ones the recipe computed for this checkpoint (its cache; embedded
+    here only where missing, as ``run_verification`` would), the fusion is the recipe's (read
+    back from ``<output_folder>/fusion/``), and the metrics are without score normalization:
+    with ``score_norm: none`` they are the training report's, for the same checkpoint and fusion.
     """
-    verifier = load_verifier(folder, {"device": str(run_device(run_opts))}, complete=False)
-    embed = partial(
-        embed_dataset,
-        verifier,
-        loader_kwargs=scoring.loader_options,
-        progress=not run_opts.get("noprogressbar"),
-    )
-    cache = embedding_cache(run.cache / "export", run.cache_settings(scoring, "fp32"))
-    splits = labelled_splits(data.splits)
-    tables = split_embeddings(embed, splits, cache)
-    cohort = None
-    if scoring.fusion != "none" and "cohort" in scoring.fusion_quality:
-        cohort_table = cached_embeddings(embed, data.cohort.utterances, cache / "cohort")
-        cohort = speaker_cohort(cohort_table["speaker"], data.cohort.speakers)
-    valid = data.splits[VALID_SPLIT]
-    thresholds = enrolment_thresholds(tables[VALID_SPLIT]["speaker"], valid.models, valid.trials)
-    source = run.fusion._replace(
-        path=run.fusion.path.with_name(f"{run.fusion.path.stem}_export.json"),
-        stamp={**run.fusion.stamp, "embedded_by": "export"},
-    )
     card_scoring = dataclasses.replace(scoring, score_norm="none")  # raw (or fused) scores
-    per_split, fusion = scored_tables(tables, cohort, card_scoring, splits, source)
+    splits = labelled_splits(data.splits)
+    cache = embedding_cache(run.cache, run.cache_settings(scoring))
+    tables, cohort = embedded(run.embed, card_scoring, splits, data.cohort, cache)
+    valid = splits[VALID_SPLIT]
+    thresholds = enrolment_thresholds(tables[VALID_SPLIT]["speaker"], valid.models, valid.trials)
+    per_split, fusion = scored_tables(tables, cohort, card_scoring, splits, run.fusion)
     metrics = split_metrics(per_split, splits, fused=fusion is not None)
     scores = {name: scored.final for name, scored in per_split.items()}
     return ExportCalibration(thresholds, fusion, metrics, cohort, scores)
+
+
+class CheckSample(NamedTuple):
+    """The validation trials an export's backends are checked on (``check_sample``)."""
+
+    split: Split  # their models and trials, and only the utterances they use
+    positions: np.ndarray  # of its trials among the validation split's
+
+
+def check_sample(valid: Split, trials: int, seed: int) -> CheckSample:
+    """A seeded sample of about ``trials`` validation trials that needs few utterances.
+
+    Models and test utterances are shuffled (``seed``); trials are taken in the order of a
+    rank, either the model's alone (whole models, for lists that test each model on a few
+    utterances) or the larger of the model's and the test's, grown together (a grid, for lists
+    that test every model on every utterance), whichever needs fewer utterances. Its cost is
+    bounded whatever the size of the validation split (``export_check_trials``).
+    """
+    rng = np.random.default_rng(seed)
+    enrol_counts = valid.models.set_index("model_id")["enrol_ids"].str.split().map(len)
+    model_rank = pd.Series(rng.permutation(len(enrol_counts)), enrol_counts.index)
+    tests = valid.trials["test_id"].unique()
+    test_rank = pd.Series(rng.permutation(len(tests)), tests)
+    by_model = valid.trials["model_id"].map(model_rank).to_numpy()
+    by_test = valid.trials["test_id"].map(test_rank).to_numpy()
+    per_model = float(enrol_counts.mean())
+    candidates = (by_model, np.maximum(by_model * per_model, by_test))
+    samples = [_first_trials(valid, order, trials) for order in candidates]
+    return min(samples, key=lambda sample: len(sample.split.utterances))
+
+
+def _first_trials(valid: Split, rank: np.ndarray, trials: int) -> CheckSample:
+    """The validation trials whose ``rank`` is among the ``trials`` smallest (ties kept)."""
+    cut = np.sort(rank)[min(trials, rank.size) - 1]
+    chosen = rank <= cut
+    sample_trials = valid.trials[chosen]
+    models = valid.models[valid.models["model_id"].isin(set(sample_trials["model_id"]))]
+    ids = set(models["enrol_ids"].str.split().explode()) | set(sample_trials["test_id"])
+    utterances = FilteredSortedDynamicItemDataset(valid.utterances, sorted(ids))
+    return CheckSample(Split(utterances, models, sample_trials), np.flatnonzero(chosen))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -476,10 +503,9 @@ def export(target: ExportSettings, trained: ExportedRun, run_opts) -> Path:
     """Export the best checkpoint of the run ``trained`` to ``target``; the folder.
 
     A LoRA run's adapters are merged into WavLM first (``adaptation.merge_lora``). The folder
-    is first written without its calibration; the validation thresholds, the fusion and
-    the model card's metrics are then computed with that folder's own model (fp32, one utterance
-    at a time, as a user's ``verify_*`` calls run it), not with the recipe's batched
-    ``eval_precision`` embeddings, and written in.
+    is written once, with the calibration of the recipe's own scoring (``recipe_calibration``),
+    then loaded as a user loads it and checked (``write_folder``); it replaces ``target`` only
+    when every check passed.
     """
     settings = trained.settings
     prepare_data(settings.corpus)
@@ -567,53 +593,45 @@ def published(staging: Path, out: Path) -> None:
 def write_folder(staging: Path, target: ExportSettings, trained: ExportedRun, data, run, run_opts):
     """Write and self-check the export of ``run``'s checkpoint in ``staging``; its facts."""
     scoring, audio = trained.settings.scoring, trained.settings.audio
+    calibration = recipe_calibration(scoring, data, run)  # on the run's device, mostly cached
     class_encoder, checkpoint, model = data.class_encoder, run.checkpoint, run.model.cpu().eval()
-    settings = encoder_settings(model)
     head = head_spec(trained.head)
-    head_class = head[0]
-    branch = None
-    if model.phrase_branch is not None and scoring.fusion != "none":
-        branch = dict(model.phrase_branch.config)
-    wavs = reference_utterances(data.splits[VALID_SPLIT].utterances)
-
+    text_dependent = None
+    if calibration.fusion is not None:  # a fusion needs the phrase branch (learned_fusion)
+        text_dependent = {
+            "phrase_branch": dict(model.phrase_branch.config),
+            "phrase_labels": data.phrase_labels,
+            "fusion": {**calibration.fusion, "kind": scoring.fusion},
+        }
     state = model.state_dict()
-    if branch is None:  # a speaker-only export: the folder's model has no phrase branch
+    if text_dependent is None:  # a speaker-only export: the folder's model has no phrase branch
         state = {k: v for k, v in state.items() if not k.startswith("phrase_branch.")}
     torch.save(state, staging / "embedding_model.ckpt")
     for name, module in EXPORTED_CODE.items():
         (staging / name).write_text(exported_source(module), encoding="utf-8")
-
-    def write_hyperparams(thresholds, text_dependent):
-        """The folder's ``hyperparams.yaml`` with these thresholds and text-dependent settings."""
-        (staging / "hyperparams.yaml").write_text(
-            hyperparams_text(
-                audio, target.operating_point, settings, thresholds, head, text_dependent
-            )
-        )
-
-    uncalibrated = None if branch is None else {"phrase_branch": branch, "phrase_labels": None}
-    write_hyperparams({}, uncalibrated)
-    calibration = exported_calibration(staging, scoring, data, run, run_opts)
-    thresholds, fusion, metrics = calibration.thresholds, calibration.fusion, calibration.metrics
-    text_dependent = None
-    if fusion is not None:
-        text_dependent = {
-            "phrase_branch": branch,
-            "phrase_labels": data.phrase_labels,
-            "fusion": {**fusion, "kind": scoring.fusion},
-        }
     if calibration.cohort is not None:  # the quality measure "cohort": the training speakers
         cohort = torch.from_numpy(calibration.cohort).float()
         torch.save({"weight": cohort}, staging / "cohort.ckpt")
         text_dependent["cohort"] = {"speakers": cohort.shape[0], "dim": cohort.shape[1]}
         text_dependent["cohort_top_k"] = scoring.cohort_top_k
-    write_hyperparams(thresholds, text_dependent)
+    (staging / "hyperparams.yaml").write_text(
+        hyperparams_text(
+            audio,
+            target.operating_point,
+            encoder_settings(model),
+            calibration.thresholds,
+            head,
+            text_dependent,
+        )
+    )
     class_encoder.save(staging / "label_encoder.txt")
+    valid = data.splits[VALID_SPLIT]
+    wavs = reference_utterances(valid.utterances)
     speaker = speaker_embedding(model)
     verifier = load_verifier(staging, complete=False)  # as a user loads it: every check below
     checks = {"speechbrain_min_cosine": _check_speechbrain(verifier, speaker, wavs)}
     checks["hub_load_score_difference"] = _check_hub_load(
-        staging, verifier, data.splits[VALID_SPLIT], text_dependent is not None
+        staging, verifier, valid, text_dependent is not None
     )
     if text_dependent is not None:
         checks["phrase_max_logp_difference"] = _check_phrase_branch(verifier, model, wavs)
@@ -622,25 +640,33 @@ def write_folder(staging: Path, target: ExportSettings, trained: ExportedRun, da
         checks.update(_check_hf(staging / "hf", hf, speaker, wavs, model.encoder.normalize_wav))
     else:
         logger.warning("hf/ not written: %s", NO_HF_FOLDER.format(head=trained.head_type))
+    inputs = CheckInputs(
+        data, run, wavs, scoring, audio, calibration,
+        check_sample(valid, target.check_trials, trained.settings.corpus.seed),
+        target.operating_point,
+    )  # fmt: skip
+    folder_scores = backend_scores(verifier, inputs.sample_splits(), inputs)[VALID_SPLIT]
+    checks.update(
+        trial_agreement("folder", inputs.recipe_sample_scores(), folder_scores, inputs.threshold())
+    )
     onnx = None
     if target.onnx:
-        onnx = export_onnx(
-            staging, calibration, text_dependent, OnnxInputs(data, run, wavs, scoring, audio)
-        )
+        onnx = export_onnx(staging, verifier, text_dependent, inputs, folder_scores, target)
         checks.update(onnx.checks)
     facts = {
         "checkpoint": checkpoint.path.name,
         "checkpoint_meta": checkpoint.meta,
         "wavlm_source": trained.wavlm_source,
-        "head": head_class,
+        "head": head[0],
         "hf_folder": isinstance(model.head, XVectorHead),
         "target_type": trained.target_type,
         "training_classes": len(class_encoder),
-        "thresholds": thresholds,
+        "eval_precision": run.precision,
+        "thresholds": calibration.thresholds,
         "operating_point": target.operating_point,
         "fusion": None if text_dependent is None else text_dependent["fusion"],
         "phrase_labels": data.phrase_labels if text_dependent else None,
-        "metrics": metrics,
+        "metrics": calibration.metrics,
         "checks": checks,
         "onnx": None if onnx is None else onnx.settings,
         "onnx_int8_metrics": None if onnx is None else onnx.int8_metrics,
@@ -758,14 +784,30 @@ def _check_hf(folder: Path, hf, trained, wavs, normalize: bool) -> dict:
 # ------------------------------------------------------------------------------------------------
 # ONNX (recipes/onnx_export.py)
 # ------------------------------------------------------------------------------------------------
-class OnnxInputs(NamedTuple):
-    """What the ONNX export and its checks read: the run's data, checkpoint and check audio."""
+class CheckInputs(NamedTuple):
+    """What the folder's and the ONNX models' checks read: the run, its scores, the sample."""
 
     data: object  # dataio_prep's
     run: object  # checkpoint_scoring's
-    wavs: list  # the self-check's validation waveforms
+    wavs: list  # a few validation waveforms (embedding checks)
     scoring: ScoringSettings
     audio: AudioSettings
+    calibration: ExportCalibration
+    sample: CheckSample  # the validation trials the backends are checked on
+    operating_point: str  # the folder's default one
+
+    def sample_splits(self) -> dict:
+        """``{"valid": the sample}``: what ``backend_scores`` scores for the checks."""
+        return {VALID_SPLIT: self.sample.split}
+
+    def recipe_sample_scores(self) -> np.ndarray:
+        """The recipe's final scores of the sample's trials."""
+        return self.calibration.scores[VALID_SPLIT][self.sample.positions]
+
+    def threshold(self) -> float:
+        """Where the checks compare decisions (``onnx_export.decision_threshold``)."""
+        fused = self.calibration.fusion is not None
+        return decision_threshold(self.calibration.thresholds, self.operating_point, fused)
 
 
 class OnnxExport(NamedTuple):
@@ -773,52 +815,53 @@ class OnnxExport(NamedTuple):
 
     settings: dict
     checks: dict
-    int8_metrics: dict
+    int8_metrics: dict | None  # every labelled split's, with export_int8_metrics
 
 
-def export_onnx(folder: Path, calibration: ExportCalibration, text_dependent, inputs: OnnxInputs):
+def export_onnx(folder: Path, verifier, text_dependent, inputs: CheckInputs, reference, target):
     """Write the folder model's ONNX copies and check them (``check_onnx``); an ``OnnxExport``.
 
-    The fp32 graph must reproduce the folder's embeddings and every validation trial's score and
-    decision; the int8 copy's metrics on every labelled split are measured with the folder's own
-    fusion.
+    ``verifier`` is the folder loaded as a user loads it, ``reference`` its final scores of the
+    check sample. The fp32 graph must reproduce its embeddings and the sample's scores and
+    decisions; the int8 copy's agreement on the sample is measured, and with
+    ``export_int8_metrics`` its metrics on every labelled split too.
     """
-    audio = inputs.audio
-    verifier = load_verifier(folder, complete=False)  # the folder's own model, as a user loads it
-    model, hyperparams = verifier.mods.embedding_model.eval(), verifier.hparams
-    names = write_onnx_models(folder, model, audio)
+    model, calibration = verifier.mods.embedding_model.eval(), inputs.calibration
+    names = write_onnx_models(folder, model, inputs.audio)
     if calibration.cohort is not None:  # for torch-free use: cohort.ckpt's rows as an array
         np.save(folder / COHORT_ARRAY, calibration.cohort.astype(np.float32))
     settings = onnx_settings(
-        audio, hyperparams.operating_point, calibration.thresholds, text_dependent, names
+        inputs.audio, target.operating_point, calibration.thresholds, text_dependent, names
     )
     fp32 = OnnxVerifier(folder, settings=settings)
     checks = graph_agreement(fp32, model, inputs.wavs)
-    valid = {VALID_SPLIT: inputs.data.splits[VALID_SPLIT]}
-    onnx_scores = backend_scores(fp32, valid, calibration, inputs)[VALID_SPLIT].final
-    fused = calibration.fusion is not None
-    threshold = decision_threshold(calibration.thresholds, hyperparams.operating_point, fused)
-    checks.update(trial_agreement(calibration.scores[VALID_SPLIT], onnx_scores, threshold))
+    onnx_scores = backend_scores(fp32, inputs.sample_splits(), inputs)[VALID_SPLIT]
+    checks.update(trial_agreement("onnx", reference, onnx_scores, inputs.threshold()))
     check_onnx(checks)
     int8 = OnnxVerifier(folder, ONNX_INT8_MODEL, settings=settings)
-    splits = labelled_splits(inputs.data.splits)
-    int8_scores = backend_scores(int8, splits, calibration, inputs)
-    int8_metrics = split_metrics(int8_scores, splits, fused=fused)
-    return OnnxExport(settings, checks, int8_metrics)
+    int8_scores = backend_scores(int8, inputs.sample_splits(), inputs)[VALID_SPLIT]
+    checks.update(trial_agreement("int8", reference, int8_scores, inputs.threshold()))
+    metrics = None
+    if target.int8_metrics:
+        splits = labelled_splits(inputs.data.splits)
+        fused = calibration.fusion is not None
+        metrics = {
+            name: trial_metrics(scores, splits[name].trials, llr=fused)
+            for name, scores in backend_scores(int8, splits, inputs).items()
+        }
+    return OnnxExport(settings, checks, metrics)
 
 
-def backend_scores(verifier, splits: dict, calibration: ExportCalibration, inputs: OnnxInputs):
-    """``{split: ScoredSplit}`` of ``splits`` embedded by ``verifier``, with the folder's fusion."""
-    run, scoring = inputs.run, inputs.scoring
+def backend_scores(verifier, splits: dict, inputs: CheckInputs) -> dict:
+    """``{split: final scores}`` of ``splits`` embedded by ``verifier``, the folder's fusion."""
+    scoring = dataclasses.replace(inputs.scoring, score_norm="none")
     tables = {
         name: embed_dataset(verifier, split.utterances, scoring.loader_options, progress=False)
         for name, split in splits.items()
     }
-    card_scoring = dataclasses.replace(scoring, score_norm="none")
-    per_split, _ = scored_tables(
-        tables, calibration.cohort, card_scoring, splits, run.fusion, calibration.fusion
-    )
-    return per_split
+    cohort, fusion = inputs.calibration.cohort, inputs.calibration.fusion
+    per_split, _ = scored_tables(tables, cohort, scoring, splits, inputs.run.fusion, fusion)
+    return {name: scored.final for name, scored in per_split.items()}
 
 
 def check_onnx(checks: dict) -> None:
@@ -829,11 +872,11 @@ def check_onnx(checks: dict) -> None:
     if checks["onnx_phrase_max_logp_difference"] > MAX_LOGP_DIFFERENCE:
         difference = checks["onnx_phrase_max_logp_difference"]
         problems.append(f"phrase log-posteriors differ by {difference:.2e}")
-    if checks["onnx_valid_max_score_difference"] > MAX_LLR_DIFFERENCE:
-        difference = checks["onnx_valid_max_score_difference"]
+    if checks["onnx_max_score_difference"] > MAX_LLR_DIFFERENCE:
+        difference = checks["onnx_max_score_difference"]
         problems.append(f"validation trial scores differ by up to {difference:.2e}")
-    if checks["onnx_valid_decisions_differing"]:
-        differing = checks["onnx_valid_decisions_differing"]
+    if checks["onnx_decisions_differing"]:
+        differing = checks["onnx_decisions_differing"]
         problems.append(f"{differing} validation decisions differ")
     if problems:
         raise RuntimeError("export check failed: model.onnx: " + "; ".join(problems))
@@ -883,6 +926,10 @@ def model_card(facts: dict, folder: Path) -> str:
         "",
         _scoring_note(facts),
         "",
+        f"The recipe's scores of this checkpoint (its report; embedded in "
+        f"`{facts['eval_precision']}`, batched). This folder's own model (fp32, one utterance at "
+        f"a time) agrees with them {agreement(facts['checks'], 'folder')}.",
+        "",
         "| split | condition | EER (%) | minDCF (SdSV) | actDCF | Cllr | targets | non-targets |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -913,8 +960,17 @@ def model_card(facts: dict, folder: Path) -> str:
     return "\n".join(lines)
 
 
+def agreement(checks: dict, name: str) -> str:
+    """``checks``' agreement on the check sample, in words (``trial_agreement``'s keys)."""
+    return (
+        f"on the {checks[f'{name}_trials']} sampled validation trials, scores within "
+        f"{checks[f'{name}_max_score_difference']:.1e}, "
+        f"{checks[f'{name}_decisions_differing']} decisions differing"
+    )
+
+
 def onnx_card(facts: dict) -> list[str]:
-    """The model card's ONNX section: the checks, and int8's metrics beside fp32's."""
+    """The model card's ONNX section: the checks, and int8's metrics beside fp32's if measured."""
     if not facts.get("onnx"):
         return []
     checks = facts["checks"]
@@ -923,11 +979,13 @@ def onnx_card(facts: dict) -> list[str]:
         "## ONNX (`model.onnx`, `model.int8.onnx`)",
         "",
         f"`model.onnx` (fp32) was checked against this folder's PyTorch model: embedding cosine "
-        f">= {checks['onnx_min_cosine']:.6f}, every one of the {checks['onnx_valid_trials']} "
-        f"validation trials' scores within {checks['onnx_valid_max_score_difference']:.1e}, "
-        f"{checks['onnx_valid_decisions_differing']} decisions differing. `model.int8.onnx` "
+        f">= {checks['onnx_min_cosine']:.6f}; {agreement(checks, 'onnx')}. `model.int8.onnx` "
         "(weights of the matrix products in int8, onnxruntime's dynamic quantization) decides "
-        "with the same thresholds and fusion; its effect, measured here:",
+        f"with the same thresholds and fusion; {agreement(checks, 'int8')}.",
+    ]
+    if not facts["onnx_int8_metrics"]:
+        return lines
+    lines += [
         "",
         "| split | model | EER (%) | minDCF (SdSV) | actDCF |",
         "|---|---|---|---|---|",
@@ -1016,7 +1074,11 @@ def main(argv) -> None:
     """Read ``hparams/export.yaml`` and the run it names; export."""
     run_opts, step = load_step(argv)
     target = ExportSettings(
-        Path(step["export_folder"]), step["export_operating_point"], step["export_onnx"]
+        Path(step["export_folder"]),
+        step["export_operating_point"],
+        step["export_onnx"],
+        step["export_check_trials"],
+        step["export_int8_metrics"],
     )
     check_export_target(target.folder, step["output_folder"])  # before any work
     hparams = load_run(step["run_hparams"], run_replacements(step), run_opts)

@@ -3,10 +3,10 @@
 ``recipes/export_model.py`` calls ``write_onnx_models`` on the folder's own model (the one its
 SpeechBrain copy loads) and publishes the folder only if its ``check_onnx`` passes: the fp32
 graph must give the trained model's embeddings (``graph_agreement``: cosine above the export's
-``MIN_COSINE``) and phrase log-posteriors, and the LLRs and decisions of every validation trial
-(``trial_agreement``, within ``MAX_LLR_DIFFERENCE``). The int8 copy is not held to that: its
-effect on every labelled split's metrics is measured (``int8_metrics``) and stated in the model
-card.
+``MIN_COSINE``) and phrase log-posteriors, and the LLRs and decisions of the export's check
+sample of validation trials (``trial_agreement``, within ``MAX_LLR_DIFFERENCE``). The int8 copy
+is not held to that: its agreement on the sample (and, with ``export_int8_metrics``, its
+metrics on every labelled split) is stated in the model card.
 
 The graph is exported with torch.onnx's dynamo exporter (``torch.export``): the TorchScript one
 fails on the waveform normalization, a ``layer_norm`` over the input's dynamic length. One
@@ -148,16 +148,18 @@ def graph_agreement(verifier: OnnxVerifier, model: WavLMSpeakerEmbedder, wavs) -
     return {"onnx_min_cosine": min(cosines), "onnx_phrase_max_logp_difference": max(logp)}
 
 
-def trial_agreement(reference, candidate, threshold: float) -> dict:
+def trial_agreement(name: str, reference, candidate, threshold: float) -> dict:
     """How far ``candidate`` scores of trials are from ``reference`` ones, and decisions differ.
 
     ``threshold``: the decisions' (the Bayes threshold of LLRs, or a calibrated cosine one).
+    The keys are ``<name>_trials``, ``<name>_max_score_difference`` and
+    ``<name>_decisions_differing``.
     """
     reference, candidate = np.asarray(reference), np.asarray(candidate)
     return {
-        "onnx_valid_trials": int(reference.size),
-        "onnx_valid_max_score_difference": float(np.abs(reference - candidate).max()),
-        "onnx_valid_decisions_differing": int(
+        f"{name}_trials": int(reference.size),
+        f"{name}_max_score_difference": float(np.abs(reference - candidate).max()),
+        f"{name}_decisions_differing": int(
             ((reference >= threshold) != (candidate >= threshold)).sum()
         ),
     }

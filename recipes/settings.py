@@ -77,6 +77,7 @@ BOOLEANS = (
     "include_free_text", "skip_bad", "skip_nonfinite_grads", "phrase_branch", "freeze_cnn",
     "gradient_checkpointing", "augment", "aug_noise", "aug_speed", "aug_drop_freq",
     "aug_drop_chunk", "use_tensorboard", "audio_outside_data_folder", "export_onnx",
+    "export_int8_metrics",
 )  # fmt: skip
 
 
@@ -132,6 +133,7 @@ RANGES = {
     "cohort_utts_per_speaker": Range(1, integer=True),
     "emb_dim": Range(1, integer=True),
     "lora_rank": Range(1, integer=True),
+    "export_check_trials": Range(1, integer=True),
     "lora_alpha": Range(0, low_open=True),
     "ckpt_interval_minutes": Range(0),
     "min_audio_seconds": Range(0),

@@ -81,12 +81,12 @@ def test_an_onnx_model_that_decides_otherwise_is_refused_naming_each_difference(
     agreeing = {
         "onnx_min_cosine": 0.99999,
         "onnx_phrase_max_logp_difference": 1e-5,
-        "onnx_valid_max_score_difference": 1e-4,
-        "onnx_valid_decisions_differing": 0,
+        "onnx_max_score_difference": 1e-4,
+        "onnx_decisions_differing": 0,
     }
     check_onnx(agreeing)
-    differing = {**agreeing, "onnx_min_cosine": 0.98, "onnx_valid_decisions_differing": 2}
+    differing = {**agreeing, "onnx_min_cosine": 0.98, "onnx_decisions_differing": 2}
     with pytest.raises(RuntimeError, match=r"cosine 0\.980000; 2 validation decisions differ"):
         check_onnx(differing)
     with pytest.raises(RuntimeError, match=r"validation trial scores differ by up to 5\.00e-02"):
-        check_onnx({**agreeing, "onnx_valid_max_score_difference": 0.05})
+        check_onnx({**agreeing, "onnx_max_score_difference": 0.05})
