@@ -6,13 +6,13 @@
 - The model: ``assembled_model`` (the YAML's ``WavLMSpeakerEmbedder`` with its phrase branch,
   as training builds it), ``best_checkpoint`` and ``checkpoint_model`` (that model with a
   checkpoint's weights), so final scoring, ``verify_speakers.py``, ``export_model.py`` and the
-  benchmarks need no Brain; ``embed_tables`` runs it over a dataset in padding-free batches.
+  benchmarks need no Brain (``evaluation.verification.embed_tables`` runs it over a dataset).
 
 Every step takes a small settings object (``CorpusSettings``, ``AudioSettings``,
-``SamplingSettings``, ``ModelWiring``), never ``hparams``: the training script's
-``recipe_settings`` builds them from the YAML's keys by name (and so reads every key its YAML
-sets, SpeechBrain's rule). The training script holds the Brain and ``main``; the other entry
-scripts import only ``recipe_settings`` from it.
+``SamplingSettings``, ``ModelWiring``), never ``hparams``: the training YAML builds them from its
+keys (``recipe_settings: !new:recipes.experiment.RecipeSettings``), so a key reaches its
+consumer through the YAML alone, and every key is read (SpeechBrain's rule). No entry script
+imports another.
 """
 
 from __future__ import annotations
@@ -31,16 +31,13 @@ from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.dataio.encoder import CategoricalEncoder
 from speechbrain.utils.distributed import run_on_main
 from speechbrain.utils.logger import get_logger
-from tqdm import tqdm
 
 from data_prep.audio_checks import check_finite, check_waveform, file_problem
 from data_prep.corpus import CORPUS_OPTIONS, FREE_TEXT_ID, SPLITS, preparer
 from data_prep.manifests import official_lists
 from data_prep.synth_deepmine import synthesize_corpus
-from recipes.distributed import gathered, shard
-from recipes.evaluation.scoring import EmbeddingTable
 from recipes.model.adaptation import WavLMTuning, adapt_wavlm
-from recipes.model.speaker_model import WavLMSpeakerEmbedder, per_utterance
+from recipes.model.speaker_model import WavLMSpeakerEmbedder
 from recipes.model.trial_decisions import OTHER_PHRASE
 from recipes.training.augmentation import noise_reader
 from recipes.training.checkpointing import MODEL_RECOVERABLE, CheckpointLoadError
@@ -51,8 +48,8 @@ logger = get_logger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------
-# The settings each step takes (built from the YAML's keys by name in the training script's
-# ``recipe_settings``: the one place that maps keys to code)
+# The settings each step takes: the training YAMLs build them from their keys (``recipe_settings``,
+# a ``RecipeSettings``), so the YAML is the one place that maps keys to code
 # ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CorpusSettings:
@@ -128,6 +125,26 @@ class ModelWiring:
     phrase_branch_model: Callable | None  # n_phrases -> PhraseBranch; None: no phrase branch
     checkpointer: object  # SpeechBrain's Checkpointer of the run
     tuning: WavLMTuning | None = None  # what of WavLM trains (LoRA adapters are part of the model)
+    phrase_branch: bool = True  # the YAML's switch: False leaves phrase_branch_model out
+
+    def __post_init__(self):
+        """A switched-off phrase branch is no branch (the YAML wires its builder regardless)."""
+        if not self.phrase_branch:
+            object.__setattr__(self, "phrase_branch_model", None)
+
+
+class RecipeSettings(NamedTuple):
+    """The settings of every step of a run: the training YAML's ``recipe_settings``.
+
+    Training, scoring (``verify_speakers.py``) and the export read a run through it, never its
+    keys one by one.
+    """
+
+    corpus: CorpusSettings
+    audio: AudioSettings
+    sampling: SamplingSettings
+    scoring: object  # evaluation.verification.ScoringSettings (evaluation builds on this module)
+    model: ModelWiring
 
 
 # ------------------------------------------------------------------------------------------------
@@ -494,27 +511,3 @@ def usable_precision(precision: str, device) -> str:
         return precision
     logger.warning("eval_precision %s on %s: %s; evaluating in fp32", precision, device, reason)
     return "fp32"
-
-
-@torch.no_grad()
-def embed_tables(model, dataset, loader_kwargs: dict, device, precision="fp32", progress=True):
-    """Tables of every utterance of ``dataset``: ``"speaker"`` and the phrase branch's outputs.
-
-    Batches of sorted utterances; a batch without padding goes without lengths (the fused,
-    unmasked path: the same features, faster), as in training. ``precision`` (fp16 / bf16)
-    runs the model under autocast, like SpeechBrain's ``eval_precision``. Under ``torchrun``
-    each process embeds its share (``distributed.shard``) and every process gets all tables.
-    """
-    part = shard(dataset)
-    loader = sb.dataio.dataloader.make_dataloader(part, **loader_kwargs)
-    model = model.to(device).eval()
-    outputs = {}
-    for batch in tqdm(loader, desc="embedding", disable=not progress):
-        wavs, lens = batch.sig
-        padded = bool((lens < 1).any())
-        with torch.autocast(device.type, PRECISIONS.get(precision), enabled=precision != "fp32"):
-            result = model.embed_all(wavs.to(device), lens.to(device) if padded else None)
-        for name, vectors in per_utterance(result).items():
-            outputs.setdefault(name, {}).update(zip(batch.id, vectors.cpu().numpy(), strict=True))
-    tables = gathered(outputs, total=len(dataset))
-    return {name: EmbeddingTable.from_dict(vectors) for name, vectors in tables.items()}

@@ -85,6 +85,7 @@ from recipes.evaluation.verification import (
 )
 from recipes.experiment import (
     AudioSettings,
+    RecipeSettings,
     Split,
     checkpoint_state,
     dataio_prep,
@@ -106,7 +107,6 @@ from recipes.onnx_export import (
     write_onnx_models,
 )
 from recipes.settings import load_run, load_step
-from recipes.train_speaker_embeddings import RecipeSettings, recipe_settings
 
 logger = get_logger(__name__)
 
@@ -135,7 +135,7 @@ class ExportedRun(NamedTuple):
 def exported_run(hparams) -> ExportedRun:
     """The run's settings that an export reads, from its hparams by name."""
     return ExportedRun(
-        settings=recipe_settings(hparams),
+        settings=hparams["recipe_settings"],
         head=hparams["heads"][hparams["head_type"]],
         head_type=hparams["head_type"],
         classifier=hparams["classifier"],

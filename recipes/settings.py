@@ -32,6 +32,7 @@ from recipes import experiment
 from recipes.evaluation import scoring
 from recipes.experiment_lock import hold_experiment_lock
 from recipes.model import adaptation, modules, speaker_model, trial_decisions
+from recipes.training.resume_guard import WIRING
 
 #: Enumerated settings: where the code that dispatches on each keeps its choices (module,
 #: attribute: a tuple, or a dict of what each choice does). Read when checking, so a choice added
@@ -165,15 +166,6 @@ PATHS = (
     "output_folder", "save_folder", "train_log", "data_folder", "prep_folder", "bad_audio_log",
     "noise_csv", "run_hparams", "export_folder", "eval_key_file", "dev_key_file", "init_from",
 )  # fmt: skip
-#: The YAML's wiring: objects HyperPyYAML builds from the checked keys (they check their own).
-WIRING = (
-    "train_dataloader_options", "eval_dataloader_options", "dynamic_batch_sampler", "wavlm",
-    "wavlm_hidden_size", "heads", "embedding_head", "embedding_model", "classifier", "loss",
-    "phrase_classifier", "phrase_branch_model", "phrase_loss", "add_noise", "speed_perturb",
-    "drop_freq", "drop_chunk", "wav_augment", "wavlm_opt_class", "head_opt_class",
-    "lr_schedulers", "epoch_counter", "train_logger", "tensorboard_logger", "checkpointer",
-)  # fmt: skip
-
 #: Settings read as they are, with why. A key of a YAML that is in none of the checked lists
 #: and not here fails ``tests/test_settings.py``: every setting is checked or said to be free.
 FREE = {

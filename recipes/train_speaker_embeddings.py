@@ -22,7 +22,6 @@ from __future__ import annotations
 import sys
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
 
 import speechbrain as sb
 import torch
@@ -33,17 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from recipes.distributed import gathered, on_main, shard
 from recipes.evaluation.scoring import EmbeddingTable
 from recipes.evaluation.verification import (
-    ScoringSettings,
     check_validation_split,
     run_verification,
     validation_pass_metrics,
 )
 from recipes.experiment import (
-    AudioSettings,
-    CorpusSettings,
-    ModelWiring,
     RecipeData,
-    SamplingSettings,
     add_noise_crops,
     assembled_model,
     check_phrase_classes,
@@ -52,12 +46,11 @@ from recipes.experiment import (
     prepare_data,
     train_loader_options,
 )
-from recipes.model.adaptation import WavLMTuning
+from recipes.init_from import start_from, starting_model
 from recipes.model.speaker_model import per_utterance, scoring_outputs
 from recipes.settings import load_checked_hparams, raw_settings, seal_record
 from recipes.training.checkpointing import MODEL_RECOVERABLE
 from recipes.training.fine_tuning import WavLMFineTuning
-from recipes.training.init_from import start_from, starting_model
 from recipes.training.monitoring import TrainingMonitor
 from recipes.training.preemption import PreemptibleTraining, worker_init
 from recipes.training.randomness import TrainingRandomness
@@ -227,85 +220,6 @@ class SpeakerBrain(TrainingMonitor, WavLMFineTuning, PreemptibleTraining, sb.cor
         return stats
 
 
-class RecipeSettings(NamedTuple):
-    """The settings of every step of a run (``recipe_settings``)."""
-
-    corpus: CorpusSettings
-    audio: AudioSettings
-    sampling: SamplingSettings
-    scoring: ScoringSettings
-    model: ModelWiring
-
-
-def recipe_settings(hparams) -> RecipeSettings:
-    """The settings objects that data prep, loading, sampling, scoring and the model take.
-
-    The one place where the YAML's keys become code, each read by its name: the modules take
-    these small objects, never ``hparams``. ``verify_speakers.py`` and ``export_model.py`` read
-    a run the same way; ``tests/test_recipe_rows.py`` checks that every top-level key of each
-    YAML is read by the script it is passed to.
-    """
-    corpus = CorpusSettings(
-        data_folder=hparams["data_folder"],
-        prep_folder=hparams["prep_folder"],
-        corpus=hparams["corpus"],
-        valid_speakers=hparams["valid_speakers"],
-        valid_enrol_utts=hparams["valid_enrol_utts"],
-        seed=hparams["seed"],
-        include_free_text=hparams["include_free_text"],
-        skip_bad=hparams["skip_bad"],
-        enrol_utts=hparams["enrol_utts"],
-        min_audio_seconds=hparams["min_audio_seconds"],
-        synthetic_corpus=hparams["synthetic_corpus"],
-        phrase_min_count=hparams["phrase_min_count"],
-        audio_outside_data_folder=hparams["audio_outside_data_folder"],
-        eval_key_file=hparams["eval_key_file"],
-        dev_key_file=hparams["dev_key_file"],
-    )
-    audio = AudioSettings(
-        sample_rate=hparams["sample_rate"],
-        crop_seconds=hparams["crop_seconds"],
-        max_eval_seconds=hparams["max_eval_seconds"],
-        min_audio_seconds=hparams["min_audio_seconds"],
-        on_bad_audio=hparams["on_bad_audio"],
-        bad_audio_log=hparams["bad_audio_log"],
-        target_type=hparams["target_type"],
-        cohort_utts_per_speaker=hparams["cohort_utts_per_speaker"],
-        save_folder=hparams["save_folder"],
-    )
-    sampling = SamplingSettings(
-        batch_sampler=hparams["batch_sampler"],
-        loader_options=hparams["train_dataloader_options"],
-        seed=hparams["seed"],
-        dynamic_batch_sampler=hparams["dynamic_batch_sampler"],
-        on_bad_audio=hparams["on_bad_audio"],
-    )
-    scoring = ScoringSettings(
-        output_folder=hparams["output_folder"],
-        score_norm=hparams["score_norm"],
-        cohort_top_k=hparams["cohort_top_k"],
-        fusion=hparams["fusion"],
-        fusion_prior=hparams["fusion_prior"],
-        fusion_quality=tuple(hparams["fusion_quality"]),
-        eval_precision=hparams["eval_precision"],
-        loader_options=hparams["eval_dataloader_options"],
-        max_eval_seconds=hparams["max_eval_seconds"],
-        sample_rate=hparams["sample_rate"],
-    )
-    model = ModelWiring(
-        embedding_model=hparams["embedding_model"],
-        phrase_branch_model=hparams["phrase_branch_model"] if hparams["phrase_branch"] else None,
-        checkpointer=hparams["checkpointer"],
-        tuning=WavLMTuning(
-            hparams["wavlm_tuning"],
-            hparams["lora_rank"],
-            hparams["lora_alpha"],
-            tuple(hparams["lora_targets"]),
-        ),
-    )
-    return RecipeSettings(corpus, audio, sampling, scoring, model)
-
-
 def noise_list(hparams):
     """The noise list whose crops the loader's workers read; None when noise is not added.
 
@@ -338,7 +252,7 @@ def build_brain(hparams, run_opts, n_classes: int, n_phrases: int, phrase_labels
     if hparams["target_type"] == "speaker+phrase":
         modules["phrase_classifier"] = hparams["phrase_classifier"](out_neurons=n_phrases)
         modules["phrase_loss"] = hparams["phrase_loss"](n_classes=n_phrases)
-    wiring = recipe_settings(hparams).model
+    wiring = hparams["recipe_settings"].model
     modules = {MODEL_RECOVERABLE: assembled_model(wiring, n_phrases), **modules}
     checkpointer = hparams["checkpointer"]
     for name, module in modules.items():
@@ -368,7 +282,7 @@ def main(argv) -> None:
     hparams_file, run_opts, overrides, hparams = load_checked_hparams(argv, lock=True)
     given = raw_settings(hparams_file, overrides)  # what this command sets, as plain values
     guard_settings(hparams["save_folder"], given)  # a resume on other settings: before writing
-    settings = recipe_settings(hparams)
+    settings = hparams["recipe_settings"]  # the YAML wires the steps' settings objects
     source = starting_model(hparams["init_from"], partial(data_free_model, settings.model))
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"],

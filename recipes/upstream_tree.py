@@ -51,16 +51,8 @@ def renamed(text: str) -> str:
 
 
 def entry_script(text: str) -> str:
-    """An entry script for the tree: renamed, with its own folder on ``sys.path``.
-
-    An import of another entry script (``recipe_settings`` from the training script) is from
-    the recipe folder, where the entry scripts are, not from the package.
-    """
-    text = renamed(text)
-    for script in ENTRY_SCRIPTS:
-        module = Path(script).stem
-        text = text.replace(f"from {PACKAGE}.{module} import", f"from {module} import")
-    return text.replace(
+    """An entry script for the tree: renamed, with its own folder on ``sys.path``."""
+    return renamed(text).replace(
         "sys.path.insert(0, str(Path(__file__).resolve().parents[1]))",
         "sys.path.insert(0, str(Path(__file__).resolve().parent))  # the recipe folder",
     )

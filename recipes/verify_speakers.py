@@ -66,7 +66,6 @@ from recipes.experiment import best_checkpoint, dataio_prep, prepare_data
 from recipes.model.onnx_verifier import OnnxVerifier, read_settings
 from recipes.model.trial_decisions import SDSV_COSTS, bayes_threshold, cosine
 from recipes.settings import load_run, load_step
-from recipes.train_speaker_embeddings import recipe_settings
 
 LABELS = {"1": True, "target": True, "0": False, "nontarget": False}
 
@@ -102,7 +101,7 @@ def verify_recipe(argv, model=None, trust_model_code=False) -> None:
     """
     run_opts, verification = load_step(argv)
     hparams = load_run(verification["run_hparams"], scoring_replacements(verification), run_opts)
-    settings = recipe_settings(hparams)
+    settings = hparams["recipe_settings"]
     scoring = settings.scoring
     if model is None:
         best_checkpoint(settings.model.checkpointer)  # a clear error now, not after data prep

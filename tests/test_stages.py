@@ -17,10 +17,10 @@ from speechbrain.nnet.adapters import LoRA
 from speechbrain.utils.checkpoints import Checkpointer
 
 from recipes.experiment import assembled_model, best_checkpoint
+from recipes.init_from import INIT_RECORD, Source, check_fits, load_source
 from recipes.model.adaptation import merge_lora, merged_state
 from recipes.settings import settings_problems
-from recipes.train_speaker_embeddings import build_brain, recipe_settings
-from recipes.training.init_from import INIT_RECORD, Source, check_fits, load_source
+from recipes.train_speaker_embeddings import build_brain
 from tests.conftest import KALDI_EN30
 from tests.helpers import ROOT, load_yaml, run_script, run_script_command
 
@@ -29,7 +29,7 @@ def _model(tmp_path, wavlm_dir, n_phrases=3, **settings):
     """The demo YAML's model (tiny WavLM) with ``settings``, as training assembles it."""
     overrides = {"output_folder": str(tmp_path), "wavlm_source": wavlm_dir, "noise_csv": None}
     hparams = load_yaml("synthetic_demo.yaml", {**overrides, **settings})
-    return assembled_model(recipe_settings(hparams).model, n_phrases), hparams
+    return assembled_model(hparams["recipe_settings"].model, n_phrases), hparams
 
 
 def _trainable(model) -> list[str]:

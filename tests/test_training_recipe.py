@@ -21,8 +21,9 @@ from speechbrain.dataio.dataloader import make_dataloader
 from data_prep.corpus import file_digest
 from data_prep.manifests import read_list
 from recipes.evaluation.metrics import eer
-from recipes.experiment import best_checkpoint, checkpoint_model, dataio_prep, embed_tables
-from recipes.train_speaker_embeddings import brain_for_data, build_brain, recipe_settings
+from recipes.evaluation.verification import embed_tables
+from recipes.experiment import best_checkpoint, checkpoint_model, dataio_prep
+from recipes.train_speaker_embeddings import brain_for_data, build_brain
 from tests.helpers import ROOT, experiment_record, fake_batch, load_yaml, run_script
 
 SMALL_HEAD = {"emb_dim": 64}  # the YAML's head widths stay; a smaller embedding keeps it quick
@@ -243,7 +244,7 @@ def test_scoring_model_reproduces_the_trained_brain(trained, tiny_corpus):
         "valid_speakers": 2, "emb_dim": 64, "noise_csv": None, "cohort_utts_per_speaker": 2,
     }  # fmt: skip
     hparams = load_yaml("synthetic_demo.yaml", overrides)
-    settings = recipe_settings(hparams)
+    settings = hparams["recipe_settings"]
     data = dataio_prep(settings.corpus, settings.audio)
     checkpoint = best_checkpoint(settings.model.checkpointer)
     model = checkpoint_model(settings.model, checkpoint, len(data.phrase_encoder))

@@ -19,11 +19,14 @@ from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
+import speechbrain as sb
+import torch
 from speechbrain.utils.checkpoints import Checkpoint
+from tqdm import tqdm
 
 from data_prep.corpus import VALID_SPLIT, file_digest
 from recipes.disk import WriteFailed, named_write_failures
-from recipes.distributed import main_writes, on_main
+from recipes.distributed import gathered, main_writes, on_main, shard
 from recipes.evaluation.fusion import (
     QualityInputs,
     TrialScores,
@@ -40,15 +43,15 @@ from recipes.evaluation.scoring import (
 )
 from recipes.evaluation.verification_report import write_report
 from recipes.experiment import (
+    PRECISIONS,
     Cohort,
     ModelWiring,
     best_checkpoint,
     checkpoint_model,
-    embed_tables,
     run_device,
     usable_precision,
 )
-from recipes.model.speaker_model import WavLMSpeakerEmbedder
+from recipes.model.speaker_model import WavLMSpeakerEmbedder, per_utterance
 from recipes.model.trial_decisions import DEFAULT_QUALITY
 from recipes.training.checkpointing import MODEL_RECOVERABLE
 
@@ -69,6 +72,10 @@ class ScoringSettings:
     max_eval_seconds: float  # the cap on a scored utterance (changes its embedding)
     sample_rate: int
     fusion_quality: tuple[str, ...] = ()  # quality measures the fusion weights too
+
+    def __post_init__(self):
+        """The quality measures as a tuple, whatever sequence the YAML gave."""
+        object.__setattr__(self, "fusion_quality", tuple(self.fusion_quality))
 
     @property
     def needs_cohort(self) -> bool:
@@ -104,7 +111,7 @@ def cached_embeddings(embed, dataset, cache_prefix: Path) -> dict[str, Embedding
     """The utterance tables of ``dataset``, from the cache where its audio has not changed.
 
     Tables: ``"speaker"``, and the phrase branch's outputs when the model has one.
-    ``embed(dataset)`` computes them (``experiment.embed_tables`` with a checkpoint's model, or a
+    ``embed(dataset)`` computes them (``embed_tables`` with a checkpoint's model, or a
     loaded model folder's ``pretrained.embed_dataset``). The speaker table is cached as
     ``<prefix>.npy``, the others as ``<prefix>.<name>.npy``, and ``<prefix>.sources.json``
     (written last) records each utterance's file (path, size, modification time): an utterance
@@ -265,6 +272,30 @@ class CheckpointScoring(NamedTuple):
         were replaced (another run's copied in under the same name) is embedded again.
         """
         return {**scoring.embedding_record(precision or self.precision), "model": self.model_digest}
+
+
+@torch.no_grad()
+def embed_tables(model, dataset, loader_kwargs: dict, device, precision="fp32", progress=True):
+    """Tables of every utterance of ``dataset``: ``"speaker"`` and the phrase branch's outputs.
+
+    Batches of sorted utterances; a batch without padding goes without lengths (the fused,
+    unmasked path: the same features, faster), as in training. ``precision`` (fp16 / bf16)
+    runs the model under autocast, like SpeechBrain's ``eval_precision``. Under ``torchrun``
+    each process embeds its share (``distributed.shard``) and every process gets all tables.
+    """
+    part = shard(dataset)
+    loader = sb.dataio.dataloader.make_dataloader(part, **loader_kwargs)
+    model = model.to(device).eval()
+    outputs = {}
+    for batch in tqdm(loader, desc="embedding", disable=not progress):
+        wavs, lens = batch.sig
+        padded = bool((lens < 1).any())
+        with torch.autocast(device.type, PRECISIONS.get(precision), enabled=precision != "fp32"):
+            result = model.embed_all(wavs.to(device), lens.to(device) if padded else None)
+        for name, vectors in per_utterance(result).items():
+            outputs.setdefault(name, {}).update(zip(batch.id, vectors.cpu().numpy(), strict=True))
+    tables = gathered(outputs, total=len(dataset))
+    return {name: EmbeddingTable.from_dict(vectors) for name, vectors in tables.items()}
 
 
 def checkpoint_scoring(

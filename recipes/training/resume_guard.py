@@ -25,9 +25,18 @@ from speechbrain.utils.logger import get_logger
 
 from data_prep.corpus import file_digest
 from data_prep.manifests import PREP_RECORD
-from recipes.settings import WIRING
 
 logger = get_logger(__name__)
+
+#: The YAML's wiring: objects HyperPyYAML builds from the checked keys (they check their own).
+WIRING = (
+    "train_dataloader_options", "eval_dataloader_options", "dynamic_batch_sampler", "wavlm",
+    "wavlm_hidden_size", "heads", "embedding_head", "embedding_model", "classifier", "loss",
+    "phrase_classifier", "phrase_branch_model", "phrase_loss", "add_noise", "speed_perturb",
+    "drop_freq", "drop_chunk", "wav_augment", "wavlm_opt_class", "head_opt_class",
+    "lr_schedulers", "epoch_counter", "train_logger", "tensorboard_logger", "checkpointer",
+    "recipe_settings",
+)  # fmt: skip
 
 #: The record, in the run's save folder beside its checkpoints.
 FINGERPRINT_FILE = "run_fingerprint.json"

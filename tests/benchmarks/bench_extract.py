@@ -1,7 +1,7 @@
 """Embedding extraction and trial scoring speed, as the verification recipe runs them.
 
-Extraction: ``recipes.experiment.embed_tables`` with the demo's embedding model (the code behind
-final scoring, ``verify_speakers.py`` and the export; the phrase branch included) over
+Extraction: ``recipes.evaluation.verification.embed_tables`` with the demo's embedding model (the
+code behind final scoring, ``verify_speakers.py`` and the export; the phrase branch included) over
 utterances with DeepMine-like durations (1.5-5 s), sorted longest first as the recipe sorts them,
 one utterance at a time and in padded batches, for the demo's tiny WavLM and a WavLM Base+ sized
 one (random weights), at each precision the device supports. Reports utterances/s, the real-time
@@ -36,7 +36,7 @@ from speechbrain.dataio.dataset import DynamicItemDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
 
 from recipes.evaluation.scoring import EmbeddingTable, metrics_by_condition, score_trials
-from recipes.experiment import embed_tables
+from recipes.evaluation.verification import embed_tables
 from tests.benchmarks import common
 
 

@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 from recipes.experiment import assembled_model
 from recipes.tiny_wavlm import build_tiny_wavlm, save_wavlm, wavlm_base_plus_config
-from recipes.train_speaker_embeddings import build_brain, recipe_settings
+from recipes.train_speaker_embeddings import build_brain
 
 #: The repository (benchmark scripts put it on ``sys.path`` and import this as
 #: ``tests.benchmarks.common``, as the tests do).
@@ -61,7 +61,7 @@ def demo_brain(model_dir, model: str, tmp, run_opts: dict, **overrides):
 def demo_embedder(model_dir, model: str, tmp, **overrides):
     """The demo's embedding model (what scoring and exports run) for a given WavLM."""
     hparams = demo_hparams(model_dir, model, tmp, **overrides)
-    return assembled_model(recipe_settings(hparams).model, n_phrases=10).eval()
+    return assembled_model(hparams["recipe_settings"].model, n_phrases=10).eval()
 
 
 def deepmine_lengths(count: int, seed: int = 0) -> np.ndarray:
