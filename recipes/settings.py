@@ -11,6 +11,7 @@ the settings the step replaces.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -557,6 +558,7 @@ def load_run(record, replacements: dict, run_opts) -> dict:
         )
     moved = moved_run(text, replaced.get("output_folder"))
     hparams = checked_hparams(record, run_overrides, run_opts, lock=True, moved=moved)
+    hparams["recipe_settings"] = with_replacements(hparams["recipe_settings"], replaced)
     log_step(hparams["output_folder"])
     if moved is not None:
         logging.getLogger(__name__).info(
@@ -564,6 +566,22 @@ def load_run(record, replacements: dict, run_opts) -> dict:
             "caches) are read and written there", *moved,
         )  # fmt: skip
     return hparams
+
+
+def with_replacements(settings, replaced: dict):
+    """The run's settings objects with a step's ``replaced`` keys, each set on its field.
+
+    A record holds its settings objects resolved (SpeechBrain writes references as values), so
+    a step's replacement of a key reaches its top-level entry but not the object built from it:
+    it is set here on every settings object with a field of that name
+    (``tests/test_settings.py`` checks that each key a step replaces has one).
+    """
+    parts = {}
+    for name, part in settings._asdict().items():
+        fields = {field.name for field in dataclasses.fields(part)}
+        own = {key: value for key, value in replaced.items() if key in fields}
+        parts[name] = dataclasses.replace(part, **own)
+    return type(settings)(**parts)
 
 
 def moved_run(record_text: str, now) -> tuple[str, str] | None:

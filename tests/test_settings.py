@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import time
@@ -12,6 +13,8 @@ from hyperpyyaml import load_hyperpyyaml
 
 from recipes import experiment
 from recipes.evaluation import scoring
+from recipes.evaluation.verification import ScoringSettings
+from recipes.export_model import run_replacements
 from recipes.settings import (
     BOOLEANS,
     FREE,
@@ -21,7 +24,9 @@ from recipes.settings import (
     choices,
     raw_settings,
     settings_problems,
+    with_replacements,
 )
+from recipes.verify_speakers import scoring_replacements
 from tests.helpers import ROOT
 
 BAD_VALUES = {
@@ -203,3 +208,39 @@ def test_renamed_and_layout_settings_are_named():
     assert settings_problems(raw_settings(demo, {"valid_enrol_utts": 0})) == [
         "valid_enrol_utts: 0 must be a whole number >= 1"
     ]
+
+
+def _settings_fields() -> set[str]:
+    """The field names of every settings object the training YAMLs build (``RecipeSettings``)."""
+    classes = (
+        experiment.CorpusSettings, experiment.AudioSettings, experiment.SamplingSettings,
+        ScoringSettings, experiment.ModelWiring,
+    )  # fmt: skip
+    return {field.name for cls in classes for field in dataclasses.fields(cls)}
+
+
+@pytest.mark.parametrize("step", ["verification.yaml", "export.yaml"])
+def test_each_key_a_step_replaces_reaches_a_settings_object(step):
+    """A record holds its settings objects resolved: a replaced key must be set on a field."""
+    replacements = {"verification.yaml": scoring_replacements, "export.yaml": run_replacements}
+    step_hparams = load_hyperpyyaml((ROOT / "hparams" / step).read_text(), {"output_folder": "/a"})
+    keys = set(replacements[step](step_hparams))
+    assert keys and keys <= _settings_fields()
+
+
+def test_a_replaced_key_is_set_on_the_settings_object_that_has_it():
+    corpus = experiment.CorpusSettings(
+        "/data/old", "/prep", "deepmine", 2, 1, True, False, 3, 0.3, None, 5, False
+    )
+    settings = experiment.RecipeSettings(
+        corpus,
+        experiment.AudioSettings(16000, 2.0, 8.0, 0.3, "fail", "/log", "speaker", 5, "/save"),
+        experiment.SamplingSettings("random", {}, 1, None, "fail"),
+        ScoringSettings("/runs/a", "none", 10, "llr", 0.09, "fp32", {}, 8.0, 16000, ["cohort"]),
+        experiment.ModelWiring(None, None, None),
+    )
+    replaced = {"data_folder": "/data/new", "fusion_quality": ["duration"], "score_norm": "s-norm"}
+    new = with_replacements(settings, replaced)
+    assert new.corpus.data_folder == "/data/new" and corpus.data_folder == "/data/old"
+    assert new.scoring.fusion_quality == ("duration",) and new.scoring.score_norm == "s-norm"
+    assert new.scoring.output_folder == "/runs/a" and new.audio == settings.audio
