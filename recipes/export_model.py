@@ -27,10 +27,13 @@ model, the data and the fusion it was trained and scored with. Writes ``export_f
   layout exactly);
 - ``model.onnx`` and ``model.int8.onnx`` (``export_onnx: true``, ``recipes/onnx_export.py``):
   the same model for onnxruntime, with ``tdsv_onnx_verifier.py``
-  (``recipes/model/onnx_verifier.py``, ``trial_decisions.py`` inlined), ``cohort.npy`` where the
-  fusion needs the training speakers, and the decision settings under ``"onnx"`` in
-  ``export.json``: trials decided with onnxruntime, numpy and soundfile alone
-  (``recipes/onnx_trial_example.py``).
+  (``recipes/model/onnx_verifier.py``, ``trial_decisions.py`` inlined): trials decided with
+  onnxruntime, numpy, soundfile and pyyaml alone (``recipes/onnx_trial_example.py``).
+
+The decision data is written once, in ``hyperparams.yaml`` (``trial_decisions.DECISION_KEYS``:
+thresholds, fusion, phrase classes, costs, audio limits), and both backends read it there; the
+training speakers of the quality measure "cohort" once, in ``cohort.ckpt`` (a NumPy array that
+SpeechBrain's Pretrainer fetches like the model's weights, and the ONNX backend reads too).
 
 The export is checked before it is published: loaded as a hub user loads it (a stand-in hub
 repository, a ``savedir``, an interpreter that cannot import this repository), the folder must
@@ -93,16 +96,14 @@ from recipes.experiment import (
 )
 from recipes.model import speaker_model
 from recipes.model.adaptation import merge_lora
-from recipes.model.onnx_verifier import EXPORT_FACTS, OnnxVerifier
+from recipes.model.onnx_verifier import EXPORT_FACTS, ONNX_INT8_MODEL, OnnxVerifier
 from recipes.model.speaker_model import WavLMSpeakerEmbedder, XVectorHead
-from recipes.model.trial_decisions import OPERATING_POINTS, SDSV_COSTS
+from recipes.model.trial_decisions import COHORT_FILE, OPERATING_POINTS, SDSV_COSTS
 from recipes.onnx_export import (
-    COHORT_ARRAY,
     MAX_LLR_DIFFERENCE,
-    ONNX_INT8_MODEL,
     decision_threshold,
     graph_agreement,
-    onnx_settings,
+    onnx_facts,
     trial_agreement,
     write_onnx_models,
 )
@@ -409,16 +410,13 @@ pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
     loadables:
         embedding_model: !ref <embedding_model>{cohort_loadable}
 """
-#: The training speakers of a fusion that weights the quality measure "cohort": a bias-free linear
-#: layer whose rows are their mean embeddings (``cohort.ckpt``), loaded like the model.
+#: The training speakers of a fusion that weights the quality measure "cohort" (``cohort.ckpt``,
+#: a NumPy array: ``speaker_model.TrainingSpeakers``), fetched and loaded like the model.
 COHORT = """
-# The fusion's quality measure "cohort": mean embedding of each training speaker (cohort.ckpt),
-# of which the top cohort_top_k cosines of a test and of an enrollment model are averaged.
+# The fusion's quality measure "cohort": mean embedding of each training speaker (cohort.ckpt,
+# a NumPy array), of which the top cohort_top_k cosines of a test and of a model are averaged.
 cohort_top_k: {top_k}
-cohort: !new:torch.nn.Linear
-    in_features: {dim}
-    out_features: {speakers}
-    bias: false
+cohort: !new:{module}.TrainingSpeakers
 """
 
 
@@ -446,8 +444,7 @@ def hyperparams_text(
 
     ``settings``: the encoder's (``encoder_settings``); ``head``: ``(class name, kwargs)``;
     ``text_dependent``: ``{"phrase_branch": kwargs, "phrase_labels", "fusion"}`` or None; with
-    ``"cohort"`` (``{"speakers", "dim"}``) and ``"cohort_top_k"`` where the fusion needs the
-    training speakers (``COHORT``).
+    ``"cohort_top_k"`` where the fusion needs the training speakers (``COHORT``).
     """
     head_class, head_kwargs = head
     module = Path(EXPORTED_MODULE).stem
@@ -455,13 +452,10 @@ def hyperparams_text(
     if text_dependent is not None:
         branch = f"!new:{module}.PhraseBranch {yaml_flow(text_dependent['phrase_branch'])}"
     text_dependent = text_dependent or {}
-    cohort = text_dependent.get("cohort")
-    cohort_text = (
-        "" if cohort is None else COHORT.format(top_k=text_dependent["cohort_top_k"], **cohort)
-    )
+    top_k = text_dependent.get("cohort_top_k")
     return HYPERPARAMS.format(
-        cohort=cohort_text,
-        cohort_loadable="" if cohort is None else "\n        cohort: !ref <cohort>",
+        cohort="" if top_k is None else COHORT.format(top_k=top_k, module=module),
+        cohort_loadable="" if top_k is None else "\n        cohort: !ref <cohort>",
         module=module,
         sample_rate=audio.sample_rate,
         max_eval_seconds=audio.max_eval_seconds,
@@ -610,9 +604,8 @@ def write_folder(staging: Path, target: ExportSettings, trained: ExportedRun, da
     for name, module in EXPORTED_CODE.items():
         (staging / name).write_text(exported_source(module), encoding="utf-8")
     if calibration.cohort is not None:  # the quality measure "cohort": the training speakers
-        cohort = torch.from_numpy(calibration.cohort).float()
-        torch.save({"weight": cohort}, staging / "cohort.ckpt")
-        text_dependent["cohort"] = {"speakers": cohort.shape[0], "dim": cohort.shape[1]}
+        with open(staging / COHORT_FILE, "wb") as handle:  # .npy, under a loadable's name
+            np.save(handle, calibration.cohort.astype(np.float32), allow_pickle=False)
         text_dependent["cohort_top_k"] = scoring.cohort_top_k
     (staging / "hyperparams.yaml").write_text(
         hyperparams_text(
@@ -651,7 +644,7 @@ def write_folder(staging: Path, target: ExportSettings, trained: ExportedRun, da
     )
     onnx = None
     if target.onnx:
-        onnx = export_onnx(staging, verifier, text_dependent, inputs, folder_scores, target)
+        onnx = export_onnx(staging, verifier, inputs, folder_scores, target)
         checks.update(onnx.checks)
     facts = {
         "checkpoint": checkpoint.path.name,
@@ -668,7 +661,7 @@ def write_folder(staging: Path, target: ExportSettings, trained: ExportedRun, da
         "phrase_labels": data.phrase_labels if text_dependent else None,
         "metrics": calibration.metrics,
         "checks": checks,
-        "onnx": None if onnx is None else onnx.settings,
+        "onnx": None if onnx is None else onnx.facts,
         "onnx_int8_metrics": None if onnx is None else onnx.int8_metrics,
     }
     (staging / "README.md").write_text(model_card(facts, Path(target.folder)))
@@ -811,14 +804,14 @@ class CheckInputs(NamedTuple):
 
 
 class OnnxExport(NamedTuple):
-    """The ONNX part of an export: ``export.json``'s settings, its checks and int8 metrics."""
+    """The ONNX part of an export: ``export.json``'s facts, its checks and int8 metrics."""
 
-    settings: dict
+    facts: dict
     checks: dict
     int8_metrics: dict | None  # every labelled split's, with export_int8_metrics
 
 
-def export_onnx(folder: Path, verifier, text_dependent, inputs: CheckInputs, reference, target):
+def export_onnx(folder: Path, verifier, inputs: CheckInputs, reference, target: ExportSettings):
     """Write the folder model's ONNX copies and check them (``check_onnx``); an ``OnnxExport``.
 
     ``verifier`` is the folder loaded as a user loads it, ``reference`` its final scores of the
@@ -828,17 +821,12 @@ def export_onnx(folder: Path, verifier, text_dependent, inputs: CheckInputs, ref
     """
     model, calibration = verifier.mods.embedding_model.eval(), inputs.calibration
     names = write_onnx_models(folder, model, inputs.audio)
-    if calibration.cohort is not None:  # for torch-free use: cohort.ckpt's rows as an array
-        np.save(folder / COHORT_ARRAY, calibration.cohort.astype(np.float32))
-    settings = onnx_settings(
-        inputs.audio, target.operating_point, calibration.thresholds, text_dependent, names
-    )
-    fp32 = OnnxVerifier(folder, settings=settings)
+    fp32 = OnnxVerifier(folder, complete=False)  # the folder's own decisions and cohort
     checks = graph_agreement(fp32, model, inputs.wavs)
     onnx_scores = backend_scores(fp32, inputs.sample_splits(), inputs)[VALID_SPLIT]
     checks.update(trial_agreement("onnx", reference, onnx_scores, inputs.threshold()))
     check_onnx(checks)
-    int8 = OnnxVerifier(folder, ONNX_INT8_MODEL, settings=settings)
+    int8 = OnnxVerifier(folder, ONNX_INT8_MODEL, complete=False)
     int8_scores = backend_scores(int8, inputs.sample_splits(), inputs)[VALID_SPLIT]
     checks.update(trial_agreement("int8", reference, int8_scores, inputs.threshold()))
     metrics = None
@@ -849,7 +837,7 @@ def export_onnx(folder: Path, verifier, text_dependent, inputs: CheckInputs, ref
             name: trial_metrics(scores, splits[name].trials, llr=fused)
             for name, scores in backend_scores(int8, splits, inputs).items()
         }
-    return OnnxExport(settings, checks, metrics)
+    return OnnxExport(onnx_facts(names), checks, metrics)
 
 
 def backend_scores(verifier, splits: dict, inputs: CheckInputs) -> dict:
@@ -946,7 +934,8 @@ def model_card(facts: dict, folder: Path) -> str:
         "## Decision thresholds (calibrated on the validation trials)",
         "",
         "Accept when `score >= threshold`. Default operating point: "
-        f"`{facts['operating_point']}` (change it in `hyperparams.yaml` or pass `threshold=`).",
+        f"`{facts['operating_point']}` (change it in `hyperparams.yaml`, which both backends "
+        "read, or pass `threshold=`).",
         "",
         "| enrollment utterances | EER threshold | minDCF threshold |",
         "|---|---|---|",
@@ -1040,14 +1029,14 @@ with torch.no_grad():
 """
 #: The model card's torch-free part (only for a folder with ONNX models).
 ONNX_USAGE = """\
-ONNX, without PyTorch (`pip install onnxruntime numpy soundfile`; 16 kHz audio), with this
+ONNX, without PyTorch (`pip install onnxruntime numpy soundfile pyyaml`; 16 kHz audio), with this
 folder's own `tdsv_onnx_verifier.py` (its code runs: a source you trust; the recipe's repository
 has the same class, `recipes.model.onnx_verifier.OnnxVerifier`, reading the folder as data):
 
 ```python
 import sys
 sys.path.insert(0, "{folder}")  # hub: huggingface_hub.snapshot_download("USER/MODEL")
-from tdsv_onnx_verifier import OnnxVerifier  # self-contained: onnxruntime, numpy, soundfile
+from tdsv_onnx_verifier import OnnxVerifier  # self-contained: onnxruntime, numpy, soundfile, yaml
 
 verifier = OnnxVerifier("{folder}")  # model="model.int8.onnx": the quantized copy
 verdict = verifier.verify_trial(["e1.wav", "e2.wav", "e3.wav"], "test.wav")

@@ -26,14 +26,10 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from torch import nn
 
-from recipes.model.onnx_verifier import OnnxVerifier
+from recipes.model.onnx_verifier import ONNX_INPUT, ONNX_INT8_MODEL, ONNX_MODEL, OnnxVerifier
 from recipes.model.speaker_model import WavLMSpeakerEmbedder, per_utterance
 from recipes.model.trial_decisions import SDSV_COSTS, bayes_threshold, cosine
 
-#: File names in the export folder.
-ONNX_MODEL, ONNX_INT8_MODEL, COHORT_ARRAY = "model.onnx", "model.int8.onnx", "cohort.npy"
-#: The graph's input: one waveform at the model's sample rate, ``[1, samples]``.
-INPUT = "wav"
 #: The largest difference of a validation trial's LLR (or cosine) between ONNX and PyTorch that
 #: passes.
 MAX_LLR_DIFFERENCE = 1e-3
@@ -82,7 +78,7 @@ def write_onnx_models(folder: Path, model: WavLMSpeakerEmbedder, audio) -> tuple
             graph,
             (example,),
             str(folder / ONNX_MODEL),
-            input_names=[INPUT],
+            input_names=[ONNX_INPUT],
             output_names=list(names),
             dynamic_shapes={"wav": {1: samples}},
             dynamo=True,
@@ -113,24 +109,35 @@ def quantize_int8(source: Path, target: Path) -> None:
         root.setLevel(level)
 
 
-def onnx_settings(audio, operating_point, thresholds, text_dependent, names) -> dict:
-    """The ``"onnx"`` entry of ``export.json``: what ``OnnxVerifier`` decides with."""
-    text_dependent = text_dependent or {}
+def onnx_facts(names) -> dict:
+    """The ``"onnx"`` entry of ``export.json``: the models, the graph's input and its outputs.
+
+    The decisions are not here: both backends read them from the folder's ``hyperparams.yaml``.
+    """
     return {
         "model": ONNX_MODEL,
         "int8_model": ONNX_INT8_MODEL,
-        "input": INPUT,
+        "input": ONNX_INPUT,
         "outputs": list(names),
+    }
+
+
+def speaker_decisions(audio, thresholds: dict) -> dict:
+    """The decision data (``DECISION_KEYS``) of a speaker-only model: no phrase branch, no fusion.
+
+    For ONNX models without an export folder around them (``OnnxVerifier(decisions=...)``: the
+    benchmarks, the tests); an export's own are in its ``hyperparams.yaml``.
+    """
+    return {
         "sample_rate": audio.sample_rate,
         "max_eval_seconds": audio.max_eval_seconds,
         "min_audio_seconds": audio.min_audio_seconds,
-        "operating_point": operating_point,
+        "operating_point": "eer",
         "thresholds": thresholds,
-        "phrase_labels": text_dependent.get("phrase_labels"),
-        "fusion": text_dependent.get("fusion"),
+        "phrase_labels": None,
+        "fusion": None,
         "costs": SDSV_COSTS,
-        "cohort": COHORT_ARRAY if "cohort" in text_dependent else None,
-        "cohort_top_k": text_dependent.get("cohort_top_k"),
+        "cohort_top_k": None,
     }
 
 

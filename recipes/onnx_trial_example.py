@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Decide one text-dependent trial with an exported folder's ONNX model, without PyTorch.
 
-Needs only ``onnxruntime``, ``numpy`` and ``soundfile`` (``pip install onnxruntime numpy
-soundfile``) and the export folder; not torch, not SpeechBrain::
+Needs only ``onnxruntime``, ``numpy``, ``soundfile`` and ``pyyaml`` (``pip install onnxruntime
+numpy soundfile pyyaml``) and the export folder; not torch, not SpeechBrain::
 
     python recipes/onnx_trial_example.py results/synthetic_demo/1986/export \
         --enrol e1.wav e2.wav e3.wav --test t.wav [--phrase 01] [--int8]

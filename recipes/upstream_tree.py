@@ -40,6 +40,7 @@ EXTRA_REQUIREMENTS = (
     "onnx>=1.17               # the export's ONNX models",
     "onnxscript>=0.5          # torch.onnx's dynamo exporter",
     "onnxruntime>=1.20        # the export's checks and the ONNX backend",
+    "pyyaml>=6.0              # the ONNX backend reads the folder's hyperparams.yaml",
 )
 #: Modules of ``recipes/`` that are not part of the recipe (tools of this repository).
 NOT_COPIED = ("upstream_tree.py",)

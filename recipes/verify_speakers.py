@@ -63,7 +63,12 @@ from recipes.evaluation.verification import (
     score_splits,
 )
 from recipes.experiment import best_checkpoint, dataio_prep, prepare_data
-from recipes.model.onnx_verifier import OnnxVerifier, read_settings
+from recipes.model.onnx_verifier import (
+    ONNX_INT8_MODEL,
+    ONNX_MODEL,
+    OnnxVerifier,
+    read_decisions,
+)
 from recipes.model.trial_decisions import SDSV_COSTS, bayes_threshold, cosine
 from recipes.settings import load_run, load_step
 
@@ -333,9 +338,8 @@ def repeated_enrollment(pairs: list[Pair], digests: dict) -> list[str]:
     return list(dict.fromkeys(problems))
 
 
-#: The ``--backend`` choices: the SpeechBrain folder, or one of its ONNX models (the key of its
-#: file name in ``export.json``'s "onnx" settings).
-BACKENDS = {"pytorch": None, "onnx": "model", "onnx-int8": "int8_model"}
+#: The ``--backend`` choices: the SpeechBrain folder, or one of its ONNX models (its file).
+BACKENDS = {"pytorch": None, "onnx": ONNX_MODEL, "onnx-int8": ONNX_INT8_MODEL}
 
 
 def load_backend(args):
@@ -346,15 +350,14 @@ def load_backend(args):
     """
     if BACKENDS[args.backend] is None:
         return load_verifier(args.model, {"device": args.device}, args.trust_model_code)
-    settings = read_settings(Path(args.model))
-    normalizer = AudioNormalizer(settings["sample_rate"])
+    decisions = read_decisions(Path(args.model))
+    normalizer = AudioNormalizer(decisions["sample_rate"])
 
     def resample(samples, rate):
         """Mono ``samples`` at the model's rate, as the PyTorch backend reads them."""
         return normalizer(torch.from_numpy(samples), rate).numpy()
 
-    model = settings[BACKENDS[args.backend]]
-    return OnnxVerifier(args.model, model, resampler=resample, settings=settings)
+    return OnnxVerifier(args.model, BACKENDS[args.backend], resampler=resample)
 
 
 def verify_files(args) -> None:

@@ -23,7 +23,7 @@ from recipes.model.trial_decisions import AudioRefused
 from recipes.onnx_export import (
     ONNX_INT8_MODEL,
     graph_agreement,
-    onnx_settings,
+    speaker_decisions,
     write_onnx_models,
 )
 from recipes.tiny_wavlm import TINY
@@ -33,25 +33,24 @@ AUDIO = SimpleNamespace(sample_rate=16000, min_audio_seconds=0.3, max_eval_secon
 
 @pytest.fixture(scope="module")
 def onnx_folder(tmp_path_factory):
-    """A tiny embedder and the folder holding its ONNX models and settings."""
+    """A tiny embedder, the folder holding its ONNX models, and its decision data."""
     torch.manual_seed(0)
     head = XVectorHead(96, (32, 32, 32, 32, 64), embedding_dim=16)
     model = WavLMSpeakerEmbedder(WavLMFromConfig(TINY, attention="sdpa"), head).eval()
     folder = tmp_path_factory.mktemp("onnx")
-    names = write_onnx_models(folder, model, AUDIO)
+    assert write_onnx_models(folder, model, AUDIO) == ("speaker",)
     thresholds = {"eer": {"1": 0.5}, "min_dcf": {"1": 0.6}}
-    settings = onnx_settings(AUDIO, "eer", thresholds, None, names)
-    return model, folder, settings
+    return model, folder, speaker_decisions(AUDIO, thresholds)
 
 
 def test_the_onnx_graph_embeds_like_pytorch_at_any_length(onnx_folder):
-    model, folder, settings = onnx_folder
-    assert settings["outputs"] == ["speaker"] and settings["fusion"] is None
+    model, folder, decisions = onnx_folder
     generator = torch.Generator().manual_seed(1)
     wavs = [torch.randn(n, generator=generator) * 0.1 for n in (4800, 23457, 96000)]
-    agreement = graph_agreement(OnnxVerifier(folder, settings=settings), model, wavs)
+    fp32 = OnnxVerifier(folder, decisions=decisions, complete=False)
+    agreement = graph_agreement(fp32, model, wavs)
     assert agreement["onnx_min_cosine"] > 0.9999
-    int8 = OnnxVerifier(folder, ONNX_INT8_MODEL, settings=settings)
+    int8 = OnnxVerifier(folder, ONNX_INT8_MODEL, decisions=decisions, complete=False)
     assert int8.session.get_inputs()[0].shape[1] == "samples"  # any length
     assert graph_agreement(int8, model, wavs)["onnx_min_cosine"] > 0.9
 
@@ -59,8 +58,8 @@ def test_the_onnx_graph_embeds_like_pytorch_at_any_length(onnx_folder):
 def test_the_onnx_verifier_checks_audio_and_decides_with_the_folder_thresholds(
     onnx_folder, tmp_path
 ):
-    _, folder, settings = onnx_folder
-    verifier = OnnxVerifier(folder, settings=settings)
+    _, folder, decisions = onnx_folder
+    verifier = OnnxVerifier(folder, decisions=decisions, complete=False)
     rng = np.random.default_rng(0)
     speech = tmp_path / "speech.wav"
     sf.write(speech, 0.1 * rng.standard_normal(16000), 16000)

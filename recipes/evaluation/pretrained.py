@@ -42,7 +42,12 @@ from recipes.evaluation.scoring import EmbeddingTable
 from recipes.model import onnx_verifier, speaker_model, trial_decisions
 from recipes.model.onnx_verifier import EXPORT_FACTS
 from recipes.model.speaker_model import TDSVSpeakerRecognition
-from recipes.model.trial_decisions import check_decisions, check_model_outputs
+from recipes.model.trial_decisions import (
+    COHORT_FILE,
+    DECISION_KEYS,
+    check_decisions,
+    check_model_outputs,
+)
 
 #: The name of the model code inside an exported folder.
 EXPORTED_MODULE = "tdsv_speaker_model.py"
@@ -211,18 +216,13 @@ BUILDABLE = {
         and not issubclass(cls, TDSVSpeakerRecognition)  # the verifier: made by the loader
     },
     "speechbrain.lobes.models.ECAPA_TDNN.ECAPA_TDNN": ECAPA_TDNN,
-    "torch.nn.Linear": nn.Linear,
+    f"{Path(EXPORTED_MODULE).stem}.TrainingSpeakers": speaker_model.TrainingSpeakers,
 }
 #: Other tags an export writes, for objects this loader makes itself (``load_exported``).
 NOT_BUILT = {
     "!new:speechbrain.dataio.preprocess.AudioNormalizer",
     "!new:speechbrain.utils.parameter_transfer.Pretrainer",
 }
-#: The decision data of an exported folder, by its ``hyperparams.yaml`` key (plain values).
-DECISION_KEYS = (
-    "sample_rate", "max_eval_seconds", "min_audio_seconds", "operating_point", "thresholds",
-    "phrase_labels", "fusion", "costs", "cohort_top_k",
-)  # fmt: skip
 
 
 class UntrustedModelCode(ValueError):
@@ -322,7 +322,7 @@ def load_exported(folder: Path, run_opts: dict, complete: bool = True) -> TDSVSp
     load_weights(model, folder / "embedding_model.ckpt")
     if data.get("cohort") is not None:
         hparams["cohort"] = build_exported(data["cohort"], data, path)
-        load_weights(hparams["cohort"], folder / "cohort.ckpt")
+        hparams["cohort"].load(folder / COHORT_FILE)
     verifier = TDSVSpeakerRecognition(
         modules={"embedding_model": model}, hparams=hparams, run_opts=run_opts
     )

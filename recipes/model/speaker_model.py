@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from speechbrain.dataio import audio_io
 from speechbrain.inference.speaker import SpeakerRecognition
+from speechbrain.utils.checkpoints import mark_as_loader, register_checkpoint_hooks
 from torch import nn
 from transformers import WavLMConfig, WavLMModel
 
@@ -41,6 +42,7 @@ from transformers import WavLMConfig, WavLMModel
 from recipes.model.trial_decisions import (
     TrialDecisions,
     enrolment_model,
+    read_cohort,
     scorable_waveform,
     vectors,
 )
@@ -625,6 +627,25 @@ class WavLMSpeakerEmbedder(nn.Module):
         return F.softmax(self.layer_logits.detach().float(), dim=0).tolist()
 
 
+@register_checkpoint_hooks
+class TrainingSpeakers:
+    """The training speakers of the quality measure "cohort": their mean embeddings ``[S, D]``.
+
+    An exported folder's ``cohort`` loadable: SpeechBrain's Pretrainer fetches its file
+    (``trial_decisions.COHORT_FILE``, a NumPy array, read without pickle) as it fetches the
+    model's weights, from a folder or the hub; the ONNX backend reads the same file.
+    """
+
+    def __init__(self):
+        self.matrix = None
+
+    @mark_as_loader
+    def load(self, path, end_of_epoch=False):
+        """Read the array (the Pretrainer's hook)."""
+        del end_of_epoch  # the Pretrainer's signature; a cohort is not training state
+        self.matrix = read_cohort(path)
+
+
 class TDSVSpeakerRecognition(TrialDecisions, SpeakerRecognition):
     """Speaker verification with a trained TDSV model (``SpeakerRecognition``'s methods).
 
@@ -700,8 +721,8 @@ class TDSVSpeakerRecognition(TrialDecisions, SpeakerRecognition):
         return branch is not None and bool(getattr(self.hparams, "fusion", None))
 
     def cohort_matrix(self) -> np.ndarray:
-        """The training speakers of the quality measure "cohort" (``cohort.ckpt``), ``[S, D]``."""
-        return self.hparams.cohort.weight.detach().cpu().numpy()
+        """The training speakers of the quality measure "cohort" (``TrainingSpeakers``)."""
+        return self.hparams.cohort.matrix
 
     def embed_waveform(self, wav: torch.Tensor) -> dict:
         """The model's outputs ``{name: [D]}`` (CPU tensors) for one unpadded waveform ``[T]``.

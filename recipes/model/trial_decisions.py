@@ -301,6 +301,28 @@ class DecisionDataError(ValueError):
     """A model folder's decision data that no decision may be made with (file and keys named)."""
 
 
+#: The decision data of an exported folder: the keys of its ``hyperparams.yaml`` that both
+#: backends decide with (the one place they are kept; users may edit them there).
+DECISION_KEYS = (
+    "sample_rate", "max_eval_seconds", "min_audio_seconds", "operating_point", "thresholds",
+    "phrase_labels", "fusion", "costs", "cohort_top_k",
+)  # fmt: skip
+#: The training speakers of the quality measure "cohort" in an exported folder: a NumPy array
+#: ``[S, D]`` (``.npy`` format), named as SpeechBrain's Pretrainer fetches a loadable.
+COHORT_FILE = "cohort.ckpt"
+
+
+def read_cohort(path) -> np.ndarray:
+    """The cohort array of an export (``COHORT_FILE``): numbers only, a damaged file named."""
+    try:
+        cohort = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:  # missing, truncated, or an object array
+        raise DecisionDataError(f"{path}: not a readable array of numbers ({error})") from None
+    if not isinstance(cohort, np.ndarray):  # an .npz or zip archive (a torch checkpoint)
+        raise DecisionDataError(f"{path}: not a NumPy array file (.npy format)")
+    return cohort
+
+
 def _finite(value) -> bool:
     """True for a finite int or float (not a bool, not a string)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

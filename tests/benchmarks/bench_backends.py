@@ -35,7 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
 from recipes.model.onnx_verifier import OnnxVerifier
 from recipes.model.speaker_model import per_utterance, use_attention
 from recipes.model.trial_decisions import cosine
-from recipes.onnx_export import ONNX_INT8_MODEL, ONNX_MODEL, onnx_settings, write_onnx_models
+from recipes.onnx_export import (
+    ONNX_INT8_MODEL,
+    ONNX_MODEL,
+    speaker_decisions,
+    write_onnx_models,
+)
 from tests.benchmarks import common
 
 AUDIO = SimpleNamespace(sample_rate=16000, min_audio_seconds=0.3, max_eval_seconds=30.0)
@@ -54,20 +59,20 @@ def pytorch_embedder(model, attention: str, precision: str):
     return embed
 
 
-def onnx_embedder(folder: Path, file: str, threads: int, settings: dict):
+def onnx_embedder(folder: Path, file: str, threads: int, decisions: dict):
     """``wav [T] -> speaker embedding`` of an ONNX model on ``threads`` onnxruntime threads."""
-    verifier = OnnxVerifier(folder, file, threads=threads, settings=settings)
+    verifier = OnnxVerifier(folder, file, threads=threads, decisions=decisions, complete=False)
     return lambda wav: verifier.embed_waveform(wav.numpy())["speaker"]
 
 
-def settings_for(model, folder: Path, threads: int, settings: dict) -> dict:
+def settings_for(model, folder: Path, threads: int, decisions: dict) -> dict:
     """The backends compared, by name, each a ``wav -> embedding`` function."""
     return {
         "pytorch fp32 eager": pytorch_embedder(model, "eager", "fp32"),
         "pytorch fp32 sdpa": pytorch_embedder(model, "sdpa", "fp32"),
         "pytorch bf16 sdpa": pytorch_embedder(model, "sdpa", "bf16"),
-        "onnxruntime fp32": onnx_embedder(folder, ONNX_MODEL, threads, settings),
-        "onnxruntime int8": onnx_embedder(folder, ONNX_INT8_MODEL, threads, settings),
+        "onnxruntime fp32": onnx_embedder(folder, ONNX_MODEL, threads, decisions),
+        "onnxruntime int8": onnx_embedder(folder, ONNX_INT8_MODEL, threads, decisions),
     }
 
 
@@ -95,9 +100,9 @@ def model_rows(name: str, model_dir, args, tmp: Path) -> list[dict]:
     folder = tmp / f"{name}_onnx"
     folder.mkdir()
     started = time.perf_counter()
-    names = write_onnx_models(folder, model, AUDIO)
+    write_onnx_models(folder, model, AUDIO)
     export_seconds = time.perf_counter() - started
-    settings = onnx_settings(AUDIO, "eer", {}, None, names)
+    decisions = speaker_decisions(AUDIO, {})
     seconds = common.deepmine_lengths(args.utterances, seed=1)
     generator = torch.Generator().manual_seed(1)
     wavs = [torch.randn(int(s * 16000), generator=generator) * 0.1 for s in seconds]
@@ -105,7 +110,7 @@ def model_rows(name: str, model_dir, args, tmp: Path) -> list[dict]:
     rows = []
     for threads in args.threads:
         timed = timed_rounds(
-            settings_for(model, folder, threads, settings), wavs, args.rounds, threads
+            settings_for(model, folder, threads, decisions), wavs, args.rounds, threads
         )
         base = statistics.median(timed["seconds"]["pytorch fp32 eager"])
         reference = timed["embeddings"]["pytorch fp32 eager"]
