@@ -83,7 +83,6 @@ from recipes.evaluation.verification import (
     ScoringSettings,
     checkpoint_scoring,
     embedded,
-    embedding_cache,
     scored_tables,
 )
 from recipes.experiment import (
@@ -180,11 +179,11 @@ def labelled_splits(splits: dict) -> dict:
     return {name: s for name, s in splits.items() if labelled(s.trials)}
 
 
-def split_metrics(per_split: dict, splits: dict, fused: bool) -> dict:
-    """Metrics by condition of every labelled split (the model card's numbers)."""
+def split_metrics(scores: dict, splits: dict, fused: bool) -> dict:
+    """Metrics by condition of every labelled split from its final scores (the model card's)."""
     results = {}
-    for split, scored in per_split.items():
-        metrics = trial_metrics(scored.final, splits[split].trials, llr=fused)
+    for split, final in scores.items():
+        metrics = trial_metrics(final, splits[split].trials, llr=fused)
         if metrics:
             results[split] = metrics
     return results
@@ -200,23 +199,31 @@ class ExportCalibration(NamedTuple):
     scores: dict  # the final score (LLR, or cosine) of every trial, per split
 
 
+def card_scoring(scoring: ScoringSettings) -> ScoringSettings:
+    """The run's scoring as the model card and the checks score: raw (or fused) scores.
+
+    No score normalization (an exported folder has none); the embedding settings are the run's,
+    so its cached embeddings serve.
+    """
+    return dataclasses.replace(scoring, score_norm="none")
+
+
 def recipe_calibration(scoring: ScoringSettings, data, run) -> ExportCalibration:
     """The ``ExportCalibration`` of ``run``'s checkpoint, from the recipe's own scoring of it.
 
-    The embeddings are the ones the recipe computed for this checkpoint (its cache; embedded
-    here only where missing, as ``run_verification`` would), the fusion is the recipe's (read
-    back from ``<output_folder>/fusion/``), and the metrics are without score normalization:
-    with ``score_norm: none`` they are the training report's, for the same checkpoint and fusion.
+    ``scoring`` is ``card_scoring``'s. The embeddings are the ones the recipe computed for this
+    checkpoint (its cache; embedded here only where missing, as ``run_verification`` would),
+    the fusion is the recipe's (read back from ``<output_folder>/fusion/``), and the metrics are
+    without score normalization: with ``score_norm: none`` they are the training report's, for
+    the same checkpoint and fusion.
     """
-    card_scoring = dataclasses.replace(scoring, score_norm="none")  # raw (or fused) scores
     splits = labelled_splits(data.splits)
-    cache = embedding_cache(run.cache, run.cache_settings(scoring))
-    tables, cohort = embedded(run.embed, card_scoring, splits, data.cohort, cache)
+    tables, cohort = embedded(run.embed, scoring, splits, data.cohort, run.tables_cache(scoring))
     valid = splits[VALID_SPLIT]
     thresholds = enrolment_thresholds(tables[VALID_SPLIT]["speaker"], valid.models, valid.trials)
-    per_split, fusion = scored_tables(tables, cohort, card_scoring, splits, run.fusion)
-    metrics = split_metrics(per_split, splits, fused=fusion is not None)
+    per_split, fusion = scored_tables(tables, cohort, scoring, splits, run.fusion)
     scores = {name: scored.final for name, scored in per_split.items()}
+    metrics = split_metrics(scores, splits, fused=fusion is not None)
     return ExportCalibration(thresholds, fusion, metrics, cohort, scores)
 
 
@@ -515,7 +522,7 @@ def export(target: ExportSettings, trained: ExportedRun, run_opts) -> Path:
     kept = f"nothing was published: {out} is as it was"
     try:
         with named_write_failures(f"the export of {out.name}", out.parent, kept):
-            facts = write_folder(staging, target, trained, data, run, run_opts)
+            facts = write_folder(staging, target, trained, data, run)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # nothing partial is left behind
         raise
@@ -584,9 +591,9 @@ def published(staging: Path, out: Path) -> None:
     shutil.rmtree(previous)
 
 
-def write_folder(staging: Path, target: ExportSettings, trained: ExportedRun, data, run, run_opts):
+def write_folder(staging: Path, target: ExportSettings, trained: ExportedRun, data, run):
     """Write and self-check the export of ``run``'s checkpoint in ``staging``; its facts."""
-    scoring, audio = trained.settings.scoring, trained.settings.audio
+    scoring, audio = card_scoring(trained.settings.scoring), trained.settings.audio
     calibration = recipe_calibration(scoring, data, run)  # on the run's device, mostly cached
     class_encoder, checkpoint, model = data.class_encoder, run.checkpoint, run.model.cpu().eval()
     head = head_spec(trained.head)
@@ -783,7 +790,7 @@ class CheckInputs(NamedTuple):
     data: object  # dataio_prep's
     run: object  # checkpoint_scoring's
     wavs: list  # a few validation waveforms (embedding checks)
-    scoring: ScoringSettings
+    scoring: ScoringSettings  # card_scoring's
     audio: AudioSettings
     calibration: ExportCalibration
     sample: CheckSample  # the validation trials the backends are checked on
@@ -833,16 +840,13 @@ def export_onnx(folder: Path, verifier, inputs: CheckInputs, reference, target: 
     if target.int8_metrics:
         splits = labelled_splits(inputs.data.splits)
         fused = calibration.fusion is not None
-        metrics = {
-            name: trial_metrics(scores, splits[name].trials, llr=fused)
-            for name, scores in backend_scores(int8, splits, inputs).items()
-        }
+        metrics = split_metrics(backend_scores(int8, splits, inputs), splits, fused)
     return OnnxExport(onnx_facts(names), checks, metrics)
 
 
 def backend_scores(verifier, splits: dict, inputs: CheckInputs) -> dict:
     """``{split: final scores}`` of ``splits`` embedded by ``verifier``, the folder's fusion."""
-    scoring = dataclasses.replace(inputs.scoring, score_norm="none")
+    scoring = inputs.scoring
     tables = {
         name: embed_dataset(verifier, split.utterances, scoring.loader_options, progress=False)
         for name, split in splits.items()

@@ -63,12 +63,7 @@ from recipes.evaluation.verification import (
     score_splits,
 )
 from recipes.experiment import best_checkpoint, dataio_prep, prepare_data
-from recipes.model.onnx_verifier import (
-    ONNX_INT8_MODEL,
-    ONNX_MODEL,
-    OnnxVerifier,
-    read_decisions,
-)
+from recipes.model.onnx_verifier import ONNX_INT8_MODEL, ONNX_MODEL, OnnxVerifier
 from recipes.model.trial_decisions import SDSV_COSTS, bayes_threshold, cosine
 from recipes.settings import load_run, load_step
 
@@ -350,14 +345,15 @@ def load_backend(args):
     """
     if BACKENDS[args.backend] is None:
         return load_verifier(args.model, {"device": args.device}, args.trust_model_code)
-    decisions = read_decisions(Path(args.model))
-    normalizer = AudioNormalizer(decisions["sample_rate"])
+    verifier = OnnxVerifier(args.model, BACKENDS[args.backend])  # its decision data checked
+    normalizer = AudioNormalizer(verifier.hparams.sample_rate)
 
     def resample(samples, rate):
         """Mono ``samples`` at the model's rate, as the PyTorch backend reads them."""
         return normalizer(torch.from_numpy(samples), rate).numpy()
 
-    return OnnxVerifier(args.model, BACKENDS[args.backend], resampler=resample)
+    verifier.resampler = resample
+    return verifier
 
 
 def verify_files(args) -> None:

@@ -40,7 +40,7 @@ from transformers import AutoFeatureExtractor, AutoModelForAudioXVector
 
 from recipes.evaluation.scoring import EmbeddingTable
 from recipes.model import onnx_verifier, speaker_model, trial_decisions
-from recipes.model.onnx_verifier import EXPORT_FACTS
+from recipes.model.onnx_verifier import check_finished
 from recipes.model.speaker_model import TDSVSpeakerRecognition
 from recipes.model.trial_decisions import (
     COHORT_FILE,
@@ -307,11 +307,8 @@ def load_exported(folder: Path, run_opts: dict, complete: bool = True) -> TDSVSp
     the folder it is writing).
     """
     path = folder / "hyperparams.yaml"
-    if complete and not (folder / EXPORT_FACTS).is_file():
-        raise ValueError(
-            f"{folder}: no {EXPORT_FACTS}, which an export writes last: an unfinished export "
-            "(interrupted, or still being written); export it again"
-        )
+    if complete:
+        check_finished(folder)
     data = read_exported_yaml(path)
     if "embedding_model" not in data:
         raise ValueError(f"{path}: no embedding_model: not an export of recipes/export_model.py")

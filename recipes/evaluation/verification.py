@@ -265,13 +265,15 @@ class CheckpointScoring(NamedTuple):
     fusion: FusionSource
     model_digest: str  # of the checkpoint's model file: its caches are only for these weights
 
-    def cache_settings(self, scoring: ScoringSettings, precision: str | None = None) -> dict:
-        """What the embeddings cached for this checkpoint depend on (``embedding_cache``).
+    def tables_cache(self, scoring: ScoringSettings) -> Path:
+        """The folder of this checkpoint's cached tables under ``scoring`` (``embedding_cache``).
 
-        The embedding settings and the model file's digest: a checkpoint folder whose weights
-        were replaced (another run's copied in under the same name) is embedded again.
+        Its record is the embedding settings (with the precision actually run) and the model
+        file's digest: a checkpoint folder whose weights were replaced (another run's copied in
+        under the same name) is embedded again.
         """
-        return {**scoring.embedding_record(precision or self.precision), "model": self.model_digest}
+        record = {**scoring.embedding_record(self.precision), "model": self.model_digest}
+        return embedding_cache(self.cache, record)
 
 
 @torch.no_grad()
@@ -328,9 +330,14 @@ def checkpoint_scoring(
 def run_verification(scoring: ScoringSettings, wiring: ModelWiring, data, run_opts: dict) -> dict:
     """Score the run's best checkpoint on every split; write the reports; return the metrics."""
     run = checkpoint_scoring(scoring, wiring, data, run_opts)
-    cache = embedding_cache(run.cache, run.cache_settings(scoring))
     return score_splits(
-        run.embed, scoring, data.splits, data.cohort, cache, scoring.output_folder, run.fusion
+        run.embed,
+        scoring,
+        data.splits,
+        data.cohort,
+        run.tables_cache(scoring),
+        scoring.output_folder,
+        run.fusion,
     )
 
 

@@ -49,6 +49,15 @@ EXPORT_FACTS = "export.json"
 ONNX_MODEL, ONNX_INT8_MODEL, ONNX_INPUT = "model.onnx", "model.int8.onnx", "wav"
 
 
+def check_finished(folder: Path) -> None:
+    """Refuse an export folder without ``EXPORT_FACTS``, which an export writes last."""
+    if not (folder / EXPORT_FACTS).is_file():
+        raise ValueError(
+            f"{folder}: no {EXPORT_FACTS}, which an export writes last: not an export of this "
+            "recipe, or an unfinished one (interrupted, or still being written); export it again"
+        )
+
+
 class _SettingsOnly(yaml.SafeLoader):
     """PyYAML's safe loader that reads every tagged entry (the model's wiring) as nothing."""
 
@@ -98,11 +107,8 @@ class OnnxVerifier(TrialDecisions):
         self, folder, model=None, threads=None, resampler=None, decisions=None, complete=True
     ):
         self.folder = Path(folder)
-        if complete and not (self.folder / EXPORT_FACTS).is_file():
-            raise FileNotFoundError(
-                f"{self.folder}: no {EXPORT_FACTS}; not an export of this recipe, or an "
-                "unfinished one (the export writes it last)"
-            )
+        if complete:
+            check_finished(self.folder)
         source = "decisions" if decisions is not None else str(self.folder / "hyperparams.yaml")
         decisions = read_decisions(self.folder) if decisions is None else decisions
         check_decisions(decisions, source)
