@@ -113,7 +113,6 @@ class SamplingSettings:
     batch_sampler: str  # one of BATCH_SAMPLERS
     loader_options: dict  # SpeechBrain's dataloader options (train_dataloader_options)
     seed: int
-    dynamic_batch_sampler: Callable  # dataset -> DynamicBatchSampler (batch_sampler: dynamic)
     on_bad_audio: str  # one of BAD_AUDIO_ACTIONS
 
 
@@ -302,14 +301,12 @@ def dataio_prep(corpus: CorpusSettings, audio: AudioSettings) -> RecipeData:
     return RecipeData(train, splits, cohort, class_encoder, phrase_encoder, randomness)
 
 
-def check_phrase_classes(data: RecipeData, wiring: ModelWiring, target_type: str) -> None:
-    """Refuse a phrase classifier over fewer than two phrases (a text-independent corpus)."""
+def check_phrase_classes(data: RecipeData, wiring: ModelWiring) -> None:
+    """Refuse a phrase branch over fewer than two phrases (a text-independent corpus)."""
     labels = data.phrase_labels
-    users = ["phrase_branch: True"] if wiring.phrase_branch_model is not None else []
-    users += ["target_type: 'speaker+phrase'"] if target_type == "speaker+phrase" else []
-    if len(labels) < 2 and users:
+    if len(labels) < 2 and wiring.phrase_branch_model is not None:
         raise SystemExit(
-            f"error: {' and '.join(users)}: a phrase classifier needs two phrases or more, but "
+            "error: phrase_branch: True: a phrase classifier needs two phrases or more, but "
             f"the training data has one ({labels}): a text-independent corpus. Train it with "
             "phrase_branch: False, fusion: none (and target_type speaker)"
         )
@@ -405,19 +402,12 @@ def _phrase_batches(options: dict, sampling: SamplingSettings, train) -> dict:
     return {**options, "batch_sampler": sampler}
 
 
-def _dynamic_batches(options: dict, sampling: SamplingSettings, train) -> dict:
-    """SpeechBrain's ``DynamicBatchSampler`` (``dynamic_batch_sampler``: seconds per batch)."""
-    options.pop("batch_size")
-    options.pop("shuffle", None)
-    return {**options, "batch_sampler": sampling.dynamic_batch_sampler(train)}
-
-
 #: ``batch_sampler``: the training loader's options for each choice (what the settings allow).
-BATCH_SAMPLERS = {"random": _random_batches, "phrase": _phrase_batches, "dynamic": _dynamic_batches}
+BATCH_SAMPLERS = {"random": _random_batches, "phrase": _phrase_batches}
 #: ``on_bad_audio``: the collate function of each choice (None: SpeechBrain's, which fails).
 BAD_AUDIO_ACTIONS = {"fail": None, "skip": collate_readable}
 #: ``target_type``: what a training class is (``dataio_prep``'s labels).
-TARGET_TYPES = ("speaker", "speaker_phrase", "speaker+phrase")
+TARGET_TYPES = ("speaker", "speaker_phrase")
 
 
 def train_loader_options(sampling: SamplingSettings, train) -> dict:

@@ -301,12 +301,10 @@ def head_spec(constructor) -> tuple[str, dict]:
 # ------------------------------------------------------------------------------------------------
 # Hugging Face WavLMForXVector
 # ------------------------------------------------------------------------------------------------
-def batchnorm_affine(norm: torch.nn.Module, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode BatchNorm as ``y = scale * x + shift`` per channel (identity for no norm)."""
-    if isinstance(norm, torch.nn.BatchNorm1d):
-        scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-        return scale, norm.bias - norm.running_mean * scale
-    return torch.ones(channels), torch.zeros(channels)
+def batchnorm_affine(norm: torch.nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm as ``y = scale * x + shift`` per channel."""
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    return scale, norm.bias - norm.running_mean * scale
 
 
 @torch.no_grad()
@@ -328,7 +326,7 @@ def folded_head_weights(head: XVectorHead) -> dict:
         # HF keeps the kernel as a Linear over (kernel position, input channel) pairs.
         weights[f"tdnn.{i}.kernel.weight"] = w.transpose(1, 2).reshape(w.shape[0], -1)
         weights[f"tdnn.{i}.kernel.bias"] = b
-        scale, shift = batchnorm_affine(norm, w.shape[0])
+        scale, shift = batchnorm_affine(norm)
     e = head.embedding.weight
     channels = e.shape[1] // 2
     weights["feature_extractor.weight"] = torch.cat(

@@ -50,8 +50,6 @@ REGISTRIES = {
     "export_operating_point": (trial_decisions, "OPERATING_POINTS"),
     "precision": (experiment, "PRECISION_CHOICES"),
     "eval_precision": (experiment, "PRECISION_CHOICES"),
-    "phrase_pooling": (speaker_model, "PHRASE_POOLINGS"),
-    "phrase_classifier_type": (speaker_model, "PHRASE_CLASSIFIERS"),
     "wavlm_attention": (speaker_model, "ATTENTION_KINDS"),
     "wavlm_tuning": (adaptation, "TUNING_MODES"),
 }
@@ -237,10 +235,6 @@ def combination_problems(hparams) -> list[str]:
     no_layer_weights = isinstance(wavlm, dict) and wavlm.get("layer_weighting") is False
     if hparams.get("phrase_branch") and no_layer_weights:
         problems.append("phrase_branch: True needs the WavLM encoder's layer_weighting: True")
-    if hparams.get("phrase_margin") and hparams.get("phrase_classifier_type") == "linear":
-        problems.append(
-            f"phrase_margin: {hparams['phrase_margin']!r} needs phrase_classifier_type: cosine"
-        )
     targets = hparams.get("lora_targets")
     attention = sorted(set(targets or ()) & set(adaptation.ATTENTION_PROJECTIONS))
     lora = hparams.get("wavlm_tuning") == "lora"
@@ -521,11 +515,19 @@ def _top_keys(text: str) -> set[str]:
     return set(re.findall(r"^([A-Za-z_]\w*):", text, re.M))
 
 
-def missing_settings(record_text: str) -> list[str]:
-    """The settings of this version's training YAMLs that a run's record lacks."""
+def version_mismatch(record_text: str) -> str | None:
+    """How a run's record differs from this version's training YAMLs, or None.
+
+    A setting they all have that the record lacks (added since), or one the record has that none
+    of them has (removed since: e.g. ``phrase_classifier_type``).
+    """
     folder = Path(__file__).resolve().parents[1] / "hparams"
-    shared = set.intersection(*(_top_keys((folder / n).read_text("utf-8")) for n in TRAINING_YAMLS))
-    return sorted(shared - _top_keys(record_text))
+    keys = [_top_keys((folder / name).read_text("utf-8")) for name in TRAINING_YAMLS]
+    recorded = _top_keys(record_text)
+    missing, removed = set.intersection(*keys) - recorded, recorded - set.union(*keys)
+    parts = [f"it lacks {', '.join(sorted(missing))}"] if missing else []
+    parts += [f"it has {', '.join(sorted(removed))}, removed since"] if removed else []
+    return "; ".join(parts) or None
 
 
 def load_run(record, replacements: dict, run_opts) -> dict:
@@ -533,8 +535,8 @@ def load_run(record, replacements: dict, run_opts) -> dict:
 
     ``record`` is a run's ``hyperparams.yaml`` (or any experiment YAML): the data, the model
     and the scoring are the run's own, so a step cannot disagree with what was trained. A None
-    replacement keeps the run's value. A record written by an earlier version of the recipe,
-    without a setting this one reads, is refused. The run's output folder is held while the step
+    replacement keeps the run's value. A record written by another version of the recipe (a
+    setting added or removed since) is refused. The run's output folder is held while the step
     runs.
     """
     record = Path(record)
@@ -548,11 +550,11 @@ def load_run(record, replacements: dict, run_opts) -> dict:
     replaced = {key: value for key, value in replacements.items() if value is not None}
     run_overrides = "\n".join(f"{key}: {json.dumps(value)}" for key, value in replaced.items())
     text = record.read_text(encoding="utf-8")
-    missing = missing_settings(text)
-    if missing:
+    mismatch = version_mismatch(text)
+    if mismatch:
         raise SystemExit(
-            f"error: {record} was recorded by an earlier version of this recipe: it lacks "
-            f"{', '.join(missing)}. A step reads a run as it was trained: score or export it with "
+            f"error: {record} was recorded by another version of this recipe: {mismatch}. "
+            "A step reads a run as it was trained: score or export it with "
             "the version that trained it (its train_speaker_embeddings.py is beside the record), "
             "or train it again"
         )

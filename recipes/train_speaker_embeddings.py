@@ -111,14 +111,12 @@ class SpeakerBrain(TrainingMonitor, WavLMFineTuning, PreemptibleTraining, sb.cor
             return scoring_outputs(outputs)
         embeddings = outputs["speaker"]
         logits = {"class": self.modules.classifier(embeddings)}
-        if "phrase_classifier" in self.modules:
-            logits["phrase"] = self.modules.phrase_classifier(embeddings)
         if "phrase_logits" in outputs:
             logits["phrase_branch"] = outputs["phrase_logits"]
         return embeddings, logits
 
     def compute_objectives(self, predictions, batch, stage):
-        """Margin softmax loss (+ phrase losses) when training; else keep outputs for scoring."""
+        """Margin softmax loss (+ the phrase branch's) in training; else keep scoring outputs."""
         if stage != sb.Stage.TRAIN:
             for name, vectors in per_utterance(predictions).items():
                 vectors = vectors.cpu().numpy()
@@ -127,14 +125,10 @@ class SpeakerBrain(TrainingMonitor, WavLMFineTuning, PreemptibleTraining, sb.cor
         _, logits = predictions
         targets = self._targets(batch.class_encoded.data)
         loss = self.modules.loss(logits["class"], targets)
-        weight = self.hparams.phrase_loss_weight
-        if "phrase" in logits or "phrase_branch" in logits:
-            phrase_targets = self._targets(batch.phrase_encoded.data)
-        if "phrase" in logits:
-            loss = loss + weight * self.modules.phrase_loss(logits["phrase"], phrase_targets)
         if "phrase_branch" in logits:  # its posteriors are what is scored
-            branch = self.model().phrase_branch
-            loss = loss + weight * branch.loss(logits["phrase_branch"], phrase_targets[:, 0])
+            phrase_targets = self._targets(batch.phrase_encoded.data)[:, 0]
+            branch_loss = self.model().phrase_branch.loss(logits["phrase_branch"], phrase_targets)
+            loss = loss + self.hparams.phrase_loss_weight * branch_loss
         return loss + self.regularization()
 
     def _targets(self, targets):
@@ -249,9 +243,6 @@ def build_brain(hparams, run_opts, n_classes: int, n_phrases: int, phrase_labels
         "classifier": hparams["classifier"](out_neurons=n_classes),
         "loss": hparams["loss"](n_classes=n_classes),
     }
-    if hparams["target_type"] == "speaker+phrase":
-        modules["phrase_classifier"] = hparams["phrase_classifier"](out_neurons=n_phrases)
-        modules["phrase_loss"] = hparams["phrase_loss"](n_classes=n_phrases)
     wiring = hparams["recipe_settings"].model
     modules = {MODEL_RECOVERABLE: assembled_model(wiring, n_phrases), **modules}
     checkpointer = hparams["checkpointer"]
@@ -294,7 +285,7 @@ def main(argv) -> None:
     guard_data(hparams["save_folder"], given, hparams["prep_folder"])  # ... or on other data
     data = dataio_prep(settings.corpus, settings.audio)
     train, splits = data.train, data.splits
-    check_phrase_classes(data, settings.model, hparams["target_type"])  # before any training
+    check_phrase_classes(data, settings.model)  # before any training
     check_validation_split(splits["valid"].trials, settings.scoring)
     # Read by the loader's workers, not in the training step:
     add_noise_crops(data, noise_list(hparams), settings.corpus, settings.audio)

@@ -722,13 +722,12 @@ def test_a_resume_on_other_settings_or_data_is_refused_naming_each(tmp_path, cap
     assert json.loads((save / FINGERPRINT_FILE).read_text())["settings"]["lr_head"] == 0.002
 
 
-def test_a_run_recorded_by_an_earlier_version_is_refused_naming_what_it_lacks(
-    tmp_path, tiny_corpus
-):
-    """A record without settings this version reads: one message, before anything runs."""
+def test_a_run_recorded_by_another_version_is_refused_naming_what_differs(tmp_path, tiny_corpus):
+    """A record lacking a setting, or with one removed since: one message, before anything runs."""
     record = experiment_record(tmp_path, tiny_corpus)
     lines = record.read_text().splitlines()
     older = [line for line in lines if line.split(":")[0] not in ("wavlm_tuning", "corpus")]
+    older.append("phrase_classifier_type: linear")  # a setting removed since
     record.write_text("\n".join(older) + "\n")
     step = run_script_command("verify_speakers.py", tmp_path / "exp", tiny_corpus)
     result = subprocess.run(
@@ -737,8 +736,8 @@ def test_a_run_recorded_by_an_earlier_version_is_refused_naming_what_it_lacks(
     )  # fmt: skip
     assert result.returncode != 0
     assert (
-        f"error: {record} was recorded by an earlier version of this recipe: it lacks corpus, "
-        "wavlm_tuning." in result.stderr
+        f"error: {record} was recorded by another version of this recipe: it lacks corpus, "
+        "wavlm_tuning; it has phrase_classifier_type, removed since." in result.stderr
     ), result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "Wrote manifests" not in result.stdout
 

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 from speechbrain.dataio.dataset import DynamicItemDataset
-from speechbrain.dataio.sampler import DynamicBatchSampler
 
 from recipes.experiment import SamplingSettings, train_loader_options
 from recipes.training.sampling import PhraseBatchSampler, collate_readable
@@ -36,9 +33,6 @@ def _settings(kind, on_bad_audio="fail"):
         batch_sampler=kind,
         loader_options={"batch_size": 4, "shuffle": True, "num_workers": 0},
         seed=3,
-        dynamic_batch_sampler=functools.partial(
-            DynamicBatchSampler, max_batch_length=6, num_buckets=2, shuffle=True
-        ),
         on_bad_audio=on_bad_audio,
     )
 
@@ -48,9 +42,6 @@ def test_loader_options_for_each_sampler():
     assert train_loader_options(_settings("random"), dataset)["batch_size"] == 4
     phrase = train_loader_options(_settings("phrase"), dataset)
     assert isinstance(phrase["batch_sampler"], PhraseBatchSampler) and "batch_size" not in phrase
-    dynamic = train_loader_options(_settings("dynamic"), dataset)
-    batches = list(dynamic["batch_sampler"])
-    assert sorted(i for b in batches for i in b) == list(range(len(PHRASES)))
     with pytest.raises(KeyError):  # refused with its allowed values at start-up (settings.py)
         train_loader_options(_settings("bogus"), dataset)
     skip = train_loader_options(_settings("random", "skip"), dataset)

@@ -42,8 +42,6 @@ BAD_VALUES = {
     "eval_precision": "int8",
     "fusion": "bayes",
     "phrase_branch": "yes",
-    "phrase_pooling": "mean",
-    "phrase_classifier_type": "softmax",
     "phrase_margin": -0.2,
     "number_of_epochs": 0,
     "batch_size": -4,
@@ -90,10 +88,6 @@ def test_impossible_combinations_are_named():
     no_layers = "wavlm: !new:recipes.model.modules.WavLMEncoder\n    layer_weighting: False"
     problems = settings_problems(raw_settings(demo, no_layers))
     assert problems == ["phrase_branch: True needs the WavLM encoder's layer_weighting: True"]
-    problems = settings_problems(
-        raw_settings(demo, {"phrase_classifier_type": "linear", "phrase_margin": 0.2})
-    )
-    assert problems == ["phrase_margin: 0.2 needs phrase_classifier_type: cosine"]
     problems = settings_problems(raw_settings(demo, no_layers + "\nhead_type: mhfa"))
     assert "head_type: 'mhfa' needs the WavLM encoder's layer_weighting: True" in problems
     problems = settings_problems(raw_settings(demo, {"fusion_quality": ["duration", "snr"]}))
@@ -235,7 +229,7 @@ def test_a_replaced_key_is_set_on_the_settings_object_that_has_it():
     settings = experiment.RecipeSettings(
         corpus,
         experiment.AudioSettings(16000, 2.0, 8.0, 0.3, "fail", "/log", "speaker", 5, "/save"),
-        experiment.SamplingSettings("random", {}, 1, None, "fail"),
+        experiment.SamplingSettings("random", {}, 1, "fail"),
         ScoringSettings("/runs/a", "none", 10, "llr", 0.09, "fp32", {}, 8.0, 16000, ["cohort"]),
         experiment.ModelWiring(None, None, None),
     )

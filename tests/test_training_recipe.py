@@ -30,18 +30,17 @@ SMALL_HEAD = {"emb_dim": 64}  # the YAML's head widths stay; a smaller embedding
 
 
 @pytest.mark.parametrize(
-    ("head_type", "margin_type", "scale_mode", "target_type", "phrase_pooling"),
+    ("head_type", "margin_type", "scale_mode", "target_type"),
     [
-        ("xvector", "am", "fixed", "speaker", "xvector"),
-        ("xvector", "aam", "adaptive", "speaker_phrase", "mhfa"),
-        ("ecapa", "am", "learnable", "speaker+phrase", "xvector"),
-        ("ecapa", "aam", "fixed", "speaker", "xvector"),
-        ("xvector", "am", "learnable", "speaker+phrase", "xvector"),
-        ("mhfa", "aam", "fixed", "speaker_phrase", "mhfa"),
+        ("xvector", "am", "fixed", "speaker"),
+        ("xvector", "aam", "adaptive", "speaker_phrase"),
+        ("ecapa", "am", "adaptive", "speaker_phrase"),
+        ("ecapa", "aam", "fixed", "speaker"),
+        ("mhfa", "aam", "fixed", "speaker_phrase"),
     ],
 )
 def test_every_variant_builds_and_backpropagates(
-    tmp_path, tiny_wavlm_dir, head_type, margin_type, scale_mode, target_type, phrase_pooling
+    tmp_path, tiny_wavlm_dir, head_type, margin_type, scale_mode, target_type
 ):
     hparams = load_yaml(
         "synthetic_demo.yaml",
@@ -52,7 +51,6 @@ def test_every_variant_builds_and_backpropagates(
             "margin_type": margin_type,
             "scale_mode": scale_mode,
             "target_type": target_type,
-            "phrase_pooling": phrase_pooling,
             "noise_csv": None,
             **SMALL_HEAD,
         },
@@ -69,7 +67,6 @@ def test_every_variant_builds_and_backpropagates(
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.head.parameters())
     wavlm_grads = [p.grad for p in model.encoder.parameters() if p.requires_grad]
     assert any(g is not None and g.abs().sum() > 0 for g in wavlm_grads)
-    assert ("phrase_classifier" in brain.modules) == (target_type == "speaker+phrase")
     outputs = brain.compute_forward(batch, brain_stage("VALID"))
     assert outputs["speaker"].shape == (4, 1, 64) and outputs["phrase_logp"].shape == (4, 2)
     branch = model.phrase_branch

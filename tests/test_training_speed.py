@@ -46,10 +46,10 @@ def test_a_training_step_syncs_only_in_speechbrains_loop_and_hf(brain):
 
 
 def test_mhfa_heads_and_l2sp_add_no_host_sync(tmp_path, tiny_wavlm_dir):
-    """MHFA (speaker head and phrase pooling) and L2-SP run on the device alone."""
+    """The MHFA speaker head and L2-SP run on the device alone."""
     brain = training_brain(
         tiny_wavlm_dir, "tiny", tmp_path, {"device": "cpu"},
-        head_type="mhfa", phrase_pooling="mhfa", l2sp_weight=0.01,
+        head_type="mhfa", l2sp_weight=0.01,
     )  # fmt: skip
     brain.on_fit_start()  # creates the L2-SP anchors, as fit does
     assert brain.l2sp is not None

@@ -9,7 +9,7 @@
   regularizer added to the loss when fine-tuning (as the published TdSV 2024 WavLM Base+ MHFA
   system fine-tuned).
 - ``MarginSoftmax``: SpeechBrain's ``LogSoftmaxWrapper`` around ``AngularMargin`` (AM-Softmax) or
-  ``AdditiveAngularMargin`` (AAM), with a fixed, learnable or AdaCos-style adaptive scale and an
+  ``AdditiveAngularMargin`` (AAM), with a fixed or AdaCos-style adaptive scale and an
   optional margin warm-up.
 """
 
@@ -182,8 +182,8 @@ class L2SP:
 
 #: ``margin_type``: AM-Softmax (cos - m) or additive angular margin (cos(theta + m)).
 MARGIN_TYPES = ("am", "aam")
-#: ``scale_mode``: fixed, a trained log-scale, or the AdaCos rule.
-SCALE_MODES = ("fixed", "learnable", "adaptive")
+#: ``scale_mode``: fixed, or the AdaCos rule.
+SCALE_MODES = ("fixed", "adaptive")
 
 
 class MarginSoftmax(nn.Module):
@@ -196,7 +196,7 @@ class MarginSoftmax(nn.Module):
     margin, scale : float
         Final margin and (initial) scale.
     scale_mode : str
-        "fixed", "learnable" (a trained log-scale) or "adaptive" (AdaCos rule, updated per batch).
+        "fixed" or "adaptive" (AdaCos rule, updated per batch).
     n_classes : int
         Needed by the adaptive scale (its initial value is sqrt(2) * log(C - 1)).
     margin_warmup_epochs : float
@@ -232,8 +232,6 @@ class MarginSoftmax(nn.Module):
         self.register_buffer("progress", torch.zeros(()))
         self._progress = 0.0
         self.register_load_state_dict_post_hook(MarginSoftmax._progress_loaded)
-        if scale_mode == "learnable":
-            self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
         if scale_mode == "adaptive":
             if not n_classes or n_classes < 2:
                 raise ValueError("scale_mode 'adaptive' needs n_classes >= 2")
@@ -261,8 +259,6 @@ class MarginSoftmax(nn.Module):
 
     def current_scale(self) -> float:
         """The scale in force now."""
-        if self.scale_mode == "learnable":
-            return float(self.log_scale.exp())
         if self.scale_mode == "adaptive":
             return float(self.adaptive_scale)
         return float(self.margin_fn.scale)
@@ -290,9 +286,7 @@ class MarginSoftmax(nn.Module):
         cosine = cosine.float()
         if self.scale_mode == "adaptive" and self.training:
             self._update_adaptive_scale(cosine.squeeze(1), targets.squeeze(1).long())
-        if self.scale_mode == "learnable":
-            self.margin_fn.scale = self.log_scale.exp()
-        elif self.scale_mode == "adaptive":
+        if self.scale_mode == "adaptive":
             self.margin_fn.scale = self.adaptive_scale
         return self.loss(cosine, targets)
 

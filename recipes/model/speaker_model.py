@@ -77,7 +77,7 @@ def masked_mean_std(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 class XVectorHead(nn.Module):
     """x-vector head with the layout of ``transformers.WavLMForXVector``.
 
-    projector (Linear) -> TDNN layers (dilated Conv1d + ReLU [+ BatchNorm], no padding) ->
+    projector (Linear) -> TDNN layers (dilated Conv1d + ReLU + BatchNorm, no padding) ->
     mean+std pooling over valid frames -> embedding (Linear). Returns ``[B, 1, embedding_dim]``
     like SpeechBrain's embedding models.
     """
@@ -89,7 +89,6 @@ class XVectorHead(nn.Module):
         kernel_sizes=(5, 3, 3, 1, 1),
         dilations=(1, 2, 3, 1, 1),
         embedding_dim: int = 512,
-        batch_norm: bool = True,
     ):
         super().__init__()
         self.projector = nn.Linear(input_size, tdnn_channels[0])
@@ -98,13 +97,10 @@ class XVectorHead(nn.Module):
             nn.Conv1d(i, o, k, dilation=d)
             for i, o, k, d in zip(in_channels, tdnn_channels, kernel_sizes, dilations, strict=True)
         )
-        # BatchNorm after each TDNN layer, as in SpeechBrain's TDNN blocks: without it a head
-        # trained from scratch learns much slower (docs/results.md "Before text-dependent
-        # scoring").
-        # In eval mode it is an affine map per channel, which an export folds into HF's layout.
-        self.norms = nn.ModuleList(
-            nn.BatchNorm1d(o) if batch_norm else nn.Identity() for o in tdnn_channels
-        )
+        # BatchNorm after each TDNN layer, as in SpeechBrain's TDNN blocks: without it (HF's
+        # WavLMForXVector layout) the head trained from scratch learned much slower. In eval mode
+        # it is an affine map per channel, which an export folds into HF's layout.
+        self.norms = nn.ModuleList(nn.BatchNorm1d(o) for o in tdnn_channels)
         self.context = sum((k - 1) * d for k, d in zip(kernel_sizes, dilations, strict=True))
         self.embedding = nn.Linear(2 * tdnn_channels[-1], embedding_dim)
 
@@ -143,13 +139,14 @@ def valid_frame_mask(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Ten
 class MHFAHead(nn.Module):
     """Multi-head factorized attentive pooling (MHFA; Peng, Stafylakis et al., SLT 2022).
 
-    The backend of the TdSV 2024 winning system. Values are one learnable weighting of WavLM's
-    layers (the encoder's ``layer_weighting``: the ``frames`` this head is called with), keys
-    another (this head's ``key_layer_logits`` over the stacked ``hidden`` states); both are
-    compressed to ``compression_dim``; each of ``heads`` attention heads pools the compressed
-    values over time with its own softmax weights (computed from the keys), and the per-head
-    means, concatenated, are projected to the embedding. The softmax runs over each utterance's
-    valid frames only, so a batched utterance gets the embedding it gets alone.
+    The backend of the published TdSV 2024 WavLM Base+ MHFA system (SpeechPublications/tdsv2024).
+    Values are one learnable weighting of WavLM's layers (the encoder's ``layer_weighting``: the
+    ``frames`` this head is called with), keys another (this head's ``key_layer_logits`` over the
+    stacked ``hidden`` states); both are compressed to ``compression_dim``; each of ``heads``
+    attention heads pools the compressed values over time with its own softmax weights (computed
+    from the keys), and the per-head means, concatenated, are projected to the embedding. The
+    softmax runs over each utterance's valid frames only, so a batched utterance gets the embedding
+    it gets alone.
     Returns ``[B, 1, embedding_dim]`` like the other heads.
     """
 
@@ -216,27 +213,21 @@ class CosineClassifier(nn.Module):
         return self.scale * F.normalize(embedding, dim=-1) @ F.normalize(self.weight, dim=-1).T
 
 
-#: ``phrase_pooling``: the phrase branch's pooling head.
-PHRASE_POOLINGS = ("xvector", "mhfa")
-#: ``phrase_classifier_type``: plain cross-entropy logits, or scaled cosines with a margin.
-PHRASE_CLASSIFIERS = ("linear", "cosine")
-
-
 class PhraseBranch(nn.Module):
     """Pass-phrase classifier on WavLM's hidden states ``[L, B, T, H]``.
 
     Phrase content and speaker identity peak in different WavLM layers, so the branch has its own
-    softmax layer weights, then a small pooling head that gives a phrase embedding, and a
-    classifier over the training phrases (plus "other" when free text is trained). The embedding
-    also gives a content-similarity score for pass-phrases that are not training classes.
+    softmax layer weights, then a small x-vector head (dilated convolutions for temporal context,
+    mean and std over valid frames: ``channels``, ``kernel_sizes``, ``dilations``) that gives a
+    phrase embedding, and a classifier over the training phrases (plus "other" when free text is
+    trained). The embedding also gives a content-similarity score for pass-phrases that are not
+    training classes.
 
-    ``pooling``: "xvector" (dilated convolutions for temporal context, mean and std over valid
-    frames: ``channels``, ``kernel_sizes``, ``dilations``) or "mhfa" (``MHFAHead``: attention
-    heads, ``heads``, ``compression_dim``, its keys from a second layer weighting).
-    ``classifier``: "linear" (ReLU + linear layer, plain cross-entropy) or "cosine" (scaled cosine
-    logits trained with an additive ``margin``, AM-Softmax): a margin makes each phrase a compact
-    cluster, so a sentence the branch never heard lands between them instead of inside one (free
-    text, the open set of wrong phrases). Either way the scores are the posteriors of the logits.
+    The classifier gives scaled cosine logits trained with an additive ``margin`` (AM-Softmax): a
+    margin makes each phrase a compact cluster, so a sentence the branch never heard lands between
+    them instead of inside one (free text, the open set of wrong phrases; docs/results.md
+    "Text-dependent scoring" measured it against a plain linear classifier). The scores are the
+    posteriors of the logits.
     """
 
     def __init__(
@@ -248,10 +239,6 @@ class PhraseBranch(nn.Module):
         kernel_sizes=(5, 3, 3),
         dilations=(1, 2, 3),
         embedding_dim: int = 128,
-        pooling: str = "xvector",
-        heads: int = 8,
-        compression_dim: int = 64,
-        classifier: str = "linear",
         scale: float = 30.0,
         margin: float = 0.0,
     ):
@@ -260,30 +247,13 @@ class PhraseBranch(nn.Module):
         self.config = {
             "num_states": num_states, "input_size": input_size, "n_phrases": n_phrases,
             "channels": list(channels), "kernel_sizes": list(kernel_sizes),
-            "dilations": list(dilations), "embedding_dim": embedding_dim, "pooling": pooling,
-            "heads": heads, "compression_dim": compression_dim, "classifier": classifier,
-            "scale": scale, "margin": margin,
+            "dilations": list(dilations), "embedding_dim": embedding_dim, "scale": scale,
+            "margin": margin,
         }  # fmt: skip
         self.layer_logits = nn.Parameter(torch.zeros(num_states))
-        if pooling == "xvector":
-            self.head = XVectorHead(input_size, channels, kernel_sizes, dilations, embedding_dim)
-        elif pooling == "mhfa":
-            self.head = MHFAHead(input_size, num_states, compression_dim, heads, embedding_dim)
-        else:
-            raise ValueError(
-                f"phrase branch pooling must be one of {PHRASE_POOLINGS}, not {pooling!r}"
-            )
-        if classifier == "linear":
-            if margin:
-                raise ValueError("a margin needs the cosine phrase classifier")
-            self.classifier = nn.Sequential(nn.ReLU(), nn.Linear(embedding_dim, n_phrases))
-        elif classifier == "cosine":
-            self.classifier = CosineClassifier(embedding_dim, n_phrases, scale)
-        else:
-            raise ValueError(
-                f"phrase classifier must be one of {PHRASE_CLASSIFIERS}, not {classifier!r}"
-            )
-        self.margin_logit = margin * scale  # 0 for the linear classifier (checked above)
+        self.head = XVectorHead(input_size, channels, kernel_sizes, dilations, embedding_dim)
+        self.classifier = CosineClassifier(embedding_dim, n_phrases, scale)
+        self.margin_logit = margin * scale
 
     def forward(self, hidden: torch.Tensor, lengths: torch.Tensor | None = None):
         """``(phrase embedding [B, E], phrase logits [B, P])`` of hidden states ``[L, B, T, H]``."""

@@ -30,10 +30,10 @@ logger = get_logger(__name__)
 
 #: The YAML's wiring: objects HyperPyYAML builds from the checked keys (they check their own).
 WIRING = (
-    "train_dataloader_options", "eval_dataloader_options", "dynamic_batch_sampler", "wavlm",
-    "wavlm_hidden_size", "heads", "embedding_head", "embedding_model", "classifier", "loss",
-    "phrase_classifier", "phrase_branch_model", "phrase_loss", "add_noise", "speed_perturb",
-    "drop_freq", "drop_chunk", "wav_augment", "wavlm_opt_class", "head_opt_class",
+    "train_dataloader_options", "eval_dataloader_options", "wavlm", "wavlm_hidden_size", "heads",
+    "embedding_head", "embedding_model", "classifier", "loss", "phrase_branch_model",
+    "add_noise", "speed_perturb", "drop_freq", "drop_chunk", "wav_augment", "wavlm_opt_class",
+    "head_opt_class",
     "lr_schedulers", "epoch_counter", "train_logger", "tensorboard_logger", "checkpointer",
     "recipe_settings",
 )  # fmt: skip
@@ -45,8 +45,8 @@ FINGERPRINT_FILE = "run_fingerprint.json"
 #: split, the position in an epoch (batches), and what the best checkpoint is chosen by.
 SHAPING = (
     "corpus", "phrase_min_count", "wavlm_source", "sample_rate", "freeze_cnn", "head_type",
-    "emb_dim", "phrase_branch", "phrase_pooling", "phrase_classifier_type", "target_type",
-    "margin_type", "scale_mode", "seed", "valid_speakers", "valid_enrol_utts",
+    "emb_dim", "phrase_branch", "target_type", "margin_type", "scale_mode", "seed",
+    "valid_speakers", "valid_enrol_utts",
     "include_free_text", "skip_bad", "enrol_utts", "min_audio_seconds", "synthetic_corpus",
     "batch_size", "grad_accumulation_factor", "batch_sampler", "fusion", "fusion_prior",
     "max_eval_seconds", "init_from", "wavlm_tuning", "lora_rank", "lora_alpha", "lora_targets",

@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--freeze_cnn", action="store_true", help="as wavlm_td.yaml")
-    parser.add_argument("--scale_mode", default="fixed", choices=["fixed", "learnable", "adaptive"])
+    parser.add_argument("--scale_mode", default="fixed", choices=["fixed", "adaptive"])
     parser.add_argument("--json", default="bench_syncs.json")
     args = parser.parse_args()
     results = {}
