@@ -15,12 +15,12 @@ speaker score alone cannot reject the enrolled speaker saying another phrase (TW
   similarity, and the speaker score alone (the "gate" fusion and the reason of a reject).
   ``gate``: the calibrated speaker LLR, minus a large penalty when the phrase score is below the
   validation threshold that best separates TC from TW.
-- **Quality measures** (``fusion_quality``, ``speaker_model.QUALITY_MEASURES``): each adds a pair
-  of trial features (durations, or cohort neighbourhood) that every calibration also weights
-  (``quality_scores``).
+- **Quality measures** (``fusion_quality``, ``trial_decisions.QUALITY_MEASURES``): each adds a
+  pair of trial features (durations, or cohort neighbourhood) that every calibration also weights
+  (``quality_scores``, with ``trial_decisions.quality_values``, which one trial uses too).
 
 The learned numbers are plain JSON (each calibration names its features), applied by
-``recipes.model.speaker_model.fused_llr``, which exported folders carry.
+``recipes.model.trial_decisions.fused_llr``, which exported folders carry.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from speechbrain.utils.distributed import if_main_process
 from recipes.evaluation.metrics import eer
 from recipes.evaluation.scoring import (
     EmbeddingTable,
-    cohort_statistics,
     enrollment_models,
     score_trials,
 )
@@ -51,7 +50,7 @@ from recipes.model.trial_decisions import (
     calibrations_with,
     fused_llr,
     named_features,
-    quality_features,
+    quality_values,
 )
 
 logger = logging.getLogger(__name__)
@@ -113,27 +112,19 @@ class QualityInputs(NamedTuple):
 def quality_scores(speaker: EmbeddingTable, models, trials, inputs: QualityInputs) -> dict:
     """The features of the quality measures ``inputs.measures`` for every trial.
 
-    "duration": log seconds of the test and of all the model's enrollment utterances;
-    "cohort": the mean of the top-k cosines of the test embedding, and of the enrollment model,
-    against the training speakers (``scoring.cohort_statistics``, as AS-norm computes them).
+    ``trial_decisions.quality_values`` computes them per enrollment model and per utterance, then
+    picks each trial's.
     """
-    features = {}
+    model_side, test_side = {}, {}
     if "duration" in inputs.measures:
         seconds = inputs.durations
+        test_side["seconds"] = seconds.loc[speaker.ids].to_numpy(float)
         enrol = models["enrol_ids"].str.split().map(lambda ids: float(seconds.loc[ids].sum()))
-        enrol.index = models["model_id"]
-        features["log_test_duration"] = np.log(seconds.loc[trials["test_id"]].to_numpy(float))
-        features["log_enrol_duration"] = np.log(trials["model_id"].map(enrol).to_numpy(float))
-    if "cohort" in inputs.measures:
-        if inputs.cohort is None:
-            raise ValueError("fusion_quality 'cohort' needs the training speakers as a cohort")
-        model_table = enrollment_models(speaker, models)
-        model_mean = cohort_statistics(model_table.matrix, inputs.cohort, inputs.top_k)[0]
-        test_mean = cohort_statistics(speaker.matrix, inputs.cohort, inputs.top_k)[0]
-        features["test_cohort_mean"] = test_mean[speaker.rows(trials["test_id"], "test")]
-        features["model_cohort_mean"] = model_mean[model_table.rows(trials["model_id"], "model")]
-    names = quality_features(inputs.measures)
-    return {name: np.asarray(features[name], dtype=np.float64) for name in names}
+        model_side["seconds"] = enrol.to_numpy(float)
+    model_table = enrollment_models(speaker, models)
+    model_side["speaker"], test_side["speaker"] = model_table.matrix, speaker.matrix
+    rows = (model_table.rows(trials["model_id"], "model"), speaker.rows(trials["test_id"], "test"))
+    return quality_values(inputs.measures, model_side, test_side, rows, inputs.cohort, inputs.top_k)
 
 
 def trial_scores(

@@ -58,8 +58,7 @@ CALIBRATIONS = {
 #: ``max_eval_seconds``); "cohort", the mean of the test's and of the enrollment model's top-k
 #: cosines against the training speakers (``cohort_top_k``): how crowded its neighbourhood is.
 #: Calibration of short pass-phrase trials depends on both (docs/design.md section 6). A new one
-#: is named here and computed in ``recipes.evaluation.fusion.quality_scores`` and
-#: ``TrialDecisions.trial_features``.
+#: is named here and computed in ``quality_values``, for a list of trials and for one trial.
 QUALITY_MEASURES = {
     "duration": ("log_test_duration", "log_enrol_duration"),
     "cohort": ("test_cohort_mean", "model_cohort_mean"),
@@ -92,6 +91,33 @@ def quality_features(quality) -> tuple[str, ...]:
     if unknown:
         raise ValueError(f"fusion_quality: {unknown} not in {', '.join(QUALITY_MEASURES)}")
     return tuple(feature for name in quality for feature in QUALITY_MEASURES[name])
+
+
+def quality_values(
+    measures, model_side: dict, test_side: dict, trial_rows, cohort=None, top_k=None
+):
+    """The features of the quality measures ``measures`` (``QUALITY_MEASURES``) of trials.
+
+    The one implementation for a split's trials (``recipes.evaluation.fusion``) and for one trial
+    (``TrialDecisions.trial_features``: a list of one). ``model_side`` / ``test_side`` hold one
+    row per enrollment model / test utterance: "seconds" (as scored, the whole enrollment's for a
+    model; "duration") and "speaker" (embeddings, the model's mean; "cohort"). ``trial_rows``:
+    each trial's ``(model rows, test rows)``. The cohort's top-k means are computed once per row,
+    not per trial.
+    """
+    model_rows, test_rows = trial_rows
+    features = {}
+    if "duration" in measures:
+        features["log_test_duration"] = np.log(np.asarray(test_side["seconds"], float))[test_rows]
+        enrol = np.asarray(model_side["seconds"], float)
+        features["log_enrol_duration"] = np.log(enrol)[model_rows]
+    if "cohort" in measures:
+        if cohort is None:
+            raise ValueError("fusion_quality 'cohort' needs the training speakers as a cohort")
+        for side, rows, name in ((test_side, test_rows, "test"), (model_side, model_rows, "model")):
+            means = top_cohort_cosines(side["speaker"], cohort, top_k).mean(axis=1)
+            features[f"{name}_cohort_mean"] = means[rows]
+    return {name: np.asarray(features[name], np.float64) for name in quality_features(measures)}
 
 
 def calibrations_with(quality) -> dict[str, tuple[str, ...]]:
@@ -555,20 +581,19 @@ class TrialDecisions:
             content = self.content_score(enrol_outputs, test_outputs)
             logp = self.phrase_score(test_outputs, phrase, content)
             primitives.update(content=[content], logp=[logp], known=[phrase != "custom"])
-        features = {name: float(v[0]) for name, v in named_features(primitives).items()}
+        features = named_features(primitives)
         quality = (getattr(self.hparams, "fusion", None) or {}).get("quality", [])
-        if "duration" in quality:
-            features["log_test_duration"] = math.log(float(test_outputs["seconds"]))
-            enrol = sum(float(o["seconds"]) for o in enrol_outputs)
-            features["log_enrol_duration"] = math.log(enrol)
-        if "cohort" in quality:
-            top = top_cohort_cosines(
-                np.stack([model, test]), self.cohort_matrix(), self.hparams.cohort_top_k
+        if quality:
+            enrol = {
+                "speaker": [model],
+                "seconds": [sum(float(o["seconds"]) for o in enrol_outputs)],
+            }
+            test = {"speaker": [test], "seconds": [float(test_outputs["seconds"])]}
+            cohort = self.cohort_matrix() if "cohort" in quality else None
+            features.update(
+                quality_values(quality, enrol, test, ([0], [0]), cohort, self.hparams.cohort_top_k)
             )
-            features["model_cohort_mean"], features["test_cohort_mean"] = map(
-                float, top.mean(axis=1)
-            )
-        return features
+        return {name: float(values[0]) for name, values in features.items()}
 
     def score_trial(self, enrol_outputs, test_outputs, phrase=None, threshold=None, costs=None):
         """A ``Verdict`` from embedded enrollment files and an embedded test file.
