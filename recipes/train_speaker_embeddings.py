@@ -33,6 +33,7 @@ from recipes.distributed import gathered, on_main, shard
 from recipes.evaluation.scoring import EmbeddingTable
 from recipes.evaluation.verification import (
     check_validation_split,
+    covered_trials,
     run_verification,
     validation_pass_metrics,
 )
@@ -158,7 +159,7 @@ class SpeakerBrain(TrainingMonitor, WavLMFineTuning, PreemptibleTraining, sb.cor
             self.train_stats = self.epoch_train_stats(stage_loss)
             return
         stats = self._validation_metrics()
-        meta = self._progress_stats(epoch)
+        meta = {"epoch": epoch, **self.schedule_stats()}
         self.hparams.train_logger.log_stats(
             stats_meta=meta, train_stats=self.train_stats, valid_stats=stats
         )
@@ -194,24 +195,11 @@ class SpeakerBrain(TrainingMonitor, WavLMFineTuning, PreemptibleTraining, sb.cor
         """``validation_pass_metrics`` from all of the validation utterances' tables."""
         models, trials = self.valid.models, self.valid.trials
         if self.debug:  # --debug embeds only a few batches: score the trials they cover
-            done = set(tables["speaker"].ids)
-            models = models[models["enrol_ids"].str.split().map(done.issuperset)]
-            trials = trials[
-                trials["model_id"].isin(models["model_id"]) & trials["test_id"].isin(done)
-            ]
+            models, trials = covered_trials(models, trials, set(tables["speaker"].ids))
         return validation_pass_metrics(
             tables, models, trials, self.phrase_labels, self.hparams.fusion,
             self.hparams.fusion_prior,
         )  # fmt: skip
-
-    def _progress_stats(self, epoch) -> dict:
-        """What the log says about the schedule at the end of an epoch."""
-        stats = {"epoch": epoch, "wavlm_frozen": self.wavlm_frozen()}
-        for name, optimizer in self.optimizers_dict.items():
-            stats[f"lr_{name}"] = optimizer.param_groups[0]["lr"]
-        stats["margin"] = round(self.unwrapped("loss").current_margin(), 4)
-        stats["scale"] = round(self.unwrapped("loss").current_scale(), 3)
-        return stats
 
 
 def noise_list(hparams):

@@ -516,6 +516,13 @@ def check_validation_split(trials: pd.DataFrame, scoring: ScoringSettings) -> No
         )
 
 
+def covered_trials(models, trials, embedded: set) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The models and trials whose utterances are all ``embedded`` (``--debug`` embeds a few)."""
+    models = models[models["enrol_ids"].str.split().map(embedded.issuperset)]
+    covered = trials["model_id"].isin(models["model_id"]) & trials["test_id"].isin(embedded)
+    return models, trials[covered]
+
+
 def validation_pass_metrics(tables, models, trials, phrase_labels, fusion: str, prior: float):
     """Pooled ``{"EER", "minDCF"}`` of the validation trials from utterance tables: one pass.
 

@@ -110,6 +110,15 @@ class WavLMFineTuning:
             find_unused_parameters=self.find_unused_parameters,
         )
 
+    def schedule_stats(self) -> dict:
+        """What the log says about the schedule: frozen or not, learning rates, margin, scale."""
+        stats = {"wavlm_frozen": self.wavlm_frozen()}
+        for name, optimizer in self.optimizers_dict.items():
+            stats[f"lr_{name}"] = optimizer.param_groups[0]["lr"]
+        stats["margin"] = round(self.unwrapped("loss").current_margin(), 4)
+        stats["scale"] = round(self.unwrapped("loss").current_scale(), 3)
+        return stats
+
     def wavlm_frozen(self) -> bool:
         """True during the head-only warm-up epochs."""
         return self.hparams.epoch_counter.current <= self.hparams.freeze_wavlm_epochs
