@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -33,18 +33,40 @@ from speechbrain.utils.distributed import run_on_main
 from speechbrain.utils.logger import get_logger
 
 from data_prep.audio_checks import check_finite, check_waveform, file_problem
-from data_prep.corpus import CORPUS_OPTIONS, FREE_TEXT_ID, SPLITS, preparer
+from data_prep.corpus import CORPORA, CORPUS_OPTIONS, FREE_TEXT_ID, SPLITS, preparer
 from data_prep.manifests import official_lists
 from data_prep.synth_deepmine import synthesize_corpus
 from recipes.model.adaptation import WavLMTuning, adapt_wavlm
 from recipes.model.speaker_model import WavLMSpeakerEmbedder
 from recipes.model.trial_decisions import OTHER_PHRASE
+from recipes.setting_rules import BOOLEAN, PATH, Choice, Range, rule
 from recipes.training.augmentation import noise_reader
 from recipes.training.checkpointing import MODEL_RECOVERABLE, CheckpointLoadError
 from recipes.training.randomness import CROP, TrainingRandomness, crop_start
 from recipes.training.sampling import PhraseBatchSampler, collate_readable, log_bad_audio
 
 logger = get_logger(__name__)
+
+
+def _random_batches(options: dict, sampling: SamplingSettings, train) -> dict:
+    """SpeechBrain's shuffled batches of ``batch_size`` (the loader's own sampler)."""
+    return options
+
+
+def _phrase_batches(options: dict, sampling: SamplingSettings, train) -> dict:
+    """Every batch holds one pass-phrase (the seed's "phrase-level batching")."""
+    phrase_ids = [train.data[i]["phrase_id"] for i in train.data_ids]
+    sampler = PhraseBatchSampler(phrase_ids, options.pop("batch_size"), seed=sampling.seed)
+    options.pop("shuffle", None)
+    return {**options, "batch_sampler": sampler}
+
+
+#: ``batch_sampler``: the training loader's options for each choice (what the settings allow).
+BATCH_SAMPLERS = {"random": _random_batches, "phrase": _phrase_batches}
+#: ``on_bad_audio``: the collate function of each choice (None: SpeechBrain's, which fails).
+BAD_AUDIO_ACTIONS = {"fail": None, "skip": collate_readable}
+#: ``target_type``: what a training class is (``dataio_prep``'s labels).
+TARGET_TYPES = ("speaker", "speaker_phrase")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -55,21 +77,25 @@ logger = get_logger(__name__)
 class CorpusSettings:
     """Where the corpus is and how data prep turns it into manifests (``prepare_data``)."""
 
-    data_folder: str
-    prep_folder: str
-    corpus: str  # its layout: one of data_prep.corpus.CORPORA
-    valid_speakers: int  # training speakers held out: the validation split
-    seed: int
-    include_free_text: bool
-    skip_bad: bool
-    enrol_utts: int
-    min_audio_seconds: float
-    synthetic_corpus: dict | None  # data_prep/synth_deepmine.py options; None: a real corpus
-    phrase_min_count: int  # corpus kaldi: a transcript seen fewer times in training is free text
-    audio_outside_data_folder: bool  # corpus kaldi: wav.scp paths may lead out of data_folder
-    valid_enrol_utts: int | None = None  # per validation model; None: what the repetitions allow
-    eval_key_file: str | None = None  # corpus deepmine: keys of the official lists (optional)
-    dev_key_file: str | None = None
+    data_folder: str = field(metadata=rule(PATH))
+    prep_folder: str = field(metadata=rule(PATH))
+    corpus: str = field(metadata=rule(Choice(CORPORA)))  # its layout
+    valid_speakers: int = field(metadata=rule(Range(1, integer=True)))  # held-out speakers
+    seed: int = field(metadata=rule(Range(0, integer=True)))
+    include_free_text: bool = field(metadata=rule(BOOLEAN))
+    skip_bad: bool = field(metadata=rule(BOOLEAN))
+    enrol_utts: int = field(metadata=rule(Range(0, integer=True)))  # 0: any number
+    min_audio_seconds: float = field(metadata=rule(Range(0)))
+    synthetic_corpus: dict | None  # data_prep/synth_deepmine.py options (checked there); None: real
+    # corpus kaldi: a transcript seen fewer times in training is free text
+    phrase_min_count: int = field(metadata=rule(Range(1, integer=True)))
+    # corpus kaldi: wav.scp paths may lead out of data_folder
+    audio_outside_data_folder: bool = field(metadata=rule(BOOLEAN))
+    # per validation model; None: what the repetitions allow
+    valid_enrol_utts: int | None = field(default=None, metadata=rule(Range(1, integer=True)))
+    # corpus deepmine: keys of the official lists (optional)
+    eval_key_file: str | None = field(default=None, metadata=rule(PATH))
+    dev_key_file: str | None = field(default=None, metadata=rule(PATH))
 
     def preparer_options(self) -> dict:
         """The keyword arguments of the ``corpus`` preparer (``data_prep/corpus.py``)."""
@@ -95,22 +121,23 @@ class CorpusSettings:
 class AudioSettings:
     """How utterances are read, labelled and checked (``dataio_prep``)."""
 
-    sample_rate: int
-    crop_seconds: float  # training crops
-    max_eval_seconds: float  # the cap on a scored utterance
+    sample_rate: int = field(metadata=rule(Range(1, integer=True)))
+    crop_seconds: float = field(metadata=rule(Range(0, low_open=True)))  # training crops
+    # the cap on a scored utterance
+    max_eval_seconds: float = field(metadata=rule(Range(0, low_open=True)))
     min_audio_seconds: float
-    on_bad_audio: str  # one of BAD_AUDIO_ACTIONS
-    bad_audio_log: str
-    target_type: str  # one of TARGET_TYPES
-    cohort_utts_per_speaker: int
-    save_folder: str  # where the label encoders are kept
+    on_bad_audio: str = field(metadata=rule(Choice(BAD_AUDIO_ACTIONS)))
+    bad_audio_log: str = field(metadata=rule(PATH))
+    target_type: str = field(metadata=rule(Choice(TARGET_TYPES)))
+    cohort_utts_per_speaker: int = field(metadata=rule(Range(1, integer=True)))
+    save_folder: str = field(metadata=rule(PATH))  # where the label encoders are kept
 
 
 @dataclass(frozen=True)
 class SamplingSettings:
     """How training batches are drawn (``train_loader_options``)."""
 
-    batch_sampler: str  # one of BATCH_SAMPLERS
+    batch_sampler: str = field(metadata=rule(Choice(BATCH_SAMPLERS)))
     loader_options: dict  # SpeechBrain's dataloader options (train_dataloader_options)
     seed: int
     on_bad_audio: str  # one of BAD_AUDIO_ACTIONS
@@ -124,7 +151,8 @@ class ModelWiring:
     phrase_branch_model: Callable | None  # n_phrases -> PhraseBranch; None: no phrase branch
     checkpointer: object  # SpeechBrain's Checkpointer of the run
     tuning: WavLMTuning | None = None  # what of WavLM trains (LoRA adapters are part of the model)
-    phrase_branch: bool = True  # the YAML's switch: False leaves phrase_branch_model out
+    # the YAML's switch: False leaves phrase_branch_model out
+    phrase_branch: bool = field(default=True, metadata=rule(BOOLEAN))
 
     def __post_init__(self):
         """A switched-off phrase branch is no branch (the YAML wires its builder regardless)."""
@@ -387,27 +415,6 @@ def _first_usable(wavs: pd.Series, count: int, usable) -> list[bool]:
         found += keep
         mask.append(keep)
     return mask
-
-
-def _random_batches(options: dict, sampling: SamplingSettings, train) -> dict:
-    """SpeechBrain's shuffled batches of ``batch_size`` (the loader's own sampler)."""
-    return options
-
-
-def _phrase_batches(options: dict, sampling: SamplingSettings, train) -> dict:
-    """Every batch holds one pass-phrase (the seed's "phrase-level batching")."""
-    phrase_ids = [train.data[i]["phrase_id"] for i in train.data_ids]
-    sampler = PhraseBatchSampler(phrase_ids, options.pop("batch_size"), seed=sampling.seed)
-    options.pop("shuffle", None)
-    return {**options, "batch_sampler": sampler}
-
-
-#: ``batch_sampler``: the training loader's options for each choice (what the settings allow).
-BATCH_SAMPLERS = {"random": _random_batches, "phrase": _phrase_batches}
-#: ``on_bad_audio``: the collate function of each choice (None: SpeechBrain's, which fails).
-BAD_AUDIO_ACTIONS = {"fail": None, "skip": collate_readable}
-#: ``target_type``: what a training class is (``dataio_prep``'s labels).
-TARGET_TYPES = ("speaker", "speaker_phrase")
 
 
 def train_loader_options(sampling: SamplingSettings, train) -> dict:

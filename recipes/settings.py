@@ -21,154 +21,99 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
 import ruamel.yaml
 import torch
 from hyperpyyaml.core import resolve_references
 from ruamel.yaml.constructor import DuplicateKeyError, SafeConstructor
 
-from data_prep import corpus, synth_deepmine
+from data_prep import synth_deepmine
 from recipes import experiment
-from recipes.evaluation import scoring
+from recipes.evaluation.verification import ScoringSettings
 from recipes.experiment_lock import hold_experiment_lock
 from recipes.model import adaptation, modules, speaker_model, trial_decisions
+from recipes.setting_rules import BOOLEAN, PATH, Choice, ListOf, Range, declared_rules
 from recipes.training.resume_guard import WIRING
 
-#: Enumerated settings: where the code that dispatches on each keeps its choices (module,
-#: attribute: a tuple, or a dict of what each choice does). Read when checking, so a choice added
-#: there is allowed here with no second list. ``head_type`` is checked against the YAML's own
-#: ``heads`` (``choices``).
-REGISTRIES = {
-    "corpus": (corpus, "CORPORA"),
-    "target_type": (experiment, "TARGET_TYPES"),
-    "margin_type": (modules, "MARGIN_TYPES"),
-    "scale_mode": (modules, "SCALE_MODES"),
-    "batch_sampler": (experiment, "BATCH_SAMPLERS"),
-    "score_norm": (scoring, "METHODS"),
-    "on_bad_audio": (experiment, "BAD_AUDIO_ACTIONS"),
-    "export_operating_point": (trial_decisions, "OPERATING_POINTS"),
-    "precision": (experiment, "PRECISION_CHOICES"),
-    "eval_precision": (experiment, "PRECISION_CHOICES"),
-    "wavlm_attention": (speaker_model, "ATTENTION_KINDS"),
-    "wavlm_tuning": (adaptation, "TUNING_MODES"),
-}
+#: The rules the settings objects declare beside their fields (``recipes/setting_rules.py``).
+DECLARED = declared_rules(
+    experiment.CorpusSettings, experiment.AudioSettings, experiment.SamplingSettings,
+    experiment.ModelWiring, ScoringSettings,
+)  # fmt: skip
 
-
-#: Settings that are a list of distinct choices (module, attribute), like ``REGISTRIES``.
-LIST_REGISTRIES = {
-    "fusion_quality": (trial_decisions, "QUALITY_MEASURES"),
-    "lora_targets": (adaptation, "LORA_TARGETS"),
+#: The rules of the keys no settings object holds: training's (the YAML wires them into
+#: SpeechBrain's and the model's objects), the export's, and ``WavLMTuning``'s (its fields have
+#: other names). Registries are the dispatching code's own, read when checking.
+_SWITCHES = (
+    "skip_nonfinite_grads", "freeze_cnn", "gradient_checkpointing", "augment", "aug_noise",
+    "aug_speed", "aug_drop_freq", "aug_drop_chunk", "use_tensorboard", "export_onnx",
+    "export_int8_metrics",
+)  # fmt: skip
+_COUNTS = (
+    "number_of_epochs", "batch_size", "grad_accumulation_factor", "total_steps", "emb_dim",
+    "ckpt_num_to_keep", "lora_rank", "export_check_trials",
+)  # fmt: skip
+_COUNTS_FROM_0 = ("nonfinite_patience", "freeze_wavlm_epochs", "warmup_steps", "num_workers")
+#: ``margin`` must also be below its type's ``MARGIN_LIMITS``.
+_NON_NEGATIVE = (
+    "ckpt_interval_minutes", "weight_decay", "l2sp_weight", "phrase_loss_weight",
+    "margin_warmup_epochs", "margin",
+)  # fmt: skip
+#: ``scale``: 0 multiplies every logit away, and nothing trains.
+_POSITIVE = ("lora_alpha", "max_grad_norm", "lr_wavlm", "lr_head", "scale")
+#: ``noise_csv`` may be null: no noise list.
+_PATHS = ("train_log", "noise_csv", "run_hparams", "export_folder", "init_from")
+OWN_RULES = {
+    "margin_type": Choice(modules.MARGIN_TYPES),
+    "scale_mode": Choice(modules.SCALE_MODES),
+    "precision": Choice(experiment.PRECISION_CHOICES),
+    "export_operating_point": Choice(trial_decisions.OPERATING_POINTS),
+    "wavlm_attention": Choice(speaker_model.ATTENTION_KINDS),
+    "wavlm_tuning": Choice(adaptation.TUNING_MODES),
+    "lora_targets": ListOf(adaptation.LORA_TARGETS),
+    **dict.fromkeys(_SWITCHES, BOOLEAN),
+    **dict.fromkeys(_COUNTS, Range(1, integer=True)),
+    **dict.fromkeys(_COUNTS_FROM_0, Range(0, integer=True)),
+    **dict.fromkeys(_NON_NEGATIVE, Range(0)),
+    **dict.fromkeys(_POSITIVE, Range(0, low_open=True)),
+    "lr_decay_factor": Range(0, 1, low_open=True),
+    "max_data_wait_share": Range(0, 1),
+    # A cosine classifier's additive margin: at 1 or more, a target at cosine 1 can no longer
+    # beat an impostor class at cosine 0, and the loss cannot fall (it rises).
+    "phrase_margin": Range(0, 1, high_open=True),
+    **dict.fromkeys(_PATHS, PATH),
 }
+if set(OWN_RULES) & set(DECLARED):
+    raise ValueError(f"rules declared twice: {sorted(set(OWN_RULES) & set(DECLARED))}")
+#: Every key's rule (``total_steps`` may also be null: derived from the data).
+RULES = {**OWN_RULES, **DECLARED}
+#: The numeric settings' ranges.
+RANGES = {key: check for key, check in RULES.items() if isinstance(check, Range)}
 
 
 def choices(hparams) -> dict[str, tuple]:
-    """Every enumerated setting and its allowed values, from the code's own registries."""
-    allowed = {key: tuple(getattr(module, name)) for key, (module, name) in REGISTRIES.items()}
-    allowed["fusion"] = ("none", *trial_decisions.DECISION_KINDS)  # none: the speaker score
+    """Every enumerated setting and its allowed values, from the code's own registries.
+
+    ``head_type`` is checked against the YAML's own ``heads``.
+    """
+    allowed = {key: tuple(check.registry) for key, check in RULES.items() if type(check) is Choice}
     if isinstance(hparams.get("heads"), dict):  # the heads the YAML wires (build_choice)
         allowed["head_type"] = tuple(hparams["heads"])
     return allowed
-
-
-#: Settings that are true or false, and nothing else: YAML reads ``no`` as a string, which
-#: Python would take as true.
-BOOLEANS = (
-    "include_free_text", "skip_bad", "skip_nonfinite_grads", "phrase_branch", "freeze_cnn",
-    "gradient_checkpointing", "augment", "aug_noise", "aug_speed", "aug_drop_freq",
-    "aug_drop_chunk", "use_tensorboard", "audio_outside_data_folder", "export_onnx",
-    "export_int8_metrics",
-)  # fmt: skip
-
-
-class Range(NamedTuple):
-    """Allowed values of a number: ``low`` / ``high`` (None: unbounded), each excluded or not."""
-
-    low: float | None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    integer: bool = False
-
-    def describe(self) -> str:
-        """The range in words, e.g. "a whole number >= 1", "a number in (0, 1]"."""
-        kind = "a whole number" if self.integer else "a number"
-        if self.high is None:
-            return f"{kind} {'>' if self.low_open else '>='} {self.low}"
-        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-        return f"{kind} in {left}{self.low}, {self.high}{right}"
-
-    def holds(self, value) -> bool:
-        """Whether ``value`` is of the range's kind and inside it (a bool is no number)."""
-        kinds = int if self.integer else int | float
-        if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
-            return False
-        above = value > self.low if self.low_open else value >= self.low
-        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
-        return above and below
 
 
 #: WavLM's CNN needs this many samples for one frame (its receptive field, 25 ms at 16 kHz: every
 #: released WavLM has the same CNN); a shorter crop or utterance fails inside the model.
 WAVLM_RECEPTIVE_FIELD = 400
 
-#: Numeric settings and their ranges (``total_steps`` may also be null: derived from the data).
-RANGES = {
-    "seed": Range(0, integer=True),
-    "valid_speakers": Range(1, integer=True),
-    "enrol_utts": Range(0, integer=True),  # 0: any number of enrollment utterances
-    "valid_enrol_utts": Range(1, integer=True),  # null: what the repetitions allow
-    "phrase_min_count": Range(1, integer=True),
-    "sample_rate": Range(1, integer=True),
-    "number_of_epochs": Range(1, integer=True),
-    "batch_size": Range(1, integer=True),
-    "grad_accumulation_factor": Range(1, integer=True),
-    "nonfinite_patience": Range(0, integer=True),
-    "ckpt_num_to_keep": Range(1, integer=True),
-    "freeze_wavlm_epochs": Range(0, integer=True),
-    "warmup_steps": Range(0, integer=True),
-    "total_steps": Range(1, integer=True),
-    "num_workers": Range(0, integer=True),
-    "cohort_top_k": Range(1, integer=True),
-    "cohort_utts_per_speaker": Range(1, integer=True),
-    "emb_dim": Range(1, integer=True),
-    "lora_rank": Range(1, integer=True),
-    "export_check_trials": Range(1, integer=True),
-    "lora_alpha": Range(0, low_open=True),
-    "ckpt_interval_minutes": Range(0),
-    "min_audio_seconds": Range(0),
-    "crop_seconds": Range(0, low_open=True),
-    "max_eval_seconds": Range(0, low_open=True),
-    "max_grad_norm": Range(0, low_open=True),
-    "lr_wavlm": Range(0, low_open=True),
-    "lr_head": Range(0, low_open=True),
-    "weight_decay": Range(0),
-    "l2sp_weight": Range(0),
-    "lr_decay_factor": Range(0, 1, low_open=True),
-    "max_data_wait_share": Range(0, 1),
-    "phrase_loss_weight": Range(0),
-    # A cosine classifier's additive margin: at 1 or more, a target at cosine 1 can no longer
-    # beat an impostor class at cosine 0, and the loss cannot fall (it rises).
-    "phrase_margin": Range(0, 1, high_open=True),
-    "margin": Range(0),  # and below its margin type's MARGIN_LIMITS
-    "scale": Range(0, low_open=True),  # 0 multiplies every logit away: nothing trains
-    "margin_warmup_epochs": Range(0),
-    "fusion_prior": Range(0, 1, low_open=True, high_open=True),
-}
-
 #: The margin below which each margin type can still separate classes: AM subtracts it from the
 #: cosine (< 1, as above), AAM adds it to the angle (< pi/2: cos(theta + m) must stay above 0).
 MARGIN_LIMITS = {"am": 1.0, "aam": math.pi / 2}
 
-#: Paths (``noise_csv`` may be null: no noise list).
-PATHS = (
-    "output_folder", "save_folder", "train_log", "data_folder", "prep_folder", "bad_audio_log",
-    "noise_csv", "run_hparams", "export_folder", "eval_key_file", "dev_key_file", "init_from",
-)  # fmt: skip
-#: Settings read as they are, with why. A key of a YAML that is in none of the checked lists
-#: and not here fails ``tests/test_settings.py``: every setting is checked or said to be free.
+#: Settings read as they are, with why. A key of a YAML that has no rule and is not here fails
+#: ``tests/test_settings.py``: every setting is checked or said to be free.
 FREE = {
-    **dict.fromkeys(PATHS, "a path"),
+    **{key: "a path" for key, check in RULES.items() if check is PATH},
     **dict.fromkeys(WIRING, "wiring: an object HyperPyYAML builds"),
     "experiment": "the experiment's name (part of output_folder)",
     "wavlm_source": "a Hugging Face id or a local directory (resolved when the YAML is built)",
@@ -190,24 +135,24 @@ def settings_problems(hparams) -> list[str]:
         if key in hparams and hparams[key] not in allowed:
             shown = ", ".join(map(str, allowed))
             problems.append(f"{key}: {hparams[key]!r} is not one of {shown}")
-    for key, (module, name) in LIST_REGISTRIES.items():
-        value, allowed = hparams.get(key), tuple(getattr(module, name))
-        if value is None:
-            continue
-        if (
-            not isinstance(value, list)
-            or not set(value) <= set(allowed)
-            or len(set(value)) < len(value)
-        ):
-            problems.append(f"{key}: {value!r} must be a list of distinct ones of {allowed}")
-    for key in BOOLEANS:
-        if key in hparams and not isinstance(hparams[key], bool):
-            problems.append(f"{key}: {hparams[key]!r} must be true or false")
-    for key, allowed in RANGES.items():
+    for key, check in RULES.items():
         value = hparams.get(key)
-        if value is not None and not allowed.holds(value):
-            problems.append(f"{key}: {value!r} must be {allowed.describe()}")
+        if key not in hparams or (value is None and check is not BOOLEAN):
+            continue
+        if isinstance(check, ListOf) and not distinct_of(value, tuple(check.registry)):
+            problems.append(
+                f"{key}: {value!r} must be a list of distinct ones of {tuple(check.registry)}"
+            )
+        elif check is BOOLEAN and not isinstance(value, bool):
+            problems.append(f"{key}: {value!r} must be true or false")
+        elif isinstance(check, Range) and not check.holds(value):
+            problems.append(f"{key}: {value!r} must be {check.describe()}")
     return problems + combination_problems(hparams)
+
+
+def distinct_of(value, allowed: tuple) -> bool:
+    """Whether ``value`` is a list of distinct entries of ``allowed``."""
+    return isinstance(value, list) and set(value) <= set(allowed) and len(set(value)) == len(value)
 
 
 def combination_problems(hparams) -> list[str]:

@@ -16,7 +16,8 @@ from tests.helpers import ROOT
 #: Path prefixes (from the repository's root) of each layer, lowest first.
 LAYERS = (
     ("data_prep/", "recipes/model/", "recipes/disk.py", "recipes/distributed.py",
-     "recipes/experiment_lock.py", "recipes/tiny_wavlm.py", "recipes/__init__.py"),
+     "recipes/experiment_lock.py", "recipes/tiny_wavlm.py", "recipes/setting_rules.py",
+     "recipes/__init__.py"),
     ("recipes/training/", "recipes/onnx_export.py"),
     ("recipes/experiment.py",),
     ("recipes/evaluation/",),

@@ -12,15 +12,13 @@ import ruamel.yaml
 from hyperpyyaml import load_hyperpyyaml
 
 from recipes import experiment
-from recipes.evaluation import scoring
 from recipes.evaluation.verification import ScoringSettings
 from recipes.export_model import run_replacements
+from recipes.setting_rules import PATH
 from recipes.settings import (
-    BOOLEANS,
+    DECLARED,
     FREE,
-    LIST_REGISTRIES,
-    RANGES,
-    REGISTRIES,
+    RULES,
     choices,
     raw_settings,
     settings_problems,
@@ -125,11 +123,26 @@ def _top_level_keys(path) -> list[str]:
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "hparams").glob("*.yaml")))
 def test_every_setting_of_every_yaml_is_checked_or_said_to_be_free(name):
-    checked = {*REGISTRIES, *LIST_REGISTRIES, "fusion", "head_type", *BOOLEANS, *RANGES}
+    checked = {key for key, check in RULES.items() if check is not PATH} | {"head_type"}
     keys = _top_level_keys(ROOT / "hparams" / name)
     unlisted = [k for k in keys if k not in checked and k not in FREE and not k.startswith("__")]
-    assert unlisted == [], "give each a check in recipes/settings.py, or a reason in FREE"
+    assert unlisted == [], "give each a rule beside its settings field or in settings.OWN_RULES"
     assert not checked & set(FREE)  # a key is either checked or free
+
+
+def test_the_settings_objects_fields_declare_their_own_rules():
+    """A scoring or corpus setting is checked by the rule beside its field, with no other list."""
+    keys = set(_top_level_keys(ROOT / "hparams" / "synthetic_demo.yaml"))
+    classes = (
+        experiment.CorpusSettings, experiment.AudioSettings, experiment.SamplingSettings,
+        experiment.ModelWiring, ScoringSettings,
+    )  # fmt: skip
+    for cls in classes:
+        for field in dataclasses.fields(cls):
+            if field.name in keys and field.name not in FREE:
+                assert field.name in DECLARED, f"{cls.__name__}.{field.name} declares no rule"
+    field = {f.name: f for f in dataclasses.fields(ScoringSettings)}["cohort_top_k"]
+    assert RULES["cohort_top_k"] is field.metadata["check"]
 
 
 def test_a_setting_given_twice_is_named(tmp_path):
@@ -173,9 +186,9 @@ def test_bad_settings_are_named_before_data_prep(tmp_path):
 
 def test_a_choice_added_where_the_code_dispatches_is_allowed_with_no_second_list(monkeypatch):
     demo = ROOT / "hparams" / "synthetic_demo.yaml"
-    wanted = {"score_norm": "z-norm", "batch_sampler": "bucket"}
+    wanted = {"on_bad_audio": "warn", "batch_sampler": "bucket"}
     assert len(settings_problems(raw_settings(demo, wanted))) == 2
-    monkeypatch.setattr(scoring, "METHODS", (*scoring.METHODS, "z-norm"))
+    monkeypatch.setitem(experiment.BAD_AUDIO_ACTIONS, "warn", None)
     monkeypatch.setitem(experiment.BATCH_SAMPLERS, "bucket", experiment.BATCH_SAMPLERS["random"])
     assert settings_problems(raw_settings(demo, wanted)) == []
     # A speaker head is chosen among the YAML's own ``heads``: wiring one in allows it.

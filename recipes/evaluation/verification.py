@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -35,6 +35,7 @@ from recipes.evaluation.fusion import (
     stored_or_learned_fusion,
     trial_scores,
 )
+from recipes.evaluation.scoring import METHODS as SCORE_NORMS
 from recipes.evaluation.scoring import (
     EmbeddingTable,
     group_means,
@@ -43,6 +44,7 @@ from recipes.evaluation.scoring import (
 )
 from recipes.evaluation.verification_report import write_report
 from recipes.experiment import (
+    PRECISION_CHOICES,
     PRECISIONS,
     Cohort,
     ModelWiring,
@@ -52,26 +54,35 @@ from recipes.experiment import (
     usable_precision,
 )
 from recipes.model.speaker_model import WavLMSpeakerEmbedder, per_utterance
-from recipes.model.trial_decisions import DEFAULT_QUALITY
+from recipes.model.trial_decisions import DECISION_KINDS, DEFAULT_QUALITY, QUALITY_MEASURES
+from recipes.setting_rules import PATH, Choice, ListOf, Range, rule
 from recipes.training.checkpointing import MODEL_RECOVERABLE
 
 logger = logging.getLogger(__name__)
+
+
+#: ``fusion``: the speaker score alone ("none"), or a decision kind of the phrase fusion.
+FUSIONS = ("none", *DECISION_KINDS)
 
 
 @dataclass(frozen=True)
 class ScoringSettings:
     """How trials are scored and where the reports go (the YAML's scoring keys)."""
 
-    output_folder: str
-    score_norm: str  # none | s-norm | as-norm (CHOICES in settings.py)
-    cohort_top_k: int  # as-norm: the top-scoring cohort speakers kept
-    fusion: str  # none | llr | gate
-    fusion_prior: float  # the target prior the fusion is calibrated at
-    eval_precision: str  # fp32 | fp16 | bf16 (autocast while embedding)
+    output_folder: str = field(metadata=rule(PATH))
+    score_norm: str = field(metadata=rule(Choice(SCORE_NORMS)))
+    # as-norm: the top-scoring cohort speakers kept
+    cohort_top_k: int = field(metadata=rule(Range(1, integer=True)))
+    fusion: str = field(metadata=rule(Choice(FUSIONS)))
+    # the target prior the fusion is calibrated at
+    fusion_prior: float = field(metadata=rule(Range(0, 1, low_open=True, high_open=True)))
+    # autocast while embedding
+    eval_precision: str = field(metadata=rule(Choice(PRECISION_CHOICES)))
     loader_options: dict  # SpeechBrain's dataloader options (eval_dataloader_options)
     max_eval_seconds: float  # the cap on a scored utterance (changes its embedding)
     sample_rate: int
-    fusion_quality: tuple[str, ...] = ()  # quality measures the fusion weights too
+    # quality measures the fusion weights too
+    fusion_quality: tuple[str, ...] = field(default=(), metadata=rule(ListOf(QUALITY_MEASURES)))
 
     def __post_init__(self):
         """The quality measures as a tuple, whatever sequence the YAML gave."""
