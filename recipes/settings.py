@@ -121,16 +121,9 @@ FREE = {
 }
 
 
-#: Settings renamed: the old name is refused naming the new one.
-RENAMED = {
-    "dev_speakers": "valid_speakers (the held-out split is 'valid'; 'dev' is an official list "
-    "pair, TdSV 2024's)",
-}
-
-
 def settings_problems(hparams) -> list[str]:
     """One line per bad setting (empty when all are usable)."""
-    problems = [f"{old}: renamed {new}" for old, new in RENAMED.items() if old in hparams]
+    problems = []
     for key, allowed in choices(hparams).items():
         if key in hparams and hparams[key] not in allowed:
             shown = ", ".join(map(str, allowed))

@@ -196,13 +196,8 @@ def test_a_choice_added_where_the_code_dispatches_is_allowed_with_no_second_list
     assert settings_problems(raw_settings(demo, head)) == []
 
 
-def test_renamed_and_layout_settings_are_named():
+def test_layout_settings_are_named():
     demo = ROOT / "hparams" / "synthetic_demo.yaml"
-    problems = settings_problems(raw_settings(demo, {"dev_speakers": 4}))
-    assert problems == [
-        "dev_speakers: renamed valid_speakers (the held-out split is 'valid'; 'dev' is an "
-        "official list pair, TdSV 2024's)"
-    ]
     kaldi = {"corpus": "kaldi", "synthetic_corpus": None, "dev_key_file": "keys/dev.txt"}
     assert settings_problems(raw_settings(demo, kaldi)) == [
         "dev_key_file: keys a DeepMine list pair; corpus 'kaldi' labels its trials in its own "
