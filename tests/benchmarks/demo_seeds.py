@@ -13,6 +13,9 @@ mean, the standard deviation (n - 1) and the min-max of each number over the see
 
     python tests/benchmarks/demo_seeds.py --seeds 1986 7 42 [--reuse] [--json seeds.json]
 
+Any other option goes to every run, after the seed: ``--output_root results/heads/ecapa
+--head_type ecapa`` trains the demo with the ECAPA head (docs/results.md "Speaker heads").
+
 Run it from the repository (the demo synthesizes its corpus under ``results/`` on first use).
 """
 
@@ -40,12 +43,12 @@ COLUMNS = (
 )
 
 
-def run_demo(seed: int, folder: Path) -> float:
-    """Train and score the demo with ``seed`` into ``folder``; its wall time in seconds."""
+def run_demo(seed: int, folder: Path, overrides=()) -> float:
+    """Train and score the demo with ``seed`` (and ``overrides``) into ``folder``; its seconds."""
     command = [
         sys.executable, str(ROOT / "recipes" / "train_speaker_embeddings.py"),
         str(ROOT / "hparams" / "synthetic_demo.yaml"), "--seed", str(seed),
-        "--output_folder", str(folder), "--noprogressbar",
+        "--output_folder", str(folder), "--noprogressbar", *overrides,
     ]  # fmt: skip
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
@@ -109,12 +112,12 @@ def main() -> None:
     parser.add_argument("--output_root", type=Path, default=ROOT / "results" / "demo_seeds")
     parser.add_argument("--reuse", action="store_true", help="read a seed's finished run")
     parser.add_argument("--json", type=Path, help="also write the table here")
-    args = parser.parse_args()
+    args, overrides = parser.parse_known_args()
     rows, times = {}, {}
     for seed in args.seeds:
         folder = args.output_root / str(seed)
         if not (args.reuse and (folder / "verification_eval.json").is_file()):
-            times[seed] = run_demo(seed, folder)
+            times[seed] = run_demo(seed, folder, overrides)
         rows[seed] = run_numbers(folder)
         print(f"seed {seed}: eval EER {rows[seed]['eval EER %']:.2f} %", flush=True)
     stats = summary(rows)
