@@ -584,15 +584,12 @@ class TrialDecisions:
         features = named_features(primitives)
         quality = (getattr(self.hparams, "fusion", None) or {}).get("quality", [])
         if quality:
-            enrol = {
-                "speaker": [model],
-                "seconds": [sum(float(o["seconds"]) for o in enrol_outputs)],
-            }
-            test = {"speaker": [test], "seconds": [float(test_outputs["seconds"])]}
+            enrolled = sum(float(o["seconds"]) for o in enrol_outputs)
+            sides = ({"speaker": [model], "seconds": [enrolled]},
+                     {"speaker": [test], "seconds": [float(test_outputs["seconds"])]})  # fmt: skip
             cohort = self.cohort_matrix() if "cohort" in quality else None
-            features.update(
-                quality_values(quality, enrol, test, ([0], [0]), cohort, self.hparams.cohort_top_k)
-            )
+            top_k = self.hparams.cohort_top_k
+            features.update(quality_values(quality, *sides, ([0], [0]), cohort, top_k))
         return {name: float(values[0]) for name, values in features.items()}
 
     def score_trial(self, enrol_outputs, test_outputs, phrase=None, threshold=None, costs=None):
