@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -113,3 +114,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def two_at_a_time(function, items) -> list:
+    """``function`` of each item, two running at a time (in threads).
+
+    For independent command-line calls: each is mostly one core's imports, and CI has two cores.
+    """
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(function, items))

@@ -52,7 +52,13 @@ from recipes.model.speaker_model import (
 )
 from recipes.model.trial_decisions import DEFAULT_QUALITY, fused_llr, quality_features
 from recipes.tiny_wavlm import TINY
-from tests.helpers import ROOT, experiment_record, run_script, run_script_command
+from tests.helpers import (
+    ROOT,
+    experiment_record,
+    run_script,
+    run_script_command,
+    two_at_a_time,
+)
 
 
 def cli(*args, cwd=ROOT):
@@ -832,13 +838,14 @@ def test_cli_output_never_replaces_an_input_or_a_recording(tmp_path, tiny_corpus
     (model / "README.md").write_text("a model card")
     before = {path: path.read_bytes() for path in (victim, other, pairs, model / "README.md")}
     trial = ["--model", model, "--enrol", wavs[2], "--test", victim]
-    for args, reason in (
+    cases = (
         ([*trial, "--out", victim], "is an input of this run"),
         ([*trial, "--out", other], "is an audio file: scores never replace a recording"),
         (["--model", model, "--pairs", pairs, "--out", pairs], "is an input of this run"),
         ([*trial, "--out", model / "README.md"], "is an input of this run"),
-    ):
-        result = cli(*args)
+    )
+    results = two_at_a_time(lambda case: cli(*case[0]), cases)
+    for (_, reason), result in zip(cases, results, strict=True):
         assert result.returncode != 0 and reason in result.stderr, result.stderr[-2000:]
     assert {path: path.read_bytes() for path in before} == before  # nothing replaced
 

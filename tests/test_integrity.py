@@ -29,7 +29,7 @@ from recipes.model.trial_decisions import AudioRefused, audio_refusal
 from recipes.training.checkpointing import CheckpointLoadError
 from recipes.verify_speakers import PairsFileError, decision_note, read_pairs
 from tests.conftest import write_wav
-from tests.helpers import ROOT
+from tests.helpers import ROOT, two_at_a_time
 
 SETTINGS = {"max_eval_seconds": 8.0, "eval_precision": "fp32", "sample_rate": 16000}
 
@@ -234,8 +234,8 @@ def test_cli_checks_arguments_and_audio_before_loading_a_model(tmp_path):
         ("--enrol", good, "--test", silent): f"{silent}: no speech energy",
         ("--enrol", truncated, "--test", good): f"{truncated}: truncated: the header declares",
     }
-    for args, message in cases.items():
-        result = _cli("--model", not_a_model, *args)
+    results = two_at_a_time(lambda args: _cli("--model", not_a_model, *args), cases)
+    for (args, message), result in zip(cases.items(), results, strict=True):
         assert result.returncode != 0 and message in result.stderr, (args, result.stderr)
         assert "not a model folder" not in result.stderr
 
