@@ -41,9 +41,6 @@ DECLARED = declared_rules(
     experiment.ModelWiring, ScoringSettings,
 )  # fmt: skip
 
-#: The rules of the keys no settings object holds: training's (the YAML wires them into
-#: SpeechBrain's and the model's objects), the export's, and ``WavLMTuning``'s (its fields have
-#: other names). Registries are the dispatching code's own, read when checking.
 _SWITCHES = (
     "skip_nonfinite_grads", "freeze_cnn", "gradient_checkpointing", "augment", "aug_noise",
     "aug_speed", "aug_drop_freq", "aug_drop_chunk", "use_tensorboard", "export_onnx",
@@ -63,6 +60,9 @@ _NON_NEGATIVE = (
 _POSITIVE = ("lora_alpha", "max_grad_norm", "lr_wavlm", "lr_head", "scale")
 #: ``noise_csv`` may be null: no noise list.
 _PATHS = ("train_log", "noise_csv", "run_hparams", "export_folder", "init_from")
+#: The rules of the keys no settings object holds: training's (the YAML wires them into
+#: SpeechBrain's and the model's objects), the export's, and ``WavLMTuning``'s (its fields have
+#: other names). Registries are the dispatching code's own, read when checking.
 OWN_RULES = {
     "margin_type": Choice(modules.MARGIN_TYPES),
     "scale_mode": Choice(modules.SCALE_MODES),
