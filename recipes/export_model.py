@@ -18,13 +18,13 @@ model, the data and the fusion it was trained and scored with. Writes ``export_f
 - thresholds calibrated on the validation trials (EER and minDCF operating points, for 1 .. N
   enrollment utterances), recorded in ``hyperparams.yaml`` and used by ``verify_files`` by default;
 - ``label_encoder.txt`` (the training classes), ``README.md`` (a model card with the metrics of
-  this checkpoint on every labelled split) and ``export.json`` (the same facts, machine-readable);
-  thresholds, fusion and metrics come from the recipe's own scoring of the checkpoint (its
-  cached embeddings and stored fusion: ``recipe_calibration``), so the card's numbers are the
-  training report's, and nothing is embedded twice;
+  this checkpoint on every labelled split: ``evaluation/model_card.py``) and ``export.json`` (the
+  same facts, machine-readable); thresholds, fusion and metrics come from the recipe's own
+  scoring of the checkpoint (its cached embeddings and stored fusion: ``recipe_calibration``), so
+  the card's numbers are the training report's, and nothing is embedded twice;
 - ``hf/``: the same model as a ``transformers.WavLMForXVector`` directory (x-vector head only;
   the head's BatchNorm layers are folded into the following layers, so the weights fit HF's
-  layout exactly);
+  layout exactly: ``model/hf_xvector.py``);
 - ``model.onnx`` and ``model.int8.onnx`` (``export_onnx: true``, ``recipes/onnx_export.py``):
   the same model for onnxruntime, with ``tdsv_onnx_verifier.py``
   (``recipes/model/onnx_verifier.py``, ``trial_decisions.py`` inlined): trials decided with
@@ -64,12 +64,13 @@ import torch
 import torch.nn.functional as F
 from speechbrain.dataio.dataset import FilteredSortedDynamicItemDataset
 from speechbrain.utils.logger import get_logger
-from transformers import WavLMConfig, WavLMForXVector
+from transformers import WavLMForXVector
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_prep.corpus import VALID_SPLIT
 from recipes.disk import named_write_failures
+from recipes.evaluation.model_card import NO_HF_FOLDER, model_card
 from recipes.evaluation.pretrained import (
     EXPORTED_CODE,
     EXPORTED_MODULE,
@@ -95,6 +96,7 @@ from recipes.experiment import (
 )
 from recipes.model import speaker_model
 from recipes.model.adaptation import merge_lora
+from recipes.model.hf_xvector import hf_xvector_model, recipe_input
 from recipes.model.onnx_verifier import EXPORT_FACTS, ONNX_INT8_MODEL, OnnxVerifier
 from recipes.model.speaker_model import WavLMSpeakerEmbedder, XVectorHead
 from recipes.model.trial_decisions import COHORT_FILE, OPERATING_POINTS, SDSV_COSTS
@@ -296,76 +298,6 @@ def head_spec(constructor) -> tuple[str, dict]:
     elif module.split(".")[0] == speaker_model.__name__.split(".")[0]:  # elsewhere in ours
         raise ValueError(f"{module}.{name} is not in {speaker_model.__file__}: cannot export it")
     return f"{module}.{name}", dict(constructor.keywords)
-
-
-# ------------------------------------------------------------------------------------------------
-# Hugging Face WavLMForXVector
-# ------------------------------------------------------------------------------------------------
-def batchnorm_affine(norm: torch.nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode BatchNorm as ``y = scale * x + shift`` per channel."""
-    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-    return scale, norm.bias - norm.running_mean * scale
-
-
-@torch.no_grad()
-def folded_head_weights(head: XVectorHead) -> dict:
-    """The head's weights with HF ``WavLMForXVector`` names, BatchNorms folded into next layers.
-
-    Our blocks are conv -> ReLU -> BatchNorm. In eval mode that BatchNorm is ``a * x + b`` per
-    channel, which the next conv absorbs (``W * a`` over its input channels, bias ``+ W b``).
-    After the last block it goes through the pooling: mean -> ``a * mean + b``, std ->
-    ``|a| * std``, which the embedding layer absorbs.
-    """
-    weights = {"projector.weight": head.projector.weight, "projector.bias": head.projector.bias}
-    scale, shift = None, None
-    for i, (conv, norm) in enumerate(zip(head.tdnn, head.norms, strict=True)):
-        w, b = conv.weight, conv.bias
-        if scale is not None:
-            b = b + torch.einsum("oik,i->o", w, shift)
-            w = w * scale[None, :, None]
-        # HF keeps the kernel as a Linear over (kernel position, input channel) pairs.
-        weights[f"tdnn.{i}.kernel.weight"] = w.transpose(1, 2).reshape(w.shape[0], -1)
-        weights[f"tdnn.{i}.kernel.bias"] = b
-        scale, shift = batchnorm_affine(norm)
-    e = head.embedding.weight
-    channels = e.shape[1] // 2
-    weights["feature_extractor.weight"] = torch.cat(
-        [e[:, :channels] * scale, e[:, channels:] * scale.abs()], dim=1
-    )
-    weights["feature_extractor.bias"] = head.embedding.bias + e[:, :channels] @ shift
-    return {k: v.detach().clone().contiguous() for k, v in weights.items()}
-
-
-def hf_xvector_model(model: WavLMSpeakerEmbedder, classifier, labels: list[str]):
-    """The model (x-vector head) as a ``WavLMForXVector`` with the same embeddings.
-
-    The cosine classifier's weights become HF's AM-Softmax weights (``objective.weight``) and
-    HF's ``classifier`` layer is the identity, so HF's training loss sees our class weights.
-    """
-    head = model.head
-    config = WavLMConfig(
-        **{
-            **model.encoder.model.config.to_diff_dict(),
-            "use_weighted_layer_sum": model.layer_logits is not None,
-            "tdnn_dim": [conv.out_channels for conv in head.tdnn],
-            "tdnn_kernel": [conv.kernel_size[0] for conv in head.tdnn],
-            "tdnn_dilation": [conv.dilation[0] for conv in head.tdnn],
-            "xvector_output_dim": head.embedding.out_features,
-            "id2label": dict(enumerate(labels)),
-            "label2id": {label: i for i, label in enumerate(labels)},
-            "architectures": ["WavLMForXVector"],
-        }
-    )
-    hf = WavLMForXVector(config)
-    state = {f"wavlm.{k}": v for k, v in model.encoder.model.state_dict().items()}
-    state.update(folded_head_weights(head))
-    if model.layer_logits is not None:
-        state["layer_weights"] = model.layer_logits.detach().clone()
-    dim = head.embedding.out_features
-    state["classifier.weight"], state["classifier.bias"] = torch.eye(dim), torch.zeros(dim)
-    state["objective.weight"] = classifier.weight.detach().t().clone()
-    hf.load_state_dict(state, strict=True)
-    return hf.eval()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -755,16 +687,6 @@ def write_hf_folder(folder: Path, classifier, run, class_encoder) -> WavLMForXVe
     return hf
 
 
-def recipe_input(wav: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """``[1, T]`` model input of a waveform ``[T]`` as the recipe feeds WavLM.
-
-    Zero mean, unit variance (eps 1e-5) when the model's feature extractor says ``do_normalize``
-    (the tiny demo WavLM); the raw waveform otherwise (WavLM Base+).
-    """
-    wav = wav[None]
-    return F.layer_norm(wav, wav.shape[1:]) if normalize else wav
-
-
 def _check_hf(folder: Path, hf, trained, wavs, normalize: bool) -> dict:
     """The HF model on the recipe's input (must agree) and on its own extractor's (reported)."""
 
@@ -870,190 +792,6 @@ def check_onnx(checks: dict) -> None:
         problems.append(f"{differing} validation decisions differ")
     if problems:
         raise RuntimeError("export check failed: model.onnx: " + "; ".join(problems))
-
-
-#: Why a head other than the x-vector one gets no ``hf/`` folder (log line and model card).
-NO_HF_FOLDER = (
-    "transformers' WavLMForXVector holds only the x-vector head, not the {head} head: "
-    "use this SpeechBrain folder"
-)
-
-
-def _scoring_note(facts: dict) -> str:
-    """What the model card's scores are, and what the HF folder (if any) cannot do."""
-    if not facts["hf_folder"]:
-        hf = f"No `hf/` folder: {NO_HF_FOLDER.format(head=facts['head'].rsplit('.', 1)[-1])}."
-    elif facts["fusion"]:
-        hf = (
-            "The phrase check needs this SpeechBrain folder: `hf/` is the speaker embedder "
-            "alone (`WavLMForXVector` has no phrase branch)."
-        )
-    else:
-        hf = ""
-    if not facts["fusion"]:
-        return f"Scores are cosines of speaker embeddings (speaker verification only). {hf}".strip()
-    quality = ", ".join(facts["fusion"].get("quality", []))
-    quality = f", weighting the quality measures {quality} (fusion_quality)" if quality else ""
-    return (
-        f"Scores are calibrated log-likelihood ratios (fusion `{facts['fusion']['kind']}`, "
-        "learned on the validation trials) of the speaker score and the pass-phrase score (the "
-        "phrase branch's log-posterior of the enrolled phrase, over the classes "
-        f"{', '.join(facts['phrase_labels'])}){quality}; decisions are taken at the Bayes "
-        f"threshold of the SdSV costs. {hf}"
-    ).strip()
-
-
-def model_card(facts: dict, folder: Path) -> str:
-    """The folder's README: what the model is, how it scores, how to use it."""
-    lines = [
-        "# Text-dependent speaker verification: WavLM + speaker head",
-        "",
-        f"Exported by `recipes/export_model.py` from checkpoint `{facts['checkpoint']}` "
-        f"(WavLM `{facts['wavlm_source']}`, head `{facts['head']}`, "
-        f"{facts['training_classes']} training classes of type `{facts['target_type']}`).",
-        "",
-        "## Results of this checkpoint (no score normalization)",
-        "",
-        _scoring_note(facts),
-        "",
-        f"The recipe's scores of this checkpoint (its report; embedded in "
-        f"`{facts['eval_precision']}`, batched). This folder's own model (fp32, one utterance at "
-        f"a time) agrees with them {agreement(facts['checks'], 'folder')}.",
-        "",
-        "| split | condition | EER (%) | minDCF (SdSV) | actDCF | Cllr | targets | non-targets |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for split, conditions in facts["metrics"].items():
-        for name, m in conditions.items():
-            calibration = f"{m['act_dcf']:.3f} | {m['cllr']:.3f}" if "act_dcf" in m else "- | -"
-            lines.append(
-                f"| {split} | {name} | {m['eer']:.2f} | {m['min_dcf']:.3f} | {calibration} | "
-                f"{m['targets']} | {m['nontargets']} |"
-            )
-    thresholds = facts["thresholds"]
-    lines += [
-        "",
-        "## Decision thresholds (calibrated on the validation trials)",
-        "",
-        "Accept when `score >= threshold`. Default operating point: "
-        f"`{facts['operating_point']}` (change it in `hyperparams.yaml`, which both backends "
-        "read, or pass `threshold=`).",
-        "",
-        "| enrollment utterances | EER threshold | minDCF threshold |",
-        "|---|---|---|",
-    ]
-    for n, value in thresholds["eer"].items():
-        lines.append(f"| {n} | {value:.4f} | {thresholds['min_dcf'][n]:.4f} |")
-    lines += onnx_card(facts)
-    usage = SB_USAGE + (HF_USAGE if facts["hf_folder"] else "")
-    usage += (ONNX_USAGE if facts.get("onnx") else "") + CLI_USAGE
-    lines += ["", "## Use", "", usage.format(folder=folder).rstrip(), ""]
-    return "\n".join(lines)
-
-
-def agreement(checks: dict, name: str) -> str:
-    """``checks``' agreement on the check sample, in words (``trial_agreement``'s keys)."""
-    return (
-        f"on the {checks[f'{name}_trials']} sampled validation trials, scores within "
-        f"{checks[f'{name}_max_score_difference']:.1e}, "
-        f"{checks[f'{name}_decisions_differing']} decisions differing"
-    )
-
-
-def onnx_card(facts: dict) -> list[str]:
-    """The model card's ONNX section: the checks, and int8's metrics beside fp32's if measured."""
-    if not facts.get("onnx"):
-        return []
-    checks = facts["checks"]
-    lines = [
-        "",
-        "## ONNX (`model.onnx`, `model.int8.onnx`)",
-        "",
-        f"`model.onnx` (fp32) was checked against this folder's PyTorch model: embedding cosine "
-        f">= {checks['onnx_min_cosine']:.6f}; {agreement(checks, 'onnx')}. `model.int8.onnx` "
-        "(weights of the matrix products in int8, onnxruntime's dynamic quantization) decides "
-        f"with the same thresholds and fusion; {agreement(checks, 'int8')}.",
-    ]
-    if not facts["onnx_int8_metrics"]:
-        return lines
-    lines += [
-        "",
-        "| split | model | EER (%) | minDCF (SdSV) | actDCF |",
-        "|---|---|---|---|---|",
-    ]
-    for split, int8 in facts["onnx_int8_metrics"].items():
-        for name, m in (("fp32", facts["metrics"][split]["pooled"]), ("int8", int8["pooled"])):
-            act = f"{m['act_dcf']:.3f}" if "act_dcf" in m else "-"
-            lines.append(f"| {split} | {name} | {m['eer']:.2f} | {m['min_dcf']:.3f} | {act} |")
-    return lines
-
-
-SB_USAGE = """\
-SpeechBrain: this folder alone, no recipe repository (`tdsv_speaker_model.py` is self-contained).
-`foreign_class` runs this folder's code (its `hyperparams.yaml` and `tdsv_speaker_model.py`): load
-it from a source you trust. The recipe's repository reads it as data instead (`--model` below,
-`recipes.evaluation.pretrained.load_verifier`):
-
-```python
-from speechbrain.inference.interfaces import foreign_class
-
-verifier = foreign_class(source="{folder}", pymodule_file="tdsv_speaker_model.py",
-                         classname="TDSVSpeakerRecognition", savedir="pretrained_models/tdsv")
-score, accept = verifier.verify_files("enrol.wav", "test.wav")
-score, accept = verifier.verify_enrolment(["e1.wav", "e2.wav", "e3.wav"], "test.wav")
-verdict = verifier.verify_trial(["e1.wav", "e2.wav", "e3.wav"], "test.wav")  # + phrase check
-print(verdict.speaker_score, verdict.phrase_score, verdict.score, verdict.accept, verdict.reason)
-embeddings = verifier.encode_batch(wavs)  # [batch, 1, dim]
-```
-
-On the Hugging Face hub: upload the whole folder (`huggingface-cli login`, then
-`huggingface-cli upload USER/MODEL {folder} .`: the token stays in your Hugging Face
-configuration, never in the folder), and load it with `source="USER/MODEL"` and a `savedir`, as
-above. The export checked this load before publishing the folder.
-
-"""
-#: The model card's Hugging Face part (only for a folder with ``hf/``).
-HF_USAGE = """\
-Hugging Face `transformers` (x-vector head only):
-
-```python
-import soundfile as sf, torch
-from transformers import AutoFeatureExtractor, WavLMForXVector
-
-model = WavLMForXVector.from_pretrained("{folder}/hf").eval()  # hub: ("USER/MODEL", subfolder="hf")
-extractor = AutoFeatureExtractor.from_pretrained("{folder}/hf")
-wav, rate = sf.read("test.wav")  # 16 kHz mono
-inputs = extractor(wav, sampling_rate=16000, return_tensors="pt")
-with torch.no_grad():
-    embedding = model(**inputs).embeddings  # compare with torch.cosine_similarity
-```
-
-"""
-#: The model card's torch-free part (only for a folder with ONNX models).
-ONNX_USAGE = """\
-ONNX, without PyTorch (`pip install onnxruntime numpy soundfile pyyaml`; 16 kHz audio), with this
-folder's own `tdsv_onnx_verifier.py` (its code runs: a source you trust; the recipe's repository
-has the same class, `recipes.model.onnx_verifier.OnnxVerifier`, reading the folder as data):
-
-```python
-import sys
-sys.path.insert(0, "{folder}")  # hub: huggingface_hub.snapshot_download("USER/MODEL")
-from tdsv_onnx_verifier import OnnxVerifier  # self-contained: onnxruntime, numpy, soundfile, yaml
-
-verifier = OnnxVerifier("{folder}")  # model="model.int8.onnx": the quantized copy
-verdict = verifier.verify_trial(["e1.wav", "e2.wav", "e3.wav"], "test.wav")
-print(verdict.score, verdict.accept, verdict.reason)
-```
-
-"""
-CLI_USAGE = """\
-Command line (from the recipe repository; the folder is read as data, nothing in it runs):
-
-```
-python recipes/verify_speakers.py files --model {folder} --enrol e1.wav e2.wav e3.wav --test t.wav
-python recipes/verify_speakers.py files --model {folder} --backend onnx --pairs pairs.txt
-```
-"""
 
 
 def run_replacements(step: dict) -> dict:

@@ -37,12 +37,8 @@ from recipes.evaluation.pretrained import (
 from recipes.evaluation.scoring import EmbeddingTable, score_trials
 from recipes.evaluation.verification import quality_tag
 from recipes.evaluation.verification_report import score_columns
-from recipes.export_model import (
-    enrolment_thresholds,
-    hf_xvector_model,
-    remove_leftovers,
-    yaml_flow,
-)
+from recipes.export_model import enrolment_thresholds, remove_leftovers, yaml_flow
+from recipes.model.hf_xvector import hf_xvector_model
 from recipes.model.onnx_verifier import OnnxVerifier
 from recipes.model.speaker_model import (
     TDSVSpeakerRecognition,

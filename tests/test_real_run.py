@@ -29,7 +29,7 @@ from transformers import WavLMConfig, WavLMModel
 
 from recipes.evaluation.pretrained import package_paths
 from recipes.experiment import usable_precision
-from recipes.export_model import hf_xvector_model, recipe_input
+from recipes.model.hf_xvector import hf_xvector_model, recipe_input
 from recipes.model.modules import WavLMEncoder
 from recipes.model.speaker_model import (
     MaskedGroupNorm,
