@@ -24,7 +24,14 @@ from recipes.evaluation.metrics import eer
 from recipes.evaluation.verification import embed_tables
 from recipes.experiment import best_checkpoint, checkpoint_model, dataio_prep
 from recipes.train_speaker_embeddings import brain_for_data, build_brain
-from tests.helpers import ROOT, experiment_record, fake_batch, load_yaml, run_script
+from tests.helpers import (
+    ROOT,
+    experiment_record,
+    fake_batch,
+    load_yaml,
+    run_script,
+    two_at_a_time,
+)
 
 SMALL_HEAD = {"emb_dim": 64}  # the YAML's head widths stay; a smaller embedding keeps it quick
 
@@ -199,20 +206,22 @@ def test_verify_without_a_checkpoint_says_so(tmp_path, tiny_corpus):
         sys.executable, str(ROOT / "recipes" / "verify_speakers.py"), "trials",
         str(ROOT / "hparams" / "verification.yaml"), "--output_folder", str(tmp_path),
     ]  # fmt: skip
-    result = subprocess.run(verify, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert result.returncode != 0 and "hyperparams.yaml not found" in result.stderr
-    assert "--output_folder must be the output folder of a training run" in result.stderr
     record = experiment_record(tmp_path, tiny_corpus)  # an experiment, never trained
-    result = subprocess.run(
-        [*verify, "--run_hparams", str(record)], capture_output=True, text=True, cwd=ROOT,
-        timeout=600,
-    )  # fmt: skip
-    assert result.returncode != 0 and "no checkpoint with a validation EER" in result.stderr
+    calls = [
+        verify,
+        [*verify, "--run_hparams", str(record)],
+        [*verify, "--emb_dim", "64"],
+        [*verify, "--score_norm", "asnorm"],
+        [*verify[:3], str(ROOT / "hparams" / "synthetic_demo.yaml")],  # no verification.yaml
+    ]
+    no_run, untrained, not_a_setting, not_a_choice, old_style = two_at_a_time(_stderr, calls)
+    assert "hyperparams.yaml not found" in no_run
+    assert "--output_folder must be the output folder of a training run" in no_run
+    assert "no checkpoint with a validation EER" in untrained
     assert not (tmp_path / "exp" / "prep").exists()  # refused before data prep
-    assert "emb_dim: not a setting of" in _stderr([*verify, "--emb_dim", "64"])
-    assert "score_norm: 'asnorm' is not one of" in _stderr([*verify, "--score_norm", "asnorm"])
-    old_style = [*verify[:3], str(ROOT / "hparams" / "synthetic_demo.yaml")]
-    assert "names no run (run_hparams)" in _stderr(old_style)
+    assert "emb_dim: not a setting of" in not_a_setting
+    assert "score_norm: 'asnorm' is not one of" in not_a_choice
+    assert "names no run (run_hparams)" in old_style
 
 
 def _stderr(command) -> str:
