@@ -51,17 +51,6 @@ def declared_wav_frames(path) -> int | None:
     return None
 
 
-def header_problem(path: Path, sample_rate: int) -> tuple[float, str | None]:
-    """``(duration, None)`` if the header is usable, else ``(0, reason)``. Reads headers only."""
-    try:
-        with sf.SoundFile(str(path)) as handle:
-            return _header_reason(path, handle, sample_rate)
-    except FileNotFoundError:
-        return 0.0, "missing file"
-    except (RuntimeError, sf.LibsndfileError) as error:
-        return 0.0, _unreadable(path, error)
-
-
 def _unreadable(path: Path, error) -> str:
     """The reason for a file that libsndfile cannot open (which also says so for a missing one)."""
     if not Path(path).is_file():
@@ -70,7 +59,7 @@ def _unreadable(path: Path, error) -> str:
 
 
 def _header_reason(path, handle, sample_rate: int) -> tuple[float, str | None]:
-    """``header_problem`` of an open ``soundfile.SoundFile``."""
+    """``(duration, None)`` if an open SoundFile's header is usable, else ``(0, why)``."""
     if handle.samplerate != sample_rate:
         return 0.0, f"sample rate {handle.samplerate} Hz, expected {sample_rate}"
     if handle.channels != 1:

@@ -43,7 +43,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 from pathlib import Path
@@ -81,7 +80,9 @@ from data_prep.manifests import (
     in_corpus,
     list_fingerprint,
     prepare_manifests,
+    preparer_parser,
     read_list,
+    run_preparer,
 )
 
 PREP_VERSION = 6  # bump when the manifests change, so existing ones are redone
@@ -412,44 +413,16 @@ def read_official(lists: OfficialLists, problems: Problems, enrol_utts: int) -> 
 
 def main(argv=None) -> None:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_folder", required=True, help="the task1 folder (docs/ and wav/)")
-    parser.add_argument("--save_folder", required=True, help="where the CSV manifests go")
-    parser.add_argument(
-        "--valid_speakers", type=int, default=20, help="training speakers held out (validation)"
-    )
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument(
-        "--include_free_text", action="store_true", help="keep free-text utterances"
-    )
-    parser.add_argument(
-        "--skip_bad", action="store_true", help="exclude bad files, list them in rejected.csv"
-    )
+    parser = preparer_parser(__doc__.split("\n\n")[0], "the task1 folder (docs/ and wav/)")
     for split in ("eval", "dev"):
         parser.add_argument(
             f"--{split}_key_file",
             help=f"key of the official {split} trials (default: docs/<prefix>trials_key.txt)",
         )
-    parser.add_argument("--jobs", type=int, help="threads reading the audio (default: cores)")
-    parser.add_argument(
-        "--enrol_utts", type=int, default=ENROL_UTTS,
-        help="enrollment utterances per model (0: any number)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--valid_enrol_utts", type=int,
-        help="enrollment utterances per validation model (default: what the repetitions allow)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--min_seconds", type=float, default=MIN_SECONDS, help="shortest usable file (seconds)"
-    )
     parser.add_argument(
         "--free_text_id", default=LISTED_FREE_TEXT_ID, help="phrase id of free-text training lines"
     )
-    args = parser.parse_args(argv)
-    try:
-        prepare_deepmine(**vars(args))
-    except DataPrepError as error:
-        sys.exit(f"deepmine_prepare: {error}")
+    run_preparer(prepare_deepmine, parser.parse_args(argv), "deepmine_prepare")
 
 
 if __name__ == "__main__":

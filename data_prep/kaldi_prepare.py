@@ -43,7 +43,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -71,7 +70,9 @@ from data_prep.manifests import (
     first_occurrence,
     list_fingerprint,
     prepare_manifests,
+    preparer_parser,
     read_list,
+    run_preparer,
 )
 
 PREP_VERSION = 2  # bump when the manifests change, so existing ones are redone
@@ -523,28 +524,10 @@ def prepare_kaldi(
 
 def main(argv=None) -> None:
     """Command-line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data_folder", required=True, help="the corpus folder (train/ ...)")
-    parser.add_argument("--save_folder", required=True, help="where the CSV manifests go")
-    parser.add_argument(
-        "--valid_speakers", type=int, default=20, help="training speakers held out (validation)"
-    )
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--include_free_text", action="store_true", help="keep free text")
-    parser.add_argument("--skip_bad", action="store_true", help="exclude bad files and lines")
-    parser.add_argument("--enrol_utts", type=int, default=ENROL_UTTS, help="0: any number")
-    parser.add_argument(
-        "--valid_enrol_utts", type=int, help="per validation model (default: what fits)"
-    )
-    parser.add_argument("--min_seconds", type=float, default=MIN_SECONDS)
+    parser = preparer_parser(__doc__.split("\n\n")[0], "the corpus folder (train/ ...)")
     parser.add_argument("--phrase_min_count", type=int, default=PHRASE_MIN_COUNT)
     parser.add_argument("--audio_outside_data_folder", action="store_true")
-    parser.add_argument("--jobs", type=int, help="threads reading the audio (default: cores)")
-    args = parser.parse_args(argv)
-    try:
-        prepare_kaldi(**vars(args))
-    except DataPrepError as error:
-        sys.exit(f"kaldi_prepare: {error}")
+    run_preparer(prepare_kaldi, parser.parse_args(argv), "kaldi_prepare")
 
 
 if __name__ == "__main__":

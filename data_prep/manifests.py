@@ -10,12 +10,14 @@ the folder. A preparer supplies only its readers (``prepare_manifests``).
 
 from __future__ import annotations
 
+import argparse
 import csv
 import fcntl
 import hashlib
 import io
 import json
 import os
+import sys
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -755,3 +757,40 @@ def official_lists(save_folder) -> dict:
     """
     record = json.loads((Path(save_folder) / PREP_RECORD).read_text())
     return record.get("official") or {}
+
+
+def preparer_parser(description: str, corpus_help: str) -> argparse.ArgumentParser:
+    """The command line that every preparer shares; each adds its own options."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--data_folder", required=True, help=corpus_help)
+    parser.add_argument("--save_folder", required=True, help="where the CSV manifests go")
+    parser.add_argument(
+        "--valid_speakers", type=int, default=20, help="training speakers held out (validation)"
+    )
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--include_free_text", action="store_true", help="keep free text")
+    parser.add_argument(
+        "--skip_bad", action="store_true", help="exclude bad files and lines, list them in "
+        "rejected.csv"
+    )  # fmt: skip
+    parser.add_argument(
+        "--enrol_utts", type=int, default=ENROL_UTTS,
+        help="enrollment utterances per model (0: any number)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--valid_enrol_utts", type=int,
+        help="enrollment utterances per validation model (default: what the repetitions allow)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--min_seconds", type=float, default=MIN_SECONDS, help="shortest usable file (seconds)"
+    )
+    parser.add_argument("--jobs", type=int, help="threads reading the audio (default: cores)")
+    return parser
+
+
+def run_preparer(prepare: Callable, args: argparse.Namespace, name: str) -> None:
+    """Run a preparer from its command line; its ``DataPrepError`` is the exit message."""
+    try:
+        prepare(**vars(args))
+    except DataPrepError as error:
+        sys.exit(f"{name}: {error}")
