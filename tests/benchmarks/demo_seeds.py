@@ -88,7 +88,7 @@ def markdown(rows: dict, times: dict, stats: dict) -> str:
     ]
     for seed, row in rows.items():
         took = times.get(seed)
-        clock = f"{int(took // 60)} min {round(took % 60)} s" if took else "-"
+        clock = "-" if not took else "{} min {} s".format(*divmod(round(took), 60))
         shown = " | ".join(_shown(k, row[k]) for k in labels)
         lines.append(f"| {seed} | {shown} | {clock} |")
     mean = " | ".join(
