@@ -419,9 +419,7 @@ def main(argv=None) -> None:
             f"--{split}_key_file",
             help=f"key of the official {split} trials (default: docs/<prefix>trials_key.txt)",
         )
-    parser.add_argument(
-        "--free_text_id", default=LISTED_FREE_TEXT_ID, help="phrase id of free-text training lines"
-    )
+    parser.add_argument("--free_text_id", help="phrase id of free-text training lines")
     run_preparer(prepare_deepmine, parser.parse_args(argv), "deepmine_prepare")
 
 

@@ -525,7 +525,7 @@ def prepare_kaldi(
 def main(argv=None) -> None:
     """Command-line entry point."""
     parser = preparer_parser(__doc__.split("\n\n")[0], "the corpus folder (train/ ...)")
-    parser.add_argument("--phrase_min_count", type=int, default=PHRASE_MIN_COUNT)
+    parser.add_argument("--phrase_min_count", type=int)
     parser.add_argument("--audio_outside_data_folder", action="store_true")
     run_preparer(prepare_kaldi, parser.parse_args(argv), "kaldi_prepare")
 

@@ -760,30 +760,30 @@ def official_lists(save_folder) -> dict:
 
 
 def preparer_parser(description: str, corpus_help: str) -> argparse.ArgumentParser:
-    """The command line that every preparer shares; each adds its own options."""
-    parser = argparse.ArgumentParser(description=description)
+    """The command line that every preparer shares; each adds its own options.
+
+    An option not given is left out, so the preparer's own signature holds every default.
+    """
+    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
     parser.add_argument("--data_folder", required=True, help=corpus_help)
     parser.add_argument("--save_folder", required=True, help="where the CSV manifests go")
     parser.add_argument(
-        "--valid_speakers", type=int, default=20, help="training speakers held out (validation)"
+        "--valid_speakers", type=int, help="training speakers held out (validation)"
     )
-    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--seed", type=int)
     parser.add_argument("--include_free_text", action="store_true", help="keep free text")
     parser.add_argument(
         "--skip_bad", action="store_true", help="exclude bad files and lines, list them in "
         "rejected.csv"
     )  # fmt: skip
     parser.add_argument(
-        "--enrol_utts", type=int, default=ENROL_UTTS,
-        help="enrollment utterances per model (0: any number)",
-    )  # fmt: skip
+        "--enrol_utts", type=int, help="enrollment utterances per model (0: any number)"
+    )
     parser.add_argument(
         "--valid_enrol_utts", type=int,
         help="enrollment utterances per validation model (default: what the repetitions allow)",
     )  # fmt: skip
-    parser.add_argument(
-        "--min_seconds", type=float, default=MIN_SECONDS, help="shortest usable file (seconds)"
-    )
+    parser.add_argument("--min_seconds", type=float, help="shortest usable file (seconds)")
     parser.add_argument("--jobs", type=int, help="threads reading the audio (default: cores)")
     return parser
 
